@@ -1,0 +1,19 @@
+"""Caldera: train, tune and deploy neural networks inside HPC workflows, from a laptop to thousands of ranks."""
+
+from caldera.config import Config as Config
+from caldera.config import ConfigError as ConfigError
+from caldera.config import load_config as load_config
+from caldera.train.callbacks import Callback as Callback
+from caldera.train.callbacks import EarlyStopping as EarlyStopping
+from caldera.train.callbacks import TensorBoard as TensorBoard
+from caldera.train.trainer import NonFiniteLossError as NonFiniteLossError
+from caldera.train.trainer import Trainer as Trainer
+from caldera.world import World as World
+from caldera.world import init as init
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Callback", "Config", "ConfigError", "EarlyStopping", "NonFiniteLossError", "TensorBoard", "Trainer",
+    "World", "init", "load_config",
+]  # fmt: skip

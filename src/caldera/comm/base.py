@@ -1,0 +1,87 @@
+"""The communicator protocol: what every strategy may ask of the other ranks.
+
+Names follow mpi4py's convention of naming by cost: capitalised calls (``Allreduce``, ``Bcast``) move torch
+tensor buffers in place and never pickle; lowercase calls (``bcast``, ``allgather``, ``allreduce``) move small
+Python objects such as metrics or metadata. Every call is collective unless it says otherwise: all ranks of the
+communicator must make it, in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+OPS = ("sum", "max", "min", "prod")
+
+
+@runtime_checkable
+class Handle(Protocol):
+    """A pending non-blocking operation."""
+
+    def wait(self) -> None:
+        """Block until the operation has completed and its buffer may be read."""
+        ...
+
+    def test(self) -> bool:
+        """Return True if the operation has completed, without blocking."""
+        ...
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """A group of ranks that exchange torch tensors (buffers) and small Python objects."""
+
+    rank: int
+    size: int
+
+    def Allreduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """Reduce ``tensor`` over all ranks, in place."""
+        ...
+
+    def Iallreduce(self, tensor: torch.Tensor, op: str = "sum") -> Handle:
+        """Start an in-place all-reduce of ``tensor``; the result is valid after ``wait()``."""
+        ...
+
+    def Bcast(self, tensor: torch.Tensor, root: int = 0) -> None:
+        """Overwrite ``tensor`` on every rank with root's values."""
+        ...
+
+    def Allgather(self, send: torch.Tensor, recv: torch.Tensor) -> None:
+        """Gather equal-sized ``send`` from every rank into ``recv`` (size * send.numel(), rank order)."""
+        ...
+
+    def Reduce_scatter(self, send: torch.Tensor, recv: torch.Tensor, op: str = "sum") -> None:
+        """Reduce ``send`` (size * recv.numel()) and leave this rank's block in ``recv``."""
+        ...
+
+    def Barrier(self) -> None:
+        """Wait until every rank has arrived."""
+        ...
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        """Return root's Python object on every rank."""
+        ...
+
+    def allgather(self, obj: Any) -> list[Any]:
+        """Return the list of every rank's Python object, in rank order."""
+        ...
+
+    def allreduce(self, obj: Any, op: str = "sum") -> Any:
+        """Reduce a Python number (or NumPy array) over all ranks."""
+        ...
+
+    def split(self, color: int, key: int = 0) -> Communicator:
+        """Split into sub-communicators of the ranks sharing ``color``, ordered by ``key``."""
+        ...
+
+    def Abort(self, code: int = 1) -> None:
+        """Terminate every rank of the job (not collective: any rank may call it)."""
+        ...
+
+
+def check_op(op: str) -> str:
+    """Validate a reduction name and return it."""
+    if op not in OPS:
+        raise ValueError(f"unknown reduction op {op!r}; use one of {', '.join(OPS)}")
+    return op

@@ -1,0 +1,216 @@
+"""The MPI communicator: mpi4py on torch tensor buffers, without copies.
+
+CPU tensors are handed to MPI as NumPy views of their own storage, so a reduction writes straight into the
+tensor. CUDA tensors go to MPI directly when the MPI library is CUDA-aware (set ``CALDERA_CUDA_AWARE_MPI=1``,
+since MPI has no portable way to say so); otherwise they go through NCCL via torch.distributed, bootstrapped over
+MPI so that no address or port has to be configured.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from caldera.comm.base import check_op
+
+_NP_OK = {
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+}
+
+
+def _mpi():
+    from mpi4py import MPI
+
+    return MPI
+
+
+def _op(op: str):
+    MPI = _mpi()
+    return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}[check_op(op)]
+
+
+def cuda_aware_mpi() -> bool:
+    """Return True when the user declared the MPI library CUDA-aware (``CALDERA_CUDA_AWARE_MPI=1``)."""
+    return os.environ.get("CALDERA_CUDA_AWARE_MPI", "0").lower() in ("1", "true", "yes")
+
+
+def _cpu_buffer(t: torch.Tensor) -> np.ndarray:
+    if not t.is_contiguous():
+        raise ValueError("MPI buffers must be contiguous tensors; call .contiguous() first (a copy)")
+    if t.dtype not in _NP_OK:
+        raise TypeError(
+            f"tensor dtype {t.dtype} has no MPI buffer type here; communicate in float32 "
+            "(Caldera's precision layer casts bf16 buckets for you)"
+        )
+    return t.detach().numpy()
+
+
+class MPIRequestHandle:
+    """A pending MPI request; holds the buffer alive until it completes."""
+
+    def __init__(self, request, buffer) -> None:
+        self._request = request
+        self._buffer = buffer
+
+    def wait(self) -> None:
+        """Block until the operation completes."""
+        self._request.Wait()
+        self._buffer = None
+
+    def test(self) -> bool:
+        """Return True if the operation completed."""
+        done = self._request.Test()
+        if done:
+            self._buffer = None
+        return bool(done)
+
+
+class TorchWorkHandle:
+    """A pending torch.distributed operation (the NCCL path)."""
+
+    def __init__(self, work) -> None:
+        self._work = work
+
+    def wait(self) -> None:
+        """Block until the operation completes."""
+        self._work.wait()
+
+    def test(self) -> bool:
+        """Return True if the operation completed."""
+        return bool(self._work.is_completed())
+
+
+class MPIComm:
+    """A communicator over an ``mpi4py.MPI.Comm``."""
+
+    def __init__(self, comm=None) -> None:
+        MPI = _mpi()
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self._nccl = None
+
+    # -- tensor (buffer) collectives -------------------------------------------------------------------------
+    def _device_plane(self, t: torch.Tensor):
+        """Return the torch.distributed group for a CUDA tensor, or None when MPI can take it directly."""
+        if not t.is_cuda or cuda_aware_mpi():
+            return None
+        if self._nccl is None:
+            self._nccl = _nccl_group(self)
+        return self._nccl
+
+    def _buf(self, t: torch.Tensor):
+        if t.is_cuda:
+            torch.cuda.current_stream(t.device).synchronize()  # MPI does not know about CUDA streams
+            return t  # mpi4py reads __cuda_array_interface__
+        return _cpu_buffer(t)
+
+    def Allreduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """Reduce ``tensor`` over all ranks, in place."""
+        group = self._device_plane(tensor)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=_torch_op(op), group=group)
+            return
+        self.comm.Allreduce(_mpi().IN_PLACE, self._buf(tensor), op=_op(op))
+
+    def Iallreduce(self, tensor: torch.Tensor, op: str = "sum"):
+        """Start an in-place all-reduce; read ``tensor`` only after ``wait()``."""
+        group = self._device_plane(tensor)
+        if group is not None:
+            import torch.distributed as dist
+
+            return TorchWorkHandle(dist.all_reduce(tensor, op=_torch_op(op), group=group, async_op=True))
+        buf = self._buf(tensor)
+        return MPIRequestHandle(self.comm.Iallreduce(_mpi().IN_PLACE, buf, op=_op(op)), buf)
+
+    def Bcast(self, tensor: torch.Tensor, root: int = 0) -> None:
+        """Overwrite ``tensor`` on every rank with root's values."""
+        group = self._device_plane(tensor)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.broadcast(tensor, src=root, group=group)
+            return
+        self.comm.Bcast(self._buf(tensor), root=root)
+
+    def Allgather(self, send: torch.Tensor, recv: torch.Tensor) -> None:
+        """Gather equal-sized ``send`` from every rank into ``recv`` in rank order."""
+        group = self._device_plane(send)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.all_gather_into_tensor(recv, send, group=group)
+            return
+        self.comm.Allgather(self._buf(send), self._buf(recv))
+
+    def Reduce_scatter(self, send: torch.Tensor, recv: torch.Tensor, op: str = "sum") -> None:
+        """Reduce ``send`` and leave this rank's block of it in ``recv``."""
+        group = self._device_plane(send)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.reduce_scatter_tensor(recv, send, op=_torch_op(op), group=group)
+            return
+        self.comm.Reduce_scatter_block(self._buf(send), self._buf(recv), op=_op(op))
+
+    def Barrier(self) -> None:
+        """Wait until every rank has arrived."""
+        self.comm.Barrier()
+
+    # -- object collectives (pickled; for small metadata) ----------------------------------------------------
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        """Return root's Python object on every rank."""
+        return self.comm.bcast(obj, root=root)
+
+    def allgather(self, obj: Any) -> list[Any]:
+        """Return every rank's object, in rank order."""
+        return self.comm.allgather(obj)
+
+    def allreduce(self, obj: Any, op: str = "sum") -> Any:
+        """Reduce a Python number or NumPy array over all ranks."""
+        return self.comm.allreduce(obj, op=_op(op))
+
+    def split(self, color: int, key: int = 0) -> MPIComm:
+        """Split into sub-communicators by ``color``."""
+        return MPIComm(self.comm.Split(color, key))
+
+    def Abort(self, code: int = 1) -> None:
+        """Terminate every rank of the job."""
+        self.comm.Abort(code)
+
+
+def _torch_op(op: str):
+    import torch.distributed as dist
+
+    return {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
+            "prod": dist.ReduceOp.PRODUCT}[check_op(op)]  # fmt: skip
+
+
+def _nccl_group(comm: MPIComm):
+    """Start torch.distributed with NCCL, rendezvousing through MPI (no configured address or port)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        addr = None
+        if comm.rank == 0:
+            with socket.socket() as s:  # an OS-chosen free port on rank 0's host, announced over MPI
+                s.bind(("", 0))
+                addr = (socket.gethostname(), s.getsockname()[1])
+        host, port = comm.bcast(addr)
+        store = dist.TCPStore(host, port, comm.size, is_master=comm.rank == 0)
+        dist.init_process_group("nccl", store=store, rank=comm.rank, world_size=comm.size)
+    return dist.group.WORLD

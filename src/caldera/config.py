@@ -1,0 +1,266 @@
+"""Run files: a typed schema for TOML/YAML configs, loading, overrides, and errors that name the key and the fix.
+
+A run file has the sections ``[run] [model] [data] [optim] [train] [parallel] [precision]``. Every key is
+checked before anything runs; a mistake produces one ``ConfigError`` naming the file, the key, what was wrong
+and what to write instead, never a traceback wall.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A run file that cannot be used; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = "run"
+    seed: int = 0
+    dir: str | None = Field(None, description="run directory; default runs/<name>")
+
+
+class ModelSection(_Section):
+    name: str = Field(description="built-in model name or 'package.module:Callable'")
+    args: dict[str, Any] = {}
+
+
+class DataSection(_Section):
+    source: str = Field(description="built-in data name or 'package.module:callable' returning datasets")
+    args: dict[str, Any] = {}
+    batch_size: int = Field(64, gt=0, description="global batch size; each rank takes batch_size / ranks")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    shuffle: bool = True
+    drop_last: bool = False
+    num_workers: int = Field(0, ge=0)
+
+
+class OptimSection(_Section):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    epochs: int = Field(10, gt=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class TrainSection(_Section):
+    loss: str = Field("mse", description="mse | l1 | cross_entropy | 'package.module:callable'")
+    metrics: list[str] = []
+    early_stopping_patience: int | None = Field(None, gt=0)
+    monitor: str = "val_loss"
+    progress: bool = True
+    tensorboard: bool = False
+    plot: bool = True
+
+
+class ParallelSection(_Section):
+    strategy: str = "single"
+    bucket_mb: float = Field(25.0, gt=0)
+    overlap: bool = True
+
+
+class PrecisionSection(_Section):
+    mode: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"] = "fp32"
+
+
+class Config(_Section):
+    """A whole run file."""
+
+    run: RunSection = RunSection()
+    model: ModelSection
+    data: DataSection
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    parallel: ParallelSection = ParallelSection()
+    precision: PrecisionSection = PrecisionSection()
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory: ``[run] dir`` or runs/<name>."""
+        return Path(self.run.dir or f"runs/{self.run.name}")
+
+
+# -- loading ----------------------------------------------------------------------------------------------------
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Load, override (``["optim.lr=3e-4", ...]``) and validate a run file or dict; raise ``ConfigError``."""
+    where = "config"
+    if isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        where = str(path)
+        raw = _read(path)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, where)) from None
+    _check_references(cfg, where)
+    return cfg
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found; check the path (examples live in examples/*.toml)")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use a .toml or .yaml file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected sections such as [model] and [data] at the top level")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` override; the value is parsed as YAML (numbers, lists, strings)."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, for example --set optim.lr=3e-4")
+    dotted, value = item.split("=", 1)
+    *parents, leaf = dotted.strip().split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {key!r} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _explain(exc: ValidationError, where: str) -> str:
+    lines = [f"{where}: {exc.error_count()} problem(s) in the run file:"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc)
+        section = loc[0] if loc else ""
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{key}'. {_suggest(loc)}")
+        elif err["type"] == "missing":
+            lines.append(f"  - missing key '{key}': add it under [{section}]{_describe(loc)}")
+        else:
+            got = err.get("input")
+            lines.append(f"  - '{key}' = {got!r}: {err['msg'].lower()}{_describe(loc)}")
+    return "\n".join(lines)
+
+
+def _section_model(section: str) -> type[BaseModel] | None:
+    field = Config.model_fields.get(section)
+    return field.annotation if field is not None else None  # type: ignore[return-value]
+
+
+# Names people carry over from other frameworks, mapped to ours.
+_ALIASES = {"learning_rate": "lr", "num_epochs": "epochs", "max_epochs": "epochs", "batch": "batch_size",
+            "optimizer": "name", "scheduler": "schedule", "lr_schedule": "schedule", "workers": "num_workers",
+            "precision": "mode", "dtype": "mode", "backend": "strategy"}  # fmt: skip
+
+
+def _suggest(loc: list[str]) -> str:
+    if len(loc) == 1:
+        allowed = list(Config.model_fields)
+    else:
+        model = _section_model(loc[0])
+        allowed = list(model.model_fields) if model else []
+    alias = _ALIASES.get(loc[-1])
+    close = [alias] if alias in allowed else difflib.get_close_matches(loc[-1], allowed, n=1)
+    hint = f"Did you mean '{close[0]}'? " if close else ""
+    return f"{hint}Allowed here: {', '.join(allowed)}"
+
+
+def _describe(loc: list[str]) -> str:
+    model = _section_model(loc[0]) if loc else None
+    if model is None or len(loc) < 2 or loc[1] not in model.model_fields:
+        return ""
+    field = model.model_fields[loc[1]]
+    parts = []
+    if field.description:
+        parts.append(field.description)
+    if not field.is_required():
+        parts.append(f"default {field.default!r}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+# -- references to code ------------------------------------------------------------------------------------------
+
+
+def resolve(ref: str, registry: dict[str, Any], key: str) -> Any:
+    """Return the object a config names: a built-in name from ``registry`` or 'package.module:attr'."""
+    if ref in registry:
+        return registry[ref]
+    if ":" not in ref:
+        close = difflib.get_close_matches(ref, list(registry), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(
+            f"{key} = {ref!r}: not a built-in name; {hint}built-ins: {', '.join(sorted(registry))}; "
+            "or give an import path such as 'my_pkg.models:Net'"
+        )
+    module_name, attr = ref.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{key} = {ref!r}: cannot import module '{module_name}' ({exc}); check the spelling and that the "
+            "package is installed or on PYTHONPATH"
+        ) from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(module) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" Did you mean '{module_name}:{close[0]}'?" if close else ""
+            raise ConfigError(f"{key} = {ref!r}: module '{module_name}' has no '{attr}'.{hint}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_references(cfg: Config, where: str) -> None:
+    from caldera.data import SOURCES
+    from caldera.models import MODELS
+    from caldera.parallel import available_strategies
+    from caldera.train.losses import LOSSES
+    from caldera.train.metrics import METRICS
+
+    try:
+        resolve(cfg.model.name, MODELS, "[model] name")
+        resolve(cfg.data.source, SOURCES, "[data] source")
+        resolve(cfg.train.loss, LOSSES, "[train] loss")
+        for name in cfg.train.metrics:
+            resolve(name, METRICS, "[train] metrics")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if cfg.precision.mode != "fp32":
+        raise ConfigError(
+            f"{where}: [precision] mode = {cfg.precision.mode!r} is not available in this version; use 'fp32'"
+        )
+    if cfg.parallel.strategy not in available_strategies():
+        close = difflib.get_close_matches(cfg.parallel.strategy, available_strategies(), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(
+            f"{where}: [parallel] strategy = {cfg.parallel.strategy!r} is not known; {hint}"
+            f"available: {', '.join(available_strategies())}"
+        )

@@ -1,0 +1,9 @@
+"""Parallel training strategies, one per module, selected by name in ``[parallel] strategy``."""
+
+from caldera.parallel import single as _single  # noqa: F401  (registers "single")
+from caldera.parallel.base import Strategy as Strategy
+from caldera.parallel.base import available_strategies as available_strategies
+from caldera.parallel.base import make_strategy as make_strategy
+from caldera.parallel.base import register as register
+
+__all__ = ["Strategy", "available_strategies", "make_strategy", "register"]

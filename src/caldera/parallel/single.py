@@ -1,0 +1,46 @@
+"""The single-process strategy: plain ``loss.backward()`` and ``optimizer.step()``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from caldera.parallel.base import register
+from caldera.world import World
+
+
+@register("single")
+class Single:
+    """Train on this process alone; with several ranks, each trains its own independent copy."""
+
+    def __init__(self, grad_clip: float | None = None, **_: Any) -> None:
+        self.grad_clip = grad_clip
+
+    def setup(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World
+    ) -> torch.nn.Module:
+        """Keep the model as it is."""
+        self.model, self.optimizer = model, optimizer
+        return model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Run autograd."""
+        loss.backward()
+
+    def step(self) -> None:
+        """Clip (if asked), step and zero the gradients."""
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing of its own to save."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore."""
+
+    def close(self) -> None:
+        """Nothing to release."""

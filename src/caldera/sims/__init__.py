@@ -1,0 +1,1 @@
+"""Built-in simulations that make data for examples and tests."""

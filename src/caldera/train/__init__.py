@@ -1,0 +1,1 @@
+"""Training: the loop (trainer.py), callbacks, metrics, losses, run-directory output and config runs."""

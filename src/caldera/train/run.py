@@ -1,0 +1,130 @@
+"""A config becomes a run: build data, model, optimizer, schedule, strategy and trainer from a ``Config``."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from caldera.config import Config, ConfigError, resolve
+from caldera.data import SOURCES, split_dataset
+from caldera.models import MODELS
+from caldera.train.callbacks import Callback, EarlyStopping, TensorBoard
+from caldera.train.losses import LOSSES
+from caldera.train.metrics import METRICS
+from caldera.train.trainer import Trainer
+from caldera.world import World, init
+
+
+def build_data(cfg: Config) -> tuple[Dataset, Dataset | None]:
+    """Call the data source; split off validation data unless the source returned its own."""
+    source = resolve(cfg.data.source, SOURCES, "[data] source")
+    out = _call(source, cfg.data.args, "[data] args")
+    if isinstance(out, dict):
+        if "train" not in out:
+            raise ConfigError(f"[data] source {cfg.data.source!r} returned a dict without a 'train' entry")
+        return out["train"], out.get("val")
+    if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(d, Dataset) for d in out):
+        return out[0], out[1]
+    return split_dataset(out, cfg.data.val_fraction, cfg.run.seed)
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """Instantiate the model the config names."""
+    return _call(resolve(cfg.model.name, MODELS, "[model] name"), cfg.model.args, "[model] args")
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Build SGD (with momentum), Adam or AdamW."""
+    o = cfg.optim
+    params = model.parameters()
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
+    """Linear warm-up, then constant or cosine decay, stepped once per optimizer step (None if constant)."""
+    o = cfg.optim
+    if o.schedule == "constant" and o.warmup_steps == 0:
+        return None
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "cosine":
+            progress = (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, world: World) -> Trainer:
+    """Assemble the Trainer for ``model`` from the config's loss, metrics, optimizer, schedule and strategy."""
+    optimizer = build_optimizer(cfg, model)
+    loss = resolve(cfg.train.loss, LOSSES, "[train] loss")
+    loss_fn = loss() if inspect.isclass(loss) else loss
+    callbacks: list[Callback] = []
+    if cfg.train.early_stopping_patience:
+        mode = "max" if any(m in cfg.train.monitor for m in ("accuracy",)) else "min"
+        callbacks.append(EarlyStopping(cfg.train.monitor, cfg.train.early_stopping_patience, mode=mode))
+    if cfg.train.tensorboard:
+        callbacks.append(TensorBoard())
+    return Trainer(
+        model, optimizer, loss_fn,
+        metrics={name: resolve(name, METRICS, "[train] metrics") for name in cfg.train.metrics},
+        max_epochs=cfg.optim.epochs, run_dir=cfg.run_dir, batch_size=cfg.data.batch_size,
+        strategy=cfg.parallel.strategy,
+        strategy_options={"grad_clip": cfg.optim.grad_clip, "bucket_mb": cfg.parallel.bucket_mb,
+                          "overlap": cfg.parallel.overlap},
+        scheduler=build_scheduler(cfg, optimizer, steps_per_epoch * cfg.optim.epochs),
+        callbacks=callbacks, world=world, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+        drop_last=cfg.data.drop_last, num_workers=cfg.data.num_workers, progress=cfg.train.progress,
+        plot=cfg.train.plot,
+    )  # fmt: skip
+
+
+def train(
+    cfg: Config, config_path: str | Path | None = None, world: World | None = None
+) -> list[dict[str, float]]:
+    """Run the whole training a config describes; return the per-epoch metrics."""
+    world = world or init(seed=cfg.run.seed)
+    train_set, val_set = build_data(cfg)
+    # Seed again after data generation so the model's initial weights do not depend on the data source.
+    init(seed=cfg.run.seed)
+    model = build_model(cfg)
+    steps = max(1, len(train_set) // cfg.data.batch_size)
+    trainer = build_trainer(cfg, model, steps, world)
+    if world.is_main:
+        _save_config(cfg, config_path)
+    return trainer.fit(train_set, val_set)
+
+
+def _save_config(cfg: Config, config_path: str | Path | None) -> None:
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config_path is not None:
+        shutil.copyfile(config_path, run_dir / f"config{Path(config_path).suffix}")
+    (run_dir / "config.resolved.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+
+
+def _call(fn: Any, args: dict[str, Any], key: str) -> Any:
+    """Call ``fn(**args)``; an argument it does not take becomes a ConfigError naming it and the valid ones."""
+    try:
+        bound = inspect.signature(fn).bind(**args)
+    except TypeError as exc:
+        params = [p for p in inspect.signature(fn).parameters if p not in ("self", "args", "kwargs")]
+        raise ConfigError(
+            f"{key} = {args}: {exc}; {getattr(fn, '__name__', fn)} accepts: {', '.join(params)}"
+        ) from None
+    except ValueError:  # no signature (builtins): just call
+        return fn(**args)
+    return fn(*bound.args, **bound.kwargs)

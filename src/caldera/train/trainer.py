@@ -1,0 +1,290 @@
+"""The training loop: read top to bottom. Parallelism lives in the strategy, files in the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from caldera.data.sampler import ShardedBatches
+from caldera.parallel import Strategy, make_strategy
+from caldera.train.callbacks import Callback
+from caldera.train.metrics import Metric
+from caldera.train.output import MetricsLog, plot_learning_curve, plot_predictions, save_weights
+from caldera.world import World, init
+
+DataLike = Dataset | DataLoader | tuple | list
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step and what to try."""
+
+
+class Trainer:
+    """Fit a model with a loss, an optimizer and a parallel strategy; log, plot and save on rank 0."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        metrics: Mapping[str, Metric] | None = None,
+        max_epochs: int = 10,
+        run_dir: str | Path | None = None,
+        batch_size: int = 64,
+        strategy: str | Strategy = "single",
+        strategy_options: Mapping[str, Any] | None = None,
+        scheduler: Any = None,
+        callbacks: Sequence[Callback] = (),
+        world: World | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        num_workers: int = 0,
+        progress: bool = True,
+        plot: bool = True,
+    ) -> None:
+        self.world = world or init()
+        self.model = model.to(self.world.device)
+        self.optimizer, self.loss_fn = optimizer, loss_fn
+        self.metrics = dict(metrics or {})
+        self.max_epochs, self.batch_size = max_epochs, batch_size
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.strategy = (
+            make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
+        )
+        self.scheduler, self.callbacks = scheduler, list(callbacks)
+        self.seed, self.shuffle, self.drop_last, self.num_workers = seed, shuffle, drop_last, num_workers
+        self.progress, self.plot = progress, plot
+        self.should_stop = False
+        self.epoch = 0
+        self.global_step = 0
+        self.total_steps = 0
+        self.history: list[dict[str, float]] = []
+        self._console: Any = None
+
+    # -- public ---------------------------------------------------------------------------------------------------
+    def fit(self, train_data: DataLike, val_data: DataLike | None = None) -> list[dict[str, float]]:
+        """Train for ``max_epochs`` (or until a callback stops it); return one dict of metrics per epoch."""
+        train_set, val_set = as_dataset(train_data), as_dataset(val_data) if val_data is not None else None
+        batches = self._batches(train_set, shuffle=self.shuffle)
+        self.total_steps = len(batches) * self.max_epochs
+        self.net = self.strategy.setup(self.model, self.optimizer, self.world)
+        log = self._open_run_dir()
+        self.log(self._describe(train_set, val_set))
+        try:
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
+            with self._progress_bar() as bar:
+                for epoch in range(self.epoch, self.max_epochs):
+                    self.epoch = epoch
+                    t0 = time.perf_counter()
+                    logs = {"epoch": self.epoch + 1, "train_loss": self._train_epoch(batches, bar)}
+                    if val_set is not None:
+                        logs.update(self.evaluate(val_set, prefix="val_"))
+                    logs["lr"] = self.optimizer.param_groups[0]["lr"]
+                    logs["time_s"] = time.perf_counter() - t0
+                    self.history.append(logs)
+                    if log is not None:
+                        log.append(logs)
+                    self.log(_format(logs))
+                    for cb in self.callbacks:
+                        cb.on_epoch_end(self, self.epoch, logs)
+                    if self.should_stop:
+                        break
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
+            self._write_outputs(val_set)
+        finally:
+            self.strategy.close()
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self, data: DataLike, prefix: str = "") -> dict[str, float]:
+        """Return the loss and metrics over the whole ``data``, reduced over all ranks."""
+        dataset = as_dataset(data)
+        was_training = self.model.training
+        self.model.eval()
+        sums = torch.zeros(2 + len(self.metrics), dtype=torch.float64)  # loss, metrics..., count
+        for (x, y), n_local, _ in _xy(self._batches(dataset, shuffle=False, evaluation=True)):
+            out = self.model(x)
+            values = [self.loss_fn(out, y)] + [fn(out, y) for fn in self.metrics.values()]
+            sums[:-1] += torch.stack([v.detach().double().cpu() for v in values]) * n_local
+            sums[-1] += n_local
+        self.world.comm.Allreduce(sums)
+        self.model.train(was_training)
+        names = ["loss", *self.metrics]
+        return {prefix + k: float(v / sums[-1]) for k, v in zip(names, sums[:-1])}
+
+    def log(self, message: str) -> None:
+        """Print on rank 0 only."""
+        if self.world.is_main:
+            self._print(message)
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def _train_epoch(self, batches: ShardedBatches, bar: Any) -> float:
+        self.model.train()
+        batches.set_epoch(self.epoch)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        seen = 0
+        for step, ((x, y), n_local, n_global) in enumerate(_xy(batches)):
+            loss = self.loss_fn(self.net(x), y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step} (global step "
+                    f"{self.global_step}) on rank {self.world.rank}; lower [optim] lr, set [optim] grad_clip, "
+                    "or check the data for NaN/inf. Files already written in the run directory are kept."
+                )
+            # Ranks may hold unequal slices of the last batch: weight so the rank average is the global mean.
+            scale = n_local * self.world.size / n_global
+            self.strategy.backward(loss * scale if scale != 1 else loss)
+            self.strategy.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            loss_sum += loss.detach().double().cpu() * n_local
+            seen += n_local
+            self.global_step += 1
+            if bar is not None:
+                bar.advance(loss)
+        totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64)])
+        self.world.comm.Allreduce(totals)
+        return float(totals[0] / totals[1])
+
+    def _batches(self, dataset: Dataset, shuffle: bool, evaluation: bool = False) -> ShardedBatches:
+        return ShardedBatches(
+            dataset, self.batch_size, self.world.rank, self.world.size, shuffle=shuffle, seed=self.seed,
+            drop_last=self.drop_last and not evaluation, num_workers=self.num_workers, device=self.world.device,
+            evaluation=evaluation,
+        )  # fmt: skip
+
+    # -- output ---------------------------------------------------------------------------------------------------
+    def _open_run_dir(self) -> MetricsLog | None:
+        if self.run_dir is None or not self.world.is_main:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        return MetricsLog(self.run_dir)
+
+    def _write_outputs(self, val_set: Dataset | None) -> None:
+        if self.run_dir is None or not self.world.is_main or not self.history:
+            return
+        save_weights(self.model, self.run_dir / "model.pt")
+        summary = {"epochs": len(self.history), "steps": self.global_step, "ranks": self.world.size,
+                   "final": self.history[-1]}  # fmt: skip
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.plot:
+            plot_learning_curve(self.history, self.run_dir / "learning_curve.png")
+            if val_set is not None:
+                self._plot_predictions(val_set)
+        self.log(f"run directory: {self.run_dir}")
+
+    @torch.no_grad()
+    def _plot_predictions(self, val_set: Dataset) -> None:
+        x, y = (t.to(self.world.device) for t in as_xy(next(iter(DataLoader(val_set, batch_size=8)))))
+        self.model.eval()
+        pred = self.model(x)
+        plot_predictions(x.cpu(), y.cpu(), pred.cpu(), self.run_dir / "predictions.png")
+
+    def _describe(self, train_set: Dataset, val_set: Dataset | None) -> str:
+        per_rank = self.batch_size / self.world.size
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return (
+            f"{type(self.model).__name__} ({n_params:,} parameters) on {self.world.device}; "
+            f"{self.world.size} rank(s), global batch {self.batch_size} = {self.world.size} x {per_rank:g}; "
+            f"{len(train_set)} training / {len(val_set) if val_set is not None else 0} validation samples; "
+            f"{self.max_epochs} epochs"
+        )
+
+    def _print(self, message: str) -> None:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(highlight=False, soft_wrap=True)
+        self._console.print(message)
+
+    def _progress_bar(self):
+        if not (self.progress and self.world.is_main):
+            return nullcontext(None)
+        return _Bar(self)
+
+
+class _Bar:
+    """A rich progress bar over all steps of the run (rank 0), showing the running loss."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.trainer = trainer
+        trainer._print("")  # create the console the bar shares with log lines
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=trainer._console,
+            transient=False,
+        )  # fmt: skip
+        self.task = None
+
+    def __enter__(self) -> _Bar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def advance(self, loss: torch.Tensor) -> None:
+        """Move one step; refresh the displayed loss every 10 steps (reading it costs a device sync)."""
+        t = self.trainer
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=t.total_steps, completed=t.global_step - 1,
+                                               epoch=t.epoch + 1, loss="-")  # fmt: skip
+        fields = {"epoch": f"{t.epoch + 1}/{t.max_epochs}"}
+        if t.global_step % 10 == 1:
+            fields["loss"] = f"{loss.item():.4g}"
+        self.progress.update(self.task, advance=1, **fields)
+
+
+# -- data adapters ------------------------------------------------------------------------------------------------
+
+
+def as_dataset(data: DataLike) -> Dataset:
+    """Accept a Dataset, a DataLoader (its dataset is re-sharded) or arrays ``(x, y)``."""
+    if isinstance(data, DataLoader):
+        return data.dataset
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3) and all(_is_array(a) for a in data):
+        return TensorDataset(*(torch.as_tensor(np.asarray(a)) if not torch.is_tensor(a) else a for a in data))
+    if isinstance(data, Dataset) or hasattr(data, "__getitem__"):
+        return data  # type: ignore[return-value]
+    raise TypeError(
+        f"cannot train on {type(data).__name__}; pass a torch Dataset, a DataLoader, or (x, y) arrays"
+    )
+
+
+def _is_array(a: Any) -> bool:
+    return torch.is_tensor(a) or isinstance(a, np.ndarray)
+
+
+def as_xy(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a batch into (input, target): the last element is the target."""
+    if len(batch) < 2:
+        raise ValueError("each sample must be (input, target); got a single tensor")
+    return (batch[0] if len(batch) == 2 else tuple(batch[:-1])), batch[-1]  # type: ignore[return-value]
+
+
+def _xy(batches: Iterable) -> Iterable:
+    for batch, n_local, n_global in batches:
+        yield as_xy(batch), n_local, n_global
+
+
+def _format(logs: Mapping[str, float]) -> str:
+    parts = [f"epoch {int(logs['epoch'])}"]
+    for k, v in logs.items():
+        if k != "epoch":
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k} {v}")
+    return "  ".join(parts)

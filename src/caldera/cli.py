@@ -1,4 +1,4 @@
-"""The ``caldera`` command: ``caldera train RUN.toml [--set section.key=value ...]``."""
+"""The ``caldera`` command: ``caldera train RUN.toml [--set section.key=value ...]``, ``caldera launch -n N -- cmd``."""
 
 from __future__ import annotations
 
@@ -16,10 +16,25 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("config", help="run file (.toml or .yaml)")
     p_train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")  # fmt: skip
+    p_launch = sub.add_parser(
+        "launch", help="start N ranks with mpiexec (or srun inside Slurm): launch -n N -- cmd"
+    )
+    p_launch.add_argument("-n", "--ranks", type=int, required=True, help="number of ranks")
+    p_launch.add_argument("--launcher", choices=["auto", "mpiexec", "srun"], default="auto")
+    p_launch.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command to run on every rank")
     p_check = sub.add_parser("check", help="validate a run file and print the resolved config")
     p_check.add_argument("config")
     p_check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.command == "launch":
+        from caldera.launch import launch
+
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        try:
+            return launch(args.ranks, cmd, args.launcher)
+        except (RuntimeError, ValueError) as exc:
+            sys.stderr.write(f"caldera launch: error: {exc}\n")
+            return 2
 
     from caldera.config import load_config
 

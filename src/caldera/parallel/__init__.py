@@ -1,5 +1,6 @@
 """Parallel training strategies, one per module, selected by name in ``[parallel] strategy``."""
 
+from caldera.parallel import allreduce as _allreduce  # noqa: F401  (registers "allreduce")
 from caldera.parallel import single as _single  # noqa: F401  (registers "single")
 from caldera.parallel.base import Strategy as Strategy
 from caldera.parallel.base import available_strategies as available_strategies

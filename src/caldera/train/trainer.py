@@ -194,11 +194,12 @@ class Trainer:
         plot_predictions(x.cpu(), y.cpu(), pred.cpu(), self.run_dir / "predictions.png")
 
     def _describe(self, train_set: Dataset, val_set: Dataset | None) -> str:
-        per_rank = self.batch_size / self.world.size
+        shares = [len(c) for c in torch.tensor_split(torch.arange(self.batch_size), self.world.size)]
+        per_rank = str(shares[0]) if len(set(shares)) == 1 else "/".join(map(str, shares))
         n_params = sum(p.numel() for p in self.model.parameters())
         return (
             f"{type(self.model).__name__} ({n_params:,} parameters) on {self.world.device}; "
-            f"{self.world.size} rank(s), global batch {self.batch_size} = {self.world.size} x {per_rank:g}; "
+            f"{self.world.size} rank(s), global batch {self.batch_size} = {self.world.size} x {per_rank}; "
             f"{len(train_set)} training / {len(val_set) if val_set is not None else 0} validation samples; "
             f"{self.max_epochs} epochs"
         )

@@ -1,0 +1,56 @@
+"""Run on N ranks: every communicator call against what the math says; prints 'OK <rank>' per rank."""
+
+import numpy as np
+import torch
+
+import caldera
+
+world = caldera.init()
+comm, r, n = world.comm, world.rank, world.size
+
+t = torch.full((5,), float(r + 1))
+ptr = t.data_ptr()
+comm.Allreduce(t)
+assert torch.equal(t, torch.full((5,), n * (n + 1) / 2)) and t.data_ptr() == ptr  # in place, no copy
+
+m = torch.tensor([float(r)], dtype=torch.float64)
+comm.Allreduce(m, op="max")
+assert m.item() == n - 1
+
+big = torch.arange(1_000_000, dtype=torch.float32) * (r + 1)
+h = comm.Iallreduce(big)
+h.wait()
+assert torch.equal(big, torch.arange(1_000_000, dtype=torch.float32) * (n * (n + 1) / 2))
+
+b = torch.full((3,), float(r))
+comm.Bcast(b, root=n - 1)
+assert torch.equal(b, torch.full((3,), float(n - 1)))
+
+recv = torch.empty(2 * n, dtype=torch.int64)
+comm.Allgather(torch.tensor([r, 10 * r]), recv)
+assert recv.tolist() == [v for k in range(n) for v in (k, 10 * k)]
+
+send = torch.arange(2 * n, dtype=torch.float32)
+out = torch.empty(2)
+comm.Reduce_scatter(send, out)
+assert torch.equal(out, torch.tensor([2.0 * r, 2.0 * r + 1]) * n)
+
+assert comm.bcast({"k": r}, root=0) == {"k": 0}
+assert comm.allgather(r * r) == [k * k for k in range(n)]
+assert comm.allreduce(r) == n * (n - 1) // 2
+assert np.array_equal(comm.allreduce(np.ones(2)), np.full(2, n))
+
+sub = comm.split(color=r % 2, key=r)
+assert sub.size == len(range(r % 2, n, 2)) and sub.rank == r // 2
+s = torch.ones(1)
+sub.Allreduce(s)
+assert s.item() == sub.size
+
+try:
+    comm.Allreduce(torch.ones(2, dtype=torch.bfloat16))
+except TypeError as exc:
+    assert "bfloat16" in str(exc) and "float32" in str(exc)
+else:
+    raise AssertionError("bf16 buffer should be refused with a clear message")
+comm.Barrier()
+print(f"OK {r}", flush=True)

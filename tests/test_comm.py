@@ -1,0 +1,34 @@
+"""Communicators: the MPI one on real ranks, the local one in-process, same interface."""
+
+import pytest
+import torch
+
+from caldera.comm import Communicator, LocalComm
+from tests.conftest import run_ranks
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_mpi_collectives_on_real_ranks(ranks):
+    proc = run_ranks(ranks, ["tests/scripts/comm_ops.py"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("OK")) == [
+        f"OK {r}" for r in range(ranks)
+    ]
+
+
+def test_local_comm_is_the_identity_with_the_same_interface():
+    comm = LocalComm()
+    assert isinstance(comm, Communicator)
+    t = torch.arange(4.0)
+    comm.Allreduce(t)
+    comm.Iallreduce(t).wait()
+    comm.Bcast(t)
+    assert torch.equal(t, torch.arange(4.0))
+    recv = torch.empty(4)
+    comm.Allgather(t, recv)
+    assert torch.equal(recv, t)
+    assert comm.allgather(5) == [5] and comm.bcast("x") == "x" and comm.allreduce(3) == 3
+    assert comm.split(0).size == 1
+    with pytest.raises(ValueError, match="unknown reduction op 'mean'"):
+        comm.Allreduce(t, op="mean")

@@ -1,0 +1,84 @@
+"""Synchronous data parallel on real MPI ranks: equal to one process, identical on every rank, never hangs."""
+
+import json
+import sys
+import time
+
+import pytest
+
+from tests.conftest import run_ranks
+
+pytestmark = pytest.mark.mpi
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.mark.parametrize(
+    ("ranks", "model", "bucket_mb", "overlap"),
+    [(2, "mlp", 0.002, "1"), (3, "mlp", 0.002, "1"), (2, "cnn", 25, "1"), (3, "cnn", 0.01, "0")],
+)
+def test_ranks_match_single_process_with_the_global_batch(ranks, model, bucket_mb, overlap):
+    # 100 samples, global batch 24: the last batch (4 samples) is split unevenly across 3 ranks.
+    proc = run_ranks(
+        ranks, ["tests/scripts/dp_equivalence.py", model, "100", "24", "3", str(bucket_mb), overlap]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = last_json(proc.stdout)
+    assert out["size"] == ranks
+    assert out["max_diff"] < 1e-5, out
+    assert out["spread"] == 0.0, out  # every rank holds bit-identical weights
+    assert out["val_loss"] == pytest.approx(out["ref_val_loss"], abs=1e-5)
+    assert proc.stdout.count("epoch 3 ") == 2  # only rank 0 prints (its DP run and its reference run)
+
+
+@pytest.mark.parametrize("mode", ["raise", "kill"])
+def test_a_failing_rank_stops_every_rank_promptly(mode):
+    start = time.monotonic()
+    proc = run_ranks(3, ["tests/scripts/failing_rank.py", mode], timeout=90)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 45, f"took {elapsed:.0f} s to stop"
+    text = proc.stdout + proc.stderr
+    if mode == "raise":
+        assert "caldera: rank 2/3 failed: RuntimeError: sabotaged input on purpose" in text
+    else:
+        assert "rank 2" in text and "signal 9" in text
+
+
+def test_cli_runs_the_main_job_on_two_ranks(tmp_path):
+    run_dir = tmp_path / "heat2"
+    proc = run_ranks(2, ["-m", "caldera.cli", "train", "examples/heat_surrogate.toml", "--set", f"run.dir={run_dir}",
+                         "--set", "parallel.strategy=allreduce", "--set", "data.args.n_samples=200",
+                         "--set", "optim.epochs=2"], timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s), global batch 32 = 2 x 16" in proc.stdout
+    assert proc.stdout.count("epoch 2 ") == 1
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (run_dir / "model.pt").exists()
+
+
+def test_launch_wraps_mpiexec(tmp_path):
+    script = tmp_path / "who.py"
+    script.write_text("import caldera\nw = caldera.init()\nprint(f'rank {w.rank} of {w.size}')\n")
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "caldera.cli", "launch", "-n", "3", "--", sys.executable,
+                           str(script)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0 of 3", "rank 1 of 3", "rank 2 of 3"]  # fmt: skip
+
+
+def test_launch_reports_a_failed_job(tmp_path):
+    script = tmp_path / "boom.py"
+    script.write_text("import caldera\nw = caldera.init()\nif w.rank == 1:\n    raise ValueError('bad input')\n"
+                      "w.barrier()\n")  # fmt: skip
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "caldera.cli", "launch", "-n", "2", "--", sys.executable,
+                           str(script)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    assert "rank 1/2 failed: ValueError: bad input" in proc.stderr
+    assert "caldera launch: the job failed" in proc.stderr

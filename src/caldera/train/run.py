@@ -88,7 +88,7 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
         scheduler=build_scheduler(cfg, optimizer, steps_per_epoch * cfg.optim.epochs),
         callbacks=callbacks, world=world, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
         drop_last=cfg.data.drop_last, num_workers=cfg.data.num_workers, progress=cfg.train.progress,
-        plot=cfg.train.plot,
+        plot=cfg.train.plot, precision=cfg.precision.mode,
     )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from caldera.data.sampler import ShardedBatches
 from caldera.parallel import Strategy, make_strategy
+from caldera.precision import Precision, make_precision
 from caldera.train.callbacks import Callback
 from caldera.train.metrics import Metric
 from caldera.train.output import MetricsLog, plot_learning_curve, plot_predictions, save_weights
@@ -51,10 +52,12 @@ class Trainer:
         num_workers: int = 0,
         progress: bool = True,
         plot: bool = True,
+        precision: str | Precision = "fp32",
     ) -> None:
         self.world = world or init()
-        self.model = model.to(self.world.device)
-        self.optimizer, self.loss_fn = optimizer, loss_fn
+        self.precision = make_precision(precision, self.world.device)
+        self.model = self.precision.setup_model(model.to(self.world.device))
+        self.optimizer, self.loss_fn = self.precision.wrap_optimizer(optimizer), loss_fn
         self.metrics = dict(metrics or {})
         self.max_epochs, self.batch_size = max_epochs, batch_size
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -115,8 +118,9 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(2 + len(self.metrics), dtype=torch.float64)  # loss, metrics..., count
         for (x, y), n_local, _ in _xy(self._batches(dataset, shuffle=False, evaluation=True)):
-            out = self.model(x)
-            values = [self.loss_fn(out, y)] + [fn(out, y) for fn in self.metrics.values()]
+            with self.precision.autocast():
+                out = self.model(x)
+                values = [self.loss_fn(out, y)] + [fn(out.float(), y) for fn in self.metrics.values()]
             sums[:-1] += torch.stack([v.detach().double().cpu() for v in values]) * n_local
             sums[-1] += n_local
         self.world.comm.Allreduce(sums)
@@ -136,8 +140,9 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         seen = 0
         for step, ((x, y), n_local, n_global) in enumerate(_xy(batches)):
-            loss = self.loss_fn(self.net(x), y)
-            if not torch.isfinite(loss):
+            with self.precision.autocast():
+                loss = self.loss_fn(self.net(x), y)
+            if not self.precision.tolerates_overflow and not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step} (global step "
                     f"{self.global_step}) on rank {self.world.rank}; lower [optim] lr, set [optim] grad_clip, "
@@ -145,7 +150,7 @@ class Trainer:
                 )
             # Ranks may hold unequal slices of the last batch: weight so the rank average is the global mean.
             scale = n_local * self.world.size / n_global
-            self.strategy.backward(loss * scale if scale != 1 else loss)
+            self.strategy.backward(self.precision.scale_loss(loss * scale if scale != 1 else loss))
             self.strategy.step()
             if self.scheduler is not None:
                 self.scheduler.step()

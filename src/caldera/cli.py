@@ -1,41 +1,53 @@
-"""The ``caldera`` command: ``caldera train RUN.toml [--set section.key=value ...]``, ``caldera launch -n N -- cmd``."""
+"""The ``caldera`` command: ``train``, ``check`` and ``launch``.
+
+``caldera train RUN.toml [--set section.key=value ...] [--resume [CKPT]] [--time-limit 2h]`` trains alone or
+under ``mpiexec``/``srun``; ``caldera launch -n N [--max-restarts R] -- cmd`` starts N ranks.
+Exit codes: 0 done, 2 bad config or usage, 85 stopped for the wall time with a checkpoint (requeue me),
+1 anything else.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from caldera.checkpoint import REQUEUE_EXIT_CODE, CheckpointError, Preempted
 from caldera.config import ConfigError
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``caldera`` command."""
-    parser = argparse.ArgumentParser(prog="caldera", description=__doc__)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="caldera", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train from a run file (alone, or under mpiexec/srun)")
     p_train.add_argument("config", help="run file (.toml or .yaml)")
     p_train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")  # fmt: skip
+    p_train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                         help="continue from the newest good checkpoint of the run (or the one given)")  # fmt: skip
+    p_train.add_argument("--time-limit", metavar="DURATION",
+                         help="stop with a checkpoint before this wall time ('2h', '01:59:00'); exit code 85")  # fmt: skip
+    p_check = sub.add_parser("check", help="validate a run file and print the resolved config")
+    p_check.add_argument("config")
+    p_check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p_launch = sub.add_parser(
         "launch", help="start N ranks with mpiexec (or srun inside Slurm): launch -n N -- cmd"
     )
     p_launch.add_argument("-n", "--ranks", type=int, required=True, help="number of ranks")
     p_launch.add_argument("--launcher", choices=["auto", "mpiexec", "srun"], default="auto")
+    p_launch.add_argument("--max-restarts", type=int, default=0,
+                          help="relaunch a failed job up to R times; `caldera train` then resumes from its "
+                          "last checkpoint")  # fmt: skip
     p_launch.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command to run on every rank")
-    p_check = sub.add_parser("check", help="validate a run file and print the resolved config")
-    p_check.add_argument("config")
-    p_check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``caldera`` command."""
+    args = _parser().parse_args(argv)
     if args.command == "launch":
-        from caldera.launch import launch
-
-        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        try:
-            return launch(args.ranks, cmd, args.launcher)
-        except (RuntimeError, ValueError) as exc:
-            sys.stderr.write(f"caldera launch: error: {exc}\n")
-            return 2
-
+        return _launch(args)
     from caldera.config import load_config
 
     try:
@@ -45,15 +57,31 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from caldera.train.run import train
 
-        train(cfg, args.config)
-    except ConfigError as exc:
+        # A relaunch by `caldera launch --max-restarts` asks every rank to resume through the environment.
+        resume = args.resume or os.environ.get("CALDERA_RESUME") == "1"
+        train(cfg, args.config, resume=resume, time_limit=args.time_limit)
+    except (ConfigError, CheckpointError) as exc:
         _error(str(exc))
         return 2
+    except Preempted as stop:
+        _error(str(stop))
+        return REQUEUE_EXIT_CODE
     return 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from caldera.launch import launch
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    try:
+        return launch(args.ranks, cmd, args.launcher, max_restarts=args.max_restarts)
+    except (RuntimeError, ValueError) as exc:
+        sys.stderr.write(f"caldera launch: error: {exc}\n")
+        return 2
+
+
 def _error(message: str) -> None:
-    """Print a config error once per job (rank 0), not once per rank."""
+    """Print a message once per job (rank 0), not once per rank."""
     from caldera.world import launched_size
 
     rank = 0
@@ -62,7 +90,7 @@ def _error(message: str) -> None:
 
         rank = init().rank
     if rank == 0:
-        sys.stderr.write(f"caldera: error: {message}\n")
+        sys.stderr.write(f"caldera: {message if message.startswith('stopped') else 'error: ' + message}\n")
 
 
 if __name__ == "__main__":

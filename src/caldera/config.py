@@ -82,6 +82,20 @@ class PrecisionSection(_Section):
     mode: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"] = "fp32"
 
 
+class CheckpointSection(_Section):
+    every: int | str | None = Field(
+        None, description="steps (500) or time ('90s', '10m'); none = only at the end"
+    )
+    keep: int = Field(3, ge=1, description="how many recent checkpoints to keep")
+    keep_best: str | None = Field(
+        None, description="also keep the best checkpoint by this metric, e.g. 'val_loss'"
+    )
+    async_write: bool = True
+    time_limit: str | float | None = Field(
+        None, description="wall time ('2h', '01:59:00'): stop with a checkpoint"
+    )
+
+
 class Config(_Section):
     """A whole run file."""
 
@@ -92,6 +106,7 @@ class Config(_Section):
     train: TrainSection = TrainSection()
     parallel: ParallelSection = ParallelSection()
     precision: PrecisionSection = PrecisionSection()
+    checkpoint: CheckpointSection = CheckpointSection()
 
     @property
     def run_dir(self) -> Path:
@@ -253,10 +268,13 @@ def _check_references(cfg: Config, where: str) -> None:
             resolve(name, METRICS, "[train] metrics")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    if cfg.precision.mode != "fp32":
-        raise ConfigError(
-            f"{where}: [precision] mode = {cfg.precision.mode!r} is not available in this version; use 'fp32'"
-        )
+    try:
+        from caldera.checkpoint import parse_duration, parse_interval
+
+        parse_interval(cfg.checkpoint.every)
+        parse_duration(cfg.checkpoint.time_limit)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: [checkpoint] {exc}") from None
     if cfg.parallel.strategy not in available_strategies():
         close = difflib.get_close_matches(cfg.parallel.strategy, available_strategies(), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""

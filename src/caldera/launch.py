@@ -50,8 +50,9 @@ def _is_open_mpi(exe: str) -> bool:
     return "Open MPI" in out or "OpenRTE" in out or "prterun" in out
 
 
-def launch(n: int, command: list[str], prefer: str = "auto") -> int:
-    """Run ``command`` on ``n`` ranks and return its exit code (non-zero when any rank failed)."""
+def launch(n: int, command: list[str], prefer: str = "auto", max_restarts: int = 0) -> int:
+    """Run ``command`` on ``n`` ranks and return its exit code; relaunch a failed job up to ``max_restarts``
+    times with ``CALDERA_RESUME=1`` so that ``caldera train`` continues from its last checkpoint."""
     if n < 1:
         raise ValueError("-n must be at least 1")
     if not command:
@@ -60,9 +61,17 @@ def launch(n: int, command: list[str], prefer: str = "auto") -> int:
         )
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    code = subprocess.run(build_command(n, command, prefer), env=env).returncode
-    if code != 0:
+    full = build_command(n, command, prefer)
+    for attempt in range(max_restarts + 1):
+        env["CALDERA_RESTART"] = str(attempt)
+        code = subprocess.run(full, env=env).returncode
+        if code in (0, 2):  # done, or a mistake that a restart would only repeat
+            break
         sys.stderr.write(
             f"caldera launch: the job failed (exit code {code}); the lines above name the rank and the cause\n"
         )
+        if attempt < max_restarts:
+            sys.stderr.write(f"caldera launch: restart {attempt + 1} of {max_restarts}, resuming from the last "
+                             "checkpoint\n")  # fmt: skip
+            env["CALDERA_RESUME"] = "1"
     return code

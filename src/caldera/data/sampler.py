@@ -55,11 +55,12 @@ class ShardedBatches:
         self.device = device or torch.device("cpu")
         self.evaluation = evaluation
         self.epoch = 0
+        self.start_step = 0
         self.n = len(dataset)  # type: ignore[arg-type]
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose permutation the next iteration uses."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Choose the epoch whose permutation the next iteration uses, and the step to start from (resume)."""
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
         if self.evaluation:  # evaluation sees every sample once; a rank may sit out the tail
@@ -72,7 +73,7 @@ class ShardedBatches:
         """Return this rank's index tensor and the step's global sample count, for each step."""
         perm = epoch_permutation(self.n, self.seed, self.epoch, self.shuffle)
         steps = []
-        for i in range(len(self)):
+        for i in range(self.start_step, len(self)):
             chunk = perm[i * self.global_batch : (i + 1) * self.global_batch]
             steps.append((torch.tensor_split(chunk, self.size)[self.rank], len(chunk)))
         return [s for s in steps if len(s[0]) > 0]

@@ -16,6 +16,9 @@ class Callback:
     def on_fit_start(self, trainer: Trainer) -> None:
         """Before the first epoch."""
 
+    def on_step_end(self, trainer: Trainer) -> None:
+        """After each optimizer step (keep it cheap: it runs every step)."""
+
     def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
         """After each epoch's validation, with the epoch's reduced metrics."""
 

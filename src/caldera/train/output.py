@@ -15,9 +15,11 @@ from caldera.io import atomic_write, atomic_write_text
 class MetricsLog:
     """Append one JSON line per epoch to metrics.jsonl and keep metrics.csv in step with it."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, rows: list[dict[str, float]] | None = None) -> None:
         self.run_dir = run_dir
-        self.rows: list[dict[str, float]] = []
+        self.rows = list(rows or [])
+        # A resumed run starts from the checkpoint's history: rewrite the file so no epoch appears twice.
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def append(self, row: dict[str, float]) -> None:
         """Record one epoch's metrics."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from caldera.checkpoint import Checkpointer
 from caldera.config import Config, ConfigError, resolve
 from caldera.data import SOURCES, split_dataset
 from caldera.models import MODELS
@@ -67,7 +69,21 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, world: World) -> Trainer:
+def config_hash(cfg: Config) -> str:
+    """A short hash of the resolved config, stored with checkpoints to flag a resume under a changed config."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_checkpointer(cfg: Config, world: World, time_limit: str | float | None = None) -> Checkpointer:
+    """The run's checkpointer, writing to <run dir>/checkpoints."""
+    c = cfg.checkpoint
+    return Checkpointer(cfg.run_dir / "checkpoints", world, every=c.every, keep=c.keep, keep_best=c.keep_best,
+                        async_write=c.async_write, time_limit=time_limit or c.time_limit,
+                        config_hash=config_hash(cfg))  # fmt: skip
+
+
+def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, world: World,
+                  resume: bool | str = False, time_limit: str | float | None = None) -> Trainer:  # fmt: skip
     """Assemble the Trainer for ``model`` from the config's loss, metrics, optimizer, schedule and strategy."""
     optimizer = build_optimizer(cfg, model)
     loss = resolve(cfg.train.loss, LOSSES, "[train] loss")
@@ -89,20 +105,24 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
         callbacks=callbacks, world=world, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
         drop_last=cfg.data.drop_last, num_workers=cfg.data.num_workers, progress=cfg.train.progress,
         plot=cfg.train.plot, precision=cfg.precision.mode,
+        checkpointer=build_checkpointer(cfg, world, time_limit), resume=resume,
     )  # fmt: skip
 
 
-def train(
-    cfg: Config, config_path: str | Path | None = None, world: World | None = None
-) -> list[dict[str, float]]:
-    """Run the whole training a config describes; return the per-epoch metrics."""
+def train(cfg: Config, config_path: str | Path | None = None, world: World | None = None,
+          resume: bool | str = False, time_limit: str | float | None = None) -> list[dict[str, float]]:  # fmt: skip
+    """Run the whole training a config describes; return the per-epoch metrics.
+
+    ``resume=True`` continues from the newest good checkpoint in the run directory (or starts fresh if there
+    is none); a path resumes from that checkpoint. ``time_limit`` stops with a checkpoint before the wall time.
+    """
     world = world or init(seed=cfg.run.seed)
     train_set, val_set = build_data(cfg)
     # Seed again after data generation so the model's initial weights do not depend on the data source.
     init(seed=cfg.run.seed)
     model = build_model(cfg)
     steps = max(1, len(train_set) // cfg.data.batch_size)
-    trainer = build_trainer(cfg, model, steps, world)
+    trainer = build_trainer(cfg, model, steps, world, resume, time_limit)
     if world.is_main:
         _save_config(cfg, config_path)
     return trainer.fit(train_set, val_set)

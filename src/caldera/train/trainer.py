@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from caldera.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
 from caldera.data.sampler import ShardedBatches
 from caldera.parallel import Strategy, make_strategy
 from caldera.precision import Precision, make_precision
@@ -53,6 +54,8 @@ class Trainer:
         progress: bool = True,
         plot: bool = True,
         precision: str | Precision = "fp32",
+        checkpointer: Checkpointer | None = None,
+        resume: bool | str | Path = False,
     ) -> None:
         self.world = world or init()
         self.precision = make_precision(precision, self.world.device)
@@ -72,6 +75,9 @@ class Trainer:
         self.global_step = 0
         self.total_steps = 0
         self.history: list[dict[str, float]] = []
+        self.checkpointer, self.resume = checkpointer, resume
+        self.step_in_epoch = 0
+        self._partial = (0.0, 0)  # loss sum and samples of the current epoch so far (restored on resume)
         self._console: Any = None
 
     # -- public ---------------------------------------------------------------------------------------------------
@@ -81,8 +87,12 @@ class Trainer:
         batches = self._batches(train_set, shuffle=self.shuffle)
         self.total_steps = len(batches) * self.max_epochs
         self.net = self.strategy.setup(self.model, self.optimizer, self.world)
+        if self.resume:
+            self._restore()
         log = self._open_run_dir()
         self.log(self._describe(train_set, val_set))
+        if self.checkpointer is not None:
+            self.checkpointer.install_signal_handlers()
         try:
             for cb in self.callbacks:
                 cb.on_fit_start(self)
@@ -103,10 +113,14 @@ class Trainer:
                         cb.on_epoch_end(self, self.epoch, logs)
                     if self.should_stop:
                         break
+            if self.checkpointer is not None:
+                self.checkpointer.save(self.global_step, *self._capture(), block=True)
             for cb in self.callbacks:
                 cb.on_fit_end(self)
             self._write_outputs(val_set)
         finally:
+            if self.checkpointer is not None:
+                self.checkpointer.restore_signal_handlers()
             self.strategy.close()
         return self.history
 
@@ -136,10 +150,10 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------------
     def _train_epoch(self, batches: ShardedBatches, bar: Any) -> float:
         self.model.train()
-        batches.set_epoch(self.epoch)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        seen = 0
-        for step, ((x, y), n_local, n_global) in enumerate(_xy(batches)):
+        batches.set_epoch(self.epoch, start_step=self.step_in_epoch)
+        loss_sum = torch.tensor(self._partial[0], dtype=torch.float64)
+        seen = self._partial[1]
+        for step, ((x, y), n_local, n_global) in enumerate(_xy(batches), start=self.step_in_epoch):
             with self.precision.autocast():
                 loss = self.loss_fn(self.net(x), y)
             if not self.precision.tolerates_overflow and not torch.isfinite(loss):
@@ -157,8 +171,14 @@ class Trainer:
             loss_sum += loss.detach().double().cpu() * n_local
             seen += n_local
             self.global_step += 1
+            self.step_in_epoch, self._partial = step + 1, (float(loss_sum), seen)
             if bar is not None:
                 bar.advance(loss)
+            for cb in self.callbacks:
+                cb.on_step_end(self)
+            if self.checkpointer is not None:
+                self.checkpointer.at_step_boundary(self.global_step, self._capture)
+        self.step_in_epoch, self._partial = 0, (0.0, 0)
         totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64)])
         self.world.comm.Allreduce(totals)
         return float(totals[0] / totals[1])
@@ -170,13 +190,64 @@ class Trainer:
             evaluation=evaluation,
         )  # fmt: skip
 
+    # -- checkpoint state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything rank 0 saves: weights, optimizer, schedule, precision, strategy, position in the data."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "precision": self.precision.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "history": list(self.history),
+            "last_metrics": self.history[-1] if self.history else {},
+            "seed": self.seed,
+            "world_size": self.world.size,
+        }
+
+    def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        shared = self.state_dict() if self.world.is_main else {}
+        # The running loss of the current epoch is this rank's own: it travels with the rank's file.
+        return shared, {"rng": rng_state(), "partial": self._partial}
+
+    def _restore(self) -> None:
+        """Load the newest good checkpoint (or the one ``resume`` names) into this trainer, on every rank."""
+        if self.checkpointer is None:
+            raise CheckpointError(
+                "resume asked for, but the trainer has no checkpointer (give checkpointer=...)"
+            )
+        path = None if self.resume is True else self.resume
+        if path is None and not self.checkpointer.list():
+            self.log(f"no checkpoint in {self.checkpointer.dir} yet: starting from the beginning")
+            return
+        shared, local, where = self.checkpointer.load(path)
+        self.model.load_state_dict(shared["model"])
+        self.optimizer.load_state_dict(shared["optimizer"])
+        if self.scheduler is not None and shared["scheduler"] is not None:
+            self.scheduler.load_state_dict(shared["scheduler"])
+        self.precision.load_state_dict(shared["precision"])
+        self.strategy.load_state_dict(shared["strategy"])
+        self.epoch, self.step_in_epoch = shared["epoch"], shared["step_in_epoch"]
+        self.global_step = shared["global_step"]
+        self.history = list(shared["history"])
+        if local is not None:
+            set_rng_state(local["rng"])
+            self._partial = tuple(local["partial"])
+        elif self.world.is_main:
+            self.log(f"checkpoint written by {shared['world_size']} rank(s), resuming on {self.world.size}: the data "
+                     "order continues, random streams are re-seeded (not bit-identical to an unbroken run)")  # fmt: skip
+        self.log(f"resumed from {where} (epoch {self.epoch + 1}, step {self.step_in_epoch} of it, "
+                 f"global step {self.global_step})")  # fmt: skip
+
     # -- output ---------------------------------------------------------------------------------------------------
     def _open_run_dir(self) -> MetricsLog | None:
         if self.run_dir is None or not self.world.is_main:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        return MetricsLog(self.run_dir)
+        return MetricsLog(self.run_dir, self.history)
 
     def _write_outputs(self, val_set: Dataset | None) -> None:
         if self.run_dir is None or not self.world.is_main or not self.history:

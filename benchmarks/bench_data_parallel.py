@@ -1,0 +1,135 @@
+"""Caldera's all-reduce data parallel vs. PyTorch DDP (gloo), same model, same global batch, same run.
+
+    python benchmarks/bench_data_parallel.py [--ranks 2] [--repeats 3] [--steps 20] [--models mlp cnn]
+
+For each model it measures, alternating, R times: one rank alone (1 thread, per-rank batch) -> ideal = N x that;
+DDP-gloo on N ranks x 1 thread; Caldera ``allreduce`` on N ranks x 1 thread. Prints medians of samples/s, the
+ratio Caldera / DDP and each one's scaling efficiency against ideal. Targets: >= 1.4x DDP on the MLP, >= 90 % of
+ideal on both, never slower than DDP. The worker half of this file runs inside the ranks (``--worker``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+
+
+# -- worker: runs inside each rank ---------------------------------------------------------------------------------
+def worker(kind: str, mode: str, global_batch: int, steps: int) -> None:
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, 10),
+        )  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    rank, size = 0, 1
+    if mode == "ddp":
+        import torch.distributed as dist
+
+        rank, size = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29541")
+        dist.init_process_group("gloo", rank=rank, world_size=size)
+        net = nn.parallel.DistributedDataParallel(model)
+
+        def backward(loss):
+            loss.backward()
+
+        def step():
+            opt.step()
+            opt.zero_grad()
+    elif mode == "caldera":
+        import caldera
+
+        world = caldera.init()
+        rank, size = world.rank, world.size
+        strategy = caldera.parallel.make_strategy("allreduce")
+        net = strategy.setup(model, opt, world)
+        backward, step = strategy.backward, strategy.step
+    else:
+        net = model
+
+        def backward(loss):
+            loss.backward()
+
+        def step():
+            opt.step()
+            opt.zero_grad()
+
+    b = global_batch // size
+    x = torch.randn(b, 1024) if kind == "mlp" else torch.randn(b, 3, 32, 32)
+    y = torch.randint(0, 10, (b,))
+    for i in range(steps + 3):
+        if i == 3:
+            t0 = time.perf_counter()
+        backward(loss_fn(net(x), y))
+        step()
+    dt = time.perf_counter() - t0
+    if rank == 0:
+        print(f"samples/s={global_batch * steps / dt:.1f}", flush=True)
+    if mode == "ddp":
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+# -- driver ------------------------------------------------------------------------------------------------------------
+def run(cmd: list[str]) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    match = re.search(r"samples/s=([\d.]+)", out.stdout)
+    if out.returncode != 0 or not match:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
+    return float(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=256, help="global batch")
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--worker", nargs=4, metavar=("KIND", "MODE", "GBATCH", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, mode, gbatch, steps = args.worker
+        worker(kind, mode, int(gbatch), int(steps))
+        return
+    from caldera.launch import build_command
+
+    n, me = args.ranks, [sys.executable, str(HERE), "--worker"]
+    print(f"{n} ranks x 1 thread, global batch {args.batch}, {args.steps} timed steps, {args.repeats} repeats (medians)")
+    for kind in args.models:
+        results: dict[str, list[float]] = {"single": [], "ddp": [], "caldera": []}
+        for _ in range(args.repeats):
+            results["single"].append(run([*me, kind, "single", str(args.batch // n), str(args.steps)]) / (args.batch // n))
+            results["ddp"].append(run(build_command(n, [*me, kind, "ddp", str(args.batch), str(args.steps)])))
+            results["caldera"].append(run(build_command(n, [*me, kind, "caldera", str(args.batch), str(args.steps)])))
+        single = statistics.median(results["single"]) * (args.batch // n)
+        ideal = n * single
+        ddp, cal = statistics.median(results["ddp"]), statistics.median(results["caldera"])
+        print(f"\n{kind}: one rank alone {single:.0f} samples/s -> ideal {ideal:.0f}")
+        print(f"  DDP-gloo          {ddp:7.0f} samples/s  {100 * ddp / ideal:5.1f} % of ideal")
+        print(f"  Caldera allreduce {cal:7.0f} samples/s  {100 * cal / ideal:5.1f} % of ideal")
+        print(f"  ratio Caldera / DDP = {cal / ddp:.2f}x   (runs: ddp {results['ddp']}, caldera {results['caldera']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""Checkpoint and restart: complete, atomic, verified, asynchronous; survives kills, wall-time limits, dead ranks.
+
+Layout of one checkpoint (a directory that appears under its final name only once it is complete)::
+
+    checkpoints/step-000001200/
+        shared.pt        rank 0: model, optimizer, scheduler, precision, trainer position, config
+        rank-00000.pt    every rank: its RNG states and any per-rank strategy state
+        manifest.json    rank 0, last: step, epoch, sha256 and size of every file, config hash, versions
+
+Writing: the state is snapshotted to CPU memory on the training thread (fast), then serialised, hashed, written
+and fsynced by a background thread while training goes on. Each rank writes into a hidden temporary directory;
+when every rank has finished (agreed through one small all-reduce at a step boundary), rank 0 writes the manifest
+and renames the directory into place. A crash at any moment leaves either a complete checkpoint or none.
+
+Loading: the newest checkpoint whose manifest and checksums verify; a partial or corrupt one is reported and
+the previous one used. The files are plain ``torch.save`` dicts: ``torch.load(".../shared.pt")["model"]`` is an
+ordinary ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from caldera.io import atomic_write, atomic_write_text
+from caldera.world import World
+
+REQUEUE_EXIT_CODE = 85  # a job script tests for this to requeue (see docs/checkpoint.md)
+_NAME = re.compile(r"^step-(\d{9})$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that cannot be restored into this run."""
+
+
+class Preempted(SystemExit):
+    """Training stopped at a step boundary after SIGTERM/SIGUSR1 or the time limit; a checkpoint was written."""
+
+    def __init__(self, reason: str, path: Path | None) -> None:
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.reason, self.path = reason, path
+
+    def __str__(self) -> str:
+        return f"stopped ({self.reason}); checkpoint {self.path}; exit code {REQUEUE_EXIT_CODE} asks for a requeue"
+
+
+def parse_interval(every: int | str | None) -> tuple[int | None, float | None]:
+    """Parse ``every``: an int is a number of steps; "90s", "5m", "1h" a time. Returns (steps, seconds)."""
+    if every is None:
+        return None, None
+    if isinstance(every, int):
+        if every <= 0:
+            raise ValueError("checkpoint interval must be a positive number of steps")
+        return every, None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|min)?\s*", str(every))
+    if not match:
+        raise ValueError(
+            f"checkpoint interval {every!r}: use a number of steps (500) or a time ('90s', '5m', '1h')"
+        )
+    value, unit = float(match.group(1)), match.group(2) or "s"
+    return None, value * {"s": 1, "m": 60, "min": 60, "h": 3600}[unit]
+
+
+def parse_duration(text: str | float | None) -> float | None:
+    """Parse a wall-time limit: seconds, '45m', '2h', or Slurm's 'HH:MM:SS' / 'D-HH:MM:SS'."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    if ":" in text:
+        days = 0
+        if "-" in text:
+            d, text = text.split("-", 1)
+            days = int(d)
+        parts = [int(p) for p in text.split(":")]
+        while len(parts) < 3:
+            parts.insert(0, 0)
+        return days * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    return parse_interval(text)[1] or float(text)
+
+
+# -- state capture --------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()``."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def snapshot(obj: Any) -> Any:
+    """Deep-copy a state tree with every tensor cloned to CPU, so training may go on mutating the originals."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded with every checkpoint."""
+    from caldera import __version__
+
+    return {"caldera": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}  # fmt: skip
+
+
+# -- the checkpointer ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    step: int
+    tmp: Path
+    thread: threading.Thread
+    files: dict[str, dict[str, Any]]
+    meta: dict[str, Any]
+    error: BaseException | None = None
+
+
+class Checkpointer:
+    """Decides when to checkpoint, writes checkpoints in the background, finds and loads the newest good one."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        world: World,
+        every: int | str | None = None,
+        keep: int = 3,
+        keep_best: str | None = None,
+        best_mode: str = "min",
+        async_write: bool = True,
+        time_limit: float | str | None = None,
+        time_margin: float = 60.0,
+        config_hash: str | None = None,
+    ) -> None:
+        self.dir, self.world = Path(directory), world
+        self.every_steps, self.every_seconds = parse_interval(every)
+        self.keep, self.keep_best, self.best_mode = keep, keep_best, best_mode
+        self.async_write = async_write
+        self.time_limit = parse_duration(time_limit)
+        self.time_margin = time_margin
+        self.config_hash = config_hash
+        self.started = time.monotonic()
+        self.last_save = time.monotonic()
+        self.pending: _Pending | None = None
+        self.stop_reason: str | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self.save_seconds: list[float] = []  # time the training thread spent per checkpoint (snapshot)
+
+    # -- signals --------------------------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """Turn SIGTERM/SIGUSR1 (what Slurm sends before the wall-time limit) into a checkpoint-and-exit request."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_reason = signal.Signals(signum).name
+
+    def restore_signal_handlers(self) -> None:
+        """Put back the handlers that were there before."""
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
+
+    # -- the per-step decision ------------------------------------------------------------------------------------
+    def at_step_boundary(self, step: int, capture) -> None:
+        """Called after every optimizer step on every rank: save when due, finish background writes, and stop
+        (raising ``Preempted``) when a signal or the time limit asks. ``capture()`` returns (shared, local) state.
+        """
+        now = time.monotonic()
+        due = self.every_steps is not None and step % self.every_steps == 0
+        if self.every_seconds is not None and self.world.is_main:
+            due = due or now - self.last_save >= self.every_seconds
+        stop = self.stop_reason is not None
+        if self.time_limit is not None and now - self.started >= self.time_limit - self.time_margin:
+            stop, self.stop_reason = True, self.stop_reason or "time limit"
+        busy = self.pending is not None and self.pending.thread.is_alive()
+        if self.world.size > 1:
+            # One tiny all-reduce keeps every rank's decision identical: rank 0's clock, anyone's signal.
+            flags = torch.tensor([float(due), float(stop), float(busy)])
+            self.world.comm.Allreduce(flags, op="max")
+            due, stop, busy = bool(flags[0]), bool(flags[1]), bool(flags[2])
+        if self.pending is not None and not busy:
+            self._commit()
+        if stop:
+            reason = self.stop_reason
+            if self.world.size > 1:
+                reasons = self.world.comm.allgather(self.stop_reason)
+                reason = ", ".join(f"{r} on rank {i}" for i, r in enumerate(reasons) if r)
+            path = self.save(step, *capture(), block=True)
+            raise Preempted(reason or "stop requested", path)
+        if due:
+            self.save(step, *capture())
+
+    # -- writing --------------------------------------------------------------------------------------------------
+    def save(self, step: int, shared: dict[str, Any], local: dict[str, Any], block: bool = False,
+             metrics: dict[str, float] | None = None) -> Path:  # fmt: skip
+        """Write checkpoint ``step`` (collective). Asynchronous unless ``block``; returns its final path."""
+        t0 = time.monotonic()
+        if self.pending is not None:
+            self.pending.thread.join()
+            self._commit()
+        tmp = self.dir / f".step-{step:09d}.tmp"
+        if self.world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.world.barrier()  # the directory exists before anyone writes into it
+        payload = {f"rank-{self.world.rank:05d}.pt": snapshot(local)}
+        if self.world.is_main:
+            payload["shared.pt"] = snapshot(shared)
+        meta = {
+            "step": step,
+            "epoch": shared.get("epoch"),
+            "metrics": metrics or shared.get("last_metrics") or {},
+        }
+        pending = _Pending(step, tmp, threading.Thread(target=lambda: None), {}, meta)
+        pending.thread = threading.Thread(target=self._write_files, args=(pending, payload), daemon=True)
+        pending.thread.start()
+        self.pending = pending
+        self.last_save = time.monotonic()
+        self.save_seconds.append(self.last_save - t0)
+        if block or not self.async_write:
+            pending.thread.join()
+            self.world.barrier()
+            self._commit()
+        return self.dir / f"step-{step:09d}"
+
+    def _write_files(self, pending: _Pending, payload: dict[str, Any]) -> None:
+        try:
+            for name, obj in payload.items():
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                data = buf.getbuffer()
+                pending.files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                atomic_write(pending.tmp / name, lambda f, d=data: f.write(d))
+        except BaseException as exc:  # reported on the training thread at commit time
+            pending.error = exc
+
+    def _commit(self) -> None:
+        """Gather every rank's file checksums; rank 0 writes the manifest and renames the directory into place."""
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        pending.thread.join()
+        errors = self.world.comm.allgather(repr(pending.error) if pending.error else None)
+        files = self.world.comm.allgather(pending.files)
+        if any(errors):
+            bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+            warnings.warn(f"checkpoint at step {pending.step} was not written ({'; '.join(bad)}); the previous "
+                          "checkpoint is still valid", stacklevel=2)  # fmt: skip
+            return
+        if not self.world.is_main:
+            return
+        manifest = {**pending.meta, "files": {k: v for f in files for k, v in f.items()}, "ranks": self.world.size,
+                    "config_hash": self.config_hash, "versions": versions(), "time": time.time()}  # fmt: skip
+        atomic_write_text(pending.tmp / "manifest.json", json.dumps(manifest, indent=2, default=float))
+        final = self.dir / f"step-{pending.step:09d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(pending.tmp, final)
+        self._retain()
+
+    def wait(self) -> None:
+        """Finish and commit any background write (collective)."""
+        if self.pending is not None:
+            self._commit()
+
+    def _retain(self) -> None:
+        """Delete old checkpoints beyond ``keep``, sparing the best one by ``keep_best``."""
+        found = self.list()
+        spare = {found[-1]} if found else set()
+        spare.update(found[-self.keep :] if self.keep > 0 else [])
+        if self.keep_best:
+            scored = [
+                (m.get("metrics", {}).get(self.keep_best), p) for p, m in ((p, _manifest(p)) for p in found)
+            ]
+            scored = [(v, p) for v, p in scored if isinstance(v, (int, float))]
+            if scored:
+                pick = min if self.best_mode == "min" else max
+                spare.add(pick(scored, key=lambda vp: vp[0])[1])
+        for path in found:
+            if path not in spare:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # -- reading --------------------------------------------------------------------------------------------------
+    def list(self) -> list[Path]:
+        """Committed checkpoint directories, oldest first."""
+        if not self.dir.exists():
+            return []
+        return sorted(p for p in self.dir.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that verifies; a corrupt one is reported with a warning and skipped."""
+        for path in reversed(self.list()):
+            problem = verify(path)
+            if problem is None:
+                return path
+            if self.world.is_main:
+                warnings.warn(
+                    f"checkpoint {path} is unusable ({problem}); trying the previous one", stacklevel=2
+                )
+        return None
+
+    def load(self, path: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None, Path]:
+        """Load (shared state, this rank's state or None if the rank count changed, path) of a checkpoint."""
+        path = Path(path) if path is not None else self.latest()
+        if path is None:
+            raise CheckpointError(f"no usable checkpoint in {self.dir}; start without --resume")
+        problem = verify(path)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
+        shared = torch.load(path / "shared.pt", map_location="cpu", weights_only=False)
+        local_file = path / f"rank-{self.world.rank:05d}.pt"
+        ranks = _manifest(path).get("ranks")
+        local = None
+        if ranks == self.world.size and local_file.exists():
+            local = torch.load(local_file, map_location="cpu", weights_only=False)
+        return shared, local, path
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def verify(path: str | Path) -> str | None:
+    """Return None if the checkpoint at ``path`` is complete and intact, else what is wrong with it."""
+    path = Path(path)
+    manifest = _manifest(path)
+    if not manifest:
+        return "manifest.json missing or unreadable (the write was interrupted)"
+    for name, info in manifest.get("files", {}).items():
+        file = path / name
+        if not file.exists():
+            return f"{name} is missing"
+        if file.stat().st_size != info["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {info['bytes']}"
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        if digest.hexdigest() != info["sha256"]:
+            return f"{name} fails its checksum (corrupted on disk)"
+    if "shared.pt" not in manifest.get("files", {}):
+        return "shared.pt is not listed in the manifest"
+    return None

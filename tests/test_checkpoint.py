@@ -117,3 +117,13 @@ def test_intervals_parse():
     assert parse_duration("2h") == 7200
     with pytest.raises(ValueError, match="'90s'"):
         parse_interval("soon")
+
+
+def test_resuming_a_finished_run_trains_nothing_more(tmp_path):
+    assert run_local(tmp_path, "--sync").returncode == 0
+    before = weights(tmp_path)
+    again = run_local(tmp_path, "--resume", "--sync")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout and "epoch 4, step 0" in again.stdout
+    assert_same(before, weights(tmp_path))
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3

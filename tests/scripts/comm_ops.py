@@ -46,11 +46,20 @@ s = torch.ones(1)
 sub.Allreduce(s)
 assert s.item() == sub.size
 
+h16 = torch.full((3,), 1.5, dtype=torch.bfloat16)
+comm.Allreduce(h16)  # MPI has no bf16: reduced in fp32 and written back
+assert h16.dtype == torch.bfloat16 and torch.equal(h16, torch.full((3,), 1.5 * n, dtype=torch.bfloat16))
+h16 = torch.full((3,), float(r), dtype=torch.bfloat16)
+comm.Iallreduce(h16).wait()
+assert torch.equal(h16, torch.full((3,), n * (n - 1) / 2, dtype=torch.bfloat16))
+b16 = torch.tensor([r + 0.1], dtype=torch.bfloat16)
+comm.Bcast(b16, root=0)
+assert torch.equal(b16, torch.tensor([0.1], dtype=torch.bfloat16))
 try:
-    comm.Allreduce(torch.ones(2, dtype=torch.bfloat16))
+    comm.Allreduce(torch.ones(2, dtype=torch.complex64))
 except TypeError as exc:
-    assert "bfloat16" in str(exc) and "float32" in str(exc)
+    assert "complex64" in str(exc) and "float32" in str(exc)
 else:
-    raise AssertionError("bf16 buffer should be refused with a clear message")
+    raise AssertionError("a complex buffer should be refused with a clear message")
 comm.Barrier()
 print(f"OK {r}", flush=True)

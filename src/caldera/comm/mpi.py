@@ -48,11 +48,13 @@ def _cpu_buffer(t: torch.Tensor) -> np.ndarray:
     if not t.is_contiguous():
         raise ValueError("MPI buffers must be contiguous tensors; call .contiguous() first (a copy)")
     if t.dtype not in _NP_OK:
-        raise TypeError(
-            f"tensor dtype {t.dtype} has no MPI buffer type here; communicate in float32 "
-            "(Caldera's precision layer casts bf16 buckets for you)"
-        )
+        raise TypeError(f"tensor dtype {t.dtype} has no MPI buffer type; communicate in float32 or float64")
     return t.detach().numpy()
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor | None:
+    """An fp32 copy of a bf16 CPU tensor (MPI has no bf16 type; summing in fp32 also loses less), else None."""
+    return t.float() if t.dtype == torch.bfloat16 and not t.is_cuda else None
 
 
 class MPIRequestHandle:
@@ -73,6 +75,30 @@ class MPIRequestHandle:
         if done:
             self._buffer = None
         return bool(done)
+
+
+class CopyBackHandle:
+    """Completes an operation on an fp32 stand-in, then writes the result back into the bf16 tensor."""
+
+    def __init__(self, inner, stand_in: torch.Tensor, target: torch.Tensor) -> None:
+        self._inner, self._stand_in, self._target = inner, stand_in, target
+
+    def wait(self) -> None:
+        """Block until done and copy the result back."""
+        self._inner.wait()
+        self._finish()
+
+    def test(self) -> bool:
+        """Return True (after copying the result back) if the operation completed."""
+        done = self._inner.test()
+        if done:
+            self._finish()
+        return done
+
+    def _finish(self) -> None:
+        if self._stand_in is not None:
+            self._target.copy_(self._stand_in)
+            self._stand_in = None
 
 
 class TorchWorkHandle:
@@ -117,6 +143,11 @@ class MPIComm:
 
     def Allreduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
         """Reduce ``tensor`` over all ranks, in place."""
+        wide = _widened(tensor)
+        if wide is not None:
+            self.Allreduce(wide, op)
+            tensor.copy_(wide)
+            return
         group = self._device_plane(tensor)
         if group is not None:
             import torch.distributed as dist
@@ -127,6 +158,9 @@ class MPIComm:
 
     def Iallreduce(self, tensor: torch.Tensor, op: str = "sum"):
         """Start an in-place all-reduce; read ``tensor`` only after ``wait()``."""
+        wide = _widened(tensor)
+        if wide is not None:
+            return CopyBackHandle(self.Iallreduce(wide, op), wide, tensor)
         group = self._device_plane(tensor)
         if group is not None:
             import torch.distributed as dist
@@ -137,6 +171,10 @@ class MPIComm:
 
     def Bcast(self, tensor: torch.Tensor, root: int = 0) -> None:
         """Overwrite ``tensor`` on every rank with root's values."""
+        if tensor.dtype == torch.bfloat16 and not tensor.is_cuda:
+            bits = tensor.view(torch.int16)  # a broadcast moves bits: no widening needed
+            self.comm.Bcast(_cpu_buffer(bits), root=root)
+            return
         group = self._device_plane(tensor)
         if group is not None:
             import torch.distributed as dist

@@ -111,6 +111,7 @@ class Trainer:
                     self.log(_format(logs))
                     for cb in self.callbacks:
                         cb.on_epoch_end(self, self.epoch, logs)
+                    self.epoch = epoch + 1  # a checkpoint taken from here on resumes at the next epoch
                     if self.should_stop:
                         break
             if self.checkpointer is not None:
@@ -156,7 +157,8 @@ class Trainer:
         for step, ((x, y), n_local, n_global) in enumerate(_xy(batches), start=self.step_in_epoch):
             with self.precision.autocast():
                 loss = self.loss_fn(self.net(x), y)
-            if not self.precision.tolerates_overflow and not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if not finite and not self.precision.tolerates_overflow:
                 raise NonFiniteLossError(
                     f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step} (global step "
                     f"{self.global_step}) on rank {self.world.rank}; lower [optim] lr, set [optim] grad_clip, "
@@ -168,8 +170,9 @@ class Trainer:
             self.strategy.step()
             if self.scheduler is not None:
                 self.scheduler.step()
-            loss_sum += loss.detach().double().cpu() * n_local
-            seen += n_local
+            if finite:  # an fp16 overflow step is skipped by the loss scaler: keep it out of the mean too
+                loss_sum += loss.detach().double().cpu() * n_local
+                seen += n_local
             self.global_step += 1
             self.step_in_epoch, self._partial = step + 1, (float(loss_sum), seen)
             if bar is not None:
@@ -181,7 +184,7 @@ class Trainer:
         self.step_in_epoch, self._partial = 0, (0.0, 0)
         totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64)])
         self.world.comm.Allreduce(totals)
-        return float(totals[0] / totals[1])
+        return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
     def _batches(self, dataset: Dataset, shuffle: bool, evaluation: bool = False) -> ShardedBatches:
         return ShardedBatches(

@@ -30,7 +30,9 @@ def worker(kind: str, mode: str, global_batch: int, steps: int) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if kind == "mlp":
-        model = nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+        model = nn.Sequential(
+            nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10)
+        )
     else:
         model = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
@@ -54,12 +56,14 @@ def worker(kind: str, mode: str, global_batch: int, steps: int) -> None:
         def step():
             opt.step()
             opt.zero_grad()
-    elif mode == "caldera":
+    elif mode.startswith("caldera"):
         import caldera
 
         world = caldera.init()
         rank, size = world.rank, world.size
-        strategy = caldera.parallel.make_strategy("allreduce")
+        strategy = caldera.parallel.make_strategy(
+            "allreduce", reducer="mpi" if mode == "caldera-mpi" else "auto"
+        )
         net = strategy.setup(model, opt, world)
         backward, step = strategy.backward, strategy.step
     else:
@@ -100,13 +104,17 @@ def run(cmd: list[str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=256, help="global batch")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
-    parser.add_argument("--worker", nargs=4, metavar=("KIND", "MODE", "GBATCH", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=4, metavar=("KIND", "MODE", "GBATCH", "STEPS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         kind, mode, gbatch, steps = args.worker
@@ -115,20 +123,30 @@ def main() -> None:
     from caldera.launch import build_command
 
     n, me = args.ranks, [sys.executable, str(HERE), "--worker"]
-    print(f"{n} ranks x 1 thread, global batch {args.batch}, {args.steps} timed steps, {args.repeats} repeats (medians)")
+    print(
+        f"{n} ranks x 1 thread, global batch {args.batch}, {args.steps} timed steps, {args.repeats} repeats (medians)"
+    )
     for kind in args.models:
-        results: dict[str, list[float]] = {"single": [], "ddp": [], "caldera": []}
+        modes = ["ddp", "caldera", "caldera-mpi"]
+        results: dict[str, list[float]] = {m: [] for m in ["single", *modes]}
         for _ in range(args.repeats):
-            results["single"].append(run([*me, kind, "single", str(args.batch // n), str(args.steps)]) / (args.batch // n))
-            results["ddp"].append(run(build_command(n, [*me, kind, "ddp", str(args.batch), str(args.steps)])))
-            results["caldera"].append(run(build_command(n, [*me, kind, "caldera", str(args.batch), str(args.steps)])))
-        single = statistics.median(results["single"]) * (args.batch // n)
-        ideal = n * single
-        ddp, cal = statistics.median(results["ddp"]), statistics.median(results["caldera"])
-        print(f"\n{kind}: one rank alone {single:.0f} samples/s -> ideal {ideal:.0f}")
-        print(f"  DDP-gloo          {ddp:7.0f} samples/s  {100 * ddp / ideal:5.1f} % of ideal")
-        print(f"  Caldera allreduce {cal:7.0f} samples/s  {100 * cal / ideal:5.1f} % of ideal")
-        print(f"  ratio Caldera / DDP = {cal / ddp:.2f}x   (runs: ddp {results['ddp']}, caldera {results['caldera']})")
+            results["single"].append(run([*me, kind, "single", str(args.batch // n), str(args.steps)]))
+            for mode in modes:
+                results[mode].append(
+                    run(build_command(n, [*me, kind, mode, str(args.batch), str(args.steps)]))
+                )
+        med = {m: statistics.median(v) for m, v in results.items()}
+        ideal = n * med["single"]
+        print(f"\n{kind}: one rank alone {med['single']:.0f} samples/s -> ideal {ideal:.0f}")
+        labels = {
+            "ddp": "DDP-gloo",
+            "caldera": "Caldera allreduce (auto: shm)",
+            "caldera-mpi": "Caldera allreduce (mpi)",
+        }
+        for mode in modes:
+            runs = ", ".join(f"{v:.0f}" for v in results[mode])
+            print(f"  {labels[mode]:30s} {med[mode]:7.0f} samples/s  {100 * med[mode] / ideal:5.1f} % of ideal  "
+                  f"x{med[mode] / med['ddp']:.2f} DDP   [{runs}]")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -16,17 +16,17 @@ def last_json(stdout: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("ranks", "model", "bucket_mb", "overlap"),
-    [(2, "mlp", 0.002, "1"), (3, "mlp", 0.002, "1"), (2, "cnn", 25, "1"), (3, "cnn", 0.01, "0")],
-)
-def test_ranks_match_single_process_with_the_global_batch(ranks, model, bucket_mb, overlap):
+    ("ranks", "model", "bucket_mb", "overlap", "reducer"),
+    [(2, "mlp", 0.002, "1", "shm"), (3, "mlp", 0.002, "1", "mpi"), (2, "cnn", 25, "1", "mpi"),
+     (3, "cnn", 0.01, "0", "shm"), (3, "mlp", 0.01, "1", "shm")],
+)  # fmt: skip
+def test_ranks_match_single_process_with_the_global_batch(ranks, model, bucket_mb, overlap, reducer):
     # 100 samples, global batch 24: the last batch (4 samples) is split unevenly across 3 ranks.
-    proc = run_ranks(
-        ranks, ["tests/scripts/dp_equivalence.py", model, "100", "24", "3", str(bucket_mb), overlap]
-    )
+    args = [model, "100", "24", "3", str(bucket_mb), overlap, reducer]
+    proc = run_ranks(ranks, ["tests/scripts/dp_equivalence.py", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = last_json(proc.stdout)
-    assert out["size"] == ranks
+    assert out["size"] == ranks and out["shm"] == (reducer == "shm")
     assert out["max_diff"] < 1e-5, out
     assert out["spread"] == 0.0, out  # every rank holds bit-identical weights
     assert out["val_loss"] == pytest.approx(out["ref_val_loss"], abs=1e-5)

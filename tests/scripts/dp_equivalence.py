@@ -1,6 +1,6 @@
 """Run on N ranks: data-parallel training must equal one process with the global batch.
 
-Usage: mpiexec -n N python dp_equivalence.py MODEL N_SAMPLES GLOBAL_BATCH EPOCHS BUCKET_MB OVERLAP
+Usage: mpiexec -n N python dp_equivalence.py MODEL N_SAMPLES GLOBAL_BATCH EPOCHS BUCKET_MB OVERLAP [REDUCER]
 Prints one JSON line on rank 0: max |w_dp - w_ref|, max spread of weights across ranks, metrics.
 """
 
@@ -18,6 +18,7 @@ from caldera.world import World
 
 kind, n, batch, epochs, bucket_mb, overlap = sys.argv[1:7]
 n, batch, epochs, bucket_mb, overlap = int(n), int(batch), int(epochs), float(bucket_mb), overlap == "1"
+reducer = sys.argv[7] if len(sys.argv) > 7 else "auto"
 
 world = caldera.init()
 torch.set_num_threads(1)
@@ -40,7 +41,7 @@ def train(strategy, w):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     trainer = caldera.Trainer(model, opt, nn.CrossEntropyLoss(), max_epochs=epochs, batch_size=batch, world=w,
                               strategy=strategy, strategy_options={"bucket_mb": bucket_mb, "first_bucket_mb": bucket_mb,
-                              "overlap": overlap}, progress=False, seed=3)  # fmt: skip
+                              "overlap": overlap, "reducer": reducer}, progress=False, seed=3)  # fmt: skip
     history = trainer.fit(data, data)
     return torch.cat([p.detach().flatten() for p in model.parameters()]), history, trainer
 
@@ -61,6 +62,7 @@ if world.rank == 0:
                 "val_loss": history[-1]["val_loss"],
                 "ref_val_loss": ref_history[-1]["val_loss"],
                 "size": world.size,
+                "shm": trainer.strategy.reducer == "shm",
             }
         )
     )

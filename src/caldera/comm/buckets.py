@@ -25,6 +25,7 @@ class Bucket:
     handle: Handle | None = None
     index: int = 0
     offsets: list[int] = field(default_factory=list)
+    start: int = 0  # where ``flat`` begins in the shared storage it was carved from (if any)
 
     def reset(self) -> None:
         """Zero the gradients and re-arm the readiness count for the next backward pass."""
@@ -34,11 +35,16 @@ class Bucket:
 
 
 def build_buckets(
-    params: Sequence[torch.nn.Parameter], bucket_bytes: int, first_bucket_bytes: int | None = None
+    params: Sequence[torch.nn.Parameter],
+    bucket_bytes: int,
+    first_bucket_bytes: int | None = None,
+    storage: torch.Tensor | None = None,
 ) -> list[Bucket]:
     """Group ``params`` (in the order their gradients are expected) into buckets of about ``bucket_bytes``.
 
     The first bucket is smaller (``first_bucket_bytes``) so that communication can start early in backward.
+    With ``storage`` (a flat tensor of at least the total size, e.g. shared memory) the buckets are carved out
+    of it back to back instead of allocated.
     """
     buckets: list[Bucket] = []
     current: list[torch.nn.Parameter] = []
@@ -48,24 +54,38 @@ def build_buckets(
         if not p.requires_grad:
             continue
         if current and (p.dtype != current[0].dtype or p.device != current[0].device or size >= limit):
-            buckets.append(_make(current, len(buckets)))
+            buckets.append(_make(current, len(buckets), storage, _end(buckets)))
             current, size, limit = [], 0, bucket_bytes
         current.append(p)
         size += p.numel() * p.element_size()
     if current:
-        buckets.append(_make(current, len(buckets)))
+        buckets.append(_make(current, len(buckets), storage, _end(buckets)))
     return buckets
 
 
-def _make(params: list[torch.nn.Parameter], index: int) -> Bucket:
+def _end(buckets: list[Bucket]) -> int:
+    return buckets[-1].start + buckets[-1].flat.numel() if buckets else 0
+
+
+def _make(params: list[torch.nn.Parameter], index: int, storage: torch.Tensor | None, start: int) -> Bucket:
     total = sum(p.numel() for p in params)
-    flat = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
+    if storage is not None:
+        flat = storage[start : start + total]
+        flat.zero_()
+    else:
+        flat = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
     offsets, offset = [], 0
     for p in params:
         offsets.append(offset)
         p.grad = flat[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
-    return Bucket(params=params, flat=flat, pending=len(params), index=index, offsets=offsets)
+    return Bucket(params=params, flat=flat, pending=len(params), index=index, offsets=offsets, start=start)
+
+
+def point_grads(bucket: Bucket, source: torch.Tensor) -> None:
+    """Make each parameter's ``.grad`` a view of its slice of ``source`` (laid out like ``bucket.flat``)."""
+    for p, offset in zip(bucket.params, bucket.offsets):
+        p.grad = source[offset : offset + p.numel()].view_as(p)
 
 
 def rebind_grads(bucket: Bucket) -> None:

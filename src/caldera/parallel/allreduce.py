@@ -1,14 +1,19 @@
-"""Synchronous data parallel: every rank computes gradients on its shard; buckets are all-reduced while
-backward still runs; every rank applies the same averaged update.
+"""Synchronous data parallel: every rank computes gradients on its shard; buckets are reduced while backward
+still runs; every rank applies the same averaged update.
 
 Order of events in one step (on every rank):
 1. ``backward(loss)``: autograd accumulates into bucket views; a hook counts each parameter's gradient, and
-   when a bucket is complete its non-blocking all-reduce starts at once (the last layers finish first, so their
-   buckets travel while earlier layers are still differentiated). Each hook also tests pending requests, which
-   is what makes MPI progress a non-blocking collective without a progress thread.
-2. ``step()``: start any bucket that never completed (unused parameters keep zeros), wait for all, step the
+   when a bucket is complete its reduction starts at once (the last layers finish first, so their buckets are
+   reduced while earlier layers are still differentiated).
+2. ``step()``: reduce any bucket that never completed (unused parameters keep zeros), wait for all, step the
    optimizer, zero the buckets.
 The loss is divided by the number of ranks before backward, so the reduced sum is already the average.
+
+Two reducers move the bytes. ``mpi``: a non-blocking ``Iallreduce`` per bucket (the hooks test pending
+requests, which is what makes MPI progress without a progress thread); it serves GPUs (CUDA-aware MPI or
+NCCL) and any layout. ``shm``: on CPU ranks sharing nodes, buckets live in an MPI shared-memory window and
+each rank sums its share of every bucket straight out of its neighbours' memory (see ``comm/shm.py``), with
+MPI between nodes. ``auto`` picks ``shm`` for fp32 CPU training with several ranks per node.
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ from typing import Any
 
 import torch
 
-from caldera.comm.buckets import Bucket, build_buckets, rebind_grads
+from caldera.comm.buckets import Bucket, build_buckets, point_grads, rebind_grads
 from caldera.parallel.base import register
 from caldera.world import World
 
 
 @register("allreduce")
 class AllReduce:
-    """Data parallel with bucketed, backward-overlapped gradient all-reduce over the world communicator."""
+    """Data parallel with bucketed, backward-overlapped gradient reduction over the world communicator."""
 
     def __init__(
         self,
@@ -32,12 +37,17 @@ class AllReduce:
         first_bucket_mb: float = 1.0,
         overlap: bool = True,
         grad_clip: float | None = None,
+        reducer: str = "auto",
         **_: Any,
     ) -> None:
+        if reducer not in ("auto", "mpi", "shm"):
+            raise ValueError(f"unknown reducer {reducer!r}; use 'auto', 'mpi' or 'shm'")
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.first_bucket_bytes = int(min(first_bucket_mb, bucket_mb) * 2**20)
-        self.overlap, self.grad_clip = overlap, grad_clip
+        self.overlap, self.grad_clip, self.reducer_name = overlap, grad_clip, reducer
         self.buckets: list[Bucket] = []
+        self.node = None  # the NodeReducer when reducing through shared memory
+        self.reducer = "none"  # which reducer setup() chose: "mpi" or "shm" ("none" on one rank)
         self._hooks: list[Any] = []
 
     def setup(
@@ -50,41 +60,76 @@ class AllReduce:
                 self.comm.Bcast(t.data if t.is_contiguous() else t.data.contiguous(), root=0)
         # Gradients arrive roughly in reverse order of definition: bucket them that way.
         params = [p for p in reversed(list(model.parameters())) if p.requires_grad]
-        self.buckets = build_buckets(params, self.bucket_bytes, self.first_bucket_bytes)
+        storage = None
+        if self._use_shm(params):
+            from caldera.comm.shm import NodeReducer
+
+            self.node = NodeReducer(self.comm.comm, sum(p.numel() for p in params))
+            storage = self.node.slot
+        self.reducer = "none" if self.world.size == 1 else ("shm" if self.node is not None else "mpi")
+        self.buckets = build_buckets(params, self.bucket_bytes, self.first_bucket_bytes, storage)
         owner = {id(p): b for b in self.buckets for p in b.params}
         if self.overlap and self.world.size > 1:
             for p in params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(owner[id(p)])))
         return model
 
+    def _use_shm(self, params: list[torch.nn.Parameter]) -> bool:
+        if self.world.size == 1 or self.reducer_name == "mpi" or not hasattr(self.comm, "comm"):
+            return False
+        cpu_fp32 = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+        from caldera.comm.shm import NodeReducer
+
+        usable = cpu_fp32 and NodeReducer.usable(self.comm.comm)
+        if self.reducer_name == "shm" and not usable:
+            raise ValueError(
+                "reducer 'shm' needs fp32 CPU parameters and the same number (>1) of ranks per node"
+            )
+        return usable
+
     def _make_hook(self, bucket: Bucket):
         def hook(_: torch.Tensor) -> None:
             bucket.pending -= 1
             if bucket.pending == 0:
-                bucket.handle = self.comm.Iallreduce(bucket.flat)
-            for b in self.buckets:  # drive MPI progress of the buckets already in flight
-                if b.handle is not None and b is not bucket:
-                    b.handle.test()
+                self._start(bucket)
+            if self.node is None:
+                for b in self.buckets:  # drive MPI progress of the buckets already in flight
+                    if b.handle is not None and b is not bucket:
+                        b.handle.test()
 
         return hook
+
+    def _start(self, bucket: Bucket) -> None:
+        if self.node is not None:
+            self.node.reduce(bucket.start, bucket.start + bucket.flat.numel())
+            bucket.handle = _DONE
+        else:
+            bucket.handle = self.comm.Iallreduce(bucket.flat)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss / ranks``; full buckets start reducing during this call."""
         (loss / self.world.size if self.world.size > 1 else loss).backward()
 
     def step(self) -> None:
-        """Finish every bucket's all-reduce, then update the weights and zero the buckets."""
+        """Finish every bucket's reduction, then update the weights and zero the buckets."""
         if self.world.size > 1:
             for b in self.buckets:
                 if b.handle is None:
-                    b.handle = self.comm.Iallreduce(b.flat)
+                    self._start(b)
             for b in self.buckets:
                 b.handle.wait()
+            if self.node is not None:
+                self.node.finish()
+                for b in self.buckets:  # the optimizer reads the shared result in place: no copy back
+                    point_grads(b, self.node.result[b.start : b.start + b.flat.numel()])
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         for b in self.buckets:
-            rebind_grads(b)  # an optimizer or user code may have replaced a .grad: keep the views
+            if self.node is not None:
+                point_grads(b, b.flat)
+            else:
+                rebind_grads(b)  # an optimizer or user code may have replaced a .grad: keep the views
             b.reset()
 
     def state_dict(self) -> dict[str, Any]:
@@ -103,3 +148,17 @@ class AllReduce:
             for p in b.params:
                 p.grad = None
         self.buckets = []
+        if self.node is not None:
+            self.node.close()
+            self.node = None
+
+
+class _Done:
+    def wait(self) -> None:
+        pass
+
+    def test(self) -> bool:
+        return True
+
+
+_DONE = _Done()

@@ -1,0 +1,73 @@
+"""Intra-node gradient reduction through one MPI-3 shared-memory window.
+
+Ranks on the same node can read each other's memory. Each rank's gradient buckets live in its own *slot* of a
+window allocated with ``MPI.Win.Allocate_shared``; to reduce a bucket, every local rank sums its 1/L share of
+the bucket across all L slots into a shared *result* row (a reduce-scatter with no message at all), and the
+result is then read by everyone. Across nodes, each rank all-reduces its share with the ranks holding the same
+share on the other nodes (MPI over the network), so the scheme is the usual hierarchical all-reduce.
+Compared with a message-passing all-reduce on one node this touches each byte fewer times: no copy into and
+out of MPI's transport buffers. Synchronisation is two MPI barriers on the node communicator per bucket.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class NodeReducer:
+    """Sum flat float32 gradient buffers over all ranks, through node-shared memory plus MPI between nodes."""
+
+    def __init__(self, comm, total: int) -> None:
+        from mpi4py import MPI
+
+        self.node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+        self.local_size, self.local_rank = self.node.Get_size(), self.node.Get_rank()
+        # Ranks with the same local rank on every node reduce the same shares between nodes.
+        self.cross = comm.Split(self.local_rank, comm.Get_rank())
+        self.total = total
+        nbytes = (self.local_size + 1) * total * 4 if self.local_rank == 0 else 0
+        self.win = MPI.Win.Allocate_shared(nbytes, 4, comm=self.node)
+        buf, _ = self.win.Shared_query(0)
+        table = torch.from_numpy(np.ndarray(buffer=buf, dtype=np.float32, shape=(self.local_size + 1, total)))
+        self.slots, self.result = table[: self.local_size], table[self.local_size]
+        self.slot = self.slots[self.local_rank]
+
+    @staticmethod
+    def usable(comm) -> bool:
+        """True when every node holds the same number (>1) of ranks, the layout this scheme needs."""
+        from mpi4py import MPI
+
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+        sizes = comm.allgather(node.Get_size())
+        node.Free()
+        return len(set(sizes)) == 1 and sizes[0] > 1
+
+    def reduce(self, start: int, stop: int) -> None:
+        """Sum ``[start, stop)`` of every local slot into the result row (this rank's share), then across nodes.
+
+        Collective over all ranks; the result is complete on this node only after ``finish()``.
+        """
+        self.node.Barrier()  # every local rank has written this bucket into its slot
+        n = stop - start
+        lo = start + self.local_rank * n // self.local_size
+        hi = start + (self.local_rank + 1) * n // self.local_size
+        if hi > lo:
+            out = self.result[lo:hi]
+            torch.add(self.slots[0, lo:hi], self.slots[1, lo:hi], out=out)
+            for k in range(2, self.local_size):
+                out.add_(self.slots[k, lo:hi])
+        if self.cross.Get_size() > 1:
+            from mpi4py import MPI
+
+            self.cross.Allreduce(MPI.IN_PLACE, self.result[lo:hi].numpy())
+
+    def finish(self) -> None:
+        """Wait until every local rank has written its shares of the result."""
+        self.node.Barrier()
+
+    def close(self) -> None:
+        """Free the window and the communicators."""
+        self.win.Free()
+        self.cross.Free()
+        self.node.Free()

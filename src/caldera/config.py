@@ -76,6 +76,7 @@ class ParallelSection(_Section):
     strategy: str = "single"
     bucket_mb: float = Field(25.0, gt=0)
     overlap: bool = True
+    reducer: Literal["auto", "mpi", "shm"] = Field("auto", description="how allreduce moves gradients")
 
 
 class PrecisionSection(_Section):

@@ -100,7 +100,7 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
         max_epochs=cfg.optim.epochs, run_dir=cfg.run_dir, batch_size=cfg.data.batch_size,
         strategy=cfg.parallel.strategy,
         strategy_options={"grad_clip": cfg.optim.grad_clip, "bucket_mb": cfg.parallel.bucket_mb,
-                          "overlap": cfg.parallel.overlap},
+                          "overlap": cfg.parallel.overlap, "reducer": cfg.parallel.reducer},
         scheduler=build_scheduler(cfg, optimizer, steps_per_epoch * cfg.optim.epochs),
         callbacks=callbacks, world=world, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
         drop_last=cfg.data.drop_last, num_workers=cfg.data.num_workers, progress=cfg.train.progress,

@@ -27,7 +27,9 @@ from caldera.checkpoint import Checkpointer, parse_interval
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+    return nn.Sequential(
+        nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10)
+    )
 
 
 def train_for(seconds: float, ckpt: Checkpointer | None) -> tuple[float, int]:
@@ -70,7 +72,9 @@ def bandwidth(mb: int, tmp: Path, world) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--every", default="5s")
     parser.add_argument("--mb", type=int, default=100)

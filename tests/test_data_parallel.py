@@ -16,13 +16,14 @@ def last_json(stdout: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("ranks", "model", "bucket_mb", "overlap", "reducer"),
-    [(2, "mlp", 0.002, "1", "shm"), (3, "mlp", 0.002, "1", "mpi"), (2, "cnn", 25, "1", "mpi"),
-     (3, "cnn", 0.01, "0", "shm"), (3, "mlp", 0.01, "1", "shm")],
+    ("ranks", "model", "bucket_mb", "overlap", "reducer", "clip"),
+    [(2, "mlp", 0.002, "1", "shm", 0.05), (3, "mlp", 0.002, "1", "mpi", 0.05), (2, "cnn", 25, "1", "mpi", 0),
+     (3, "cnn", 0.01, "0", "shm", 0), (3, "mlp", 0.01, "1", "shm", 0)],
 )  # fmt: skip
-def test_ranks_match_single_process_with_the_global_batch(ranks, model, bucket_mb, overlap, reducer):
+def test_ranks_match_single_process_with_the_global_batch(ranks, model, bucket_mb, overlap, reducer, clip):
     # 100 samples, global batch 24: the last batch (4 samples) is split unevenly across 3 ranks.
-    args = [model, "100", "24", "3", str(bucket_mb), overlap, reducer]
+    # A small gradient-norm clip (0.05) is active on every step, so clipping must see the reduced gradient.
+    args = [model, "100", "24", "3", str(bucket_mb), overlap, reducer, str(clip or "")]
     proc = run_ranks(ranks, ["tests/scripts/dp_equivalence.py", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = last_json(proc.stdout)

@@ -1,6 +1,6 @@
 """Run on N ranks: data-parallel training must equal one process with the global batch.
 
-Usage: mpiexec -n N python dp_equivalence.py MODEL N_SAMPLES GLOBAL_BATCH EPOCHS BUCKET_MB OVERLAP [REDUCER]
+Usage: mpiexec -n N python dp_equivalence.py MODEL N_SAMPLES GLOBAL_BATCH EPOCHS BUCKET_MB OVERLAP [REDUCER [GRAD_CLIP]]
 Prints one JSON line on rank 0: max |w_dp - w_ref|, max spread of weights across ranks, metrics.
 """
 
@@ -19,6 +19,7 @@ from caldera.world import World
 kind, n, batch, epochs, bucket_mb, overlap = sys.argv[1:7]
 n, batch, epochs, bucket_mb, overlap = int(n), int(batch), int(epochs), float(bucket_mb), overlap == "1"
 reducer = sys.argv[7] if len(sys.argv) > 7 else "auto"
+clip = float(sys.argv[8]) if len(sys.argv) > 8 and sys.argv[8] else None
 
 world = caldera.init()
 torch.set_num_threads(1)
@@ -41,7 +42,7 @@ def train(strategy, w):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     trainer = caldera.Trainer(model, opt, nn.CrossEntropyLoss(), max_epochs=epochs, batch_size=batch, world=w,
                               strategy=strategy, strategy_options={"bucket_mb": bucket_mb, "first_bucket_mb": bucket_mb,
-                              "overlap": overlap, "reducer": reducer}, progress=False, seed=3)  # fmt: skip
+                              "overlap": overlap, "reducer": reducer, "grad_clip": clip}, progress=False, seed=3)  # fmt: skip
     history = trainer.fit(data, data)
     return torch.cat([p.detach().flatten() for p in model.parameters()]), history, trainer
 
@@ -51,7 +52,7 @@ n_buckets = len(trainer.strategy.buckets) if hasattr(trainer.strategy, "buckets"
 everyone = torch.stack(world.comm.allgather(flat))
 spread = (everyone - everyone[0]).abs().max().item()
 if world.rank == 0:
-    ref, ref_history, _ = train("single", World(comm=LocalComm()))
+    ref, ref_history, _ = train("single", World(comm=LocalComm()))  # same grad_clip through strategy_options
     print(
         json.dumps(
             {

@@ -49,9 +49,7 @@ class NodeReducer:
         Collective over all ranks; the result is complete on this node only after ``finish()``.
         """
         self.node.Barrier()  # every local rank has written this bucket into its slot
-        n = stop - start
-        lo = start + self.local_rank * n // self.local_size
-        hi = start + (self.local_rank + 1) * n // self.local_size
+        lo, hi = self._share(start, stop)
         if hi > lo:
             out = self.result[lo:hi]
             torch.add(self.slots[0, lo:hi], self.slots[1, lo:hi], out=out)
@@ -61,6 +59,28 @@ class NodeReducer:
             from mpi4py import MPI
 
             self.cross.Allreduce(MPI.IN_PLACE, self.result[lo:hi].numpy())
+
+    def _share(self, start: int, stop: int) -> tuple[int, int]:
+        n = stop - start
+        return start + self.local_rank * n // self.local_size, start + (
+            self.local_rank + 1
+        ) * n // self.local_size
+
+    def clip_(self, max_norm: float, ranges: list[tuple[int, int]]) -> float:
+        """Scale the shared result so its global 2-norm is at most ``max_norm``; return the norm before.
+
+        Every rank reads the same result, so each scales only its own shares (then a barrier): scaling the
+        whole shared buffer from every rank would multiply it several times.
+        """
+        shares = [self.result[lo:hi] for lo, hi in (self._share(a, b) for a, b in ranges)]
+        local = float(sum(float(s.double().pow(2).sum()) for s in shares))
+        norm = self.node.allreduce(local) ** 0.5
+        factor = max_norm / (norm + 1e-6)
+        if factor < 1:
+            for s in shares:
+                s.mul_(factor)
+        self.node.Barrier()
+        return norm
 
     def finish(self) -> None:
         """Wait until every local rank has written its shares of the result."""

@@ -68,10 +68,17 @@ class AllReduce:
             storage = self.node.slot
         self.reducer = "none" if self.world.size == 1 else ("shm" if self.node is not None else "mpi")
         self.buckets = build_buckets(params, self.bucket_bytes, self.first_bucket_bytes, storage)
-        owner = {id(p): b for b in self.buckets for p in b.params}
+        if self.node is not None:
+            # Let autograd hand over fresh gradient tensors (no zeroing, no accumulate pass); the hooks copy
+            # them into this rank's slot, one pass instead of the three that accumulating into it would cost.
+            self._copied = [[False] * len(b.params) for b in self.buckets]
+            for b in self.buckets:
+                for p in b.params:
+                    p.grad = None
         if self.overlap and self.world.size > 1:
-            for p in params:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(owner[id(p)])))
+            for b in self.buckets:
+                for i, p in enumerate(b.params):
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b, i)))
         return model
 
     def _use_shm(self, params: list[torch.nn.Parameter]) -> bool:
@@ -87,8 +94,10 @@ class AllReduce:
             )
         return usable
 
-    def _make_hook(self, bucket: Bucket):
-        def hook(_: torch.Tensor) -> None:
+    def _make_hook(self, bucket: Bucket, i: int):
+        def hook(p: torch.Tensor) -> None:
+            if self.node is not None:
+                self._copy_in(bucket, i)
             bucket.pending -= 1
             if bucket.pending == 0:
                 self._start(bucket)
@@ -99,8 +108,20 @@ class AllReduce:
 
         return hook
 
+    def _copy_in(self, bucket: Bucket, i: int) -> None:
+        p, offset = bucket.params[i], bucket.offsets[i]
+        target = bucket.flat[offset : offset + p.numel()]
+        if p.grad is None:  # a parameter this step did not use contributes zeros
+            target.zero_()
+        else:
+            target.copy_(p.grad.reshape(-1))
+        self._copied[bucket.index][i] = True
+
     def _start(self, bucket: Bucket) -> None:
         if self.node is not None:
+            for i, done in enumerate(self._copied[bucket.index]):
+                if not done:
+                    self._copy_in(bucket, i)
             self.node.reduce(bucket.start, bucket.start + bucket.flat.numel())
             bucket.handle = _DONE
         else:
@@ -120,17 +141,24 @@ class AllReduce:
                 b.handle.wait()
             if self.node is not None:
                 self.node.finish()
-                for b in self.buckets:  # the optimizer reads the shared result in place: no copy back
+                # The optimizer reads the node-shared result in place (no copy back): it must not write into
+                # .grad, which torch's optimizers never do; clipping goes through the reducer for that reason.
+                for b in self.buckets:
                     point_grads(b, self.node.result[b.start : b.start + b.flat.numel()])
-        if self.grad_clip:
+        if self.grad_clip and self.node is not None:
+            self.node.clip_(self.grad_clip, [(b.start, b.start + b.flat.numel()) for b in self.buckets])
+        elif self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         for b in self.buckets:
             if self.node is not None:
-                point_grads(b, b.flat)
+                for p in b.params:
+                    p.grad = None
+                self._copied[b.index] = [False] * len(b.params)
+                b.pending, b.handle = len(b.params), None
             else:
                 rebind_grads(b)  # an optimizer or user code may have replaced a .grad: keep the views
-            b.reset()
+                b.reset()
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing beyond the model and optimizer: data-parallel state is the same on every rank."""

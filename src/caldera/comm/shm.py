@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+_CHUNK = 1 << 18  # floats: 1 MiB per slot, so a chunk of two slots and the result stays in L2
+
 
 class NodeReducer:
     """Sum flat float32 gradient buffers over all ranks, through node-shared memory plus MPI between nodes."""
@@ -44,17 +46,21 @@ class NodeReducer:
         return len(set(sizes)) == 1 and sizes[0] > 1
 
     def reduce(self, start: int, stop: int) -> None:
-        """Sum ``[start, stop)`` of every local slot into the result row (this rank's share), then across nodes.
-
-        Collective over all ranks; the result is complete on this node only after ``finish()``.
+        """Sum ``[start, stop)`` of every local slot into the result row (this rank's share), then across nodes,
+        and zero that share of every slot. Collective over all ranks; the result is complete on this node only
+        after ``finish()``.
         """
         self.node.Barrier()  # every local rank has written this bucket into its slot
         lo, hi = self._share(start, stop)
-        if hi > lo:
-            out = self.result[lo:hi]
-            torch.add(self.slots[0, lo:hi], self.slots[1, lo:hi], out=out)
+        # In cache-sized chunks: sum the share, then zero it in every slot while it is still in cache, which
+        # leaves every slot ready for the next backward pass without a separate memset.
+        for a in range(lo, hi, _CHUNK):
+            b = min(a + _CHUNK, hi)
+            out = self.result[a:b]
+            torch.add(self.slots[0, a:b], self.slots[1, a:b], out=out)
             for k in range(2, self.local_size):
-                out.add_(self.slots[k, lo:hi])
+                out.add_(self.slots[k, a:b])
+            self.slots[:, a:b].zero_()
         if self.cross.Get_size() > 1:
             from mpi4py import MPI
 

@@ -68,17 +68,10 @@ class AllReduce:
             storage = self.node.slot
         self.reducer = "none" if self.world.size == 1 else ("shm" if self.node is not None else "mpi")
         self.buckets = build_buckets(params, self.bucket_bytes, self.first_bucket_bytes, storage)
-        if self.node is not None:
-            # Let autograd hand over fresh gradient tensors (no zeroing, no accumulate pass); the hooks copy
-            # them into this rank's slot, one pass instead of the three that accumulating into it would cost.
-            self._copied = [[False] * len(b.params) for b in self.buckets]
-            for b in self.buckets:
-                for p in b.params:
-                    p.grad = None
         if self.overlap and self.world.size > 1:
             for b in self.buckets:
-                for i, p in enumerate(b.params):
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b, i)))
+                for p in b.params:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b)))
         return model
 
     def _use_shm(self, params: list[torch.nn.Parameter]) -> bool:
@@ -94,10 +87,8 @@ class AllReduce:
             )
         return usable
 
-    def _make_hook(self, bucket: Bucket, i: int):
-        def hook(p: torch.Tensor) -> None:
-            if self.node is not None:
-                self._copy_in(bucket, i)
+    def _make_hook(self, bucket: Bucket):
+        def hook(_: torch.Tensor) -> None:
             bucket.pending -= 1
             if bucket.pending == 0:
                 self._start(bucket)
@@ -108,20 +99,8 @@ class AllReduce:
 
         return hook
 
-    def _copy_in(self, bucket: Bucket, i: int) -> None:
-        p, offset = bucket.params[i], bucket.offsets[i]
-        target = bucket.flat[offset : offset + p.numel()]
-        if p.grad is None:  # a parameter this step did not use contributes zeros
-            target.zero_()
-        else:
-            target.copy_(p.grad.reshape(-1))
-        self._copied[bucket.index][i] = True
-
     def _start(self, bucket: Bucket) -> None:
         if self.node is not None:
-            for i, done in enumerate(self._copied[bucket.index]):
-                if not done:
-                    self._copy_in(bucket, i)
             self.node.reduce(bucket.start, bucket.start + bucket.flat.numel())
             bucket.handle = _DONE
         else:
@@ -152,9 +131,7 @@ class AllReduce:
         self.optimizer.step()
         for b in self.buckets:
             if self.node is not None:
-                for p in b.params:
-                    p.grad = None
-                self._copied[b.index] = [False] * len(b.params)
+                point_grads(b, b.flat)  # back to this rank's slot, which the reduction already zeroed
                 b.pending, b.handle = len(b.params), None
             else:
                 rebind_grads(b)  # an optimizer or user code may have replaced a .grad: keep the views

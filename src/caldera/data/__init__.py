@@ -1,11 +1,21 @@
-"""Data: built-in sources, rank sharding and loaders (scientific formats arrive in later modules)."""
+"""Data: built-in sources, scientific formats (HDF5, NetCDF, Zarr, .npy), rank sharding, shuffling, prefetch."""
 
+from caldera.data import scientific as scientific
 from caldera.data.builtin import digits
+from caldera.data.formats import DataError as DataError
+from caldera.data.formats import open_reader as open_reader
+from caldera.data.normalize import compute_stats as compute_stats
+from caldera.data.prefetch import InputMeter as InputMeter
+from caldera.data.prefetch import Prefetcher as Prefetcher
 from caldera.data.sampler import ShardedBatches as ShardedBatches
 from caldera.data.sampler import epoch_permutation as epoch_permutation
 from caldera.data.sampler import split_dataset as split_dataset
+from caldera.data.shuffle import ChunkShuffleSampler as ChunkShuffleSampler
 from caldera.sims.heat import dataset as heat
 
-SOURCES = {"digits": digits, "heat": heat}
+SOURCES = {"digits": digits, "heat": heat, "scientific": scientific.dataset}
 
-__all__ = ["SOURCES", "ShardedBatches", "epoch_permutation", "split_dataset"]
+__all__ = [
+    "SOURCES", "ChunkShuffleSampler", "DataError", "InputMeter", "Prefetcher", "ShardedBatches", "compute_stats",
+    "epoch_permutation", "open_reader", "scientific", "split_dataset",
+]  # fmt: skip

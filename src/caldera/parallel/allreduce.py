@@ -18,6 +18,7 @@ MPI between nodes. ``auto`` picks ``shm`` for fp32 CPU training with several ran
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -154,7 +155,10 @@ class AllReduce:
                 p.grad = None
         self.buckets = []
         if self.node is not None:
-            self.node.close()
+            # Freeing the window is collective: while an exception unwinds this rank alone (the others are
+            # about to be aborted), a collective here would hang it before the abort could run.
+            if sys.exc_info()[0] is None:
+                self.node.close()
             self.node = None
 
 

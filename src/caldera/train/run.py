@@ -27,7 +27,10 @@ from caldera.world import World, init
 def build_data(cfg: Config) -> tuple[Dataset, Dataset | None]:
     """Call the data source; split off validation data unless the source returned its own."""
     source = resolve(cfg.data.source, SOURCES, "[data] source")
-    out = _call(source, cfg.data.args, "[data] args")
+    # Sources that keep files with the run (normalisation statistics) or split by themselves get what they take.
+    wanted = {"run_dir": cfg.run_dir, "val_fraction": cfg.data.val_fraction}
+    takes = _parameters(source)
+    out = _call(source, {**{k: v for k, v in wanted.items() if k in takes}, **cfg.data.args}, "[data] args")
     if isinstance(out, dict):
         if "train" not in out:
             raise ConfigError(f"[data] source {cfg.data.source!r} returned a dict without a 'train' entry")
@@ -134,6 +137,13 @@ def _save_config(cfg: Config, config_path: str | Path | None) -> None:
     if config_path is not None:
         shutil.copyfile(config_path, run_dir / f"config{Path(config_path).suffix}")
     (run_dir / "config.resolved.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+
+
+def _parameters(fn: Any) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def _call(fn: Any, args: dict[str, Any], key: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from caldera.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
+from caldera.data.prefetch import InputMeter, input_advice
 from caldera.data.sampler import ShardedBatches
 from caldera.parallel import Strategy, make_strategy
 from caldera.precision import Precision, make_precision
@@ -56,6 +58,7 @@ class Trainer:
         precision: str | Precision = "fp32",
         checkpointer: Checkpointer | None = None,
         resume: bool | str | Path = False,
+        input_warning: float = 0.05,
     ) -> None:
         self.world = world or init()
         self.precision = make_precision(precision, self.world.device)
@@ -70,6 +73,8 @@ class Trainer:
         self.scheduler, self.callbacks = scheduler, list(callbacks)
         self.seed, self.shuffle, self.drop_last, self.num_workers = seed, shuffle, drop_last, num_workers
         self.progress, self.plot = progress, plot
+        self.input_warning = input_warning  # warn when more than this fraction of step time waits for data
+        self._meter = InputMeter()
         self.should_stop = False
         self.epoch = 0
         self.global_step = 0
@@ -101,6 +106,7 @@ class Trainer:
                     self.epoch = epoch
                     t0 = time.perf_counter()
                     logs = {"epoch": self.epoch + 1, "train_loss": self._train_epoch(batches, bar)}
+                    logs["data_wait"] = self._input_report(batches)
                     if val_set is not None:
                         logs.update(self.evaluate(val_set, prefix="val_"))
                     logs["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -122,6 +128,9 @@ class Trainer:
         finally:
             if self.checkpointer is not None:
                 self.checkpointer.restore_signal_handlers()
+            for data in (train_set, val_set):
+                if hasattr(data, "close"):  # stop the background workers of a scientific data pipeline
+                    data.close()
             self.strategy.close()
         return self.history
 
@@ -154,7 +163,9 @@ class Trainer:
         batches.set_epoch(self.epoch, start_step=self.step_in_epoch)
         loss_sum = torch.tensor(self._partial[0], dtype=torch.float64)
         seen = self._partial[1]
-        for step, ((x, y), n_local, n_global) in enumerate(_xy(batches), start=self.step_in_epoch):
+        for step, ((x, y), n_local, n_global) in enumerate(
+            _xy(self._meter.wrap(batches)), start=self.step_in_epoch
+        ):
             with self.precision.autocast():
                 loss = self.loss_fn(self.net(x), y)
             finite = bool(torch.isfinite(loss))
@@ -187,11 +198,26 @@ class Trainer:
         return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
     def _batches(self, dataset: Dataset, shuffle: bool, evaluation: bool = False) -> ShardedBatches:
-        return ShardedBatches(
-            dataset, self.batch_size, self.world.rank, self.world.size, shuffle=shuffle, seed=self.seed,
+        # A source with its own I/O-aware pipeline (caldera.data.scientific) builds its batches itself.
+        make = getattr(dataset, "batches", None) or functools.partial(ShardedBatches, dataset)
+        return make(
+            self.batch_size, self.world.rank, self.world.size, shuffle=shuffle, seed=self.seed,
             drop_last=self.drop_last and not evaluation, num_workers=self.num_workers, device=self.world.device,
             evaluation=evaluation,
         )  # fmt: skip
+
+    def _input_report(self, batches: Any) -> float:
+        """Return the largest fraction of step time any rank waited for data; warn when it is input-bound."""
+        stats = self._meter.stats
+        hints = {"num_workers": self.num_workers, "ranks_per_node": self.world.local_size}
+        hints.update(batches.input_hints() if hasattr(batches, "input_hints") else {})
+        mine = (stats.wait_fraction, self.world.rank, input_advice(stats, self.input_warning, **hints))
+        worst = max(self.world.comm.allgather(mine), key=lambda r: r[0])
+        if worst[2] is not None:
+            from rich.markup import escape  # the advice names "[data]" keys, which rich would take for markup
+
+            self.log(f"[yellow]warning[/]: rank {worst[1]} is {escape(worst[2])}")
+        return worst[0]
 
     # -- checkpoint state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -77,6 +77,16 @@ def test_unknown_strategy_lists_available():
         load_config({**GOOD, "parallel": {"strategy": "allreduse"}})
 
 
+def test_async_strategies_are_configured_and_refuse_a_schedule():
+    cfg = load_config({**GOOD, "parallel": {"strategy": "local-sgd", "sync_every": 4, "warmup_steps": 10}})
+    assert (cfg.parallel.sync_every, cfg.parallel.warmup_steps) == (4, 10)
+    with pytest.raises(ConfigError, match="max_staleness.*greater than or equal to 0"):
+        load_config({**GOOD, "parallel": {"strategy": "async-ps", "max_staleness": -1}})
+    cosine = {"schedule": "cosine"}
+    with pytest.raises(ConfigError, match="constant learning rate.*schedule = 'constant'"):
+        load_config({**GOOD, "optim": cosine, "parallel": {"strategy": "async-shared"}})
+
+
 def test_overrides_apply_and_are_validated():
     cfg = load_config(GOOD, ["optim.lr=3e-4", "data.args.normalize=false", "optim.epochs=2"])
     assert (

@@ -77,6 +77,18 @@ class ParallelSection(_Section):
     bucket_mb: float = Field(25.0, gt=0)
     overlap: bool = True
     reducer: Literal["auto", "mpi", "shm"] = Field("auto", description="how allreduce moves gradients")
+    # async-shared
+    workers: int = Field(2, ge=1, description="async-shared: worker processes on this node")
+    lock: Literal["none", "tensor"] = Field("none", description="async-shared: lock-free or per-tensor locks")
+    # async-ps
+    servers: int = Field(1, ge=1, description="async-ps: ranks that hold parameter shards")
+    max_staleness: int | None = Field(None, ge=0, description="async-ps: 0 = synchronous, none = unbounded")
+    dead_timeout: float = Field(60.0, gt=0, description="async-ps: seconds before a silent worker is dropped")
+    pipeline: bool = Field(False, description="async-ps: overlap the next gradient with the push")
+    # local-sgd
+    sync_every: int = Field(8, ge=1, description="local-sgd: average the models every this many steps")
+    warmup_steps: int = Field(0, ge=0, description="local-sgd: synchronous steps before local ones")
+    average_state: bool = Field(False, description="local-sgd: also average the optimizer state")
 
 
 class PrecisionSection(_Section):
@@ -282,4 +294,11 @@ def _check_references(cfg: Config, where: str) -> None:
         raise ConfigError(
             f"{where}: [parallel] strategy = {cfg.parallel.strategy!r} is not known; {hint}"
             f"available: {', '.join(available_strategies())}"
+        )
+    if cfg.parallel.strategy in ("async-shared", "async-ps") and (
+        cfg.optim.schedule != "constant" or cfg.optim.warmup_steps
+    ):  # asynchronous workers share no step count to schedule by
+        raise ConfigError(
+            f"{where}: [parallel] strategy = {cfg.parallel.strategy!r} trains with a constant learning rate; "
+            "set [optim] schedule = 'constant' and warmup_steps = 0, or use strategy = 'allreduce'"
         )

@@ -5,6 +5,10 @@ Who calls what, in which order (on every rank):
 then per step ``backward(loss)`` and ``step()`` (which also clears the gradients for the next step);
 ``state_dict()`` / ``load_state_dict()`` for checkpoints; ``close()`` at the end, even after an error.
 A strategy registers its config name with ``@register("name")``.
+
+Two optional methods: ``fit(trainer, train_set, val_set)`` -- a strategy that drives its own loop (worker
+processes, parameter servers) takes the whole run over from ``Trainer.fit``; ``synchronize()`` -- called
+before validation and checkpoints, so that strategies whose ranks drift apart (local SGD) agree first.
 """
 
 from __future__ import annotations

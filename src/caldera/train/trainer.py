@@ -89,6 +89,8 @@ class Trainer:
     def fit(self, train_data: DataLike, val_data: DataLike | None = None) -> list[dict[str, float]]:
         """Train for ``max_epochs`` (or until a callback stops it); return one dict of metrics per epoch."""
         train_set, val_set = as_dataset(train_data), as_dataset(val_data) if val_data is not None else None
+        if hasattr(self.strategy, "fit"):  # worker processes or parameter servers: the strategy runs the loop
+            return self.strategy.fit(self, train_set, val_set)
         batches = self._batches(train_set, shuffle=self.shuffle)
         self.total_steps = len(batches) * self.max_epochs
         self.net = self.strategy.setup(self.model, self.optimizer, self.world)
@@ -106,6 +108,8 @@ class Trainer:
                     self.epoch = epoch
                     t0 = time.perf_counter()
                     logs = {"epoch": self.epoch + 1, "train_loss": self._train_epoch(batches, bar)}
+                    if hasattr(self.strategy, "synchronize"):  # drifted ranks agree before validation
+                        self.strategy.synchronize()
                     logs["data_wait"] = self._input_report(batches)
                     if val_set is not None:
                         logs.update(self.evaluate(val_set, prefix="val_"))
@@ -238,6 +242,8 @@ class Trainer:
         }
 
     def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        if hasattr(self.strategy, "synchronize"):  # rank 0 saves the model: it must be everyone's model
+            self.strategy.synchronize()
         shared = self.state_dict() if self.world.is_main else {}
         # The running loss of the current epoch is this rank's own: it travels with the rank's file.
         return shared, {"rng": rng_state(), "partial": self._partial}

@@ -1,0 +1,153 @@
+"""What the asynchronous strategies (async-shared, async-ps) share: the run as numbered work items, the model as
+one flat vector, and the weights they recorded turned into the trainer's history and run directory.
+
+Asynchronous workers have no common step and no common epoch end, so these strategies drive their own loop (the
+trainer hands them the whole run through ``strategy.fit(trainer, train_set, val_set)``). While training they
+copy the weights every ``record_every`` updates (default: once per epoch of data) with a timestamp; validation
+of those snapshots runs after training, on the main rank, off the clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from caldera.data.sampler import ShardedBatches, epoch_permutation
+from caldera.world import World
+
+
+class WorkItems:
+    """The training run as a numbered list of work items: one per worker-sized slice of each global batch.
+
+    Item ``n`` is slice ``part`` of global batch ``step`` of ``epoch``: exactly the samples that rank ``part``
+    of ``workers`` ranks takes at that step under synchronous data parallel (same seeded permutation, same
+    split). Handing items out in order to whichever worker asks next is dynamic load balancing: a fast worker
+    takes more slices, a straggler fewer, and every epoch still sees each sample exactly once.
+    """
+
+    def __init__(self, dataset: Dataset, global_batch: int, workers: int, epochs: int, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = False, device: torch.device | None = None) -> None:  # fmt: skip
+        self.dataset, self.global_batch, self.workers = dataset, global_batch, workers
+        self.seed, self.shuffle = seed, shuffle
+        self.device = device or torch.device("cpu")
+        self.steps_per_epoch = len(ShardedBatches(dataset, global_batch, 0, workers, drop_last=drop_last))
+        self.per_epoch = self.steps_per_epoch * workers
+        self.total = self.per_epoch * epochs
+        self.n = len(dataset)  # type: ignore[arg-type]
+        self._perm: tuple[int, torch.Tensor] | None = None  # the current epoch's permutation, computed once
+
+    def locate(self, item: int) -> tuple[int, int, int]:
+        """Return (epoch, step, part) of work item ``item``."""
+        epoch, rest = divmod(item, self.per_epoch)
+        step, part = divmod(rest, self.workers)
+        return epoch, step, part
+
+    def batch(self, item: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Return (inputs, targets, samples in this slice, samples in its global batch) for ``item``."""
+        from caldera.train.trainer import as_xy  # here, not at the top: the trainer imports the strategies
+
+        epoch, step, part = self.locate(item)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch, self.shuffle))
+        chunk = self._perm[1][step * self.global_batch : (step + 1) * self.global_batch]
+        idx = torch.tensor_split(chunk, self.workers)[part]
+        if isinstance(self.dataset, TensorDataset):
+            samples = tuple(t[idx] for t in self.dataset.tensors)
+        else:
+            samples = default_collate([self.dataset[i] for i in idx.tolist()])
+        x, y = as_xy([t.to(self.device) for t in samples])
+        return x, y, len(idx), len(chunk)
+
+
+@dataclass
+class Snapshot:
+    """The weights as they were after ``items`` updates, ``time_s`` seconds into training."""
+
+    items: int
+    time_s: float
+    weights: torch.Tensor  # the trainable parameters, flattened
+    loss_sum: float = 0.0  # sum over the samples of the items since the previous snapshot of their loss
+    samples: int = 0
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters the asynchronous strategies update, in a fixed order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def flatten(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy ``tensors`` into one flat fp32 CPU vector (``out`` when given)."""
+    total = sum(t.numel() for t in tensors)
+    out = torch.empty(total, dtype=torch.float32) if out is None else out
+    offset = 0
+    for t in tensors:
+        out[offset : offset + t.numel()].copy_(t.detach().reshape(-1))
+        offset += t.numel()
+    return out
+
+
+@torch.no_grad()
+def unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy the flat vector back into ``tensors``."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def check_trainer(trainer, name: str) -> None:
+    """Refuse, with the fix, what the asynchronous loops do not support yet."""
+    if trainer.precision.mode != "fp32":
+        raise ValueError(f"{name} trains in fp32 only for now; set [precision] mode = 'fp32'")
+    if trainer.scheduler is not None:
+        raise ValueError(f"{name} applies a constant learning rate (asynchronous workers share no step count); "
+                         "set [optim] schedule = 'constant' and warmup_steps = 0")  # fmt: skip
+    if trainer.resume:
+        raise ValueError(f"{name} cannot resume from a checkpoint yet; start the run without --resume")
+
+
+@contextlib.contextmanager
+def alone(trainer) -> Iterator[None]:
+    """Let the trainer evaluate on this process alone (rank 0 of 1), whatever the other ranks are doing."""
+    world = trainer.world
+    trainer.world = World(device=world.device)
+    try:
+        yield
+    finally:
+        trainer.world = world
+
+
+def finish_run(trainer, snapshots: list[Snapshot], val_set: Dataset | None, per_epoch: int,
+               stats: dict) -> list[dict[str, float]]:  # fmt: skip
+    """On the main rank: evaluate each snapshot, log it as the trainer would log an epoch, write the run
+    directory (metrics, plots, final weights = the last snapshot, ``strategy.json`` with ``stats``)."""
+    from caldera.train.trainer import _format
+
+    params = trainable(trainer.model)
+    with alone(trainer):
+        log = trainer._open_run_dir()
+        previous = 0.0
+        for snap in snapshots:
+            unflatten(snap.weights, params)
+            logs = {"epoch": round(snap.items / per_epoch, 4),
+                    "train_loss": snap.loss_sum / snap.samples if snap.samples else math.nan}  # fmt: skip
+            if val_set is not None:
+                logs.update(trainer.evaluate(val_set, prefix="val_"))
+            logs["lr"] = trainer.optimizer.param_groups[0]["lr"]
+            logs["time_s"], previous = snap.time_s - previous, snap.time_s
+            trainer.history.append(logs)
+            if log is not None:
+                log.append(logs)
+            trainer.log(_format(logs))
+        trainer.global_step = snapshots[-1].items if snapshots else 0
+        trainer.epoch = trainer.max_epochs
+        trainer._write_outputs(val_set)
+        if trainer.run_dir is not None:
+            (trainer.run_dir / "strategy.json").write_text(json.dumps(stats, indent=2, default=str))
+    return trainer.history

@@ -1,0 +1,258 @@
+"""Asynchronous SGD on one node, MagmaDNN/Hogwild style: worker processes share one copy of the weights and
+update it without ever waiting for each other.
+
+MagmaDNN's answer to jitter at scale is to stop synchronising (Lopez, Chow, Tomov, Dongarra 2020): workers
+update shared weights with dense gradients and no global barrier, so a slow worker delays nobody. The price is
+staleness: a gradient is computed on weights that other workers change before it lands.
+
+How a run goes (``fit``: the trainer hands the whole run to this strategy, in the one process the user started):
+1. The weights move to shared memory (``model.share_memory()``) and ``workers`` processes start with
+   ``forkserver`` (or ``spawn``), never ``fork``, which breaks MPI and CUDA state in the child.
+2. Each worker takes the next work item (a worker-sized slice of a global batch, ``_async.WorkItems``) from a
+   shared counter, notes the shared version counter (its *read*), computes a dense gradient into its own private
+   ``.grad`` tensors, and applies its optimizer step straight to the shared weights: lock-free (``lock =
+   "none"``, Hogwild: two workers may interleave their writes to one tensor, so an update can be partly
+   overwritten) or under a short per-tensor lock (``lock = "tensor"``: no update is lost; a worker waits at most
+   for one other worker's write of one tensor). Reads never lock.
+3. It then increments the version counter (its *write*). Staleness = write - read - 1: how many other workers'
+   updates landed between reading the weights and writing the update. A shared histogram records it.
+No barrier anywhere: a slow worker simply takes fewer items, and the fast ones keep the run going.
+
+Every worker keeps its own optimizer state (momentum, Adam moments) and steps with the item's gradient scaled
+by (slice size / global batch). For SGD with momentum the W workers' buffers then add up, to first order in the
+staleness, to synchronous SGD over the global batch. Adam normalises the gradient, so W workers take W Adam
+steps per global batch: lower an Adam learning rate by about W.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from caldera.parallel._async import Snapshot, WorkItems, check_trainer, finish_run, flatten, trainable
+from caldera.parallel.base import register
+from caldera.world import World
+
+STALENESS_BINS = 256  # the histogram's last bin collects everything staler
+_NEEDS_FIT = ("async-shared runs its own worker processes: the trainer must hand it the run through "
+              "strategy.fit(trainer, train_set, val_set) (Trainer.fit does so for strategies that have fit)")  # fmt: skip
+
+
+@register("async-shared")
+class AsyncShared:
+    """Several processes on one node train one shared model with no barrier (lock-free or per-tensor locks)."""
+
+    def __init__(
+        self,
+        workers: int = 2,
+        lock: str = "none",
+        threads_per_worker: int | None = None,
+        start_method: str | None = None,
+        record_every: int | None = None,
+        grad_clip: float | None = None,
+        **_: Any,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"async-shared needs at least 1 worker (got workers = {workers})")
+        if lock not in ("none", "tensor"):
+            raise ValueError(
+                f"unknown lock {lock!r}; use 'none' (lock-free, Hogwild) or 'tensor' (per-tensor locks)"
+            )
+        self.workers, self.lock, self.grad_clip = workers, lock, grad_clip
+        self.threads_per_worker, self.record_every = threads_per_worker, record_every
+        self.start_method = start_method or ("forkserver" if os.name == "posix" else "spawn")
+        self.stats: dict[str, Any] = {}  # filled by fit: updates per worker, staleness summary, timings
+        self.snapshots: list[Snapshot] = []
+        self._fitting = False
+
+    # -- the run, in the process the user started -------------------------------------------------------------
+    def fit(self, trainer, train_set: Dataset, val_set: Dataset | None) -> list[dict[str, float]]:
+        """Train ``trainer.model`` with ``workers`` processes; record, evaluate and write like the trainer."""
+        import torch.multiprocessing as mp  # registers torch's shared-memory pickling of tensors
+
+        check_trainer(trainer, "async-shared")
+        self._fitting = True
+        try:
+            return self._fit(trainer, train_set, val_set, mp)
+        finally:
+            self.close()
+
+    def _fit(self, trainer, train_set: Dataset, val_set: Dataset | None, mp) -> list[dict[str, float]]:
+        self.setup(trainer.model, trainer.optimizer, trainer.world)
+        self.loss_fn = trainer.loss_fn
+        self.items = WorkItems(train_set, trainer.batch_size, self.workers, trainer.max_epochs, trainer.seed,
+                               trainer.shuffle, trainer.drop_last)  # fmt: skip
+        self._every = self.record_every or self.items.per_epoch
+        n_records = math.ceil(self.items.total / self._every)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self._threads = self.threads_per_worker or max(1, cores // self.workers)
+
+        ctx = mp.get_context(self.start_method)
+        if self.start_method == "forkserver":  # import torch once in the fork server, not once per worker
+            ctx.set_forkserver_preload(["torch", __name__])
+        self._version = ctx.Value("q", 0)  # updates applied so far: the weights' version
+        self._next_item = ctx.Value("q", 0)  # the next work item to hand out
+        self._ready = ctx.Value("q", 0)
+        self._go = ctx.Event()
+        self._locks = [ctx.Lock() for _ in self._params] if self.lock == "tensor" else None
+        self._staleness = torch.zeros(self.workers, STALENESS_BINS, dtype=torch.int64).share_memory_()
+        self._stale_max = torch.zeros(self.workers, dtype=torch.int64).share_memory_()
+        self._losses = torch.zeros(self.workers, n_records, 2, dtype=torch.float64).share_memory_()
+        self._snapshots = torch.zeros(n_records, sum(p.numel() for p in self._params)).share_memory_()
+        self._snap_time = torch.zeros(n_records, dtype=torch.float64).share_memory_()
+
+        trainer.log(f"async-shared: {self.workers} worker processes x {self._threads} thread(s), lock = "
+                    f"{self.lock}; {self.items.total} updates of {trainer.batch_size // self.workers} samples "
+                    f"({trainer.max_epochs} epochs of {len(train_set)} samples)")  # fmt: skip
+        procs = [ctx.Process(target=_worker_main, args=(self, i), daemon=True, name=f"caldera-async-{i}")
+                 for i in range(self.workers)]  # fmt: skip
+        try:
+            started = time.monotonic()
+            for p in procs:
+                p.start()
+            self._watch(procs, lambda: self._ready.value == self.workers)
+            t0 = time.monotonic()
+            self._go.set()  # all workers start together: startup is not training time
+            self._watch(procs, lambda: all(p.exitcode == 0 for p in procs))
+            elapsed = time.monotonic() - t0
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+                p.join()
+        self.snapshots = self._collect(n_records, t0)
+        self.stats = self._summary(elapsed, t0 - started)
+        trainer.log(f"async-shared: {self.stats['updates']} updates in {elapsed:.2f} s (per worker "
+                    f"{self.stats['updates_per_worker']}); staleness mean {self.stats['staleness_mean']:.2f}, "
+                    f"p99 {self.stats['staleness_p99']}, max {self.stats['staleness_max']}")  # fmt: skip
+        return finish_run(trainer, self.snapshots, val_set, self.items.per_epoch, self.stats)
+
+    def _watch(self, procs: list, done) -> None:
+        """Wait until ``done()``; a worker that died ends the run with its name instead of a hang."""
+        while not done():
+            for i, p in enumerate(procs):
+                if p.exitcode not in (None, 0):
+                    raise RuntimeError(f"async-shared worker {i} died with exit code {p.exitcode} "
+                                       "(its traceback is above); the run is stopped")  # fmt: skip
+            time.sleep(0.01)
+
+    def _collect(self, n_records: int, t0: float) -> list[Snapshot]:
+        losses = self._losses.sum(0)
+        return [Snapshot(items=min((r + 1) * self._every, self.items.total),
+                         time_s=float(self._snap_time[r]) - t0, weights=self._snapshots[r].clone(),
+                         loss_sum=float(losses[r, 0]), samples=int(losses[r, 1]))
+                for r in range(n_records)]  # fmt: skip
+
+    def _summary(self, elapsed: float, startup: float) -> dict[str, Any]:
+        hist = self._staleness.sum(0)
+        n = int(hist.sum())
+        cumulative = hist.cumsum(0)
+
+        def quantile(q: float) -> int:
+            return int(torch.searchsorted(cumulative, torch.tensor(math.ceil(q * n))).item())
+
+        return {
+            "strategy": "async-shared", "workers": self.workers, "lock": self.lock, "updates": n,
+            "updates_per_worker": self._staleness.sum(1).tolist(),
+            "staleness_mean": float((hist * torch.arange(STALENESS_BINS)).sum()) / max(1, n),
+            "staleness_p50": quantile(0.5), "staleness_p99": quantile(0.99),
+            "staleness_max": int(self._stale_max.max()),
+            "staleness_histogram": {int(s): int(hist[s]) for s in hist.nonzero().flatten()},
+            "train_s": elapsed, "startup_s": startup,
+        }  # fmt: skip
+
+    # -- the strategy protocol: setup in the parent, backward and step inside each worker --------------------
+    def setup(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World
+    ) -> torch.nn.Module:
+        """Move the weights to shared memory and note the optimizer's settings (each worker builds its own)."""
+        if not self._fitting:
+            raise RuntimeError(_NEEDS_FIT)
+        if world.size > 1:
+            raise ValueError("async-shared runs on one node from one process (it starts its own workers); "
+                             "start it without mpiexec, or use strategy = 'async-ps' across ranks")  # fmt: skip
+        self._params = trainable(model)
+        if any(p.device.type != "cpu" for p in self._params):
+            raise ValueError("async-shared shares CPU memory between processes; keep the model on the CPU")
+        model.zero_grad(set_to_none=True)  # gradients must stay private to each worker, never shared
+        model.share_memory()
+        self.model = model
+        # One optimizer per tensor in each worker: the per-tensor lock then covers exactly one tensor's update.
+        self._opt_class = type(optimizer)
+        settings = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        self._opt_settings = [{k: v for k, v in settings[id(p)].items() if k in optimizer.defaults}
+                              for p in self._params]  # fmt: skip
+        return model
+
+    def _work(self, index: int) -> None:
+        """One worker's life: take items until none are left; never wait for another worker."""
+        os.environ["CALDERA_WORKER_INDEX"] = str(index)  # lets user code tell the workers apart
+        torch.set_num_threads(self._threads)
+        self.index = index
+        self._optimizers = [self._opt_class([p], **s) for p, s in zip(self._params, self._opt_settings)]
+        self._guards = self._locks or [contextlib.nullcontext()] * len(self._params)
+        with self._ready.get_lock():
+            self._ready.value += 1
+        self._go.wait()
+        self.model.train()
+        while True:
+            with self._next_item.get_lock():
+                item = self._next_item.value
+                self._next_item.value += 1
+            if item >= self.items.total:
+                return
+            x, y, n_local, n_global = self.items.batch(item)
+            self._read = self._version.value  # the version of the weights this forward pass reads
+            loss = self.loss_fn(self.model(x), y)
+            self.backward(loss * (n_local / n_global))
+            self.step()
+            record = (self._write - 1) // self._every
+            self._losses[index, record, 0] += loss.item() * n_local
+            self._losses[index, record, 1] += n_local
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Compute this worker's dense gradient into its private ``.grad`` tensors."""
+        loss.backward()
+
+    def step(self) -> None:
+        """Apply the update to the shared weights tensor by tensor (locked or not); count it; record staleness."""
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+        for p, optimizer, guard in zip(self._params, self._optimizers, self._guards):
+            if p.grad is not None:
+                with guard:
+                    optimizer.step()
+                p.grad = None
+        with self._version.get_lock():
+            self._version.value += 1
+            self._write = self._version.value
+        staleness = self._write - self._read - 1
+        self._staleness[self.index, min(staleness, STALENESS_BINS - 1)] += 1
+        self._stale_max[self.index] = max(int(self._stale_max[self.index]), staleness)
+        if self._write % self._every == 0 or self._write == self.items.total:
+            record = math.ceil(self._write / self._every) - 1
+            flatten(self._params, out=self._snapshots[record])  # a copy taken while others may be writing
+            self._snap_time[record] = time.monotonic()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The update count (the weights themselves are the trainer's model)."""
+        return {"updates": self.stats.get("updates", 0)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore: async-shared does not resume yet."""
+
+    def close(self) -> None:
+        """Drop the shared buffers (the workers have exited when ``fit`` returns)."""
+        self._snapshots = self._losses = self._staleness = None  # type: ignore[assignment]
+        self._fitting = False
+
+
+def _worker_main(strategy: AsyncShared, index: int) -> None:
+    """Entry point of a worker process (module level, so that spawn/forkserver can import it)."""
+    strategy._work(index)

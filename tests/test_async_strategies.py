@@ -1,0 +1,223 @@
+"""Asynchronous strategies with real processes and ranks: async-shared (worker processes on shared weights),
+async-ps (parameter servers over MPI), local-sgd (periodic model averaging)."""
+
+import json
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import caldera
+import caldera.parallel.async_shared  # noqa: F401  (importing a strategy module registers its name)
+import caldera.parallel.local_sgd  # noqa: F401
+import caldera.parallel.param_server  # noqa: F401
+from caldera.data.sampler import ShardedBatches
+from caldera.models import SmallCNN
+from caldera.parallel import available_strategies, make_strategy
+from caldera.parallel._async import WorkItems
+from caldera.parallel.param_server import shard_bounds, shard_plan
+from tests.conftest import ROOT, run_ranks
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+# -- in-process: the pieces ----------------------------------------------------------------------------------------
+def test_the_three_names_are_registered():
+    assert {"async-shared", "async-ps", "local-sgd"} <= set(available_strategies())
+
+
+@pytest.mark.parametrize("servers", [1, 2, 3, 7])
+def test_shards_cover_every_parameter_exactly_once(servers):
+    params = list(SmallCNN(channels=16).parameters())
+    covered = [torch.zeros(p.numel(), dtype=torch.int64) for p in params]
+    for pieces in shard_plan(params, servers):
+        for i, lo, hi in pieces:
+            covered[i][lo:hi] += 1
+    assert all(bool((c == 1).all()) for c in covered)
+    sizes = [b - a for a, b in shard_bounds(sum(p.numel() for p in params), servers)]
+    assert max(sizes) - min(sizes) <= 1  # balanced to one element
+
+
+def test_work_items_are_the_data_parallel_slices_of_each_global_batch():
+    # The inputs are the sample indices, so each item's batch says which samples it took.
+    data = TensorDataset(torch.arange(103).float(), torch.zeros(103, dtype=torch.long))
+    items = WorkItems(data, global_batch=24, workers=3, epochs=2, seed=5)
+    assert items.total == 2 * items.steps_per_epoch * 3
+    for n in range(items.total):
+        epoch, step, part = items.locate(n)
+        x, _, n_local, n_global = items.batch(n)
+        sharded = ShardedBatches(data, 24, rank=part, size=3, seed=5)
+        sharded.set_epoch(epoch)
+        idx, expected_global = sharded.plan()[step]
+        assert x.long().tolist() == idx.tolist() and (n_local, n_global) == (len(idx), expected_global)
+
+
+def test_local_sgd_on_one_rank_is_plain_training():
+    data = TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    weights = []
+    for name in ("single", "local-sgd"):
+        caldera.init(seed=0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        caldera.Trainer(model, opt, nn.CrossEntropyLoss(), max_epochs=2, batch_size=16, strategy=name,
+                        strategy_options={"sync_every": 3}, progress=False).fit(data)  # fmt: skip
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_mistakes_are_refused_with_the_fix():
+    world = caldera.init()
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for name in ("async-shared", "async-ps"):
+        with pytest.raises(
+            RuntimeError, match="strategy.fit"
+        ):  # driven as a plain strategy: refused, no hang
+            make_strategy(name).setup(model, opt, world)
+    trainer = caldera.Trainer(model, opt, nn.MSELoss(), strategy="async-ps", progress=False)
+    with pytest.raises(ValueError, match="mpiexec"):
+        trainer.fit(TensorDataset(torch.randn(8, 2), torch.randn(8, 2)))
+    with pytest.raises(ValueError, match="'none'"):
+        make_strategy("async-shared", lock="global")
+    with pytest.raises(ValueError, match="pipeline"):
+        make_strategy("async-ps", max_staleness=0, pipeline=True)
+    with pytest.raises(ValueError, match="sync_every"):
+        make_strategy("local-sgd", sync_every=0)
+
+
+class FailingLoss(nn.Module):
+    """Cross-entropy that raises in async-shared's worker 1 (module level: worker processes import it)."""
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        import os
+
+        if os.environ.get("CALDERA_WORKER_INDEX") == "1":
+            raise RuntimeError("sabotaged on purpose")
+        return nn.functional.cross_entropy(out, target)
+
+
+# -- real processes and ranks --------------------------------------------------------------------------------------
+def test_a_failing_async_shared_worker_stops_the_run_with_its_name():
+    caldera.init(seed=0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    trainer = caldera.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), FailingLoss(), max_epochs=50,
+                              batch_size=16, strategy="async-shared", progress=False)  # fmt: skip
+    data = TensorDataset(torch.randn(256, 8), torch.randint(0, 3, (256,)))
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="async-shared worker 1 died with exit code 1"):
+        trainer.fit(data)
+    assert time.monotonic() - start < 30
+
+
+def test_async_shared_trains_digits_lock_free_and_with_tensor_locks():
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "tests/scripts/async_digits.py", "async-shared", '{"workers": 2, "lock": "none"}',
+           '{"workers": 2, "lock": "tensor"}']  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["stats"]["lock"] for r in runs] == ["none", "tensor"]
+    for run in runs:
+        stats = run["stats"]
+        assert run["val_accuracy"] >= 0.95, run["history"]
+        assert stats["updates"] == 15 * 45 * 2 == sum(stats["updates_per_worker"])
+        assert min(stats["updates_per_worker"]) > 0.3 * stats["updates"]  # both workers really trained
+        # Staleness was measured for every update: the workers did overlap, and nobody waited for anybody.
+        assert sum(stats["staleness_histogram"].values()) == stats["updates"]
+        assert stats["staleness_mean"] > 0 and stats["staleness_max"] >= 1
+    assert "staleness mean" in proc.stdout
+
+
+@pytest.mark.mpi
+def test_local_sgd_trains_digits_on_two_ranks():
+    proc = run_ranks(
+        2, ["tests/scripts/async_digits.py", "local-sgd", '{"sync_every": 4, "warmup_steps": 10}']
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = last_json(proc.stdout)
+    assert out["val_accuracy"] >= 0.95, out["history"]
+    assert out["spread"] == 0.0  # after synchronize() every rank holds the same model
+    steps = 15 * 45
+    scheduled = 10 + (steps - 10) // 4  # the warm-up steps, then every 4th step
+    # The trainer also averages before each epoch's validation, unless that step just averaged.
+    epoch_ends = sum(1 for e in range(1, 16) if (45 * e - 10) % 4 != 0)
+    assert out["steps"] == steps and out["averages"] == scheduled + epoch_ends
+
+
+@pytest.mark.mpi
+def test_async_ps_trains_digits_and_never_exceeds_its_staleness_bound():
+    # 2 servers + 2 workers, max_staleness = 1; worker rank 3 is slower, so the bound has work to do.
+    proc = run_ranks(4, ["tests/scripts/async_digits.py", "async-ps", '{"servers": 2, "max_staleness": 1}',
+                         "--slow", "3", "0.002"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = last_json(proc.stdout)
+    stats, k, workers = out["stats"], 1, 2
+    assert out["val_accuracy"] >= 0.95, out["history"]
+    assert out["spread"] == 0.0  # every rank ends with the final model
+    # The shards cover every parameter exactly once.
+    total = sum(out["numels"])
+    covered = torch.zeros(total, dtype=torch.int64)
+    for start, stop in stats["shards"]:
+        covered[start:stop] += 1
+    assert bool((covered == 1).all()) and len(stats["shards"]) == 2
+    assert len(out["servers"]) == 2
+    for server in out["servers"]:
+        # Every push was applied exactly once, in clock order per worker ...
+        for w in range(workers):
+            clocks = [c for worker, c, *_ in server["applied"] if worker == w]
+            assert clocks == list(range(1, len(clocks) + 1))
+        assert len(server["applied"]) == stats["updates"] == 15 * 45 * 2
+        # ... no reply ever let a worker run more than k clocks ahead of the slowest live one ...
+        assert max(clock - slowest for _, clock, slowest in server["replies"]) <= k
+        # ... so at most (W-1)(2k+1) other updates landed between a worker's read and its write.
+        assert max(v_apply - v_read for _, _, v_read, v_apply, _ in server["applied"]) <= (workers - 1) * (
+            2 * k + 1
+        )
+    assert stats["delayed_replies"] > 0  # the bound did hold the fast worker back
+
+
+@pytest.mark.mpi
+def test_async_ps_with_max_staleness_0_and_local_sgd_every_step_are_synchronous_sgd():
+    proc = run_ranks(3, ["tests/scripts/async_equivalence.py"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = last_json(proc.stdout)
+    assert out["ps_diff"] < 1e-5, out  # momentum and weight decay included: the server steps once per round
+    assert out["ps_staleness_max"] == 0 and out["ps_updates"] == 3 * 5 * 2
+    assert out["local_sgd_diff"] < 1e-5 and out["local_sgd_spread"] == 0.0, out
+    assert out["bn_spread"] == 0.0 and out["bn_moved"] > 0.01  # the workers' statistics reached every rank
+
+
+@pytest.mark.mpi
+def test_a_silent_worker_does_not_stall_the_others(tmp_path):
+    # max_staleness = 0: without dead-worker detection rank 1 would wait for rank 2 forever.
+    proc = run_ranks(3, ["tests/scripts/async_ps_dead.py", "1.0", "0.3", str(tmp_path / "run")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "worker rank 2 silent for more than 0.3 s" in proc.stderr
+    out = last_json(proc.stdout)
+    stats = out["stats"]
+    [(rank, declared)] = stats["dead"]
+    assert rank == 2 and stats["refused"] == 1  # its late push was refused; then it said "done"
+    assert stats["finished"] == [1, 1]  # it came back, so both workers end cleanly
+    last_of_rank2 = max(t for w, *_, t in out["applied"] if w == 1)
+    assert declared - last_of_rank2 < 0.3 + 0.1  # declared dead promptly ...
+    during = [t for w, *_, t in out["applied"] if w == 0 and declared < t < declared + 0.5]
+    assert len(during) > 20  # ... and rank 1 kept training while rank 2 was silent
+    assert (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.mpi
+def test_a_worker_that_never_returns_ends_the_job_after_the_outputs(tmp_path):
+    start = time.monotonic()
+    proc = run_ranks(3, ["tests/scripts/async_ps_dead.py", "60", "0.3", str(tmp_path / "run")], timeout=90)
+    assert proc.returncode != 0 and time.monotonic() - start < 45
+    assert "worker rank(s) [2] went silent and never came back" in proc.stderr
+    for name in ("model.pt", "metrics.jsonl", "strategy.json"):
+        assert (tmp_path / "run" / name).exists()

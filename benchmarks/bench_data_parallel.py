@@ -94,9 +94,20 @@ def worker(kind: str, mode: str, global_batch: int, steps: int) -> None:
 
 
 # -- driver ------------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a fresh port per DDP run: a fixed one can still be held by the last run
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(cmd: list[str]) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{' '.join(cmd)} hung for 300 s:\n{exc.stdout}\n{exc.stderr}") from None
     match = re.search(r"samples/s=([\d.]+)", out.stdout)
     if out.returncode != 0 or not match:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")

@@ -306,9 +306,15 @@ class Checkpointer:
             if scored:
                 pick = min if self.best_mode == "min" else max
                 spare.add(pick(scored, key=lambda vp: vp[0])[1])
+        doomed = []
         for path in found:
-            if path not in spare:
-                shutil.rmtree(path, ignore_errors=True)
+            if path not in spare:  # an instant rename takes it out of list(); the slow unlinking goes on behind
+                trash = path.with_name(f".trash-{path.name}")
+                os.replace(path, trash)
+                doomed.append(trash)
+        doomed += [p for p in self.dir.glob(".trash-*") if p not in doomed]  # left by a killed run
+        if doomed:
+            threading.Thread(target=_remove_all, args=(doomed,), daemon=True, name="caldera-retain").start()
 
     # -- reading --------------------------------------------------------------------------------------------------
     def list(self) -> list[Path]:
@@ -344,6 +350,12 @@ class Checkpointer:
         if ranks == self.world.size and local_file.exists():
             local = torch.load(local_file, map_location="cpu", weights_only=False)
         return shared, local, path
+
+
+def _remove_all(paths: list[Path]) -> None:
+    """Delete retired checkpoints (a background thread: unlinking gigabytes takes a while)."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _save_checksummed(obj: Any, path: Path) -> dict[str, int]:

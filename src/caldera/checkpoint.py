@@ -308,7 +308,9 @@ class Checkpointer:
                 spare.add(pick(scored, key=lambda vp: vp[0])[1])
         doomed = []
         for path in found:
-            if path not in spare:  # an instant rename takes it out of list(); the slow unlinking goes on behind
+            if (
+                path not in spare
+            ):  # an instant rename takes it out of list(); the slow unlinking goes on behind
                 trash = path.with_name(f".trash-{path.name}")
                 os.replace(path, trash)
                 doomed.append(trash)

@@ -302,3 +302,15 @@ def _check_references(cfg: Config, where: str) -> None:
             f"{where}: [parallel] strategy = {cfg.parallel.strategy!r} trains with a constant learning rate; "
             "set [optim] schedule = 'constant' and warmup_steps = 0, or use strategy = 'allreduce'"
         )
+    if cfg.parallel.strategy in ("async-shared", "async-ps") and (
+        cfg.checkpoint.every is not None or cfg.checkpoint.time_limit is not None
+    ):  # silently training without the checkpoints the user asked for would lose a wall-time allocation
+        raise ConfigError(
+            f"{where}: [parallel] strategy = {cfg.parallel.strategy!r} does not write checkpoints during the run "
+            "yet; remove [checkpoint] every / time_limit, or use strategy = 'local-sgd' or 'allreduce'"
+        )
+    if cfg.parallel.strategy in ("async-shared", "async-ps") and cfg.precision.mode != "fp32":
+        raise ConfigError(
+            f"{where}: [parallel] strategy = {cfg.parallel.strategy!r} trains in fp32 only for now; set "
+            "[precision] mode = 'fp32', or use strategy = 'local-sgd' or 'allreduce'"
+        )

@@ -103,13 +103,15 @@ def unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
 
 def check_trainer(trainer, name: str) -> None:
     """Refuse, with the fix, what the asynchronous loops do not support yet."""
+    from caldera.config import ConfigError  # a ValueError the CLI prints as one line, without a traceback
+
     if trainer.precision.mode != "fp32":
-        raise ValueError(f"{name} trains in fp32 only for now; set [precision] mode = 'fp32'")
+        raise ConfigError(f"{name} trains in fp32 only for now; set [precision] mode = 'fp32'")
     if trainer.scheduler is not None:
-        raise ValueError(f"{name} applies a constant learning rate (asynchronous workers share no step count); "
+        raise ConfigError(f"{name} applies a constant learning rate (asynchronous workers share no step count); "
                          "set [optim] schedule = 'constant' and warmup_steps = 0")  # fmt: skip
     if trainer.resume:
-        raise ValueError(f"{name} cannot resume from a checkpoint yet; start the run without --resume")
+        raise ConfigError(f"{name} cannot resume from a checkpoint yet; start the run without --resume")
 
 
 @contextlib.contextmanager

@@ -83,3 +83,14 @@ def test_launch_reports_a_failed_job(tmp_path):
     assert proc.returncode != 0
     assert "rank 1/2 failed: ValueError: bad input" in proc.stderr
     assert "caldera launch: the job failed" in proc.stderr
+
+
+@pytest.mark.mpi
+def test_batchnorm_statistics_are_averaged_over_the_ranks():
+    proc = run_ranks(2, ["tests/scripts/dp_batchnorm.py"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["own_spread"] > 1e-3  # each rank's statistics came from its own shard
+        assert row["error"] < 1e-6  # and now every rank holds their mean

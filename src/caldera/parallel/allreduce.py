@@ -138,6 +138,24 @@ class AllReduce:
                 rebind_grads(b)  # an optimizer or user code may have replaced a .grad: keep the views
                 b.reset()
 
+    def synchronize(self) -> None:
+        """Average floating-point buffers (BatchNorm running statistics) over the ranks (collective).
+
+        Each rank's running statistics follow only its own shard; the trainer calls this before validation and
+        before each checkpoint, so evaluation and saved weights use statistics of the whole global batch stream.
+        """
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        if self.world.size == 1 or not buffers:
+            return
+        with torch.no_grad():
+            flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in buffers])
+            self.comm.Allreduce(flat, op="sum")
+            flat /= self.world.size
+            offset = 0
+            for b in buffers:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+
     def state_dict(self) -> dict[str, Any]:
         """Nothing beyond the model and optimizer: data-parallel state is the same on every rank."""
         return {}

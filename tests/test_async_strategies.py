@@ -70,7 +70,7 @@ def test_local_sgd_on_one_rank_is_plain_training():
     assert torch.equal(weights[0], weights[1])
 
 
-def test_mistakes_are_refused_with_the_fix():
+def test_mistakes_are_refused_with_the_fix(tmp_path):
     world = caldera.init()
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -82,6 +82,12 @@ def test_mistakes_are_refused_with_the_fix():
     trainer = caldera.Trainer(model, opt, nn.MSELoss(), strategy="async-ps", progress=False)
     with pytest.raises(ValueError, match="mpiexec"):
         trainer.fit(TensorDataset(torch.randn(8, 2), torch.randn(8, 2)))
+    from caldera.checkpoint import Checkpointer
+
+    timed = caldera.Trainer(model, opt, nn.MSELoss(), strategy="async-shared", progress=False,
+                            checkpointer=Checkpointer(tmp_path, world, time_limit="1h"))  # fmt: skip
+    with pytest.raises(ValueError, match="does not write checkpoints.*--time-limit"):
+        timed.fit(TensorDataset(torch.randn(8, 2), torch.randn(8, 2)))
     with pytest.raises(ValueError, match="'none'"):
         make_strategy("async-shared", lock="global")
     with pytest.raises(ValueError, match="pipeline"):

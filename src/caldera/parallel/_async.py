@@ -110,6 +110,10 @@ def check_trainer(trainer, name: str) -> None:
     if trainer.scheduler is not None:
         raise ConfigError(f"{name} applies a constant learning rate (asynchronous workers share no step count); "
                          "set [optim] schedule = 'constant' and warmup_steps = 0")  # fmt: skip
+    ckpt = trainer.checkpointer
+    if ckpt is not None and (ckpt.time_limit is not None or ckpt.every_steps or ckpt.every_seconds):
+        raise ConfigError(f"{name} does not write checkpoints during the run yet; drop --time-limit and "
+                          "[checkpoint] every / time_limit, or use strategy = 'local-sgd' or 'allreduce'")  # fmt: skip
     if trainer.resume:
         raise ConfigError(f"{name} cannot resume from a checkpoint yet; start the run without --resume")
 

@@ -309,10 +309,8 @@ class Checkpointer:
                 pick = min if self.best_mode == "min" else max
                 spare.add(pick(scored, key=lambda vp: vp[0])[1])
         doomed = []
-        for path in found:
-            if (
-                path not in spare
-            ):  # an instant rename takes it out of list(); the slow unlinking goes on behind
+        for path in found:  # an instant rename takes a path out of list(); the slow unlinking goes on behind
+            if path not in spare:
                 trash = path.with_name(f".trash-{path.name}")
                 os.replace(path, trash)
                 doomed.append(trash)

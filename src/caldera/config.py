@@ -270,6 +270,7 @@ def _check_references(cfg: Config, where: str) -> None:
     from caldera.data import SOURCES
     from caldera.models import MODELS
     from caldera.parallel import available_strategies
+    from caldera.parallel._async import LOOP_STRATEGIES, unsupported
     from caldera.train.losses import LOSSES
     from caldera.train.metrics import METRICS
 
@@ -295,22 +296,12 @@ def _check_references(cfg: Config, where: str) -> None:
             f"{where}: [parallel] strategy = {cfg.parallel.strategy!r} is not known; {hint}"
             f"available: {', '.join(available_strategies())}"
         )
-    if cfg.parallel.strategy in ("async-shared", "async-ps") and (
-        cfg.optim.schedule != "constant" or cfg.optim.warmup_steps
-    ):  # asynchronous workers share no step count to schedule by
-        raise ConfigError(
-            f"{where}: [parallel] strategy = {cfg.parallel.strategy!r} trains with a constant learning rate; "
-            "set [optim] schedule = 'constant' and warmup_steps = 0, or use strategy = 'allreduce'"
+    if cfg.parallel.strategy in LOOP_STRATEGIES:
+        problem = unsupported(
+            cfg.parallel.strategy,
+            cfg.precision.mode,
+            scheduled=cfg.optim.schedule != "constant" or bool(cfg.optim.warmup_steps),
+            checkpointing=cfg.checkpoint.every is not None or cfg.checkpoint.time_limit is not None,
         )
-    if cfg.parallel.strategy in ("async-shared", "async-ps") and (
-        cfg.checkpoint.every is not None or cfg.checkpoint.time_limit is not None
-    ):  # silently training without the checkpoints the user asked for would lose a wall-time allocation
-        raise ConfigError(
-            f"{where}: [parallel] strategy = {cfg.parallel.strategy!r} does not write checkpoints during the run "
-            "yet; remove [checkpoint] every / time_limit, or use strategy = 'local-sgd' or 'allreduce'"
-        )
-    if cfg.parallel.strategy in ("async-shared", "async-ps") and cfg.precision.mode != "fp32":
-        raise ConfigError(
-            f"{where}: [parallel] strategy = {cfg.parallel.strategy!r} trains in fp32 only for now; set "
-            "[precision] mode = 'fp32', or use strategy = 'local-sgd' or 'allreduce'"
-        )
+        if problem:
+            raise ConfigError(f"{where}: [parallel] {problem}")

@@ -96,3 +96,40 @@ def rebind_grads(bucket: Bucket) -> None:
             if p.grad is not None:
                 view.add_(p.grad)
             p.grad = view
+
+
+def flatten(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy ``tensors`` into one flat fp32 CPU vector (``out`` when given)."""
+    total = sum(t.numel() for t in tensors)
+    out = torch.empty(total, dtype=torch.float32) if out is None else out
+    offset = 0
+    for t in tensors:
+        out[offset : offset + t.numel()].copy_(t.detach().reshape(-1))
+        offset += t.numel()
+    return out
+
+
+@torch.no_grad()
+def unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy the flat vector back into ``tensors``."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def average_over_ranks(
+    comm, size: int, tensors: list[torch.Tensor], flat: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Average ``tensors`` over the ranks in place with one all-reduce; return the flat buffer (pass it back in
+    as ``flat`` to reuse it). fp64 if any tensor is fp64, else fp32 (bf16 tensors are averaged in fp32)."""
+    total = sum(t.numel() for t in tensors)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    if flat is None or flat.numel() != total or flat.dtype != dtype:
+        flat = torch.empty(total, dtype=dtype, device=tensors[0].device)
+    with torch.no_grad():
+        flatten(tensors, out=flat)
+        comm.Allreduce(flat)
+        flat.div_(size)
+        unflatten(flat, tensors)
+    return flat

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from caldera.comm.buckets import unflatten
 from caldera.data.sampler import ShardedBatches, epoch_permutation
 from caldera.world import World
 
@@ -81,39 +82,36 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def flatten(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy ``tensors`` into one flat fp32 CPU vector (``out`` when given)."""
-    total = sum(t.numel() for t in tensors)
-    out = torch.empty(total, dtype=torch.float32) if out is None else out
-    offset = 0
-    for t in tensors:
-        out[offset : offset + t.numel()].copy_(t.detach().reshape(-1))
-        offset += t.numel()
-    return out
+LOOP_STRATEGIES = ("async-shared", "async-ps")  # the strategies that run their own loop (``fit``)
+_INSTEAD = "or use strategy = 'local-sgd' or 'allreduce'"
 
 
-@torch.no_grad()
-def unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    """Copy the flat vector back into ``tensors``."""
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+def unsupported(name: str, precision: str, scheduled: bool, checkpointing: bool) -> str | None:
+    """What the asynchronous loops cannot do yet, as a message with the fix (None when the run is fine).
+
+    One list for both places that ask: the run file's validation and ``check_trainer`` (the Python API)."""
+    if precision != "fp32":
+        return f"{name} trains in fp32 only for now; set [precision] mode = 'fp32', {_INSTEAD}"
+    if scheduled:
+        return (f"{name} applies a constant learning rate (asynchronous workers share no step count); "
+                f"set [optim] schedule = 'constant' and warmup_steps = 0, {_INSTEAD}")  # fmt: skip
+    if checkpointing:
+        return (f"{name} does not write checkpoints during the run yet; drop --time-limit and "
+                f"[checkpoint] every / time_limit, {_INSTEAD}")  # fmt: skip
+    return None
 
 
 def check_trainer(trainer, name: str) -> None:
     """Refuse, with the fix, what the asynchronous loops do not support yet."""
     from caldera.config import ConfigError  # a ValueError the CLI prints as one line, without a traceback
 
-    if trainer.precision.mode != "fp32":
-        raise ConfigError(f"{name} trains in fp32 only for now; set [precision] mode = 'fp32'")
-    if trainer.scheduler is not None:
-        raise ConfigError(f"{name} applies a constant learning rate (asynchronous workers share no step count); "
-                         "set [optim] schedule = 'constant' and warmup_steps = 0")  # fmt: skip
     ckpt = trainer.checkpointer
-    if ckpt is not None and (ckpt.time_limit is not None or ckpt.every_steps or ckpt.every_seconds):
-        raise ConfigError(f"{name} does not write checkpoints during the run yet; drop --time-limit and "
-                          "[checkpoint] every / time_limit, or use strategy = 'local-sgd' or 'allreduce'")  # fmt: skip
+    checkpointing = ckpt is not None and bool(
+        ckpt.time_limit is not None or ckpt.every_steps or ckpt.every_seconds
+    )
+    problem = unsupported(name, trainer.precision.mode, trainer.scheduler is not None, checkpointing)
+    if problem:
+        raise ConfigError(problem)
     if trainer.resume:
         raise ConfigError(f"{name} cannot resume from a checkpoint yet; start the run without --resume")
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from caldera.comm.buckets import Bucket, build_buckets, point_grads, rebind_grads
+from caldera.comm.buckets import Bucket, average_over_ranks, build_buckets, point_grads, rebind_grads
 from caldera.parallel.base import register
 from caldera.world import World
 
@@ -147,14 +147,7 @@ class AllReduce:
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         if self.world.size == 1 or not buffers:
             return
-        with torch.no_grad():
-            flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in buffers])
-            self.comm.Allreduce(flat, op="sum")
-            flat /= self.world.size
-            offset = 0
-            for b in buffers:
-                b.copy_(flat[offset : offset + b.numel()].view_as(b))
-                offset += b.numel()
+        average_over_ranks(self.comm, self.world.size, buffers)
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing beyond the model and optimizer: data-parallel state is the same on every rank."""

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from caldera.parallel._async import Snapshot, WorkItems, check_trainer, finish_run, flatten, trainable
+from caldera.comm.buckets import flatten
+from caldera.parallel._async import Snapshot, WorkItems, check_trainer, finish_run, trainable
 from caldera.parallel.base import register
 from caldera.world import World
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from caldera.comm.buckets import average_over_ranks
 from caldera.parallel.base import register
 from caldera.world import World
 
@@ -54,7 +55,7 @@ class LocalSGD:
         self.steps = 0  # local steps taken (the same on every rank: the trainer runs every rank equally long)
         self.averages = 0  # model averagings done
         self.last_average_step = 0  # the step after which the ranks last held the same model
-        self._flat: torch.Tensor | None = None  # the reused all-reduce buffer
+        self._flat: torch.Tensor | None = None  # the reused all-reduce buffer (resized when state appears)
 
     def setup(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World
@@ -94,22 +95,7 @@ class LocalSGD:
         if self.world.size == 1 or self.last_average_step == self.steps:
             self.last_average_step = self.steps
             return
-        tensors = self._tensors()
-        total = sum(t.numel() for t in tensors)
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-        if self._flat is None or self._flat.numel() != total:  # optimizer state appears after the first step
-            self._flat = torch.empty(total, dtype=dtype, device=tensors[0].device)
-        flat, offset = self._flat, 0
-        with torch.no_grad():
-            for t in tensors:
-                flat[offset : offset + t.numel()].copy_(t.reshape(-1))
-                offset += t.numel()
-            self.comm.Allreduce(flat)
-            flat.div_(self.world.size)
-            offset = 0
-            for t in tensors:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+        self._flat = average_over_ranks(self.comm, self.world.size, self._tensors(), self._flat)
         self._refresh_low_precision_params()
         self.averages += 1
         self.last_average_step = self.steps

@@ -41,15 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from caldera.parallel._async import (
-    Snapshot,
-    WorkItems,
-    check_trainer,
-    finish_run,
-    flatten,
-    trainable,
-    unflatten,
-)
+from caldera.comm.buckets import flatten, unflatten
+from caldera.parallel._async import Snapshot, WorkItems, check_trainer, finish_run, trainable
 from caldera.parallel.base import register
 from caldera.world import World
 

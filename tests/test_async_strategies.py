@@ -70,7 +70,7 @@ def test_local_sgd_on_one_rank_is_plain_training():
     assert torch.equal(weights[0], weights[1])
 
 
-def test_mistakes_are_refused_with_the_fix(tmp_path):
+def test_mistakes_are_refused_with_the_fix():
     world = caldera.init()
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -82,12 +82,10 @@ def test_mistakes_are_refused_with_the_fix(tmp_path):
     trainer = caldera.Trainer(model, opt, nn.MSELoss(), strategy="async-ps", progress=False)
     with pytest.raises(ValueError, match="mpiexec"):
         trainer.fit(TensorDataset(torch.randn(8, 2), torch.randn(8, 2)))
-    from caldera.checkpoint import Checkpointer
-
-    timed = caldera.Trainer(model, opt, nn.MSELoss(), strategy="async-shared", progress=False,
-                            checkpointer=Checkpointer(tmp_path, world, time_limit="1h"))  # fmt: skip
-    with pytest.raises(ValueError, match="does not write checkpoints.*--time-limit"):
-        timed.fit(TensorDataset(torch.randn(8, 2), torch.randn(8, 2)))
+    scheduled = caldera.Trainer(model, opt, nn.MSELoss(), strategy="async-shared", progress=False,
+                                scheduler=torch.optim.lr_scheduler.StepLR(opt, 5))  # fmt: skip
+    with pytest.raises(ValueError, match="constant learning rate.*schedule = 'constant'"):
+        scheduled.fit(TensorDataset(torch.randn(8, 2), torch.randn(8, 2)))
     with pytest.raises(ValueError, match="'none'"):
         make_strategy("async-shared", lock="global")
     with pytest.raises(ValueError, match="pipeline"):
@@ -227,3 +225,73 @@ def test_a_worker_that_never_returns_ends_the_job_after_the_outputs(tmp_path):
     assert "worker rank(s) [2] went silent and never came back" in proc.stderr
     for name in ("model.pt", "metrics.jsonl", "strategy.json"):
         assert (tmp_path / "run" / name).exists()
+
+
+# -- checkpoints: a consistent cut, SIGTERM -> checkpoint + exit 85, resume ---------------------------------------
+def check_resumed(out: dict, exact: bool) -> None:
+    """The stopped-and-resumed run went through a real preemption and ended like the unbroken one."""
+    assert out["preempted"] and not out["again"], out
+    step = int(out["stopped_at"].rsplit("-", 1)[1])
+    assert 0 < step < out["whole_stats"]["updates"], out["stopped_at"]  # stopped in the middle of the run
+    assert out["resumed_stats"]["resumed_from"] == step  # ... and the resumed run started there
+    assert out["resumed_stats"]["updates"] == out["whole_stats"]["updates"]
+    assert len(out["resumed_history"]) == len(out["whole_history"])  # the records before the stop survived
+    if exact:  # one worker, or max_staleness = 0: deterministic, so the resume must be bit-exact
+        assert out["diff"] == 0.0, out["diff"]
+        assert out["resumed_history"][-1]["val_loss"] == out["whole_history"][-1]["val_loss"]
+    else:
+        assert out["resumed_history"][-1]["val_accuracy"] >= 0.9, out["resumed_history"]
+
+
+def test_async_shared_sigterm_checkpoints_and_resumes_bit_exactly(tmp_path):
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "tests/scripts/async_resume.py", "async-shared", '{"workers": 1}', str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_resumed(last_json(proc.stdout), exact=True)
+    assert len(list((tmp_path / "whole" / "checkpoints").iterdir())) == 3  # every 7 updates, keep 3
+
+
+@pytest.mark.mpi
+def test_async_ps_checkpoints_at_a_cut_and_resumes_bit_exactly_when_synchronous(tmp_path):
+    # Two servers (each saves its own shard's momentum), max_staleness = 0: deterministic, hence bit-exact.
+    proc = run_ranks(4, ["tests/scripts/async_resume.py", "async-ps", '{"servers": 2, "max_staleness": 0}',
+                         str(tmp_path)], timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_resumed(last_json(proc.stdout), exact=True)
+
+
+@pytest.mark.mpi
+def test_async_ps_checkpoints_with_held_replies_and_a_pipeline(tmp_path):
+    # max_staleness = 1 holds fast workers back: the cut must still complete (parked workers release them).
+    proc = run_ranks(3, ["tests/scripts/async_resume.py", "async-ps", '{"max_staleness": 1, "pipeline": true}',
+                         str(tmp_path)], timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_resumed(last_json(proc.stdout), exact=False)
+
+
+def test_cli_async_shared_time_limit_then_resume(tmp_path):
+    import subprocess
+
+    from caldera.checkpoint import REQUEUE_EXIT_CODE
+
+    run_dir = tmp_path / "heat"
+    base = [sys.executable, "-m", "caldera.cli", "train", "examples/heat_surrogate.toml", "--set", f"run.dir={run_dir}",
+            "--set", "data.args.n_samples=128", "--set", "optim.epochs=2", "--set", "train.plot=false",
+            "--set", "parallel.strategy=async-shared", "--set", "parallel.workers=2",
+            "--set", "optim.schedule=constant", "--set", "optim.warmup_steps=0"]  # fmt: skip
+    stop = subprocess.run([*base, "--time-limit", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert stop.returncode == REQUEUE_EXIT_CODE, stop.stderr[-3000:]
+    assert "time limit" in stop.stderr and "checkpoint" in stop.stderr
+    wrong = subprocess.run([*base, "--resume", "--set", "parallel.workers=3"], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT)  # fmt: skip
+    assert wrong.returncode == 2 and "resume with [parallel] workers = 2" in wrong.stderr, wrong.stderr[
+        -2000:
+    ]
+    done = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout and (run_dir / "model.pt").exists()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2

@@ -172,6 +172,7 @@ class Checkpointer:
         self.config_hash = config_hash
         self.started = time.monotonic()
         self.last_save = time.monotonic()
+        self.last_step = 0  # the step of the newest checkpoint written (or resumed from)
         self.pending: _Pending | None = None
         self.stop_reason: str | None = None
         self._old_handlers: dict[int, Any] = {}
@@ -224,6 +225,16 @@ class Checkpointer:
         if due:
             self.save(step, *capture())
 
+    def poll(self, step: int) -> tuple[bool, str | None]:
+        """For loops with no common step boundary (the asynchronous strategies): (is a checkpoint due after
+        ``step`` updates, why to stop now or None). Not collective: the caller's coordinator asks alone."""
+        now = time.monotonic()
+        due = self.every_steps is not None and step - self.last_step >= self.every_steps
+        due = due or (self.every_seconds is not None and now - self.last_save >= self.every_seconds)
+        if self.time_limit is not None and now - self.started >= self.time_limit - self.time_margin:
+            self.stop_reason = self.stop_reason or "time limit"
+        return due, self.stop_reason
+
     # -- writing --------------------------------------------------------------------------------------------------
     def save(self, step: int, shared: dict[str, Any], local: dict[str, Any], block: bool = False,
              metrics: dict[str, float] | None = None) -> Path:  # fmt: skip
@@ -252,7 +263,7 @@ class Checkpointer:
         pending.thread = threading.Thread(target=self._write_files, args=(pending, payload), daemon=True)
         pending.thread.start()
         self.pending = pending
-        self.last_save = time.monotonic()
+        self.last_save, self.last_step = time.monotonic(), step
         self.save_seconds.append(self.last_save - t0)
         if synchronous:
             pending.thread.join()

@@ -301,7 +301,6 @@ def _check_references(cfg: Config, where: str) -> None:
             cfg.parallel.strategy,
             cfg.precision.mode,
             scheduled=cfg.optim.schedule != "constant" or bool(cfg.optim.warmup_steps),
-            checkpointing=cfg.checkpoint.every is not None or cfg.checkpoint.time_limit is not None,
         )
         if problem:
             raise ConfigError(f"{where}: [parallel] {problem}")

@@ -86,7 +86,7 @@ LOOP_STRATEGIES = ("async-shared", "async-ps")  # the strategies that run their 
 _INSTEAD = "or use strategy = 'local-sgd' or 'allreduce'"
 
 
-def unsupported(name: str, precision: str, scheduled: bool, checkpointing: bool) -> str | None:
+def unsupported(name: str, precision: str, scheduled: bool) -> str | None:
     """What the asynchronous loops cannot do yet, as a message with the fix (None when the run is fine).
 
     One list for both places that ask: the run file's validation and ``check_trainer`` (the Python API)."""
@@ -95,9 +95,6 @@ def unsupported(name: str, precision: str, scheduled: bool, checkpointing: bool)
     if scheduled:
         return (f"{name} applies a constant learning rate (asynchronous workers share no step count); "
                 f"set [optim] schedule = 'constant' and warmup_steps = 0, {_INSTEAD}")  # fmt: skip
-    if checkpointing:
-        return (f"{name} does not write checkpoints during the run yet; drop --time-limit and "
-                f"[checkpoint] every / time_limit, {_INSTEAD}")  # fmt: skip
     return None
 
 
@@ -105,15 +102,51 @@ def check_trainer(trainer, name: str) -> None:
     """Refuse, with the fix, what the asynchronous loops do not support yet."""
     from caldera.config import ConfigError  # a ValueError the CLI prints as one line, without a traceback
 
-    ckpt = trainer.checkpointer
-    checkpointing = ckpt is not None and bool(
-        ckpt.time_limit is not None or ckpt.every_steps or ckpt.every_seconds
-    )
-    problem = unsupported(name, trainer.precision.mode, trainer.scheduler is not None, checkpointing)
+    problem = unsupported(name, trainer.precision.mode, trainer.scheduler is not None)
     if problem:
         raise ConfigError(problem)
-    if trainer.resume:
-        raise ConfigError(f"{name} cannot resume from a checkpoint yet; start the run without --resume")
+
+
+# -- checkpoints: the loops pause at a consistent cut, then save through the trainer's checkpointer ------------------
+def restore(trainer, name: str) -> dict:
+    """Load the newest checkpoint into the trainer when it asks to resume; return the strategy's saved state
+    (empty when starting fresh). Every rank calls this; the weights land in ``trainer.model``."""
+    from caldera.config import ConfigError
+
+    if not trainer.resume:
+        return {}
+    trainer._restore()  # weights, optimizer, RNG; calls strategy.load_state_dict, which keeps the state
+    state = dict(getattr(trainer.strategy, "resumed", {}) or {})
+    if state and state.get("strategy") != name:
+        raise ConfigError(f"the checkpoint was written by strategy {state.get('strategy')!r}, not {name!r}; "
+                          "resume with the strategy that wrote it, or start a new run directory")  # fmt: skip
+    trainer.history = []  # the asynchronous loops rebuild the history from the recorded snapshots
+    return state
+
+
+def save(trainer, updates: int, per_epoch: int, local: dict | None = None):
+    """Write a checkpoint after ``updates`` updates (collective over the trainer's world, blocking: the loops
+    pause for it anyway); ``local`` adds to this rank's own file. Return the checkpoint's path."""
+    trainer.global_step, trainer.epoch = updates, updates // per_epoch
+    shared, mine = trainer._capture()
+    return trainer.checkpointer.save(updates, shared, {**mine, **(local or {})}, block=True)
+
+
+def saved_records(snapshots: list[Snapshot]) -> dict:
+    """The recorded snapshots as checkpoint state (restored by ``records_from``)."""
+    return {"snapshot_items": [s.items for s in snapshots], "snapshot_times": [s.time_s for s in snapshots],
+            "snapshot_losses": [(s.loss_sum, s.samples) for s in snapshots],
+            "snapshot_weights": torch.stack([s.weights for s in snapshots]) if snapshots else None}  # fmt: skip
+
+
+def records_from(state: dict) -> list[Snapshot]:
+    """The snapshots a checkpoint recorded (see ``saved_records``)."""
+    if not state.get("snapshot_items"):
+        return []
+    return [Snapshot(items, time_s, weights.clone(), loss, samples)
+            for items, time_s, weights, (loss, samples) in zip(
+                state["snapshot_items"], state["snapshot_times"], state["snapshot_weights"],
+                state["snapshot_losses"])]  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -18,6 +18,13 @@ How a run goes (``fit``: the trainer hands the whole run to this strategy, in th
    updates landed between reading the weights and writing the update. A shared histogram records it.
 No barrier anywhere: a slow worker simply takes fewer items, and the fast ones keep the run going.
 
+Checkpoints (``[checkpoint] every``, a time limit, SIGTERM/SIGUSR1 to the main process): the main process asks
+the workers to pause; each finishes the item in hand, sends its optimizer state and waits. Then every item
+handed out has been applied -- a consistent cut -- and the main process saves the shared weights, every
+worker's optimizer state and the records through the trainer's checkpointer, and lets the workers go on (or,
+when stopping, exits with the requeue code). Workers ignore SIGTERM/SIGUSR1 (the main process decides) and
+leave when the main process dies.
+
 Every worker keeps its own optimizer state (momentum, Adam moments) and steps with the item's gradient scaled
 by (slice size / global batch). For SGD with momentum the W workers' buffers then add up, to first order in the
 staleness, to synchronous SGD over the global batch. Adam normalises the gradient, so W workers take W Adam
@@ -27,15 +34,19 @@ steps per global batch: lower an Adam learning rate by about W.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
+import signal
 import time
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from caldera.checkpoint import Preempted
 from caldera.comm.buckets import flatten
+from caldera.parallel import _async
 from caldera.parallel._async import Snapshot, WorkItems, check_trainer, finish_run, trainable
 from caldera.parallel.base import register
 from caldera.world import World
@@ -70,6 +81,7 @@ class AsyncShared:
         self.start_method = start_method or ("forkserver" if os.name == "posix" else "spawn")
         self.stats: dict[str, Any] = {}  # filled by fit: updates per worker, staleness summary, timings
         self.snapshots: list[Snapshot] = []
+        self.resumed: dict[str, Any] = {}  # the state a checkpoint held, when the run resumes
         self._fitting = False
 
     # -- the run, in the process the user started -------------------------------------------------------------
@@ -79,13 +91,25 @@ class AsyncShared:
 
         check_trainer(trainer, "async-shared")
         self._fitting = True
+        ckpt = trainer.checkpointer
+        if ckpt is not None:
+            ckpt.install_signal_handlers()
         try:
             return self._fit(trainer, train_set, val_set, mp)
         finally:
+            if ckpt is not None:
+                ckpt.restore_signal_handlers()
             self.close()
 
     def _fit(self, trainer, train_set: Dataset, val_set: Dataset | None, mp) -> list[dict[str, float]]:
         self.setup(trainer.model, trainer.optimizer, trainer.world)
+        resumed = _async.restore(trainer, "async-shared")  # the weights land in the shared tensors
+        self.resumed = {}  # the workers get a copy of this object: leave the records out of it
+        if resumed and resumed["workers"] != self.workers:
+            from caldera.config import ConfigError
+
+            raise ConfigError(f"the checkpoint was written by {resumed['workers']} async-shared workers; resume "
+                              f"with [parallel] workers = {resumed['workers']}")  # fmt: skip
         self.loss_fn = trainer.loss_fn
         self.items = WorkItems(train_set, trainer.batch_size, self.workers, trainer.max_epochs, trainer.seed,
                                trainer.shuffle, trainer.drop_last)  # fmt: skip
@@ -97,56 +121,142 @@ class AsyncShared:
         ctx = mp.get_context(self.start_method)
         if self.start_method == "forkserver":  # import torch once in the fork server, not once per worker
             ctx.set_forkserver_preload(["torch", __name__])
-        self._version = ctx.Value("q", 0)  # updates applied so far: the weights' version
-        self._next_item = ctx.Value("q", 0)  # the next work item to hand out
+        start = self._start = resumed.get("updates", 0)
+        self._version = ctx.Value("q", start)  # updates applied so far: the weights' version
+        self._next_item = ctx.Value("q", start)  # the next work item to hand out
         self._ready = ctx.Value("q", 0)
+        self._pause = ctx.Value("q", 0)  # > 0: the number of the checkpoint the workers should pause for
         self._go = ctx.Event()
+        self._states = ctx.Queue()  # (worker, pause number or -1 at the end, its optimizer state as bytes)
         self._locks = [ctx.Lock() for _ in self._params] if self.lock == "tensor" else None
         self._staleness = torch.zeros(self.workers, STALENESS_BINS, dtype=torch.int64).share_memory_()
         self._stale_max = torch.zeros(self.workers, dtype=torch.int64).share_memory_()
         self._losses = torch.zeros(self.workers, n_records, 2, dtype=torch.float64).share_memory_()
         self._snapshots = torch.zeros(n_records, sum(p.numel() for p in self._params)).share_memory_()
         self._snap_time = torch.zeros(n_records, dtype=torch.float64).share_memory_()
+        self._worker_optim = resumed.get("optimizers")  # each worker loads its own on start
+        self._restore_records(resumed)
 
         trainer.log(f"async-shared: {self.workers} worker processes x {self._threads} thread(s), lock = "
                     f"{self.lock}; {self.items.total} updates of {trainer.batch_size // self.workers} samples "
-                    f"({trainer.max_epochs} epochs of {len(train_set)} samples)")  # fmt: skip
+                    f"({trainer.max_epochs} epochs of {len(train_set)} samples)"
+                    + (f"; resuming after update {start}" if start else ""))  # fmt: skip
         procs = [ctx.Process(target=_worker_main, args=(self, i), daemon=True, name=f"caldera-async-{i}")
                  for i in range(self.workers)]  # fmt: skip
+        self._optim_states: dict[int, tuple[int, bytes]] = {}  # worker -> (pause number or -1, state)
+        self._pauses = 0
         try:
             started = time.monotonic()
             for p in procs:
                 p.start()
             self._watch(procs, lambda: self._ready.value == self.workers)
-            t0 = time.monotonic()
+            self.t0 = time.monotonic()
             self._go.set()  # all workers start together: startup is not training time
-            self._watch(procs, lambda: all(p.exitcode == 0 for p in procs))
-            elapsed = time.monotonic() - t0
+            self._train(procs, trainer)
+            elapsed = time.monotonic() - self.t0
         finally:
             for p in procs:
+                if p.pid is None:  # never started (start() of an earlier one failed)
+                    continue
                 if p.is_alive():
-                    p.terminate()
+                    p.kill()  # the workers ignore SIGTERM (the main process decides when to stop)
                 p.join()
-        self.snapshots = self._collect(n_records, t0)
-        self.stats = self._summary(elapsed, t0 - started)
+        self.snapshots = self._collect(n_records)
+        self.stats = self._summary(elapsed + self._offset, self.t0 - started)
         trainer.log(f"async-shared: {self.stats['updates']} updates in {elapsed:.2f} s (per worker "
                     f"{self.stats['updates_per_worker']}); staleness mean {self.stats['staleness_mean']:.2f}, "
                     f"p99 {self.stats['staleness_p99']}, max {self.stats['staleness_max']}")  # fmt: skip
-        return finish_run(trainer, self.snapshots, val_set, self.items.per_epoch, self.stats)
+        history = finish_run(trainer, self.snapshots, val_set, self.items.per_epoch, self.stats)
+        if trainer.checkpointer is not None:  # the end of the run, like the trainer's final checkpoint
+            self._keep = self._checkpoint_state(self._version.value, final=True)
+            _async.save(trainer, self._version.value, self.items.per_epoch)
+        return history
+
+    def _train(self, procs: list, trainer) -> None:
+        """Wait for the workers to use up the items; pause them for a checkpoint when one is due or asked for."""
+        ckpt = trainer.checkpointer
+        while not all(p.exitcode == 0 for p in procs):
+            self._check(procs)
+            self._drain_states()
+            if ckpt is not None and self._next_item.value < self.items.total:
+                due, stop = ckpt.poll(self._version.value)
+                if due or stop:
+                    self._checkpoint(procs, trainer, stop)
+            time.sleep(0.01)
+        self._drain_states(until=lambda: self._states_for(-1), procs=procs)
+
+    def _states_for(self, number: int) -> bool:
+        """True once every worker sent its optimizer state for pause ``number`` (or its final one, -1)."""
+        states = self._optim_states.values()
+        return len(states) == self.workers and all(g in (number, -1) for g, _ in states)
+
+    def _checkpoint(self, procs: list, trainer, stop: str | None) -> None:
+        """Pause every worker at an item boundary, save, then resume them (or stop, asking for a requeue)."""
+        self._pauses += 1
+        number = self._pause.value = self._pauses
+        self._drain_states(until=lambda: self._states_for(number), procs=procs)
+        updates = self._version.value  # every item handed out has been applied: a consistent cut
+        self._keep = self._checkpoint_state(updates)
+        path = _async.save(trainer, updates, self.items.per_epoch)
+        if stop:
+            raise Preempted(stop, path)
+        self._pause.value = 0
+
+    def _drain_states(self, until=None, procs: list | None = None) -> None:
+        """Collect the optimizer states the workers sent; with ``until``, wait for it (watching the workers)."""
+        import queue
+
+        while True:
+            try:
+                index, number, blob = self._states.get(timeout=0.01 if until else 0)
+                self._optim_states[index] = (number, blob)
+            except queue.Empty:
+                if until is None or until():
+                    return
+                self._check(procs or [])
+
+    def _check(self, procs: list) -> None:
+        """A worker that died ends the run with its name instead of a hang."""
+        for i, p in enumerate(procs):
+            if p.exitcode not in (None, 0):
+                raise RuntimeError(f"async-shared worker {i} died with exit code {p.exitcode} "
+                                   "(its traceback is above); the run is stopped")  # fmt: skip
 
     def _watch(self, procs: list, done) -> None:
-        """Wait until ``done()``; a worker that died ends the run with its name instead of a hang."""
+        """Wait until ``done()``, watching the workers."""
         while not done():
-            for i, p in enumerate(procs):
-                if p.exitcode not in (None, 0):
-                    raise RuntimeError(f"async-shared worker {i} died with exit code {p.exitcode} "
-                                       "(its traceback is above); the run is stopped")  # fmt: skip
+            self._check(procs)
             time.sleep(0.01)
 
-    def _collect(self, n_records: int, t0: float) -> list[Snapshot]:
+    def _checkpoint_state(self, updates: int, final: bool = False) -> dict[str, Any]:
+        """What a checkpoint holds beyond the trainer's state: every worker's optimizer state and the records."""
+        n_records = math.ceil(updates / self._every) if final else updates // self._every
+        return {
+            "strategy": "async-shared", "workers": self.workers, "updates": updates,
+            "optimizers": [torch.load(io.BytesIO(self._optim_states[i][1]), weights_only=False)
+                           for i in range(self.workers)],
+            "train_s": time.monotonic() - self.t0 + self._offset,
+            "staleness": self._staleness.clone(), "stale_max": self._stale_max.clone(),
+            "losses": self._losses.sum(0), **_async.saved_records(self._collect(n_records)),
+        }  # fmt: skip
+
+    def _restore_records(self, state: dict[str, Any]) -> None:
+        """Put a checkpoint's records back into the shared tensors (times continue from the saved run)."""
+        restored = _async.records_from(state)
+        self._offset, self._restored_times = state.get("train_s", 0.0), [s.time_s for s in restored]
+        for r, snap in enumerate(restored):
+            self._snapshots[r] = snap.weights
+        if state:
+            self._staleness.copy_(state["staleness"])
+            self._stale_max.copy_(state["stale_max"])
+            self._losses[0].copy_(state["losses"])
+
+    def _collect(self, n_records: int) -> list[Snapshot]:
         losses = self._losses.sum(0)
         return [Snapshot(items=min((r + 1) * self._every, self.items.total),
-                         time_s=float(self._snap_time[r]) - t0, weights=self._snapshots[r].clone(),
+                         time_s=(self._restored_times[r] if r < len(self._restored_times)
+                                 else float(self._snap_time[r]) - self.t0 + self._offset),
+                         weights=self._snapshots[r].clone(),
                          loss_sum=float(losses[r, 0]), samples=int(losses[r, 1]))
                 for r in range(n_records)]  # fmt: skip
 
@@ -160,6 +270,7 @@ class AsyncShared:
 
         return {
             "strategy": "async-shared", "workers": self.workers, "lock": self.lock, "updates": n,
+            "resumed_from": self._start,
             "updates_per_worker": self._staleness.sum(1).tolist(),
             "staleness_mean": float((hist * torch.arange(STALENESS_BINS)).sum()) / max(1, n),
             "staleness_p50": quantile(0.5), "staleness_p99": quantile(0.99),
@@ -194,20 +305,30 @@ class AsyncShared:
     def _work(self, index: int) -> None:
         """One worker's life: take items until none are left; never wait for another worker."""
         os.environ["CALDERA_WORKER_INDEX"] = str(index)  # lets user code tell the workers apart
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # the main process checkpoints and stops us
+            signal.signal(sig, signal.SIG_IGN)
+        self._parent = os.getppid()
         torch.set_num_threads(self._threads)
         self.index = index
         self._optimizers = [self._opt_class([p], **s) for p, s in zip(self._params, self._opt_settings)]
+        for optimizer, state in zip(self._optimizers, (self._worker_optim or [[]] * self.workers)[index]):
+            optimizer.load_state_dict(state)
         self._guards = self._locks or [contextlib.nullcontext()] * len(self._params)
         with self._ready.get_lock():
             self._ready.value += 1
         self._go.wait()
         self.model.train()
         while True:
+            if self._pause.value:
+                self._hold()
             with self._next_item.get_lock():
                 item = self._next_item.value
                 self._next_item.value += 1
             if item >= self.items.total:
+                self._send_state(-1)  # the final optimizer state, for the end-of-run checkpoint
                 return
+            if os.getppid() != self._parent:  # the main process was killed: stop burning its cores
+                os._exit(1)
             x, y, n_local, n_global = self.items.batch(item)
             self._read = self._version.value  # the version of the weights this forward pass reads
             loss = self.loss_fn(self.model(x), y)
@@ -216,6 +337,19 @@ class AsyncShared:
             record = (self._write - 1) // self._every
             self._losses[index, record, 0] += loss.item() * n_local
             self._losses[index, record, 1] += n_local
+
+    def _send_state(self, number: int) -> None:
+        blob = io.BytesIO()
+        torch.save([o.state_dict() for o in self._optimizers], blob)
+        self._states.put((self.index, number, blob.getvalue()))
+
+    def _hold(self) -> None:
+        """Pause for checkpoint ``_pause``: hand the main process this worker's optimizer state, then wait."""
+        self._send_state(self._pause.value)
+        while self._pause.value:
+            if os.getppid() != self._parent:  # the main process is gone: nobody will resume us
+                os._exit(1)
+            time.sleep(0.002)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Compute this worker's dense gradient into its private ``.grad`` tensors."""
@@ -242,15 +376,17 @@ class AsyncShared:
             self._snap_time[record] = time.monotonic()
 
     def state_dict(self) -> dict[str, Any]:
-        """The update count (the weights themselves are the trainer's model)."""
-        return {"updates": self.stats.get("updates", 0)}
+        """The state of the checkpoint being written: updates, every worker's optimizer state, the records."""
+        return getattr(self, "_keep", {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore: async-shared does not resume yet."""
+        """Keep a checkpoint's state for ``fit`` to restore (the weights are the trainer's model)."""
+        self.resumed = state
 
     def close(self) -> None:
         """Drop the shared buffers (the workers have exited when ``fit`` returns)."""
         self._snapshots = self._losses = self._staleness = None  # type: ignore[assignment]
+        self._states = None
         self._fitting = False
 
 

@@ -28,6 +28,15 @@ on without it; if it comes back it is told to stop. At the end, the servers wait
 missing workers, write the outputs without them, and then end the job with a message naming them (MPI cannot
 finish with a hung rank). A process that crashes outright ends the job through the MPI launcher, as always.
 Waiting processes spin only briefly, then poll with short sleeps: such a job often has more processes than cores.
+
+Checkpoints (``[checkpoint] every``, a time limit, SIGTERM/SIGUSR1 on rank 0): server 0 declares a *cut* at
+the next unhanded item N and tells the other servers; it hands out no more items, and each worker, once every
+push it made has been answered, *parks* (tells every server). When all workers are parked every server has
+applied exactly the items before N, so all ranks save together through the trainer's checkpointer: rank 0 the
+assembled weights, every server's optimizer state, clocks and records; each worker its BatchNorm buffers. Then
+training goes on (or every rank exits with the requeue code); ``--resume`` restarts from such a cut with the
+same servers and workers. Once a worker has been declared dead no further checkpoint is taken (it could never
+join the collective write).
 """
 
 from __future__ import annotations
@@ -41,18 +50,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from caldera.checkpoint import Preempted
 from caldera.comm.buckets import flatten, unflatten
+from caldera.parallel import _async
 from caldera.parallel._async import Snapshot, WorkItems, check_trainer, finish_run, trainable
 from caldera.parallel.base import register
 from caldera.world import World
 
-GRAD, DONE, WEIGHTS, STOP = 1, 2, 3, 4  # message kinds
-PUSH, REPLY, FINAL, BUFFERS = (
-    101,
-    102,
-    103,
-    104,
-)  # tags (on a communicator of our own, so they meet nobody else's)
+GRAD, DONE, WEIGHTS, STOP, PARK = 1, 2, 3, 4, 5  # message kinds
+# Tags, on a communicator of our own, so they meet nobody else's.
+PUSH, REPLY, FINAL, BUFFERS, CUT = 101, 102, 103, 104, 105
 _NEEDS_FIT = ("async-ps runs its own loop on servers and workers: the trainer must hand it the run through "
               "strategy.fit(trainer, train_set, val_set) (Trainer.fit does so for strategies that have fit)")  # fmt: skip
 
@@ -86,13 +93,15 @@ class _Packet:
     """One message in one buffer: int64 header fields (the last one read as a float64 loss) followed by the
     float32 payload. Header-only messages ("done", "stop") send just the header."""
 
-    HEADER = 12  # float32 slots: kind, clock or version, version read, item, samples, loss
+    # float32 slots read as int64 fields: kind, clock or version, version read or item, item, samples or cut
+    # step, - or stop flag; then the loss as a float64.
+    HEADER = 14
 
     def __init__(self, n: int) -> None:
         self.buf = torch.zeros(self.HEADER + n, dtype=torch.float32)
         self.array = self.buf.numpy()  # what MPI reads and writes: the same memory
         self.fields = self.array[: self.HEADER].view(np.int64)  # NumPy views: cheap to read and write
-        self.loss = self.array[10:12].view(np.float64)
+        self.loss = self.array[12:14].view(np.float64)
         self.payload = self.buf[self.HEADER :]
 
     @property
@@ -146,6 +155,8 @@ class ParameterServer:
         self.record_every, self.grad_clip, self.poll_s = record_every, grad_clip, poll_s
         self.stats: dict[str, Any] = {}
         self.snapshots: list[Snapshot] = []
+        self.resumed: dict[str, Any] = {}  # the state a checkpoint held, when the run resumes
+        self._keep: dict[str, Any] = {}  # the state of the checkpoint being written (rank 0)
         # Recorded by each server: (worker, its clock, version it read, version it was applied to, seconds into
         # training) per push, and (worker, its clock, the slowest live worker's clock) per reply.
         self.applied_log: list[tuple[int, int, int, int, float]] = []
@@ -158,7 +169,11 @@ class ParameterServer:
         rank evaluates the recorded weights and writes the run directory, and every rank gets the final model."""
         check_trainer(trainer, "async-ps")
         self._fitting = True
+        resumed = _async.restore(trainer, "async-ps")  # before setup: the shards are cut from these weights
+        self.resumed = {}
         self.setup(trainer.model, trainer.optimizer, trainer.world)
+        self._resume(resumed, getattr(trainer, "_restored_local", None))
+        self.trainer, self.checkpointer = trainer, trainer.checkpointer
         self.items = WorkItems(train_set, trainer.batch_size, self.n_workers, trainer.max_epochs, trainer.seed,
                                trainer.shuffle, trainer.drop_last, device=trainer.world.device)  # fmt: skip
         self._every = self.record_every or self.items.per_epoch
@@ -167,17 +182,41 @@ class ParameterServer:
             f"{'/'.join(str(b - a) for a, b in self.bounds)} parameters), {self.n_workers} workers; "
             f"max_staleness = {self.max_staleness}; {self.items.total} work items of "
             f"{trainer.batch_size // self.n_workers} samples ({trainer.max_epochs} epochs)"
+            + (f"; resuming after update {resumed['updates']}" if resumed else "")
         )
         self.comm.Barrier()
-        self.t0 = time.monotonic()  # the clock starts when every rank is ready
+        # The clock starts when every rank is ready (a resumed run continues the saved run's clock).
+        self.t0 = time.monotonic() - resumed.get("train_s", 0.0)
+        if self.checkpointer is not None:
+            self.checkpointer.install_signal_handlers()
         try:
             if self.is_server:
-                self.serve()
+                self.serve(resumed)
                 return self._finish_server(trainer, val_set)
             self._train(trainer)
             return self._receive_final(trainer)
         finally:
+            if self.checkpointer is not None:
+                self.checkpointer.restore_signal_handlers()
             self.close()
+
+    def _resume(self, state: dict[str, Any], local: dict[str, Any] | None) -> None:
+        """Check that a checkpoint fits this job; give each server its optimizer state, each worker its buffers."""
+        self._resumed_state = state
+        if not state:
+            return
+        if (state["servers"], state["workers"]) != (self.servers, self.n_workers):
+            from caldera.config import ConfigError
+
+            raise ConfigError(f"the checkpoint was written by async-ps with {state['servers']} server(s) and "
+                              f"{state['workers']} workers; resume with [parallel] servers = {state['servers']} "
+                              f"on {state['servers'] + state['workers']} ranks")  # fmt: skip
+        if self.is_server:
+            self.optimizer.load_state_dict(state["optimizers"][self.rank])
+        elif local is not None and local.get("buffers"):
+            with torch.no_grad():
+                for b, value in zip(self._buffers, local["buffers"]):
+                    b.copy_(value)
 
     def setup(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World
@@ -218,26 +257,44 @@ class ParameterServer:
         return model
 
     # -- server -------------------------------------------------------------------------------------------------
-    def serve(self) -> None:
+    def serve(self, resumed: dict[str, Any] | None = None) -> None:
         """Answer pushes from any worker, in arrival order, until every worker is done (or declared dead)."""
         MPI, W, n = _mpi(), self.n_workers, self.shard.numel()
+        resumed = resumed or {}
         self._inbox = [_Packet(n) for _ in range(W)]
         self._outbox = [_Packet(n) for _ in range(W)]
         self._recv = [self._post(i) for i in range(W)]  # one receive always posted per worker
         self._sent = [MPI.REQUEST_NULL] * W
-        self.clock, self.state = [0] * W, ["live"] * W
+        self.clock, self.state = list(resumed.get("clocks", [0] * W)), ["live"] * W
         self.owed_since, self.held = [time.monotonic()] * W, set()
-        self.version = self.applied = self.next_item = self.refused = self.delayed = 0
+        self.refused = self.delayed = 0
+        self.version = resumed["versions"][self.rank] if resumed else 0
+        self.applied = self.next_item = resumed.get("updates", 0)
         self._fresh: set[int] = set()  # pushes handled in this pass: a reply not sent now counts as delayed
         self.dead: list[tuple[int, float]] = []
         self._grad = torch.zeros(n)
         self._round: dict[int, torch.Tensor] = {}  # k = 0: this round's gradient of each worker
         self._losses = np.zeros((self._n_records(), 2))
-        self._next_record, self._quiet_since = self._every, None
+        start, stop = self.bounds[self.rank]
+        self.snapshots = [
+            Snapshot(s.items, s.time_s, s.weights[start:stop]) for s in _async.records_from(resumed)
+        ]
+        if resumed:
+            self._losses[:] = resumed["losses"]
+        self._next_record, self._quiet_since = (len(self.snapshots) + 1) * self._every, None
+        self._cut: tuple[int, int] | None = None  # (checkpoint step, stop?) while a checkpoint is being taken
+        self._cut_msg = np.zeros(2, dtype=np.int64)
+        self._cut_req = self._post_cut()
         for i in range(W):
-            self._reply(i, first=True)  # version 0 and the first work item(s)
-        next_check = time.monotonic()
+            self._reply(i, first=True)  # the current version and the first work item(s)
+        next_check = next_poll = time.monotonic()
         while not self._finished():
+            if time.monotonic() >= next_poll:  # even under a steady stream of pushes
+                next_poll = time.monotonic() + 0.01
+                self._poll_cut()
+            if self._cut is not None and all(s == "parked" for s in self.state):
+                self._checkpoint()
+                continue
             arrived = MPI.Request.Testsome(self._recv)
             if arrived:
                 for i in arrived:
@@ -259,7 +316,9 @@ class ParameterServer:
         if msg.kind == DONE:
             self.state[i] = "done"  # its receive is not posted again
             return
-        if self.state[i] != "live":  # declared dead earlier: its gradient is too late to use
+        if msg.kind == PARK:  # every push of this worker is answered: it waits for the checkpoint
+            self.state[i] = "parked"
+        elif self.state[i] != "live":  # declared dead earlier: its gradient is too late to use
             self.refused += 1
             self._reply(i, stop=True)
         else:
@@ -312,11 +371,12 @@ class ParameterServer:
         pipelined worker gets two items first, so that it always has one to compute. ``stop``: go away."""
         out, items = self._outbox[i], [-1, -1]
         self._sent[i].Wait()  # the previous reply has left (the worker answered it, so this is immediate)
-        if self.rank == 0 and not stop:  # server 0 hands out the work
+        if self.rank == 0 and not stop and self._cut is None:  # server 0 hands out the work
             for slot in range(2 if first and self.pipeline else 1):
                 if self.next_item < self.items.total:
                     items[slot], self.next_item = self.next_item, self.next_item + 1
-        out.fields[:4] = (STOP if stop else WEIGHTS, self.version, *items)
+        cut = self._cut or (-1, 0)  # a worker told of a cut parks once its work in hand is answered
+        out.fields[:6] = (STOP if stop else WEIGHTS, self.version, *items, *cut)
         if not stop:
             out.payload.copy_(self.shard.detach())
         self._sent[i] = self.comm.Isend(out.header() if stop else out.array, dest=self.servers + i, tag=REPLY)
@@ -342,15 +402,72 @@ class ParameterServer:
     def _finished(self) -> bool:
         if all(s == "done" for s in self.state):
             return True
-        if "live" in self.state:
+        if "live" in self.state or "parked" in self.state:
             return False
         # Only done and dead workers are left: give the dead ``dead_timeout`` more to come back and say done.
         self._quiet_since = self._quiet_since or time.monotonic()
         return time.monotonic() - self._quiet_since > self.dead_timeout
 
+    # -- checkpoints (a consistent cut) ---------------------------------------------------------------------------
+    def _post_cut(self):
+        """Servers other than 0 always have a receive posted for server 0's cut announcement."""
+        return self.comm.Irecv(self._cut_msg, source=0, tag=CUT) if self.rank > 0 else None
+
+    def _poll_cut(self) -> None:
+        """Server 0: declare a cut when a checkpoint is due or a stop is asked for; the others: hear of it."""
+        if self._cut is not None:
+            return
+        if self.rank > 0:
+            if self._cut_req.Test():
+                self._cut = (int(self._cut_msg[0]), int(self._cut_msg[1]))
+            return
+        if self.checkpointer is None or self.dead or self.next_item >= self.items.total:
+            return  # the end of the run writes its own checkpoint
+        due, stop = self.checkpointer.poll(self.applied)
+        if due or stop:
+            self._cut = (self.next_item, int(stop is not None))
+            for s in range(1, self.servers):
+                self.comm.Send(np.array(self._cut, dtype=np.int64), dest=s, tag=CUT)
+
+    def _checkpoint(self) -> None:
+        """Every worker is parked: every item before the cut is applied here. Save together, then go on."""
+        step, stop = self._cut  # type: ignore[misc]
+        if self.applied != step:
+            raise RuntimeError(f"async-ps server {self.rank}: {self.applied} updates applied at the cut of "
+                               f"{step}; the checkpoint would not be consistent")  # fmt: skip
+        mine = {"optimizer": self.optimizer.state_dict(), "version": self.version, "shard": self.shard.detach(),
+                "snapshots": [s.weights for s in self.snapshots]}  # fmt: skip
+        everyone = self._servers_comm.gather(mine, root=0)
+        if self.rank == 0:
+            snapshots = [Snapshot(snap.items, snap.time_s, torch.cat([e["snapshots"][r] for e in everyone]),
+                                  *self._losses[r]) for r, snap in enumerate(self.snapshots)]  # fmt: skip
+            self._keep = self._checkpoint_state(everyone, step, snapshots)
+        path = _async.save(self.trainer, step, self.items.per_epoch)
+        if stop:
+            self._drain()
+            raise Preempted(self.checkpointer.stop_reason or "stop requested on rank 0", path)
+        self._cut = None
+        self._cut_req = self._post_cut()
+        for i in range(self.n_workers):
+            self.state[i] = "live"
+            self._reply(i, first=True)  # fresh weights and work: the parked workers go on
+
+    def _checkpoint_state(self, everyone: list[dict], step: int, snapshots: list[Snapshot]) -> dict[str, Any]:
+        """Rank 0: the assembled model (into this rank's model), every server's optimizer state and the records."""
+        unflatten(torch.cat([e["shard"] for e in everyone]), self._params)
+        return {
+            "strategy": "async-ps", "servers": self.servers, "workers": self.n_workers, "updates": step,
+            "versions": [e["version"] for e in everyone], "clocks": list(self.clock),
+            "optimizers": [e["optimizer"] for e in everyone], "losses": self._losses.copy(),
+            "train_s": time.monotonic() - self.t0, **_async.saved_records(snapshots),
+        }  # fmt: skip
+
     def _drain(self) -> None:
         """Leave no request behind: cancel the receives still posted (a message that slipped in is used)."""
         MPI = _mpi()
+        if self._cut_req is not None and self._cut is None:
+            self._cut_req.Cancel()
+            self._cut_req.Wait()
         for i, req in enumerate(self._recv):
             if req != MPI.REQUEST_NULL:
                 req.Cancel()
@@ -374,7 +491,9 @@ class ParameterServer:
         done = np.array([s == "done" for s in self.state], dtype=np.int32)
         servers.Allreduce(MPI.IN_PLACE, done, op=MPI.MIN)  # a member finished with every server
         mine = {"snapshots": self.snapshots, "applied": self.applied_log, "replies": self.reply_log,
-                "dead": self.dead, "refused": self.refused, "delayed": self.delayed}  # fmt: skip
+                "dead": self.dead, "refused": self.refused, "delayed": self.delayed,
+                "optimizer": self.optimizer.state_dict(), "version": self.version,
+                "shard": self.shard.detach()}  # fmt: skip
         everyone = servers.gather(mine, root=0)
         if self.rank != 0:
             return self._receive_final(trainer)
@@ -390,12 +509,18 @@ class ParameterServer:
                     f"{self.stats['updates_per_worker']}); staleness mean {self.stats['staleness_mean']:.2f}, "
                     f"max {self.stats['staleness_max']}; replies held back {self.stats['delayed_replies']}")  # fmt: skip
         history = finish_run(trainer, self.snapshots, val_set, self.items.per_epoch, self.stats)
+        missing = [self.servers + i for i in range(self.n_workers) if not done[i]]
+        # The end of the run is checkpointed like the trainer's, by every rank together: not with a rank missing.
+        checkpoint = self.checkpointer is not None and not missing
         final = {"weights": self.snapshots[-1].weights, "buffers": [b.cpu() for b in self._buffers],
-                 "history": history, "stats": self.stats}  # fmt: skip
+                 "history": history, "stats": self.stats, "checkpoint": checkpoint, "step": self.applied}  # fmt: skip
         members = [r for r in range(1, self.world.size) if r < self.servers or done[r - self.servers]]
         for r in members:
             self.comm.send(final, dest=r, tag=FINAL)
-        missing = [self.servers + i for i in range(self.n_workers) if not done[i]]
+        if checkpoint:
+            self._keep = self._checkpoint_state(everyone, self.applied, self.snapshots)
+            unflatten(final["weights"], self._params)  # the model the run ends with (last snapshot)
+            _async.save(trainer, self.applied, self.items.per_epoch)
         if missing:
             self.world.abort(f"async-ps: worker rank(s) {missing} went silent and never came back; training "
                              "finished without them and the outputs are written; ending the job, since MPI "
@@ -419,7 +544,8 @@ class ParameterServer:
         gaps = [clock - slowest for s in everyone for _, clock, slowest in s["replies"]]
         return {
             "strategy": "async-ps", "servers": self.servers, "workers": self.n_workers,
-            "max_staleness": self.max_staleness, "updates": len(applied),
+            "max_staleness": self.max_staleness, "updates": len(applied) + self._resumed_state.get("updates", 0),
+            "resumed_from": self._resumed_state.get("updates", 0),
             "updates_per_worker": np.bincount([w for w, *_ in applied], minlength=self.n_workers).tolist(),
             "staleness_mean": float(np.mean(lags)) if lags else 0.0, "staleness_max": max(lags, default=0),
             "clock_gap_max": max(gaps, default=0),
@@ -434,14 +560,20 @@ class ParameterServer:
     def _train(self, trainer) -> None:
         """Compute the items server 0 hands out until it has none left, then tell every server "done"."""
         self.model.train()
-        self.worker_clock, self.versions, self.excluded = 0, [0] * self.servers, False
+        clocks = self._resumed_state.get("clocks")
+        self.worker_clock = clocks[self.rank - self.servers] if clocks else 0
+        self.versions, self.excluded = [0] * self.servers, False
         self.queue: deque[int] = deque()
         self._sending: list = []
         self._awaiting = False  # a push whose reply has not been collected yet
-        self._pull()  # version 0 and the first item (two when pipelining)
-        while not self.excluded and (self.queue or self._awaiting):
+        self.cut: tuple[int, int] | None = None  # (checkpoint step, stop?) once server 0 announced a cut
+        self._pull()  # the current version and the first item (two when pipelining)
+        while not self.excluded and (self.queue or self._awaiting or self.cut):
             if not self.queue:  # nothing to compute until the last reply says whether more work comes
-                self._pull()
+                if self._awaiting:
+                    self._pull()
+                else:
+                    self._park(trainer)
                 continue
             self.item = self.queue.popleft()
             x, y, n_local, n_global = self.items.batch(self.item)
@@ -506,6 +638,24 @@ class ParameterServer:
         unflatten(self._flat, self._params)
         self.versions = [int(p.fields[1]) for p in self._in]  # NumPy ints -> Python ints
         self.queue.extend(item for item in self._in[0].fields[2:4].tolist() if item >= 0)
+        step, stop = self._in[0].fields[4:6].tolist()
+        self.cut = (step, stop) if step >= 0 else None
+
+    def _park(self, trainer) -> None:
+        """All work in hand is answered and a cut was announced: tell the servers, save with every rank, go on."""
+        step, stop = self.cut  # type: ignore[misc]
+        parked = []
+        for s, out in enumerate(self._out):
+            out.fields[0] = PARK
+            parked.append(self.comm.Isend(out.header(), dest=s, tag=PUSH))
+        _wait(parked, self.poll_s)
+        local = {
+            "buffers": [b.detach().cpu() for b in self._buffers]
+        }  # BatchNorm statistics are the workers'
+        path = _async.save(trainer, step, self.items.per_epoch, local=local)
+        if stop:
+            raise Preempted("stop requested on rank 0", path)
+        self._pull()  # after the checkpoint every server replies with fresh weights and work
 
     def _receive_final(self, trainer) -> list[dict[str, float]]:
         """Wait (sleeping, not spinning: rank 0 is evaluating) for rank 0's final weights and history."""
@@ -518,15 +668,19 @@ class ParameterServer:
                 b.copy_(value)
         self.stats = final["stats"]
         trainer.history = list(final["history"])
+        if final["checkpoint"]:
+            local = {"buffers": [b.detach().cpu() for b in self._buffers]} if not self.is_server else None
+            _async.save(trainer, final["step"], self.items.per_epoch, local=local)
         return trainer.history
 
     # -- the rest of the protocol -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Nothing resumable yet: the optimizer state lives on the servers."""
-        return {}
+        """Rank 0, at a checkpoint: every server's optimizer state and version, the clocks, the records."""
+        return self._keep
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore."""
+        """Keep a checkpoint's state for ``fit`` to restore."""
+        self.resumed = state
 
     def close(self) -> None:
         """Nothing to release: every request is complete when ``fit`` returns (the duplicated communicator goes

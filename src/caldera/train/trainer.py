@@ -259,6 +259,7 @@ class Trainer:
             self.log(f"no checkpoint in {self.checkpointer.dir} yet: starting from the beginning")
             return
         shared, local, where = self.checkpointer.load(path)
+        self._restored_local = local  # strategies that save per-rank state read theirs from here
         self.model.load_state_dict(shared["model"])
         self.optimizer.load_state_dict(shared["optimizer"])
         if self.scheduler is not None and shared["scheduler"] is not None:

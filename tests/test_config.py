@@ -87,8 +87,12 @@ def test_async_strategies_are_configured_and_refuse_a_schedule():
         load_config({**GOOD, "optim": cosine, "parallel": {"strategy": "async-shared"}})
     timed = load_config({**GOOD, "checkpoint": {"every": "10m"}, "parallel": {"strategy": "async-ps"}})
     assert timed.checkpoint.every == "10m"  # the asynchronous loops checkpoint at a consistent cut
-    with pytest.raises(ConfigError, match="fp32 only"):
-        load_config({**GOOD, "precision": {"mode": "bf16-mixed"}, "parallel": {"strategy": "async-shared"}})
+    mixed = load_config(
+        {**GOOD, "precision": {"mode": "bf16-mixed"}, "parallel": {"strategy": "async-shared"}}
+    )
+    assert mixed.precision.mode == "bf16-mixed"
+    with pytest.raises(ConfigError, match="bf16-true.*'bf16-mixed'"):
+        load_config({**GOOD, "precision": {"mode": "bf16-true"}, "parallel": {"strategy": "async-shared"}})
 
 
 def test_overrides_apply_and_are_validated():

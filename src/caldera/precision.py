@@ -130,7 +130,11 @@ class FP16Mixed(_Autocast):
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
-                    p.register_hook(lambda g: g * (1.0 / self.scaler.scale))
+                    # Unserializable: async-shared's worker processes get the model without it and unscale
+                    # themselves (caldera.parallel._async.compute_item).
+                    p.register_hook(
+                        torch.utils.hooks.unserializable_hook(lambda g: g * (1.0 / self.scaler.scale))
+                    )
         return LossScaledOptimizer(optimizer, self.scaler)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:

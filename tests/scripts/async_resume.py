@@ -1,6 +1,6 @@
 """Stop an asynchronous run with SIGTERM, resume it, and compare with an unbroken run (main rank prints JSON).
 
-Usage: python async_resume.py STRATEGY OPTIONS_JSON RUN_DIR
+Usage: python async_resume.py STRATEGY OPTIONS_JSON RUN_DIR [PRECISION]
 async-shared runs alone; async-ps under mpiexec. Three runs in one job: unbroken (with checkpoints every 7
 updates), stopped by SIGTERM to the main process at a worker's 30th item (a checkpoint, then Preempted on
 every rank), resumed to the end.
@@ -44,10 +44,10 @@ def run(name: str, options: dict, run_dir: str, world, **ckpt) -> tuple[caldera.
     # BatchNorm: the workers' running statistics must survive the checkpoint too.
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    resume = ckpt.pop("resume", False)
+    resume, precision = ckpt.pop("resume", False), sys.argv[4] if len(sys.argv) > 4 else "fp32"
     trainer = caldera.Trainer(model, optimizer, StopAt(ckpt.pop('stop_at', 0)), metrics={"accuracy": accuracy},
                               max_epochs=4, batch_size=64, strategy=name, strategy_options=options,
-                              progress=False, world=world, run_dir=run_dir, plot=False, resume=resume,
+                              progress=False, world=world, run_dir=run_dir, plot=False, resume=resume, precision=precision,
                               checkpointer=Checkpointer(f"{run_dir}/checkpoints", world, **ckpt))  # fmt: skip
     outcome = None
     try:

@@ -90,8 +90,9 @@ def unsupported(name: str, precision: str, scheduled: bool) -> str | None:
     """What the asynchronous loops cannot do yet, as a message with the fix (None when the run is fine).
 
     One list for both places that ask: the run file's validation and ``check_trainer`` (the Python API)."""
-    if precision != "fp32":
-        return f"{name} trains in fp32 only for now; set [precision] mode = 'fp32', {_INSTEAD}"
+    if precision == "bf16-true":
+        return (f"{name} keeps its shared or served weights in fp32 and steps them there, so bf16-true (bf16 "
+                f"weights with fp32 masters) does not apply; set [precision] mode = 'bf16-mixed', {_INSTEAD}")  # fmt: skip
     if scheduled:
         return (f"{name} applies a constant learning rate (asynchronous workers share no step count); "
                 f"set [optim] schedule = 'constant' and warmup_steps = 0, {_INSTEAD}")  # fmt: skip
@@ -105,6 +106,30 @@ def check_trainer(trainer, name: str) -> None:
     problem = unsupported(name, trainer.precision.mode, trainer.scheduler is not None)
     if problem:
         raise ConfigError(problem)
+
+
+def compute_item(precision, model: torch.nn.Module, loss_fn, params: list[torch.nn.Parameter], x: torch.Tensor,
+                 y: torch.Tensor, weight: float, backward) -> torch.Tensor:  # fmt: skip
+    """Forward, loss and ``backward`` of one work item under the run's precision; return the loss.
+
+    fp16-mixed scales the loss and unscales the gradients (the trainer's hooks do it where they exist: they do not
+    travel to worker processes). An overflow lowers the scale and computes the item again: an asynchronous update
+    cannot be skipped the way a synchronous step is, or the item's share of its global batch would be lost."""
+    while True:
+        with precision.autocast():
+            loss = loss_fn(model(x), y)
+        if not precision.tolerates_overflow:
+            backward(loss * weight)
+            return loss
+        scale = precision.scaler.scale
+        backward(loss * (weight * scale))
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and not params[0]._backward_hooks:  # no unscaling hook in this process: unscale here
+            torch._foreach_mul_(grads, 1.0 / scale)
+        if precision.scaler.update(grads):
+            return loss
+        for p in params:
+            p.grad = None
 
 
 # -- checkpoints: the loops pause at a consistent cut, then save through the trainer's checkpointer ------------------

@@ -110,7 +110,7 @@ class AsyncShared:
 
             raise ConfigError(f"the checkpoint was written by {resumed['workers']} async-shared workers; resume "
                               f"with [parallel] workers = {resumed['workers']}")  # fmt: skip
-        self.loss_fn = trainer.loss_fn
+        self.loss_fn, self.precision = trainer.loss_fn, trainer.precision
         self.items = WorkItems(train_set, trainer.batch_size, self.workers, trainer.max_epochs, trainer.seed,
                                trainer.shuffle, trainer.drop_last)  # fmt: skip
         self._every = self.record_every or self.items.per_epoch
@@ -134,7 +134,8 @@ class AsyncShared:
         self._losses = torch.zeros(self.workers, n_records, 2, dtype=torch.float64).share_memory_()
         self._snapshots = torch.zeros(n_records, sum(p.numel() for p in self._params)).share_memory_()
         self._snap_time = torch.zeros(n_records, dtype=torch.float64).share_memory_()
-        self._worker_optim = resumed.get("optimizers")  # each worker loads its own on start
+        # Each worker loads its own optimizer (and fp16 loss-scaler) state on start.
+        self._worker_optim, self._worker_precision = resumed.get("optimizers"), resumed.get("precisions")
         self._restore_records(resumed)
 
         trainer.log(f"async-shared: {self.workers} worker processes x {self._threads} thread(s), lock = "
@@ -231,10 +232,13 @@ class AsyncShared:
     def _checkpoint_state(self, updates: int, final: bool = False) -> dict[str, Any]:
         """What a checkpoint holds beyond the trainer's state: every worker's optimizer state and the records."""
         n_records = math.ceil(updates / self._every) if final else updates // self._every
+        blobs = [
+            torch.load(io.BytesIO(self._optim_states[i][1]), weights_only=False) for i in range(self.workers)
+        ]
         return {
             "strategy": "async-shared", "workers": self.workers, "updates": updates,
-            "optimizers": [torch.load(io.BytesIO(self._optim_states[i][1]), weights_only=False)
-                           for i in range(self.workers)],
+            "optimizers": [blob["optimizers"] for blob in blobs],
+            "precisions": [blob["precision"] for blob in blobs],
             "train_s": time.monotonic() - self.t0 + self._offset,
             "staleness": self._staleness.clone(), "stale_max": self._stale_max.clone(),
             "losses": self._losses.sum(0), **_async.saved_records(self._collect(n_records)),
@@ -296,6 +300,7 @@ class AsyncShared:
         model.share_memory()
         self.model = model
         # One optimizer per tensor in each worker: the per-tensor lock then covers exactly one tensor's update.
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a precision wrapper's inner optimizer
         self._opt_class = type(optimizer)
         settings = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self._opt_settings = [{k: v for k, v in settings[id(p)].items() if k in optimizer.defaults}
@@ -313,6 +318,8 @@ class AsyncShared:
         self._optimizers = [self._opt_class([p], **s) for p, s in zip(self._params, self._opt_settings)]
         for optimizer, state in zip(self._optimizers, (self._worker_optim or [[]] * self.workers)[index]):
             optimizer.load_state_dict(state)
+        if self._worker_precision:
+            self.precision.load_state_dict(self._worker_precision[index])
         self._guards = self._locks or [contextlib.nullcontext()] * len(self._params)
         with self._ready.get_lock():
             self._ready.value += 1
@@ -331,8 +338,8 @@ class AsyncShared:
                 os._exit(1)
             x, y, n_local, n_global = self.items.batch(item)
             self._read = self._version.value  # the version of the weights this forward pass reads
-            loss = self.loss_fn(self.model(x), y)
-            self.backward(loss * (n_local / n_global))
+            loss = _async.compute_item(self.precision, self.model, self.loss_fn, self._params, x, y,
+                                       n_local / n_global, self.backward)  # fmt: skip
             self.step()
             record = (self._write - 1) // self._every
             self._losses[index, record, 0] += loss.item() * n_local
@@ -340,7 +347,8 @@ class AsyncShared:
 
     def _send_state(self, number: int) -> None:
         blob = io.BytesIO()
-        torch.save([o.state_dict() for o in self._optimizers], blob)
+        torch.save({"optimizers": [o.state_dict() for o in self._optimizers],
+                    "precision": self.precision.state_dict()}, blob)  # fmt: skip
         self._states.put((self.index, number, blob.getvalue()))
 
     def _hold(self) -> None:

@@ -172,7 +172,7 @@ class ParameterServer:
         resumed = _async.restore(trainer, "async-ps")  # before setup: the shards are cut from these weights
         self.resumed = {}
         self.setup(trainer.model, trainer.optimizer, trainer.world)
-        self._resume(resumed, getattr(trainer, "_restored_local", None))
+        self._resume(resumed, getattr(trainer, "_restored_local", None), trainer.precision)
         self.trainer, self.checkpointer = trainer, trainer.checkpointer
         self.items = WorkItems(train_set, trainer.batch_size, self.n_workers, trainer.max_epochs, trainer.seed,
                                trainer.shuffle, trainer.drop_last, device=trainer.world.device)  # fmt: skip
@@ -200,7 +200,7 @@ class ParameterServer:
                 self.checkpointer.restore_signal_handlers()
             self.close()
 
-    def _resume(self, state: dict[str, Any], local: dict[str, Any] | None) -> None:
+    def _resume(self, state: dict[str, Any], local: dict[str, Any] | None, precision) -> None:
         """Check that a checkpoint fits this job; give each server its optimizer state, each worker its buffers."""
         self._resumed_state = state
         if not state:
@@ -213,10 +213,11 @@ class ParameterServer:
                               f"on {state['servers'] + state['workers']} ranks")  # fmt: skip
         if self.is_server:
             self.optimizer.load_state_dict(state["optimizers"][self.rank])
-        elif local is not None and local.get("buffers"):
+        elif local is not None and "buffers" in local:
             with torch.no_grad():
                 for b, value in zip(self._buffers, local["buffers"]):
                     b.copy_(value)
+            precision.load_state_dict(local["precision"])
 
     def setup(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World
@@ -227,6 +228,8 @@ class ParameterServer:
         if world.size <= self.servers or not hasattr(world.comm, "comm"):
             raise ValueError(f"async-ps with {self.servers} server(s) needs at least {self.servers + 1} MPI "
                              f"ranks (got {world.size}); run it under mpiexec -n N with N > servers")  # fmt: skip
+        # The servers step plain optimizers: gradients reach them unscaled (see _async.compute_item).
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a precision wrapper's inner optimizer
         settings = [{k: v for k, v in g.items() if k in optimizer.defaults} for g in optimizer.param_groups]
         if any(s != settings[0] for s in settings):
             raise ValueError("async-ps gives each server shard one set of optimizer settings; use a single "
@@ -577,10 +580,9 @@ class ParameterServer:
                 continue
             self.item = self.queue.popleft()
             x, y, n_local, n_global = self.items.batch(self.item)
-            with trainer.precision.autocast():
-                loss = trainer.loss_fn(self.model(x), y)
+            loss = _async.compute_item(trainer.precision, self.model, trainer.loss_fn, self._params, x, y,
+                                       n_local / n_global, self.backward)  # fmt: skip
             self._loss, self._samples = float(loss.detach()), n_local
-            self.backward(loss * (n_local / n_global))
             self.step()
         bye = []
         for s, out in enumerate(self._out):
@@ -649,13 +651,17 @@ class ParameterServer:
             out.fields[0] = PARK
             parked.append(self.comm.Isend(out.header(), dest=s, tag=PUSH))
         _wait(parked, self.poll_s)
-        local = {
-            "buffers": [b.detach().cpu() for b in self._buffers]
-        }  # BatchNorm statistics are the workers'
-        path = _async.save(trainer, step, self.items.per_epoch, local=local)
+        path = _async.save(trainer, step, self.items.per_epoch, local=self._local_state(trainer))
         if stop:
             raise Preempted("stop requested on rank 0", path)
         self._pull()  # after the checkpoint every server replies with fresh weights and work
+
+    def _local_state(self, trainer) -> dict[str, Any]:
+        """What a worker's own checkpoint file holds: its BatchNorm statistics and its fp16 loss scale."""
+        return {
+            "buffers": [b.detach().cpu() for b in self._buffers],
+            "precision": trainer.precision.state_dict(),
+        }
 
     def _receive_final(self, trainer) -> list[dict[str, float]]:
         """Wait (sleeping, not spinning: rank 0 is evaluating) for rank 0's final weights and history."""
@@ -669,7 +675,7 @@ class ParameterServer:
         self.stats = final["stats"]
         trainer.history = list(final["history"])
         if final["checkpoint"]:
-            local = {"buffers": [b.detach().cpu() for b in self._buffers]} if not self.is_server else None
+            local = self._local_state(trainer) if not self.is_server else None
             _async.save(trainer, final["step"], self.items.per_epoch, local=local)
         return trainer.history
 

@@ -84,7 +84,7 @@ def test_mistakes_are_refused_with_the_fix():
         trainer.fit(TensorDataset(torch.randn(8, 2), torch.randn(8, 2)))
     scheduled = caldera.Trainer(model, opt, nn.MSELoss(), strategy="async-shared", progress=False,
                                 scheduler=torch.optim.lr_scheduler.StepLR(opt, 5))  # fmt: skip
-    with pytest.raises(ValueError, match="constant learning rate.*schedule = 'constant'"):
+    with pytest.raises(ValueError, match="LambdaLR.*StepLR keeps its own step count"):
         scheduled.fit(TensorDataset(torch.randn(8, 2), torch.randn(8, 2)))
     with pytest.raises(ValueError, match="'none'"):
         make_strategy("async-shared", lock="global")
@@ -194,6 +194,7 @@ def test_async_ps_with_max_staleness_0_and_local_sgd_every_step_are_synchronous_
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = last_json(proc.stdout)
     assert out["ps_diff"] < 1e-5, out  # momentum and weight decay included: the server steps once per round
+    assert out["ps_scheduled_diff"] < 1e-5 < out["schedule_matters"], out  # each global batch's own rate
     assert out["ps_staleness_max"] == 0 and out["ps_updates"] == 3 * 5 * 2
     assert out["local_sgd_diff"] < 1e-5 and out["local_sgd_spread"] == 0.0, out
     assert out["bn_spread"] == 0.0 and out["bn_moved"] > 0.01  # the workers' statistics reached every rank
@@ -283,8 +284,8 @@ def test_cli_async_shared_time_limit_then_resume(tmp_path):
     run_dir = tmp_path / "heat"
     base = [sys.executable, "-m", "caldera.cli", "train", "examples/heat_surrogate.toml", "--set", f"run.dir={run_dir}",
             "--set", "data.args.n_samples=128", "--set", "optim.epochs=2", "--set", "train.plot=false",
-            "--set", "parallel.strategy=async-shared", "--set", "parallel.workers=2",
-            "--set", "optim.schedule=constant", "--set", "optim.warmup_steps=0"]  # fmt: skip
+            "--set", "parallel.strategy=async-shared", "--set", "parallel.workers=2"]  # fmt: skip
+    # The example's warm-up + cosine schedule applies per item in the worker processes.
     stop = subprocess.run([*base, "--time-limit", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert stop.returncode == REQUEUE_EXIT_CODE, stop.stderr[-3000:]
     assert "time limit" in stop.stderr and "checkpoint" in stop.stderr

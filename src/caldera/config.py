@@ -300,7 +300,6 @@ def _check_references(cfg: Config, where: str) -> None:
         problem = unsupported(
             cfg.parallel.strategy,
             cfg.precision.mode,
-            scheduled=cfg.optim.schedule != "constant" or bool(cfg.optim.warmup_steps),
         )
         if problem:
             raise ConfigError(f"{where}: [parallel] {problem}")

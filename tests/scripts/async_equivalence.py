@@ -18,6 +18,7 @@ import caldera.parallel.param_server  # noqa: F401
 from caldera.comm.local import LocalComm
 from caldera.models import MLP
 from caldera.parallel import make_strategy
+from caldera.train.run import LRFactor
 from caldera.world import World
 
 world = caldera.init()
@@ -27,12 +28,14 @@ g = torch.Generator().manual_seed(123)
 data = TensorDataset(torch.randn(100, 20, generator=g), torch.randint(0, 5, (100,), generator=g))
 
 
-def train(strategy, w):
+def train(strategy, w, scheduled=False):
     torch.manual_seed(0)
     model = MLP([20, 64, 64, 5])
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    # Warm-up then cosine decay over the 15 steps: the servers must apply each global batch's own rate.
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, LRFactor("cosine", 4, 15)) if scheduled else None
     trainer = caldera.Trainer(model, opt, nn.CrossEntropyLoss(), max_epochs=3, batch_size=24, world=w,
-                              strategy=strategy, progress=False, seed=3)  # fmt: skip
+                              strategy=strategy, progress=False, seed=3, scheduler=schedule)  # fmt: skip
     if hasattr(trainer.strategy, "fit"):
         trainer.fit(data)
     else:
@@ -43,6 +46,7 @@ def train(strategy, w):
 local, strategy = train(make_strategy("local-sgd", sync_every=1), world)
 everyone = torch.stack(world.comm.allgather(local))
 ps, ps_strategy = train(make_strategy("async-ps", servers=1, max_staleness=0), world)
+ps_scheduled, _ = train(make_strategy("async-ps", servers=1, max_staleness=0), world, scheduled=True)
 
 # BatchNorm statistics are not served by async-ps: the workers' own are averaged into the final model.
 bn = nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5))
@@ -52,9 +56,12 @@ bn_trainer.fit(data)
 stats = torch.stack(world.comm.allgather(torch.cat([bn[1].running_mean, bn[1].running_var])))
 if world.rank == 0:
     ref, _ = train("single", World(comm=LocalComm()))
+    ref_scheduled, _ = train("single", World(comm=LocalComm()), scheduled=True)
     print(json.dumps({"local_sgd_diff": (local - ref).abs().max().item(),
                       "local_sgd_spread": (everyone - everyone[0]).abs().max().item(),
                       "local_sgd_averages": strategy.averages, "ps_diff": (ps - ref).abs().max().item(),
+                      "ps_scheduled_diff": (ps_scheduled - ref_scheduled).abs().max().item(),
+                      "schedule_matters": (ref_scheduled - ref).abs().max().item(),
                       "ps_staleness_max": ps_strategy.stats["staleness_max"],
                       "ps_updates": ps_strategy.stats["updates"], "size": world.size,
                       "bn_spread": (stats - stats[0]).abs().max().item(),

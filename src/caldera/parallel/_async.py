@@ -86,16 +86,13 @@ LOOP_STRATEGIES = ("async-shared", "async-ps")  # the strategies that run their 
 _INSTEAD = "or use strategy = 'local-sgd' or 'allreduce'"
 
 
-def unsupported(name: str, precision: str, scheduled: bool) -> str | None:
+def unsupported(name: str, precision: str) -> str | None:
     """What the asynchronous loops cannot do yet, as a message with the fix (None when the run is fine).
 
     One list for both places that ask: the run file's validation and ``check_trainer`` (the Python API)."""
     if precision == "bf16-true":
         return (f"{name} keeps its shared or served weights in fp32 and steps them there, so bf16-true (bf16 "
                 f"weights with fp32 masters) does not apply; set [precision] mode = 'bf16-mixed', {_INSTEAD}")  # fmt: skip
-    if scheduled:
-        return (f"{name} applies a constant learning rate (asynchronous workers share no step count); "
-                f"set [optim] schedule = 'constant' and warmup_steps = 0, {_INSTEAD}")  # fmt: skip
     return None
 
 
@@ -103,9 +100,35 @@ def check_trainer(trainer, name: str) -> None:
     """Refuse, with the fix, what the asynchronous loops do not support yet."""
     from caldera.config import ConfigError  # a ValueError the CLI prints as one line, without a traceback
 
-    problem = unsupported(name, trainer.precision.mode, trainer.scheduler is not None)
+    problem = unsupported(name, trainer.precision.mode)
     if problem:
         raise ConfigError(problem)
+    if trainer.scheduler is not None and not hasattr(trainer.scheduler, "lr_lambdas"):
+        raise ConfigError(f"{name} follows a learning-rate schedule given as a function of the step "
+                          "(torch.optim.lr_scheduler.LambdaLR, what [optim] schedule builds); "
+                          f"{type(trainer.scheduler).__name__} keeps its own step count, which asynchronous "
+                          "workers do not share")  # fmt: skip
+
+
+@dataclass
+class Schedule:
+    """The learning rate of each parameter group for a work item: asynchronous workers share no step count, but
+    every item belongs to one global batch, whose index is the step a synchronous run would be at."""
+
+    base_lrs: list[float]
+    factors: list  # per group: global step -> factor (LambdaLR's functions)
+    workers: int
+
+    def lr(self, group: int, item: int) -> float:
+        return self.base_lrs[group] * self.factors[group](item // self.workers)
+
+
+def schedule_of(trainer, workers: int) -> Schedule | None:
+    """The trainer's LambdaLR as a ``Schedule`` (None for a constant learning rate)."""
+    scheduler = trainer.scheduler
+    if scheduler is None:
+        return None
+    return Schedule(list(scheduler.base_lrs), list(scheduler.lr_lambdas), workers)
 
 
 def compute_item(precision, model: torch.nn.Module, loss_fn, params: list[torch.nn.Parameter], x: torch.Tensor,
@@ -186,7 +209,7 @@ def alone(trainer) -> Iterator[None]:
 
 
 def finish_run(trainer, snapshots: list[Snapshot], val_set: Dataset | None, per_epoch: int,
-               stats: dict) -> list[dict[str, float]]:  # fmt: skip
+               stats: dict, schedule: Schedule | None = None) -> list[dict[str, float]]:  # fmt: skip
     """On the main rank: evaluate each snapshot, log it as the trainer would log an epoch, write the run
     directory (metrics, plots, final weights = the last snapshot, ``strategy.json`` with ``stats``)."""
     from caldera.train.trainer import _format
@@ -201,7 +224,8 @@ def finish_run(trainer, snapshots: list[Snapshot], val_set: Dataset | None, per_
                     "train_loss": snap.loss_sum / snap.samples if snap.samples else math.nan}  # fmt: skip
             if val_set is not None:
                 logs.update(trainer.evaluate(val_set, prefix="val_"))
-            logs["lr"] = trainer.optimizer.param_groups[0]["lr"]
+            last_item = max(0, snap.items - 1)
+            logs["lr"] = schedule.lr(0, last_item) if schedule else trainer.optimizer.param_groups[0]["lr"]
             logs["time_s"], previous = snap.time_s - previous, snap.time_s
             trainer.history.append(logs)
             if log is not None:

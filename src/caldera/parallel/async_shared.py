@@ -111,6 +111,7 @@ class AsyncShared:
             raise ConfigError(f"the checkpoint was written by {resumed['workers']} async-shared workers; resume "
                               f"with [parallel] workers = {resumed['workers']}")  # fmt: skip
         self.loss_fn, self.precision = trainer.loss_fn, trainer.precision
+        self._schedule = _async.schedule_of(trainer, self.workers)  # applied per item by the workers
         self.items = WorkItems(train_set, trainer.batch_size, self.workers, trainer.max_epochs, trainer.seed,
                                trainer.shuffle, trainer.drop_last)  # fmt: skip
         self._every = self.record_every or self.items.per_epoch
@@ -167,7 +168,9 @@ class AsyncShared:
         trainer.log(f"async-shared: {self.stats['updates']} updates in {elapsed:.2f} s (per worker "
                     f"{self.stats['updates_per_worker']}); staleness mean {self.stats['staleness_mean']:.2f}, "
                     f"p99 {self.stats['staleness_p99']}, max {self.stats['staleness_max']}")  # fmt: skip
-        history = finish_run(trainer, self.snapshots, val_set, self.items.per_epoch, self.stats)
+        history = finish_run(
+            trainer, self.snapshots, val_set, self.items.per_epoch, self.stats, self._schedule
+        )
         if trainer.checkpointer is not None:  # the end of the run, like the trainer's final checkpoint
             self._keep = self._checkpoint_state(self._version.value, final=True)
             _async.save(trainer, self._version.value, self.items.per_epoch)
@@ -303,6 +306,8 @@ class AsyncShared:
         optimizer = getattr(optimizer, "optimizer", optimizer)  # a precision wrapper's inner optimizer
         self._opt_class = type(optimizer)
         settings = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        self._group = [group_of[id(p)] for p in self._params]  # which schedule entry each tensor follows
         self._opt_settings = [{k: v for k, v in settings[id(p)].items() if k in optimizer.defaults}
                               for p in self._params]  # fmt: skip
         return model
@@ -337,6 +342,7 @@ class AsyncShared:
             if os.getppid() != self._parent:  # the main process was killed: stop burning its cores
                 os._exit(1)
             x, y, n_local, n_global = self.items.batch(item)
+            self._item = item
             self._read = self._version.value  # the version of the weights this forward pass reads
             loss = _async.compute_item(self.precision, self.model, self.loss_fn, self._params, x, y,
                                        n_local / n_global, self.backward)  # fmt: skip
@@ -367,7 +373,9 @@ class AsyncShared:
         """Apply the update to the shared weights tensor by tensor (locked or not); count it; record staleness."""
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
-        for p, optimizer, guard in zip(self._params, self._optimizers, self._guards):
+        for p, optimizer, guard, group in zip(self._params, self._optimizers, self._guards, self._group):
+            if self._schedule is not None:
+                optimizer.param_groups[0]["lr"] = self._schedule.lr(group, self._item)
             if p.grad is not None:
                 with guard:
                     optimizer.step()

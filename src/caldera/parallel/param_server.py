@@ -174,6 +174,7 @@ class ParameterServer:
         self.setup(trainer.model, trainer.optimizer, trainer.world)
         self._resume(resumed, getattr(trainer, "_restored_local", None), trainer.precision)
         self.trainer, self.checkpointer = trainer, trainer.checkpointer
+        self._schedule = _async.schedule_of(trainer, self.n_workers)  # the servers apply it per item
         self.items = WorkItems(train_set, trainer.batch_size, self.n_workers, trainer.max_epochs, trainer.seed,
                                trainer.shuffle, trainer.drop_last, device=trainer.world.device)  # fmt: skip
         self._every = self.record_every or self.items.per_epoch
@@ -276,7 +277,7 @@ class ParameterServer:
         self._fresh: set[int] = set()  # pushes handled in this pass: a reply not sent now counts as delayed
         self.dead: list[tuple[int, float]] = []
         self._grad = torch.zeros(n)
-        self._round: dict[int, torch.Tensor] = {}  # k = 0: this round's gradient of each worker
+        self._round: dict[int, tuple[int, torch.Tensor]] = {}  # k = 0: (item, gradient) of each worker
         self._losses = np.zeros((self._n_records(), 2))
         start, stop = self.bounds[self.rank]
         self.snapshots = [
@@ -332,14 +333,16 @@ class ParameterServer:
                 record = min(item // self._every, len(self._losses) - 1)
                 self._losses[record] += (msg.loss[0] * samples, samples)
             if self.max_staleness == 0:
-                self._round[i] = msg.payload.clone()  # summed when the round is complete
+                self._round[i] = (item, msg.payload.clone())  # summed when the round is complete
             else:
-                self._apply([msg.payload])
+                self._apply([msg.payload], item)
             self.held.add(i)  # _release decides when it may have its reply
             self._fresh.add(i)
         self._recv[i] = self._post(i)
 
-    def _apply(self, grads: list[torch.Tensor]) -> None:
+    def _apply(self, grads: list[torch.Tensor], item: int) -> None:
+        if self._schedule is not None:  # the rate of the global batch the (first) item belongs to
+            self.optimizer.param_groups[0]["lr"] = self._schedule.lr(0, item)
         self._grad.copy_(grads[0])
         for g in grads[1:]:
             self._grad.add_(g)
@@ -358,7 +361,8 @@ class ParameterServer:
         """Finish a complete synchronous round (k = 0), then reply to every held worker within the bound."""
         live = [j for j in range(self.n_workers) if self.state[j] == "live"]
         if self._round and all(self.clock[j] > self.version for j in live):
-            self._apply([self._round[j] for j in sorted(self._round)])  # worker order: deterministic sums
+            round_items = [item for item, _ in self._round.values()]
+            self._apply([self._round[j][1] for j in sorted(self._round)], min(round_items))  # worker order
             self._round.clear()
         slowest = min((self.clock[j] for j in live), default=0)
         for i in sorted(self.held):
@@ -511,7 +515,9 @@ class ParameterServer:
         trainer.log(f"async-ps: {self.stats['updates']} updates in {self.stats['train_s']:.2f} s (per worker "
                     f"{self.stats['updates_per_worker']}); staleness mean {self.stats['staleness_mean']:.2f}, "
                     f"max {self.stats['staleness_max']}; replies held back {self.stats['delayed_replies']}")  # fmt: skip
-        history = finish_run(trainer, self.snapshots, val_set, self.items.per_epoch, self.stats)
+        history = finish_run(
+            trainer, self.snapshots, val_set, self.items.per_epoch, self.stats, self._schedule
+        )
         missing = [self.servers + i for i in range(self.n_workers) if not done[i]]
         # The end of the run is checkpointed like the trainer's, by every rank together: not with a rank missing.
         checkpoint = self.checkpointer is not None and not missing

@@ -7,6 +7,7 @@ import inspect
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +61,26 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
     o = cfg.optim
     if o.schedule == "constant" and o.warmup_steps == 0:
         return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(o.schedule, o.warmup_steps, total_steps))
 
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "cosine":
-            progress = (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps)
+
+@dataclass(frozen=True)
+class LRFactor:
+    """The learning-rate factor at a global step: linear warm-up, then constant or cosine decay.
+
+    A class, not a closure, so that it pickles: async-shared's worker processes apply it themselves."""
+
+    schedule: str
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "cosine":
+            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def config_hash(cfg: Config) -> str:

@@ -1,11 +1,13 @@
 """Caldera's all-reduce data parallel vs. PyTorch DDP (gloo), same model, same global batch, same run.
 
     python benchmarks/bench_data_parallel.py [--ranks 2] [--repeats 3] [--steps 20] [--models mlp cnn]
+                                             [--grad-comm bf16]
 
 For each model it measures, alternating, R times: one rank alone (1 thread, per-rank batch) -> ideal = N x that;
 DDP-gloo on N ranks x 1 thread; Caldera ``allreduce`` on N ranks x 1 thread. Prints medians of samples/s, the
 ratio Caldera / DDP and each one's scaling efficiency against ideal. Targets: >= 1.4x DDP on the MLP, >= 90 % of
-ideal on both, never slower than DDP. The worker half of this file runs inside the ranks (``--worker``).
+ideal on both, never slower than DDP. ``--grad-comm bf16`` (or fp16) adds rows for Caldera with 16-bit gradient
+communication, both reducers. The worker half of this file runs inside the ranks (``--worker``).
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ def worker(kind: str, mode: str, global_batch: int, steps: int) -> None:
 
         world = caldera.init()
         rank, size = world.rank, world.size
+        # mode: caldera[-mpi][-bf16|-fp16]
+        grad_comm = mode.rsplit("-", 1)[1] if mode.endswith(("-bf16", "-fp16")) else "fp32"
         strategy = caldera.parallel.make_strategy(
-            "allreduce", reducer="mpi" if mode == "caldera-mpi" else "auto"
+            "allreduce", reducer="mpi" if "-mpi" in mode else "auto", grad_comm=grad_comm
         )
         net = strategy.setup(model, opt, world)
         backward, step = strategy.backward, strategy.step
@@ -124,6 +128,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="global batch")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     parser.add_argument(
+        "--grad-comm", choices=["bf16", "fp16"], help="also measure Caldera with this gradient communication"
+    )
+    parser.add_argument(
         "--worker", nargs=4, metavar=("KIND", "MODE", "GBATCH", "STEPS"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -139,6 +146,8 @@ def main() -> None:
     )
     for kind in args.models:
         modes = ["ddp", "caldera", "caldera-mpi"]
+        if args.grad_comm:
+            modes += [f"caldera-{args.grad_comm}", f"caldera-mpi-{args.grad_comm}"]
         results: dict[str, list[float]] = {m: [] for m in ["single", *modes]}
         for _ in range(args.repeats):
             results["single"].append(run([*me, kind, "single", str(args.batch // n), str(args.steps)]))
@@ -153,6 +162,8 @@ def main() -> None:
             "ddp": "DDP-gloo",
             "caldera": "Caldera allreduce (auto: shm)",
             "caldera-mpi": "Caldera allreduce (mpi)",
+            f"caldera-{args.grad_comm}": f"Caldera (auto: shm) {args.grad_comm} comm",
+            f"caldera-mpi-{args.grad_comm}": f"Caldera (mpi) {args.grad_comm} comm",
         }
         for mode in modes:
             runs = ", ".join(f"{v:.0f}" for v in results[mode])

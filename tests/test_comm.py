@@ -28,6 +28,10 @@ def test_local_comm_is_the_identity_with_the_same_interface():
     recv = torch.empty(4)
     comm.Allgather(t, recv)
     assert torch.equal(recv, t)
+    comm.Iallgather(t.bfloat16(), half := torch.empty(4, dtype=torch.bfloat16)).wait()
+    assert torch.equal(half, t.bfloat16())
+    assert comm.Ialltoall(t, recv).test() and torch.equal(recv, t)
+    comm.split(0).Free()
     assert comm.allgather(5) == [5] and comm.bcast("x") == "x" and comm.allreduce(3) == 3
     assert comm.split(0).size == 1
     with pytest.raises(ValueError, match="unknown reduction op 'mean'"):

@@ -77,6 +77,9 @@ class ParallelSection(_Section):
     bucket_mb: float = Field(25.0, gt=0)
     overlap: bool = True
     reducer: Literal["auto", "mpi", "shm"] = Field("auto", description="how allreduce moves gradients")
+    grad_comm: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="allreduce: dtype gradients travel in (bf16/fp16 halve the bytes; sums stay fp32)"
+    )
     # async-shared
     workers: int = Field(2, ge=1, description="async-shared: worker processes on this node")
     lock: Literal["none", "tensor"] = Field("none", description="async-shared: lock-free or per-tensor locks")
@@ -295,6 +298,11 @@ def _check_references(cfg: Config, where: str) -> None:
         raise ConfigError(
             f"{where}: [parallel] strategy = {cfg.parallel.strategy!r} is not known; {hint}"
             f"available: {', '.join(available_strategies())}"
+        )
+    if cfg.parallel.grad_comm != "fp32" and cfg.parallel.strategy not in ("allreduce", "single"):
+        raise ConfigError(
+            f"{where}: [parallel] grad_comm = {cfg.parallel.grad_comm!r} applies to strategy 'allreduce' only "
+            f"(strategy here: {cfg.parallel.strategy!r}); remove it or use strategy = 'allreduce'"
         )
     if cfg.parallel.strategy in LOOP_STRATEGIES:
         problem = unsupported(

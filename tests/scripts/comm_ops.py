@@ -61,5 +61,18 @@ except TypeError as exc:
     assert "complex64" in str(exc) and "float32" in str(exc)
 else:
     raise AssertionError("a complex buffer should be refused with a clear message")
+
+# The bit movers behind 16-bit gradient sums: bf16 (which MPI has no type for) arrives bit for bit.
+blocks = torch.tensor([100.0 * r + k for k in range(n)], dtype=torch.bfloat16)  # block k goes to rank k
+got = torch.empty(n, dtype=torch.bfloat16)
+comm.Ialltoall(blocks, got).wait()
+assert got.tolist() == [100.0 * k + r for k in range(n)]
+g16 = torch.empty(2 * n, dtype=torch.float16)
+h = comm.Iallgather(torch.tensor([r, -r], dtype=torch.float16), g16)
+h.wait()
+assert g16.tolist() == [v for k in range(n) for v in (k, -k)]
+dup = comm.split(color=0, key=r)
+dup.Free()
+
 comm.Barrier()
 print(f"OK {r}", flush=True)

@@ -51,6 +51,15 @@ class Communicator(Protocol):
         """Gather equal-sized ``send`` from every rank into ``recv`` (size * send.numel(), rank order)."""
         ...
 
+    def Iallgather(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
+        """Start gathering ``send`` from every rank into ``recv`` (rank order); valid after ``wait()``."""
+        ...
+
+    def Ialltoall(self, send: torch.Tensor, recv: torch.Tensor) -> Handle:
+        """Start sending block k of ``send`` to rank k, receiving block k of ``recv`` from rank k (equal blocks);
+        any dtype (the bits are moved, never combined)."""
+        ...
+
     def Reduce_scatter(self, send: torch.Tensor, recv: torch.Tensor, op: str = "sum") -> None:
         """Reduce ``send`` (size * recv.numel()) and leave this rank's block in ``recv``."""
         ...
@@ -73,6 +82,10 @@ class Communicator(Protocol):
 
     def split(self, color: int, key: int = 0) -> Communicator:
         """Split into sub-communicators of the ranks sharing ``color``, ordered by ``key``."""
+        ...
+
+    def Free(self) -> None:
+        """Release a communicator made by ``split`` (collective over its ranks)."""
         ...
 
     def Abort(self, code: int = 1) -> None:

@@ -43,6 +43,16 @@ class LocalComm:
         """Copy ``send`` into ``recv``."""
         recv.view(-1).copy_(send.reshape(-1))
 
+    def Iallgather(self, send: torch.Tensor, recv: torch.Tensor) -> DoneHandle:
+        """Copy ``send`` into ``recv``; return a completed handle."""
+        self.Allgather(send, recv)
+        return DoneHandle()
+
+    def Ialltoall(self, send: torch.Tensor, recv: torch.Tensor) -> DoneHandle:
+        """Copy ``send`` into ``recv``; return a completed handle."""
+        recv.view(-1).copy_(send.reshape(-1))
+        return DoneHandle()
+
     def Reduce_scatter(self, send: torch.Tensor, recv: torch.Tensor, op: str = "sum") -> None:
         """Copy ``send`` into ``recv``."""
         check_op(op)
@@ -67,6 +77,9 @@ class LocalComm:
     def split(self, color: int, key: int = 0) -> Communicator:
         """Return a new size-1 communicator."""
         return LocalComm()
+
+    def Free(self) -> None:
+        """Nothing to release."""
 
     def Abort(self, code: int = 1) -> None:
         """Exit the process at once with ``code``."""

@@ -57,6 +57,11 @@ def _widened(t: torch.Tensor) -> torch.Tensor | None:
     return t.float() if t.dtype == torch.bfloat16 and not t.is_cuda else None
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as int16 when it is bf16 (MPI has no bf16 type; moving data needs only the bits), else ``t``."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
 class MPIRequestHandle:
     """A pending MPI request; holds the buffer alive until it completes."""
 
@@ -103,6 +108,10 @@ class CopyBackHandle:
 
 class TorchWorkHandle:
     """A pending torch.distributed operation (the NCCL path)."""
+
+    # ``wait()`` only makes the current CUDA stream wait, so work issued after it is ordered on the device and
+    # the host never blocks: callers may chain several steps at once instead of polling.
+    stream_ordered = True
 
     def __init__(self, work) -> None:
         self._work = work
@@ -193,6 +202,26 @@ class MPIComm:
             return
         self.comm.Allgather(self._buf(send), self._buf(recv))
 
+    def Iallgather(self, send: torch.Tensor, recv: torch.Tensor):
+        """Start gathering equal-sized ``send`` from every rank into ``recv``; read it after ``wait()``."""
+        group = self._device_plane(send)
+        if group is not None:
+            import torch.distributed as dist
+
+            return TorchWorkHandle(dist.all_gather_into_tensor(recv, send, group=group, async_op=True))
+        bufs = self._buf(_bits(send)), self._buf(_bits(recv))
+        return MPIRequestHandle(self.comm.Iallgather(*bufs), bufs)
+
+    def Ialltoall(self, send: torch.Tensor, recv: torch.Tensor):
+        """Start sending block k of ``send`` to rank k; block k of ``recv`` comes from rank k (equal blocks)."""
+        group = self._device_plane(send)
+        if group is not None:
+            import torch.distributed as dist
+
+            return TorchWorkHandle(dist.all_to_all_single(recv, send, group=group, async_op=True))
+        bufs = self._buf(_bits(send)), self._buf(_bits(recv))
+        return MPIRequestHandle(self.comm.Ialltoall(*bufs), bufs)
+
     def Reduce_scatter(self, send: torch.Tensor, recv: torch.Tensor, op: str = "sum") -> None:
         """Reduce ``send`` and leave this rank's block of it in ``recv``."""
         group = self._device_plane(send)
@@ -223,6 +252,10 @@ class MPIComm:
     def split(self, color: int, key: int = 0) -> MPIComm:
         """Split into sub-communicators by ``color``."""
         return MPIComm(self.comm.Split(color, key))
+
+    def Free(self) -> None:
+        """Release this communicator (collective); only for ones made by ``split``."""
+        self.comm.Free()
 
     def Abort(self, code: int = 1) -> None:
         """Terminate every rank of the job."""

@@ -7,6 +7,10 @@ result is then read by everyone. Across nodes, each rank all-reduces its share w
 share on the other nodes (MPI over the network), so the scheme is the usual hierarchical all-reduce.
 Compared with a message-passing all-reduce on one node this touches each byte fewer times: no copy into and
 out of MPI's transport buffers. Synchronisation is two MPI barriers on the node communicator per bucket.
+
+With a 16-bit ``wire`` dtype (``grad_comm``) the slots hold bf16/fp16 copies of the gradients (each rank rounds
+its own fp32 gradients into its slot as a bucket completes), the result row stays fp32 and every share is summed
+in fp32; between nodes the shares travel in 16 bits too (``comm/lowp.py``).
 """
 
 from __future__ import annotations
@@ -14,26 +18,45 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from caldera.comm.lowp import LowPrecisionSum, SumJob, round_into_, sum_rows_
+
 _CHUNK = 1 << 18  # floats: 1 MiB per slot, so a chunk of two slots and the result stays in L2
 
 
 class NodeReducer:
-    """Sum flat float32 gradient buffers over all ranks, through node-shared memory plus MPI between nodes."""
+    """Sum flat gradient buffers over all ranks, through node-shared memory plus MPI between nodes.
 
-    def __init__(self, comm, total: int) -> None:
+    The slots are fp32 (and are the gradients themselves) or, with ``wire``, 16-bit copies of them; the result
+    row is always fp32. ``node`` (default: the ranks sharing this node's memory) groups the ranks that share a
+    window (``close()`` frees it); a test can pass smaller groups to run the path between nodes on one machine.
+    """
+
+    def __init__(self, comm, total: int, wire: torch.dtype | None = None, node=None) -> None:
         from mpi4py import MPI
 
-        self.node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+        self.node = node if node is not None else comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
         self.local_size, self.local_rank = self.node.Get_size(), self.node.Get_rank()
         # Ranks with the same local rank on every node reduce the same shares between nodes.
         self.cross = comm.Split(self.local_rank, comm.Get_rank())
-        self.total = total
-        nbytes = (self.local_size + 1) * total * 4 if self.local_rank == 0 else 0
+        self.total, self.wire = total, wire
+        slot_bytes = _aligned(self.local_size * total * (2 if wire is not None else 4))
+        nbytes = slot_bytes + total * 4 if self.local_rank == 0 else 0
         self.win = MPI.Win.Allocate_shared(nbytes, 4, comm=self.node)
         buf, _ = self.win.Shared_query(0)
-        table = torch.from_numpy(np.ndarray(buffer=buf, dtype=np.float32, shape=(self.local_size + 1, total)))
-        self.slots, self.result = table[: self.local_size], table[self.local_size]
+        shape = (self.local_size, total)
+        if wire is None:
+            self.slots = torch.from_numpy(np.ndarray(buffer=buf, dtype=np.float32, shape=shape))
+        else:  # numpy has no bf16: map the bits as int16 and view them
+            self.slots = torch.from_numpy(np.ndarray(buffer=buf, dtype=np.int16, shape=shape)).view(wire)
+        row = np.ndarray(buffer=buf, dtype=np.float32, shape=(total,), offset=slot_bytes)
+        self.result = torch.from_numpy(row)
         self.slot = self.slots[self.local_rank]
+        self._between: LowPrecisionSum | None = None
+        self._jobs: dict[tuple[int, int], SumJob] = {}  # one per share summed between nodes
+        if wire is not None and self.cross.Get_size() > 1:
+            from caldera.comm.mpi import MPIComm
+
+            self._between = LowPrecisionSum(MPIComm(self.cross), wire)
 
     @staticmethod
     def usable(comm) -> bool:
@@ -45,13 +68,28 @@ class NodeReducer:
         node.Free()
         return len(set(sizes)) == 1 and sizes[0] > 1
 
-    def reduce(self, start: int, stop: int) -> None:
-        """Sum ``[start, stop)`` of every local slot into the result row (this rank's share), then across nodes,
-        and zero that share of every slot. Collective over all ranks; the result is complete on this node only
-        after ``finish()``.
+    def reduce(self, start: int, stop: int, source: torch.Tensor | None = None, scale: float = 1.0) -> None:
+        """Sum ``[start, stop)`` of every local slot into the result row (this rank's share), then across nodes.
+
+        fp32 slots: the share of every slot is zeroed as it is summed (the slots are the gradients). 16-bit slots:
+        ``source`` (this rank's fp32 gradients for the range) is first rounded, times ``scale``, into this rank's
+        slot and zeroed; the result is divided by ``scale``. Collective over all ranks; the result is complete on
+        this node only after ``finish()``.
         """
+        if self.wire is not None:
+            self._stage(start, source, scale)
         self.node.Barrier()  # every local rank has written this bucket into its slot
         lo, hi = self._share(start, stop)
+        if self.wire is None:
+            self._sum_and_zero(lo, hi)
+        else:
+            sum_rows_(self.result[lo:hi], self.slots[:, lo:hi].unbind())
+        if self.cross.Get_size() > 1 and hi > lo:
+            self._between_nodes(lo, hi)
+        if scale != 1.0:
+            self.result[lo:hi].mul_(1.0 / scale)
+
+    def _sum_and_zero(self, lo: int, hi: int) -> None:
         # In cache-sized chunks: sum the share, then zero it in every slot while it is still in cache, which
         # leaves every slot ready for the next backward pass without a separate memset.
         for a in range(lo, hi, _CHUNK):
@@ -61,10 +99,26 @@ class NodeReducer:
             for k in range(2, self.local_size):
                 out.add_(self.slots[k, a:b])
             self.slots[:, a:b].zero_()
-        if self.cross.Get_size() > 1:
+
+    def _stage(self, start: int, source: torch.Tensor, scale: float) -> None:
+        """Round this rank's gradients into its 16-bit slot, zeroing them chunk by chunk while in cache."""
+        slot = self.slot[start : start + source.numel()]
+        for a in range(0, source.numel(), _CHUNK):
+            b = min(a + _CHUNK, source.numel())
+            round_into_(slot[a:b], source[a:b], scale)
+            source[a:b].zero_()
+
+    def _between_nodes(self, lo: int, hi: int) -> None:
+        if self._between is None:
             from mpi4py import MPI
 
             self.cross.Allreduce(MPI.IN_PLACE, self.result[lo:hi].numpy())
+            return
+        # The node's fp32 sum is rounded to 16 bits for the wire; blocking, so no ordering to keep across buckets.
+        job = self._jobs.get((lo, hi))
+        if job is None:
+            job = self._jobs[lo, hi] = self._between.job(self.result[lo:hi])
+        self._between.start(job).wait()
 
     def _share(self, start: int, stop: int) -> tuple[int, int]:
         n = stop - start
@@ -94,6 +148,13 @@ class NodeReducer:
 
     def close(self) -> None:
         """Free the window and the communicators."""
+        if self._between is not None:
+            self._between.close()
         self.win.Free()
         self.cross.Free()
         self.node.Free()
+
+
+def _aligned(nbytes: int, to: int = 64) -> int:
+    """``nbytes`` rounded up to a multiple of ``to`` (where the fp32 result row starts in the window)."""
+    return -(-nbytes // to) * to

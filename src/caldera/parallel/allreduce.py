@@ -14,6 +14,10 @@ requests, which is what makes MPI progress without a progress thread); it serves
 NCCL) and any layout. ``shm``: on CPU ranks sharing nodes, buckets live in an MPI shared-memory window and
 each rank sums its share of every bucket straight out of its neighbours' memory (see ``comm/shm.py``), with
 MPI between nodes. ``auto`` picks ``shm`` for fp32 CPU training with several ranks per node.
+
+``grad_comm = "bf16" | "fp16"`` halves the bytes: each rank's gradients still accumulate in fp32, are rounded to
+16 bits when their bucket completes, and are summed in fp32 (``comm/lowp.py``; with ``shm`` the window's slots
+are 16-bit and the result row fp32). The optimizer gets fp32 gradients, bit-identical on every rank.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import torch
 
 from caldera.comm.buckets import Bucket, average_over_ranks, build_buckets, point_grads, rebind_grads
+from caldera.comm.lowp import LowPrecisionSum, SumJob, wire_dtype
 from caldera.parallel.base import register
 from caldera.world import World
 
@@ -39,16 +44,20 @@ class AllReduce:
         overlap: bool = True,
         grad_clip: float | None = None,
         reducer: str = "auto",
+        grad_comm: str = "fp32",
         **_: Any,
     ) -> None:
         if reducer not in ("auto", "mpi", "shm"):
             raise ValueError(f"unknown reducer {reducer!r}; use 'auto', 'mpi' or 'shm'")
+        self.grad_comm, self.wire = grad_comm, wire_dtype(grad_comm)  # wire: None = the gradients' own dtype
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.first_bucket_bytes = int(min(first_bucket_mb, bucket_mb) * 2**20)
         self.overlap, self.grad_clip, self.reducer_name = overlap, grad_clip, reducer
         self.buckets: list[Bucket] = []
         self.node = None  # the NodeReducer when reducing through shared memory
         self.reducer = "none"  # which reducer setup() chose: "mpi" or "shm" ("none" on one rank)
+        self.lowp: LowPrecisionSum | None = None  # the mpi reducer's 16-bit sums (grad_comm bf16/fp16)
+        self._jobs: list[SumJob] = []  # one per bucket, by bucket index
         self._hooks: list[Any] = []
 
     def setup(
@@ -65,10 +74,15 @@ class AllReduce:
         if self._use_shm(params):
             from caldera.comm.shm import NodeReducer
 
-            self.node = NodeReducer(self.comm.comm, sum(p.numel() for p in params))
-            storage = self.node.slot
+            total = sum(p.numel() for p in params)
+            self.node = NodeReducer(self.comm.comm, total, self.wire)
+            # fp32 slots are the gradients; 16-bit slots only receive rounded copies of a private fp32 buffer.
+            storage = self.node.slot if self.wire is None else torch.zeros(total)
         self.reducer = "none" if self.world.size == 1 else ("shm" if self.node is not None else "mpi")
         self.buckets = build_buckets(params, self.bucket_bytes, self.first_bucket_bytes, storage)
+        if self.reducer == "mpi" and self.wire is not None:
+            self.lowp = LowPrecisionSum(self.comm, self.wire)
+            self._jobs = [self.lowp.job(b.flat) for b in self.buckets]
         if self.overlap and self.world.size > 1:
             for b in self.buckets:
                 for p in b.params:
@@ -93,7 +107,9 @@ class AllReduce:
             bucket.pending -= 1
             if bucket.pending == 0:
                 self._start(bucket)
-            if self.node is None:
+            if self.lowp is not None:
+                self.lowp.progress()  # drive MPI progress of the sums in flight
+            elif self.node is None:
                 for b in self.buckets:  # drive MPI progress of the buckets already in flight
                     if b.handle is not None and b is not bucket:
                         b.handle.test()
@@ -102,10 +118,23 @@ class AllReduce:
 
     def _start(self, bucket: Bucket) -> None:
         if self.node is not None:
-            self.node.reduce(bucket.start, bucket.start + bucket.flat.numel())
+            source = bucket.flat if self.wire is not None else None
+            self.node.reduce(bucket.start, bucket.start + bucket.flat.numel(), source, self._wire_scale())
             bucket.handle = _DONE
+        elif self.lowp is not None:
+            bucket.handle = self.lowp.start(self._jobs[bucket.index], self._wire_scale())
         else:
             bucket.handle = self.comm.Iallreduce(bucket.flat)
+
+    def _wire_scale(self) -> float:
+        """What gradients are multiplied by on an fp16 wire: fp16-mixed's loss scale, else 1.
+
+        The fp16-mixed policy unscales gradients as autograd produces them, so the buckets hold true gradients;
+        rescaling them for the wire puts them back in the range the loss scale was tuned to keep inside fp16
+        (small gradients would otherwise flush to zero). The scale is the same on every rank.
+        """
+        scaler = getattr(self.optimizer, "scaler", None)  # fp16-mixed's LossScaledOptimizer
+        return float(scaler.scale) if self.wire == torch.float16 and scaler is not None else 1.0
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss / ranks``; full buckets start reducing during this call."""
@@ -125,6 +154,8 @@ class AllReduce:
                 # .grad, which torch's optimizers never do; clipping goes through the reducer for that reason.
                 for b in self.buckets:
                     point_grads(b, self.node.result[b.start : b.start + b.flat.numel()])
+            if self.wire == torch.float16 and getattr(self.optimizer, "scaler", None) is None:
+                self._check_fp16_range()
         if self.grad_clip and self.node is not None:
             self.node.clip_(self.grad_clip, [(b.start, b.start + b.flat.numel()) for b in self.buckets])
         elif self.grad_clip:
@@ -137,6 +168,18 @@ class AllReduce:
             else:
                 rebind_grads(b)  # an optimizer or user code may have replaced a .grad: keep the views
                 b.reset()
+
+    def _check_fp16_range(self) -> None:
+        """Stop with the fix when an fp16 wire overflowed (fp16-mixed's optimizer skips such steps instead)."""
+        grads = [p.grad for b in self.buckets for p in b.params]
+        if bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()):
+            return
+        raise FloatingPointError(
+            "grad_comm = 'fp16': the reduced gradients hold inf/NaN. Either the gradients were already inf/NaN, "
+            "or one (divided by the number of ranks) exceeded fp16's range (65504) and became inf on the wire. "
+            "Use [parallel] grad_comm = 'bf16' (fp32's range) or 'fp32', or precision mode fp16-mixed, whose "
+            "loss scaler skips such steps."
+        )
 
     def synchronize(self) -> None:
         """Average floating-point buffers (BatchNorm running statistics) over the ranks (collective).
@@ -164,7 +207,11 @@ class AllReduce:
         for b in self.buckets:
             for p in b.params:
                 p.grad = None
-        self.buckets = []
+        self.buckets, self._jobs = [], []
+        if self.lowp is not None:
+            if sys.exc_info()[0] is None:  # collective, like freeing the window below
+                self.lowp.close()
+            self.lowp = None
         if self.node is not None:
             # Freeing the window is collective: while an exception unwinds this rank alone (the others are
             # about to be aborted), a collective here would hang it before the abort could run.

@@ -6,7 +6,9 @@
 For each model it measures, alternating, R times: one rank alone (1 thread, per-rank batch) -> ideal = N x that;
 DDP-gloo on N ranks x 1 thread; Caldera ``allreduce`` on N ranks x 1 thread. Prints medians of samples/s, the
 ratio Caldera / DDP and each one's scaling efficiency against ideal. Targets: >= 1.4x DDP on the MLP, >= 90 % of
-ideal on both, never slower than DDP. ``--grad-comm bf16`` (or fp16) adds rows for Caldera with 16-bit gradient
+ideal on both, never slower than DDP. The row "no communication" is N ranks each training alone on its per-rank
+batch at the same time: what the machine allows before any byte is exchanged (shared memory bandwidth, caches,
+clock). ``--grad-comm bf16`` (or fp16) adds rows for Caldera with 16-bit gradient
 communication, both reducers. The worker half of this file runs inside the ranks (``--worker``).
 """
 
@@ -70,7 +72,9 @@ def worker(kind: str, mode: str, global_batch: int, steps: int) -> None:
         )
         net = strategy.setup(model, opt, world)
         backward, step = strategy.backward, strategy.step
-    else:
+    else:  # "single": one rank alone; "nocomm": N ranks training side by side with no communication at all
+        if mode == "nocomm":
+            rank, size = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
         net = model
 
         def backward(loss):
@@ -145,7 +149,7 @@ def main() -> None:
         f"{n} ranks x 1 thread, global batch {args.batch}, {args.steps} timed steps, {args.repeats} repeats (medians)"
     )
     for kind in args.models:
-        modes = ["ddp", "caldera", "caldera-mpi"]
+        modes = ["nocomm", "ddp", "caldera", "caldera-mpi"]
         if args.grad_comm:
             modes += [f"caldera-{args.grad_comm}", f"caldera-mpi-{args.grad_comm}"]
         results: dict[str, list[float]] = {m: [] for m in ["single", *modes]}
@@ -159,6 +163,7 @@ def main() -> None:
         ideal = n * med["single"]
         print(f"\n{kind}: one rank alone {med['single']:.0f} samples/s -> ideal {ideal:.0f}")
         labels = {
+            "nocomm": "no communication (bound)",
             "ddp": "DDP-gloo",
             "caldera": "Caldera allreduce (auto: shm)",
             "caldera-mpi": "Caldera allreduce (mpi)",

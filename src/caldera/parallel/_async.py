@@ -96,6 +96,13 @@ def unsupported(name: str, precision: str) -> str | None:
     return None
 
 
+def config_error(message: str) -> ValueError:
+    """A ConfigError: the CLI prints it as one line with exit code 2 (imported late: the config imports us)."""
+    from caldera.config import ConfigError
+
+    return ConfigError(message)
+
+
 def check_trainer(trainer, name: str) -> None:
     """Refuse, with the fix, what the asynchronous loops do not support yet."""
     from caldera.config import ConfigError  # a ValueError the CLI prints as one line, without a traceback

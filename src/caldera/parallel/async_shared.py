@@ -294,11 +294,13 @@ class AsyncShared:
         if not self._fitting:
             raise RuntimeError(_NEEDS_FIT)
         if world.size > 1:
-            raise ValueError("async-shared runs on one node from one process (it starts its own workers); "
+            raise _async.config_error("async-shared runs on one node from one process (it starts its own workers); "
                              "start it without mpiexec, or use strategy = 'async-ps' across ranks")  # fmt: skip
         self._params = trainable(model)
         if any(p.device.type != "cpu" for p in self._params):
-            raise ValueError("async-shared shares CPU memory between processes; keep the model on the CPU")
+            raise _async.config_error(
+                "async-shared shares CPU memory between processes; keep the model on the CPU"
+            )
         model.zero_grad(set_to_none=True)  # gradients must stay private to each worker, never shared
         model.share_memory()
         self.model = model

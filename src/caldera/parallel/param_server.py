@@ -227,13 +227,13 @@ class ParameterServer:
         if not self._fitting:
             raise RuntimeError(_NEEDS_FIT)
         if world.size <= self.servers or not hasattr(world.comm, "comm"):
-            raise ValueError(f"async-ps with {self.servers} server(s) needs at least {self.servers + 1} MPI "
+            raise _async.config_error(f"async-ps with {self.servers} server(s) needs at least {self.servers + 1} MPI "
                              f"ranks (got {world.size}); run it under mpiexec -n N with N > servers")  # fmt: skip
         # The servers step plain optimizers: gradients reach them unscaled (see _async.compute_item).
         optimizer = getattr(optimizer, "optimizer", optimizer)  # a precision wrapper's inner optimizer
         settings = [{k: v for k, v in g.items() if k in optimizer.defaults} for g in optimizer.param_groups]
         if any(s != settings[0] for s in settings):
-            raise ValueError("async-ps gives each server shard one set of optimizer settings; use a single "
+            raise _async.config_error("async-ps gives each server shard one set of optimizer settings; use a single "
                              "parameter group (or identical settings in every group)")  # fmt: skip
         self.model, self.world = model, world
         MPI = _mpi()

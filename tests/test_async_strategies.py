@@ -195,6 +195,7 @@ def test_async_ps_with_max_staleness_0_and_local_sgd_every_step_are_synchronous_
     out = last_json(proc.stdout)
     assert out["ps_diff"] < 1e-5, out  # momentum and weight decay included: the server steps once per round
     assert out["ps_scheduled_diff"] < 1e-5 < out["schedule_matters"], out  # each global batch's own rate
+    assert out["ps_micro_diff"] < 1e-5, out  # work items in micro-batches (accumulate = 2)
     assert out["ps_staleness_max"] == 0 and out["ps_updates"] == 3 * 5 * 2
     assert out["local_sgd_diff"] < 1e-5 and out["local_sgd_spread"] == 0.0, out
     assert out["bn_spread"] == 0.0 and out["bn_moved"] > 0.01  # the workers' statistics reached every rank

@@ -16,14 +16,17 @@ def last_json(stdout: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("ranks", "model", "bucket_mb", "overlap", "reducer", "clip"),
-    [(2, "mlp", 0.002, "1", "shm", 0.05), (3, "mlp", 0.002, "1", "mpi", 0.05), (2, "cnn", 25, "1", "mpi", 0),
-     (3, "cnn", 0.01, "0", "shm", 0), (3, "mlp", 0.01, "1", "shm", 0)],
+    ("ranks", "model", "bucket_mb", "overlap", "reducer", "clip", "accumulate"),
+    [(2, "mlp", 0.002, "1", "shm", 0.05, 1), (3, "mlp", 0.002, "1", "mpi", 0.05, 1), (2, "cnn", 25, "1", "mpi", 0, 2),
+     (3, "cnn", 0.01, "0", "shm", 0, 1), (3, "mlp", 0.01, "1", "shm", 0, 3)],
 )  # fmt: skip
-def test_ranks_match_single_process_with_the_global_batch(ranks, model, bucket_mb, overlap, reducer, clip):
+def test_ranks_match_single_process_with_the_global_batch(ranks, model, bucket_mb, overlap, reducer, clip,
+                                                          accumulate):  # fmt: skip
     # 100 samples, global batch 24: the last batch (4 samples) is split unevenly across 3 ranks.
     # A small gradient-norm clip (0.05) is active on every step, so clipping must see the reduced gradient.
-    args = [model, "100", "24", "3", str(bucket_mb), overlap, reducer, str(clip or "")]
+    # accumulate > 1: each rank's share runs in micro-batches (the last one: 2 samples in 3 pieces), and only
+    # the last micro-batch of a step communicates.
+    args = [model, "100", "24", "3", str(bucket_mb), overlap, reducer, str(clip or ""), str(accumulate)]
     proc = run_ranks(ranks, ["tests/scripts/dp_equivalence.py", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = last_json(proc.stdout)
@@ -31,6 +34,8 @@ def test_ranks_match_single_process_with_the_global_batch(ranks, model, bucket_m
     assert out["max_diff"] < 1e-5, out
     assert out["spread"] == 0.0, out  # every rank holds bit-identical weights
     assert out["val_loss"] == pytest.approx(out["ref_val_loss"], abs=1e-5)
+    if overlap == "1":  # one reduction per bucket per optimizer step, however many micro-batches
+        assert out["reductions"] == out["steps"] * out["n_buckets"], out
     assert proc.stdout.count("epoch 3 ") == 2  # only rank 0 prints (its DP run and its reference run)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import caldera
 from caldera.data import digits, split_dataset
@@ -115,3 +116,24 @@ def test_world_is_a_single_cpu_process_without_mpi():
     assert (world.rank, world.size, world.local_rank) == (0, 1, 0)
     assert world.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert caldera.init() is world
+
+
+@pytest.mark.parametrize("batch", [32, 30])  # 30 in 4 micro-batches: 8, 8, 7, 7 samples
+def test_accumulated_micro_batches_give_the_same_update(batch):
+    data = TensorDataset(torch.randn(120, 8), torch.randint(0, 3, (120,)))
+    runs = []
+    for accumulate in (1, 4):
+        caldera.init(seed=0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        trainer = caldera.Trainer(model, opt, nn.CrossEntropyLoss(), max_epochs=2, batch_size=batch,
+                                  progress=False, accumulate=accumulate)  # fmt: skip
+        history = trainer.fit(data)
+        runs.append(
+            (torch.cat([p.detach().flatten() for p in model.parameters()]), history, trainer.global_step)
+        )
+    (whole, h1, steps1), (micro, h4, steps4) = runs
+    assert steps1 == steps4  # one optimizer step per batch, however many micro-batches
+    assert (whole - micro).abs().max() < 1e-6  # the same update up to rounding ...
+    assert not torch.equal(whole, micro)  # ... reached another way (4 backward passes per step)
+    assert h4[-1]["train_loss"] == pytest.approx(h1[-1]["train_loss"], abs=1e-6)

@@ -28,14 +28,15 @@ g = torch.Generator().manual_seed(123)
 data = TensorDataset(torch.randn(100, 20, generator=g), torch.randint(0, 5, (100,), generator=g))
 
 
-def train(strategy, w, scheduled=False):
+def train(strategy, w, scheduled=False, accumulate=1):
     torch.manual_seed(0)
     model = MLP([20, 64, 64, 5])
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     # Warm-up then cosine decay over the 15 steps: the servers must apply each global batch's own rate.
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, LRFactor("cosine", 4, 15)) if scheduled else None
     trainer = caldera.Trainer(model, opt, nn.CrossEntropyLoss(), max_epochs=3, batch_size=24, world=w,
-                              strategy=strategy, progress=False, seed=3, scheduler=schedule)  # fmt: skip
+                              strategy=strategy, progress=False, seed=3, scheduler=schedule,
+                              accumulate=accumulate)  # fmt: skip
     if hasattr(trainer.strategy, "fit"):
         trainer.fit(data)
     else:
@@ -47,6 +48,8 @@ local, strategy = train(make_strategy("local-sgd", sync_every=1), world)
 everyone = torch.stack(world.comm.allgather(local))
 ps, ps_strategy = train(make_strategy("async-ps", servers=1, max_staleness=0), world)
 ps_scheduled, _ = train(make_strategy("async-ps", servers=1, max_staleness=0), world, scheduled=True)
+# Each work item in 2 micro-batches: the workers' gradients, hence the weights, are the same.
+ps_micro, _ = train(make_strategy("async-ps", servers=1, max_staleness=0), world, accumulate=2)
 
 # BatchNorm statistics are not served by async-ps: the workers' own are averaged into the final model.
 bn = nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5))
@@ -61,6 +64,7 @@ if world.rank == 0:
                       "local_sgd_spread": (everyone - everyone[0]).abs().max().item(),
                       "local_sgd_averages": strategy.averages, "ps_diff": (ps - ref).abs().max().item(),
                       "ps_scheduled_diff": (ps_scheduled - ref_scheduled).abs().max().item(),
+                      "ps_micro_diff": (ps_micro - ref).abs().max().item(),
                       "schedule_matters": (ref_scheduled - ref).abs().max().item(),
                       "ps_staleness_max": ps_strategy.stats["staleness_max"],
                       "ps_updates": ps_strategy.stats["updates"], "size": world.size,

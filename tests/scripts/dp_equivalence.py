@@ -1,6 +1,7 @@
 """Run on N ranks: data-parallel training must equal one process with the global batch.
 
-Usage: mpiexec -n N python dp_equivalence.py MODEL N_SAMPLES GLOBAL_BATCH EPOCHS BUCKET_MB OVERLAP [REDUCER [GRAD_CLIP]]
+Usage: mpiexec -n N python dp_equivalence.py MODEL N_SAMPLES GLOBAL_BATCH EPOCHS BUCKET_MB OVERLAP [REDUCER [GRAD_CLIP
+       [ACCUMULATE]]]   (the reference always takes whole batches; the data-parallel run ACCUMULATE micro-batches)
 Prints one JSON line on rank 0: max |w_dp - w_ref|, max spread of weights across ranks, metrics.
 """
 
@@ -20,6 +21,7 @@ kind, n, batch, epochs, bucket_mb, overlap = sys.argv[1:7]
 n, batch, epochs, bucket_mb, overlap = int(n), int(batch), int(epochs), float(bucket_mb), overlap == "1"
 reducer = sys.argv[7] if len(sys.argv) > 7 else "auto"
 clip = float(sys.argv[8]) if len(sys.argv) > 8 and sys.argv[8] else None
+accumulate = int(sys.argv[9]) if len(sys.argv) > 9 else 1
 
 world = caldera.init()
 torch.set_num_threads(1)
@@ -36,19 +38,20 @@ else:
         return SmallCNN(channels=8)
 
 
-def train(strategy, w):
+def train(strategy, w, accumulate=1):
     torch.manual_seed(0)
     model = model_fn()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     trainer = caldera.Trainer(model, opt, nn.CrossEntropyLoss(), max_epochs=epochs, batch_size=batch, world=w,
                               strategy=strategy, strategy_options={"bucket_mb": bucket_mb, "first_bucket_mb": bucket_mb,
-                              "overlap": overlap, "reducer": reducer, "grad_clip": clip}, progress=False, seed=3)  # fmt: skip
+                              "overlap": overlap, "reducer": reducer, "grad_clip": clip}, progress=False, seed=3,
+                              accumulate=accumulate)  # fmt: skip
     history = trainer.fit(data, data)
     return torch.cat([p.detach().flatten() for p in model.parameters()]), history, trainer
 
 
-flat, history, trainer = train("allreduce", world)
-n_buckets = len(trainer.strategy.buckets) if hasattr(trainer.strategy, "buckets") else None
+flat, history, trainer = train("allreduce", world, accumulate)
+n_buckets = getattr(trainer.strategy, "n_buckets", None)
 everyone = torch.stack(world.comm.allgather(flat))
 spread = (everyone - everyone[0]).abs().max().item()
 if world.rank == 0:
@@ -64,6 +67,9 @@ if world.rank == 0:
                 "ref_val_loss": ref_history[-1]["val_loss"],
                 "size": world.size,
                 "shm": trainer.strategy.reducer == "shm",
+                "reductions": getattr(trainer.strategy, "reductions", None),
+                "n_buckets": n_buckets,
+                "steps": trainer.global_step,
             }
         )
     )

@@ -139,20 +139,26 @@ def schedule_of(trainer, workers: int) -> Schedule | None:
 
 
 def compute_item(precision, model: torch.nn.Module, loss_fn, params: list[torch.nn.Parameter], x: torch.Tensor,
-                 y: torch.Tensor, weight: float, backward) -> torch.Tensor:  # fmt: skip
-    """Forward, loss and ``backward`` of one work item under the run's precision; return the loss.
+                 y: torch.Tensor, weight: float, backward, accumulate: int = 1) -> torch.Tensor:  # fmt: skip
+    """Forward, loss and ``backward`` of one work item under the run's precision, in ``accumulate`` micro-batches
+    whose gradients add up to the item's; return the item's mean loss.
 
     fp16-mixed scales the loss and unscales the gradients (the trainer's hooks do it where they exist: they do not
     travel to worker processes). An overflow lowers the scale and computes the item again: an asynchronous update
     cannot be skipped the way a synchronous step is, or the item's share of its global batch would be lost."""
+    from caldera.train.trainer import split_batch  # here: the trainer imports the strategies
+
+    pieces = [(a, b) for a, b in zip(split_batch(x, accumulate), y.tensor_split(accumulate)) if len(b)]
     while True:
-        with precision.autocast():
-            loss = loss_fn(model(x), y)
+        scale = precision.scaler.scale if precision.tolerates_overflow else 1.0
+        loss = torch.zeros(())
+        for xi, yi in pieces or [(x, y)]:
+            with precision.autocast():
+                part = loss_fn(model(xi), yi)
+            backward(part * (weight * scale * (len(yi) / len(y))))
+            loss = loss + part.detach().float() * (len(yi) / len(y))
         if not precision.tolerates_overflow:
-            backward(loss * weight)
             return loss
-        scale = precision.scaler.scale
-        backward(loss * (weight * scale))
         grads = [p.grad for p in params if p.grad is not None]
         if grads and not params[0]._backward_hooks:  # no unscaling hook in this process: unscale here
             torch._foreach_mul_(grads, 1.0 / scale)

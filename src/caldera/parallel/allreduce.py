@@ -22,7 +22,9 @@ are 16-bit and the result row fp32). The optimizer gets fp32 gradients, bit-iden
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -59,6 +61,8 @@ class AllReduce:
         self.lowp: LowPrecisionSum | None = None  # the mpi reducer's 16-bit sums (grad_comm bf16/fp16)
         self._jobs: list[SumJob] = []  # one per bucket, by bucket index
         self._hooks: list[Any] = []
+        self._sync = True  # False inside no_sync(): gradients accumulate without being reduced
+        self.reductions = 0  # bucket reductions started so far (one per bucket per optimizer step)
 
     def setup(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World
@@ -80,6 +84,7 @@ class AllReduce:
             storage = self.node.slot if self.wire is None else torch.zeros(total)
         self.reducer = "none" if self.world.size == 1 else ("shm" if self.node is not None else "mpi")
         self.buckets = build_buckets(params, self.bucket_bytes, self.first_bucket_bytes, storage)
+        self.n_buckets = len(self.buckets)
         if self.reducer == "mpi" and self.wire is not None:
             self.lowp = LowPrecisionSum(self.comm, self.wire)
             self._jobs = [self.lowp.job(b.flat) for b in self.buckets]
@@ -104,6 +109,8 @@ class AllReduce:
 
     def _make_hook(self, bucket: Bucket):
         def hook(_: torch.Tensor) -> None:
+            if not self._sync:
+                return
             bucket.pending -= 1
             if bucket.pending == 0:
                 self._start(bucket)
@@ -116,7 +123,17 @@ class AllReduce:
 
         return hook
 
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside only accumulate gradients (micro-batches); the next one outside reduces all."""
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = True
+
     def _start(self, bucket: Bucket) -> None:
+        self.reductions += 1
         if self.node is not None:
             source = bucket.flat if self.wire is not None else None
             self.node.reduce(bucket.start, bucket.start + bucket.flat.numel(), source, self._wire_scale())

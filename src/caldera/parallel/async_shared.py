@@ -110,7 +110,7 @@ class AsyncShared:
 
             raise ConfigError(f"the checkpoint was written by {resumed['workers']} async-shared workers; resume "
                               f"with [parallel] workers = {resumed['workers']}")  # fmt: skip
-        self.loss_fn, self.precision = trainer.loss_fn, trainer.precision
+        self.loss_fn, self.precision, self.accumulate = trainer.loss_fn, trainer.precision, trainer.accumulate
         self._schedule = _async.schedule_of(trainer, self.workers)  # applied per item by the workers
         self.items = WorkItems(train_set, trainer.batch_size, self.workers, trainer.max_epochs, trainer.seed,
                                trainer.shuffle, trainer.drop_last)  # fmt: skip
@@ -347,7 +347,7 @@ class AsyncShared:
             self._item = item
             self._read = self._version.value  # the version of the weights this forward pass reads
             loss = _async.compute_item(self.precision, self.model, self.loss_fn, self._params, x, y,
-                                       n_local / n_global, self.backward)  # fmt: skip
+                                       n_local / n_global, self.backward, self.accumulate)  # fmt: skip
             self.step()
             record = (self._write - 1) // self._every
             self._losses[index, record, 0] += loss.item() * n_local

@@ -118,7 +118,7 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
         callbacks=callbacks, world=world, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
         drop_last=cfg.data.drop_last, num_workers=cfg.data.num_workers, progress=cfg.train.progress,
         plot=cfg.train.plot, precision=cfg.precision.mode,
-        checkpointer=build_checkpointer(cfg, world, time_limit), resume=resume,
+        checkpointer=build_checkpointer(cfg, world, time_limit), resume=resume, accumulate=cfg.train.accumulate,
     )  # fmt: skip
 
 

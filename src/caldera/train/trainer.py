@@ -59,6 +59,7 @@ class Trainer:
         checkpointer: Checkpointer | None = None,
         resume: bool | str | Path = False,
         input_warning: float = 0.05,
+        accumulate: int = 1,
     ) -> None:
         self.world = world or init()
         self.precision = make_precision(precision, self.world.device)
@@ -74,6 +75,11 @@ class Trainer:
         self.seed, self.shuffle, self.drop_last, self.num_workers = seed, shuffle, drop_last, num_workers
         self.progress, self.plot = progress, plot
         self.input_warning = input_warning  # warn when more than this fraction of step time waits for data
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1 micro-batches per step (got {accumulate})")
+        self.accumulate = (
+            accumulate  # micro-batches per optimizer step (each rank's share split this many ways)
+        )
         self._meter = InputMeter()
         self.should_stop = False
         self.epoch = 0
@@ -170,18 +176,8 @@ class Trainer:
         for step, ((x, y), n_local, n_global) in enumerate(
             _xy(self._meter.wrap(batches)), start=self.step_in_epoch
         ):
-            with self.precision.autocast():
-                loss = self.loss_fn(self.net(x), y)
-            finite = bool(torch.isfinite(loss))
-            if not finite and not self.precision.tolerates_overflow:
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step} (global step "
-                    f"{self.global_step}) on rank {self.world.rank}; lower [optim] lr, set [optim] grad_clip, "
-                    "or check the data for NaN/inf. Files already written in the run directory are kept."
-                )
             # Ranks may hold unequal slices of the last batch: weight so the rank average is the global mean.
-            scale = n_local * self.world.size / n_global
-            self.strategy.backward(self.precision.scale_loss(loss * scale if scale != 1 else loss))
+            loss, finite = self._backward(x, y, n_local * self.world.size / n_global, step)
             self.strategy.step()
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -200,6 +196,33 @@ class Trainer:
         totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64)])
         self.world.comm.Allreduce(totals)
         return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+    def _backward(self, x: Any, y: torch.Tensor, scale: float, step: int) -> tuple[torch.Tensor, bool]:
+        """Forward and backward of this rank's batch, in ``accumulate`` micro-batches whose gradients add up to
+        the whole batch's; only the last one communicates. Return the batch's mean loss and whether it is finite."""
+        pieces = list(zip(split_batch(x, self.accumulate), y.tensor_split(self.accumulate)))
+        pieces = [(a, b) for a, b in pieces if len(b)] or [(x, y)]  # a rank's share can be smaller than k
+        total, finite = torch.zeros((), dtype=torch.float64), True
+        for i, (xi, yi) in enumerate(pieces):
+            with self.precision.autocast():
+                loss = self.loss_fn(self.net(xi), yi)
+            if not bool(torch.isfinite(loss)):
+                finite = False
+                if not self.precision.tolerates_overflow:
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step} (global step "
+                        f"{self.global_step}) on rank {self.world.rank}; lower [optim] lr, set [optim] grad_clip, "
+                        "or check the data for NaN/inf. Files already written in the run directory are kept."
+                    )
+            weight = scale * (len(yi) / len(y))
+            last = i == len(pieces) - 1
+            quiet = (
+                self.strategy.no_sync() if not last and hasattr(self.strategy, "no_sync") else nullcontext()
+            )
+            with quiet:  # gradients of all but the last micro-batch just accumulate, locally
+                self.strategy.backward(self.precision.scale_loss(loss * weight if weight != 1 else loss))
+            total += loss.detach().double().cpu() * len(yi)
+        return total / len(y), finite
 
     def _batches(self, dataset: Dataset, shuffle: bool, evaluation: bool = False) -> ShardedBatches:
         # A source with its own I/O-aware pipeline (caldera.data.scientific) builds its batches itself.
@@ -388,6 +411,15 @@ def as_xy(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     if len(batch) < 2:
         raise ValueError("each sample must be (input, target); got a single tensor")
     return (batch[0] if len(batch) == 2 else tuple(batch[:-1])), batch[-1]  # type: ignore[return-value]
+
+
+def split_batch(x: Any, k: int) -> list[Any]:
+    """Cut an input batch (a tensor or a tuple of tensors) into ``k`` micro-batches along the first dimension."""
+    if k == 1:
+        return [x]
+    if isinstance(x, tuple):
+        return list(zip(*(t.tensor_split(k) for t in x)))
+    return list(x.tensor_split(k))
 
 
 def _xy(batches: Iterable) -> Iterable:

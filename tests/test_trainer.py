@@ -137,3 +137,25 @@ def test_accumulated_micro_batches_give_the_same_update(batch):
     assert (whole - micro).abs().max() < 1e-6  # the same update up to rounding ...
     assert not torch.equal(whole, micro)  # ... reached another way (4 backward passes per step)
     assert h4[-1]["train_loss"] == pytest.approx(h1[-1]["train_loss"], abs=1e-6)
+
+
+def test_activation_checkpointing_keeps_less_and_computes_the_same():
+    from caldera.models import UNetSmall
+    from caldera.train.recompute import saved_activation_bytes
+
+    x, y = torch.randn(4, 2, 32, 32), torch.randn(4, 1, 32, 32)
+    grads, kept = [], []
+    for recompute in (False, True):
+        caldera.init(seed=0)
+        model = UNetSmall(channels=8)
+        trainer = caldera.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(),
+                                  progress=False, activation_checkpointing=recompute)  # fmt: skip
+        kept.append(saved_activation_bytes(model, x))
+        nn.functional.mse_loss(model(x), y).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert trainer.recomputed == (
+            ["enc1", "enc2", "mid", "up2", "dec2", "up1", "dec1", "out"] if recompute else []
+        )
+    assert torch.allclose(grads[0], grads[1], rtol=0, atol=1e-6)  # the same gradients ...
+    assert kept[1] < 0.5 * kept[0], kept  # ... from less than half the memory kept for backward
+    assert set(model.state_dict()) == set(UNetSmall(channels=8).state_dict())  # weights files are unchanged

@@ -70,6 +70,10 @@ class TrainSection(_Section):
     progress: bool = True
     tensorboard: bool = False
     plot: bool = True
+    activation_checkpointing: bool = Field(
+        False, description="recompute each parameter-holding block's activations in backward instead of keeping "
+        "them: less memory, about one more forward pass of compute",
+    )  # fmt: skip
     accumulate: int = Field(
         1, ge=1, description="micro-batches per optimizer step: each rank's share of a batch runs in this many "
         "pieces (activation memory / accumulate), gradients summed, one reduction; the update is unchanged",

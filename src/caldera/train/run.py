@@ -119,6 +119,7 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
         drop_last=cfg.data.drop_last, num_workers=cfg.data.num_workers, progress=cfg.train.progress,
         plot=cfg.train.plot, precision=cfg.precision.mode,
         checkpointer=build_checkpointer(cfg, world, time_limit), resume=resume, accumulate=cfg.train.accumulate,
+        activation_checkpointing=cfg.train.activation_checkpointing,
     )  # fmt: skip
 
 

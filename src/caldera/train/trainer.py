@@ -23,6 +23,7 @@ from caldera.precision import Precision, make_precision
 from caldera.train.callbacks import Callback
 from caldera.train.metrics import Metric
 from caldera.train.output import MetricsLog, plot_learning_curve, plot_predictions, save_weights
+from caldera.train.recompute import checkpoint_activations
 from caldera.world import World, init
 
 DataLike = Dataset | DataLoader | tuple | list
@@ -60,6 +61,7 @@ class Trainer:
         resume: bool | str | Path = False,
         input_warning: float = 0.05,
         accumulate: int = 1,
+        activation_checkpointing: bool = False,
     ) -> None:
         self.world = world or init()
         self.precision = make_precision(precision, self.world.device)
@@ -77,9 +79,9 @@ class Trainer:
         self.input_warning = input_warning  # warn when more than this fraction of step time waits for data
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1 micro-batches per step (got {accumulate})")
-        self.accumulate = (
-            accumulate  # micro-batches per optimizer step (each rank's share split this many ways)
-        )
+        self.accumulate = accumulate  # micro-batches per step: each rank's share is split this many ways
+        # Blocks whose activations are recomputed in backward instead of kept (caldera.train.recompute).
+        self.recomputed = checkpoint_activations(self.model) if activation_checkpointing else []
         self._meter = InputMeter()
         self.should_stop = False
         self.epoch = 0
@@ -337,6 +339,12 @@ class Trainer:
             f"{self.world.size} rank(s), global batch {self.batch_size} = {self.world.size} x {per_rank}; "
             f"{len(train_set)} training / {len(val_set) if val_set is not None else 0} validation samples; "
             f"{self.max_epochs} epochs"
+            + (
+                f"; activations recomputed in backward for {', '.join(self.recomputed)}"
+                if self.recomputed
+                else ""
+            )
+            + (f"; {self.accumulate} micro-batches per step" if self.accumulate > 1 else "")
         )
 
     def _print(self, message: str) -> None:

@@ -282,19 +282,17 @@ def test_cli_async_shared_time_limit_then_resume(tmp_path):
 
     from caldera.checkpoint import REQUEUE_EXIT_CODE
 
-    run_dir = tmp_path / "heat"
-    base = [sys.executable, "-m", "caldera.cli", "train", "examples/heat_surrogate.toml", "--set", f"run.dir={run_dir}",
-            "--set", "data.args.n_samples=128", "--set", "optim.epochs=2", "--set", "train.plot=false",
-            "--set", "parallel.strategy=async-shared", "--set", "parallel.workers=2"]  # fmt: skip
-    # The example's warm-up + cosine schedule applies per item in the worker processes.
+    run_dir = tmp_path / "digits"
+    base = [sys.executable, "-m", "caldera.cli", "train", "examples/digits_async.toml", "--set", f"run.dir={run_dir}",
+            "--set", "optim.epochs=2", "--set", "train.plot=false"]  # fmt: skip
+    # The example: async-shared with 2 workers, warm-up + cosine applied per item in the worker processes.
     stop = subprocess.run([*base, "--time-limit", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert stop.returncode == REQUEUE_EXIT_CODE, stop.stderr[-3000:]
     assert "time limit" in stop.stderr and "checkpoint" in stop.stderr
     wrong = subprocess.run([*base, "--resume", "--set", "parallel.workers=3"], capture_output=True, text=True,
                            timeout=120, cwd=ROOT)  # fmt: skip
-    assert wrong.returncode == 2 and "resume with [parallel] workers = 2" in wrong.stderr, wrong.stderr[
-        -2000:
-    ]
+    assert wrong.returncode == 2, wrong.stderr[-2000:]
+    assert "resume with [parallel] workers = 2" in wrong.stderr
     done = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout and (run_dir / "model.pt").exists()

@@ -18,6 +18,7 @@ def write(tmp_path, text, name="run.toml"):
 
 
 def test_example_config_loads_with_defaults():
+    assert load_config("examples/digits_async.toml").parallel.strategy == "async-shared"
     cfg = load_config("examples/heat_surrogate.toml")
     assert cfg.model.name == "unet_small"
     assert cfg.data.batch_size == 32

@@ -178,16 +178,25 @@ class AsyncShared:
 
     def _train(self, procs: list, trainer) -> None:
         """Wait for the workers to use up the items; pause them for a checkpoint when one is due or asked for."""
-        ckpt = trainer.checkpointer
-        while not all(p.exitcode == 0 for p in procs):
-            self._check(procs)
-            self._drain_states()
-            if ckpt is not None and self._next_item.value < self.items.total:
-                due, stop = ckpt.poll(self._version.value)
-                if due or stop:
-                    self._checkpoint(procs, trainer, stop)
-            time.sleep(0.01)
+        ckpt, trainer.total_steps = trainer.checkpointer, self.items.total
+        with trainer._progress_bar() as bar:  # rank 0's rich bar, over updates
+            while not all(p.exitcode == 0 for p in procs):
+                self._check(procs)
+                self._drain_states()
+                if ckpt is not None and self._next_item.value < self.items.total:
+                    due, stop = ckpt.poll(self._version.value)
+                    if due or stop:
+                        self._checkpoint(procs, trainer, stop)
+                if bar is not None:
+                    bar.show(self._version.value, self.items.per_epoch, self._running_loss())
+                time.sleep(0.01)
         self._drain_states(until=lambda: self._states_for(-1), procs=procs)
+
+    def _running_loss(self) -> float:
+        """The mean loss of the current record's updates so far (what the progress bar shows)."""
+        record = max(0, (self._version.value - 1) // self._every)
+        loss_sum, samples = self._losses[:, record].sum(0).tolist()
+        return loss_sum / samples if samples else float("nan")
 
     def _states_for(self, number: int) -> bool:
         """True once every worker sent its optimizer state for pause ``number`` (or its final one, -1)."""

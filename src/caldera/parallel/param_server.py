@@ -192,7 +192,9 @@ class ParameterServer:
             self.checkpointer.install_signal_handlers()
         try:
             if self.is_server:
-                self.serve(resumed)
+                trainer.total_steps = self.items.total
+                with trainer._progress_bar() as self._bar:  # rank 0's rich bar (None elsewhere)
+                    self.serve(resumed)
                 return self._finish_server(trainer, val_set)
             self._train(trainer)
             return self._receive_final(trainer)
@@ -296,6 +298,12 @@ class ParameterServer:
             if time.monotonic() >= next_poll:  # even under a steady stream of pushes
                 next_poll = time.monotonic() + 0.01
                 self._poll_cut()
+                if self._bar is not None:
+                    record = min(self.applied // self._every, len(self._losses) - 1)
+                    loss_sum, samples = self._losses[record]
+                    self._bar.show(
+                        self.applied, self.items.per_epoch, loss_sum / samples if samples else None
+                    )
             if self._cut is not None and all(s == "parked" for s in self.state):
                 self._checkpoint()
                 continue

@@ -393,6 +393,16 @@ class _Bar:
             fields["loss"] = f"{loss.item():.4g}"
         self.progress.update(self.task, advance=1, **fields)
 
+    def show(self, done: int, per_epoch: int, loss: float | None) -> None:
+        """Set the bar to ``done`` of ``trainer.total_steps`` (loops that count their own updates: async ones)."""
+        t = self.trainer
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=t.total_steps, completed=0, epoch=1, loss="-")
+        fields = {"epoch": f"{min(done // per_epoch + 1, t.max_epochs)}/{t.max_epochs}"}
+        if loss is not None and loss == loss:  # NaN before the first update of a record
+            fields["loss"] = f"{loss:.4g}"
+        self.progress.update(self.task, completed=done, **fields)
+
 
 # -- data adapters ------------------------------------------------------------------------------------------------
 

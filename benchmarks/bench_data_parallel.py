@@ -113,9 +113,14 @@ def _free_port() -> int:
 def run(cmd: list[str]) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"{' '.join(cmd)} hung for 300 s:\n{exc.stdout}\n{exc.stderr}") from None
+        # gloo's teardown (destroy_process_group) has hung after a complete, timed run: keep the measurement.
+        done = re.search(r"samples/s=([\d.]+)", (exc.stdout or b"").decode())
+        if done:
+            print(f"  (warning: {' '.join(cmd[-4:])} hung after measuring; killed after 120 s)", flush=True)
+            return float(done.group(1))
+        raise RuntimeError(f"{' '.join(cmd)} hung for 120 s:\n{exc.stdout}\n{exc.stderr}") from None
     match = re.search(r"samples/s=([\d.]+)", out.stdout)
     if out.returncode != 0 or not match:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")

@@ -105,7 +105,32 @@ class FailingLoss(nn.Module):
         return nn.functional.cross_entropy(out, target)
 
 
+class NaNLoss(nn.Module):
+    """Cross-entropy that turns NaN on a worker's 5th item (module level: worker processes import it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        loss = nn.functional.cross_entropy(out, target)
+        return loss * float("nan") if self.calls == 5 else loss
+
+
 # -- real processes and ranks --------------------------------------------------------------------------------------
+def test_a_nan_loss_in_an_async_worker_stops_the_run_naming_the_item(capfd):
+    caldera.init(seed=0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    trainer = caldera.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), NaNLoss(), max_epochs=20,
+                              batch_size=16, strategy="async-shared", strategy_options={"workers": 1},
+                              progress=False)  # fmt: skip
+    with pytest.raises(RuntimeError, match="async-shared worker 0 died"):
+        trainer.fit(TensorDataset(torch.randn(256, 8), torch.randint(0, 3, (256,))))
+    assert "loss is nan in work item 4 (epoch 1, step 4, slice 0) on worker 0" in capfd.readouterr().err
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # the NaN never reached the weights
+
+
 def test_a_failing_async_shared_worker_stops_the_run_with_its_name():
     caldera.init(seed=0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))

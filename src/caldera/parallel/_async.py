@@ -139,14 +139,15 @@ def schedule_of(trainer, workers: int) -> Schedule | None:
 
 
 def compute_item(precision, model: torch.nn.Module, loss_fn, params: list[torch.nn.Parameter], x: torch.Tensor,
-                 y: torch.Tensor, weight: float, backward, accumulate: int = 1) -> torch.Tensor:  # fmt: skip
+                 y: torch.Tensor, weight: float, backward, accumulate: int = 1, where: str = "") -> torch.Tensor:  # fmt: skip
     """Forward, loss and ``backward`` of one work item under the run's precision, in ``accumulate`` micro-batches
     whose gradients add up to the item's; return the item's mean loss.
 
     fp16-mixed scales the loss and unscales the gradients (the trainer's hooks do it where they exist: they do not
     travel to worker processes). An overflow lowers the scale and computes the item again: an asynchronous update
-    cannot be skipped the way a synchronous step is, or the item's share of its global batch would be lost."""
-    from caldera.train.trainer import split_batch  # here: the trainer imports the strategies
+    cannot be skipped the way a synchronous step is, or the item's share of its global batch would be lost.
+    Otherwise a NaN/inf loss stops the run (``where`` names the item), before it reaches the shared weights."""
+    from caldera.train.trainer import NonFiniteLossError, split_batch  # late: the trainer imports us
 
     pieces = [(a, b) for a, b in zip(split_batch(x, accumulate), y.tensor_split(accumulate)) if len(b)]
     while True:
@@ -155,6 +156,11 @@ def compute_item(precision, model: torch.nn.Module, loss_fn, params: list[torch.
         for xi, yi in pieces or [(x, y)]:
             with precision.autocast():
                 part = loss_fn(model(xi), yi)
+            if not precision.tolerates_overflow and not bool(torch.isfinite(part)):
+                raise NonFiniteLossError(
+                    f"loss is {part.item()} in {where or 'a work item'}; lower [optim] lr, set [optim] grad_clip, or "
+                    "check the data for NaN/inf. Checkpoints and files already written are kept."
+                )
             backward(part * (weight * scale * (len(yi) / len(y))))
             loss = loss + part.detach().float() * (len(yi) / len(y))
         if not precision.tolerates_overflow:

@@ -192,6 +192,10 @@ class AsyncShared:
                 time.sleep(0.01)
         self._drain_states(until=lambda: self._states_for(-1), procs=procs)
 
+    def _where(self, item: int) -> str:
+        epoch, step, part = self.items.locate(item)
+        return f"work item {item} (epoch {epoch + 1}, step {step}, slice {part}) on worker {self.index}"
+
     def _running_loss(self) -> float:
         """The mean loss of the current record's updates so far (what the progress bar shows)."""
         record = max(0, (self._version.value - 1) // self._every)
@@ -356,7 +360,8 @@ class AsyncShared:
             self._item = item
             self._read = self._version.value  # the version of the weights this forward pass reads
             loss = _async.compute_item(self.precision, self.model, self.loss_fn, self._params, x, y,
-                                       n_local / n_global, self.backward, self.accumulate)  # fmt: skip
+                                       n_local / n_global, self.backward, self.accumulate,
+                                       where=self._where(item))  # fmt: skip
             self.step()
             record = (self._write - 1) // self._every
             self._losses[index, record, 0] += loss.item() * n_local

@@ -595,7 +595,8 @@ class ParameterServer:
             self.item = self.queue.popleft()
             x, y, n_local, n_global = self.items.batch(self.item)
             loss = _async.compute_item(trainer.precision, self.model, trainer.loss_fn, self._params, x, y,
-                                       n_local / n_global, self.backward, trainer.accumulate)  # fmt: skip
+                                       n_local / n_global, self.backward, trainer.accumulate,
+                                       where=f"work item {self.item} on worker rank {self.rank}")  # fmt: skip
             self._loss, self._samples = float(loss.detach()), n_local
             self.step()
         bye = []

@@ -191,10 +191,11 @@ def restore(trainer, name: str) -> dict:
     return state
 
 
-def save(trainer, updates: int, per_epoch: int, local: dict | None = None):
+def save(trainer, updates: int, items: WorkItems, local: dict | None = None):
     """Write a checkpoint after ``updates`` updates (collective over the trainer's world, blocking: the loops
     pause for it anyway); ``local`` adds to this rank's own file. Return the checkpoint's path."""
-    trainer.global_step, trainer.epoch = updates, updates // per_epoch
+    trainer.global_step = updates
+    trainer.epoch, trainer.step_in_epoch, _ = items.locate(updates)  # where a synchronous run would be
     shared, mine = trainer._capture()
     return trainer.checkpointer.save(updates, shared, {**mine, **(local or {})}, block=True)
 

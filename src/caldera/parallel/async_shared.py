@@ -173,7 +173,7 @@ class AsyncShared:
         )
         if trainer.checkpointer is not None:  # the end of the run, like the trainer's final checkpoint
             self._keep = self._checkpoint_state(self._version.value, final=True)
-            _async.save(trainer, self._version.value, self.items.per_epoch)
+            _async.save(trainer, self._version.value, self.items)
         return history
 
     def _train(self, procs: list, trainer) -> None:
@@ -214,7 +214,7 @@ class AsyncShared:
         self._drain_states(until=lambda: self._states_for(number), procs=procs)
         updates = self._version.value  # every item handed out has been applied: a consistent cut
         self._keep = self._checkpoint_state(updates)
-        path = _async.save(trainer, updates, self.items.per_epoch)
+        path = _async.save(trainer, updates, self.items)
         if stop:
             raise Preempted(stop, path)
         self._pause.value = 0
@@ -236,8 +236,11 @@ class AsyncShared:
         """A worker that died ends the run with its name instead of a hang."""
         for i, p in enumerate(procs):
             if p.exitcode not in (None, 0):
-                raise RuntimeError(f"async-shared worker {i} died with exit code {p.exitcode} "
-                                   "(its traceback is above); the run is stopped")  # fmt: skip
+                why = (f"was killed by {signal.Signals(-p.exitcode).name}" if p.exitcode < 0
+                       else "raised an error (its traceback is above)")  # fmt: skip
+                raise RuntimeError(f"async-shared worker {i} died with exit code {p.exitcode}: it {why}; the run is "
+                                   "stopped, checkpoints already written are kept (--resume continues from the "
+                                   "newest)")  # fmt: skip
 
     def _watch(self, procs: list, done) -> None:
         """Wait until ``done()``, watching the workers."""

@@ -457,7 +457,7 @@ class ParameterServer:
             snapshots = [Snapshot(snap.items, snap.time_s, torch.cat([e["snapshots"][r] for e in everyone]),
                                   *self._losses[r]) for r, snap in enumerate(self.snapshots)]  # fmt: skip
             self._keep = self._checkpoint_state(everyone, step, snapshots)
-        path = _async.save(self.trainer, step, self.items.per_epoch)
+        path = _async.save(self.trainer, step, self.items)
         if stop:
             self._drain()
             raise Preempted(self.checkpointer.stop_reason or "stop requested on rank 0", path)
@@ -537,7 +537,7 @@ class ParameterServer:
         if checkpoint:
             self._keep = self._checkpoint_state(everyone, self.applied, self.snapshots)
             unflatten(final["weights"], self._params)  # the model the run ends with (last snapshot)
-            _async.save(trainer, self.applied, self.items.per_epoch)
+            _async.save(trainer, self.applied, self.items)
         if missing:
             self.world.abort(f"async-ps: worker rank(s) {missing} went silent and never came back; training "
                              "finished without them and the outputs are written; ending the job, since MPI "
@@ -666,7 +666,7 @@ class ParameterServer:
             out.fields[0] = PARK
             parked.append(self.comm.Isend(out.header(), dest=s, tag=PUSH))
         _wait(parked, self.poll_s)
-        path = _async.save(trainer, step, self.items.per_epoch, local=self._local_state(trainer))
+        path = _async.save(trainer, step, self.items, local=self._local_state(trainer))
         if stop:
             raise Preempted("stop requested on rank 0", path)
         self._pull()  # after the checkpoint every server replies with fresh weights and work
@@ -691,7 +691,7 @@ class ParameterServer:
         trainer.history = list(final["history"])
         if final["checkpoint"]:
             local = self._local_state(trainer) if not self.is_server else None
-            _async.save(trainer, final["step"], self.items.per_epoch, local=local)
+            _async.save(trainer, final["step"], self.items, local=local)
         return trainer.history
 
     # -- the rest of the protocol -------------------------------------------------------------------------------

@@ -105,16 +105,14 @@ def config_error(message: str) -> ValueError:
 
 def check_trainer(trainer, name: str) -> None:
     """Refuse, with the fix, what the asynchronous loops do not support yet."""
-    from caldera.config import ConfigError  # a ValueError the CLI prints as one line, without a traceback
-
     problem = unsupported(name, trainer.precision.mode)
     if problem:
-        raise ConfigError(problem)
+        raise config_error(problem)
     if trainer.scheduler is not None and not hasattr(trainer.scheduler, "lr_lambdas"):
-        raise ConfigError(f"{name} follows a learning-rate schedule given as a function of the step "
-                          "(torch.optim.lr_scheduler.LambdaLR, what [optim] schedule builds); "
-                          f"{type(trainer.scheduler).__name__} keeps its own step count, which asynchronous "
-                          "workers do not share")  # fmt: skip
+        raise config_error(f"{name} follows a learning-rate schedule given as a function of the step "
+                             "(torch.optim.lr_scheduler.LambdaLR, what [optim] schedule builds); "
+                             f"{type(trainer.scheduler).__name__} keeps its own step count, which asynchronous "
+                             "workers do not share")  # fmt: skip
 
 
 @dataclass
@@ -147,13 +145,13 @@ def compute_item(precision, model: torch.nn.Module, loss_fn, params: list[torch.
     travel to worker processes). An overflow lowers the scale and computes the item again: an asynchronous update
     cannot be skipped the way a synchronous step is, or the item's share of its global batch would be lost.
     Otherwise a NaN/inf loss stops the run (``where`` names the item), before it reaches the shared weights."""
-    from caldera.train.trainer import NonFiniteLossError, split_batch  # late: the trainer imports us
+    from caldera.train.trainer import NonFiniteLossError, micro_batches  # late: the trainer imports us
 
-    pieces = [(a, b) for a, b in zip(split_batch(x, accumulate), y.tensor_split(accumulate)) if len(b)]
+    pieces = micro_batches(x, y, accumulate)
     while True:
         scale = precision.scaler.scale if precision.tolerates_overflow else 1.0
         loss = torch.zeros(())
-        for xi, yi in pieces or [(x, y)]:
+        for xi, yi in pieces:
             with precision.autocast():
                 part = loss_fn(model(xi), yi)
             if not precision.tolerates_overflow and not bool(torch.isfinite(part)):
@@ -178,15 +176,13 @@ def compute_item(precision, model: torch.nn.Module, loss_fn, params: list[torch.
 def restore(trainer, name: str) -> dict:
     """Load the newest checkpoint into the trainer when it asks to resume; return the strategy's saved state
     (empty when starting fresh). Every rank calls this; the weights land in ``trainer.model``."""
-    from caldera.config import ConfigError
-
     if not trainer.resume:
         return {}
     trainer._restore()  # weights, optimizer, RNG; calls strategy.load_state_dict, which keeps the state
     state = dict(getattr(trainer.strategy, "resumed", {}) or {})
     if state and state.get("strategy") != name:
-        raise ConfigError(f"the checkpoint was written by strategy {state.get('strategy')!r}, not {name!r}; "
-                          "resume with the strategy that wrote it, or start a new run directory")  # fmt: skip
+        raise config_error(f"the checkpoint was written by strategy {state.get('strategy')!r}, not {name!r}; "
+                             "resume with the strategy that wrote it, or start a new run directory")  # fmt: skip
     trainer.history = []  # the asynchronous loops rebuild the history from the recorded snapshots
     return state
 

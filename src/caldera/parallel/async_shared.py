@@ -106,10 +106,8 @@ class AsyncShared:
         resumed = _async.restore(trainer, "async-shared")  # the weights land in the shared tensors
         self.resumed = {}  # the workers get a copy of this object: leave the records out of it
         if resumed and resumed["workers"] != self.workers:
-            from caldera.config import ConfigError
-
-            raise ConfigError(f"the checkpoint was written by {resumed['workers']} async-shared workers; resume "
-                              f"with [parallel] workers = {resumed['workers']}")  # fmt: skip
+            raise _async.config_error(f"the checkpoint was written by {resumed['workers']} async-shared workers; "
+                                      f"resume with [parallel] workers = {resumed['workers']}")  # fmt: skip
         self.loss_fn, self.precision, self.accumulate = trainer.loss_fn, trainer.precision, trainer.accumulate
         self._schedule = _async.schedule_of(trainer, self.workers)  # applied per item by the workers
         self.items = WorkItems(train_set, trainer.batch_size, self.workers, trainer.max_epochs, trainer.seed,

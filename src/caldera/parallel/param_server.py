@@ -209,11 +209,9 @@ class ParameterServer:
         if not state:
             return
         if (state["servers"], state["workers"]) != (self.servers, self.n_workers):
-            from caldera.config import ConfigError
-
-            raise ConfigError(f"the checkpoint was written by async-ps with {state['servers']} server(s) and "
-                              f"{state['workers']} workers; resume with [parallel] servers = {state['servers']} "
-                              f"on {state['servers'] + state['workers']} ranks")  # fmt: skip
+            raise _async.config_error(f"the checkpoint was written by async-ps with {state['servers']} server(s) "
+                                      f"and {state['workers']} workers; resume with [parallel] servers = "
+                                      f"{state['servers']} on {state['servers'] + state['workers']} ranks")  # fmt: skip
         if self.is_server:
             self.optimizer.load_state_dict(state["optimizers"][self.rank])
         elif local is not None and "buffers" in local:
@@ -450,13 +448,9 @@ class ParameterServer:
         if self.applied != step:
             raise RuntimeError(f"async-ps server {self.rank}: {self.applied} updates applied at the cut of "
                                f"{step}; the checkpoint would not be consistent")  # fmt: skip
-        mine = {"optimizer": self.optimizer.state_dict(), "version": self.version, "shard": self.shard.detach(),
-                "snapshots": [s.weights for s in self.snapshots]}  # fmt: skip
-        everyone = self._servers_comm.gather(mine, root=0)
+        everyone = self._servers_comm.gather(self._shard_state(), root=0)
         if self.rank == 0:
-            snapshots = [Snapshot(snap.items, snap.time_s, torch.cat([e["snapshots"][r] for e in everyone]),
-                                  *self._losses[r]) for r, snap in enumerate(self.snapshots)]  # fmt: skip
-            self._keep = self._checkpoint_state(everyone, step, snapshots)
+            self._keep = self._checkpoint_state(everyone, step, self._assemble(everyone))
         path = _async.save(self.trainer, step, self.items)
         if stop:
             self._drain()
@@ -466,6 +460,20 @@ class ParameterServer:
         for i in range(self.n_workers):
             self.state[i] = "live"
             self._reply(i, first=True)  # fresh weights and work: the parked workers go on
+
+    def _shard_state(self) -> dict[str, Any]:
+        """What a server sends rank 0 to assemble the model: its shard, optimizer state, version and records."""
+        return {"optimizer": self.optimizer.state_dict(), "version": self.version, "shard": self.shard.detach(),
+                "snapshots": self.snapshots}  # fmt: skip
+
+    def _assemble(self, everyone: list[dict]) -> list[Snapshot]:
+        """Rank 0: the recorded snapshots of the whole model (every server's shard), each with its record's loss."""
+        n = min(len(e["snapshots"]) for e in everyone)
+        snapshots = [Snapshot(snap.items, snap.time_s, torch.cat([e["snapshots"][r].weights for e in everyone]))
+                     for r, snap in enumerate(self.snapshots[:n])]  # fmt: skip
+        for r, snap in enumerate(snapshots):  # snapshot r closes record r (items are numbered in order)
+            snap.loss_sum, snap.samples = self._losses[min(r, len(self._losses) - 1)]
+        return snapshots
 
     def _checkpoint_state(self, everyone: list[dict], step: int, snapshots: list[Snapshot]) -> dict[str, Any]:
         """Rank 0: the assembled model (into this rank's model), every server's optimizer state and the records."""
@@ -505,19 +513,12 @@ class ParameterServer:
         servers = self._servers_comm
         done = np.array([s == "done" for s in self.state], dtype=np.int32)
         servers.Allreduce(MPI.IN_PLACE, done, op=MPI.MIN)  # a member finished with every server
-        mine = {"snapshots": self.snapshots, "applied": self.applied_log, "replies": self.reply_log,
-                "dead": self.dead, "refused": self.refused, "delayed": self.delayed,
-                "optimizer": self.optimizer.state_dict(), "version": self.version,
-                "shard": self.shard.detach()}  # fmt: skip
+        mine = {**self._shard_state(), "applied": self.applied_log, "replies": self.reply_log,
+                "dead": self.dead, "refused": self.refused, "delayed": self.delayed}  # fmt: skip
         everyone = servers.gather(mine, root=0)
         if self.rank != 0:
             return self._receive_final(trainer)
-        n = min(len(s["snapshots"]) for s in everyone)
-        self.snapshots = [Snapshot(snap.items, snap.time_s,
-                                   torch.cat([s["snapshots"][r].weights for s in everyone]))
-                          for r, snap in enumerate(self.snapshots[:n])]  # fmt: skip
-        for r, snap in enumerate(self.snapshots):  # snapshot r closes record r (items are numbered in order)
-            snap.loss_sum, snap.samples = self._losses[min(r, len(self._losses) - 1)]
+        self.snapshots = self._assemble(everyone)
         self.stats = self._summary(everyone, done)
         self._average_worker_buffers(done)
         trainer.log(f"async-ps: {self.stats['updates']} updates in {self.stats['train_s']:.2f} s (per worker "

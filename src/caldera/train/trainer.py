@@ -202,8 +202,7 @@ class Trainer:
     def _backward(self, x: Any, y: torch.Tensor, scale: float, step: int) -> tuple[torch.Tensor, bool]:
         """Forward and backward of this rank's batch, in ``accumulate`` micro-batches whose gradients add up to
         the whole batch's; only the last one communicates. Return the batch's mean loss and whether it is finite."""
-        pieces = list(zip(split_batch(x, self.accumulate), y.tensor_split(self.accumulate)))
-        pieces = [(a, b) for a, b in pieces if len(b)] or [(x, y)]  # a rank's share can be smaller than k
+        pieces = micro_batches(x, y, self.accumulate)
         total, finite = torch.zeros((), dtype=torch.float64), True
         for i, (xi, yi) in enumerate(pieces):
             with self.precision.autocast():
@@ -431,13 +430,13 @@ def as_xy(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return (batch[0] if len(batch) == 2 else tuple(batch[:-1])), batch[-1]  # type: ignore[return-value]
 
 
-def split_batch(x: Any, k: int) -> list[Any]:
-    """Cut an input batch (a tensor or a tuple of tensors) into ``k`` micro-batches along the first dimension."""
+def micro_batches(x: Any, y: torch.Tensor, k: int) -> list[tuple[Any, torch.Tensor]]:
+    """Cut a batch (input: a tensor or a tuple of tensors) into at most ``k`` non-empty (input, target) pieces
+    along the first dimension (a batch smaller than ``k`` gives fewer)."""
     if k == 1:
-        return [x]
-    if isinstance(x, tuple):
-        return list(zip(*(t.tensor_split(k) for t in x)))
-    return list(x.tensor_split(k))
+        return [(x, y)]
+    xs = list(zip(*(t.tensor_split(k) for t in x))) if isinstance(x, tuple) else list(x.tensor_split(k))
+    return [(a, b) for a, b in zip(xs, y.tensor_split(k)) if len(b)] or [(x, y)]
 
 
 def _xy(batches: Iterable) -> Iterable:

@@ -1,5 +1,9 @@
 """Communicators: the MPI one on real ranks, the local one in-process, same interface."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -36,3 +40,18 @@ def test_local_comm_is_the_identity_with_the_same_interface():
     assert comm.split(0).size == 1
     with pytest.raises(ValueError, match="unknown reduction op 'mean'"):
         comm.Allreduce(t, op="mean")
+
+
+def test_declaring_cuda_aware_mpi_over_a_library_without_cuda_support_is_refused():
+    # In a subprocess: initialising MPI inside the pytest process would leak into later forking tests.
+    code = (
+        "from mpi4py import MPI\n"
+        "from caldera.comm.mpi import cuda_aware_mpi, mpi_reports_cuda\n"
+        "print('reports', mpi_reports_cuda())\n"
+        "cuda_aware_mpi()\n"
+    )
+    env = {**os.environ, "CALDERA_CUDA_AWARE_MPI": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert "reports False" in proc.stdout  # pip's Open MPI answers MPIX_Query_cuda_support = 0
+    assert proc.returncode != 0
+    assert "reports no CUDA support" in proc.stderr and "Unset CALDERA_CUDA_AWARE_MPI" in proc.stderr

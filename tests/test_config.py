@@ -124,3 +124,11 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "unknown key 'data.batch'" in proc.stderr and "Did you mean 'batch_size'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_device_and_deterministic_options_are_validated():
+    with pytest.raises(ConfigError) as err:
+        load_config({**GOOD, "run": {"device": "gpu"}})
+    assert "run.device" in str(err.value) and "'cuda'" in str(err.value)
+    cfg = load_config({**GOOD, "run": {"device": "cpu", "deterministic": True}})
+    assert cfg.run.device == "cpu" and cfg.run.deterministic

@@ -17,6 +17,15 @@ def digits_split():
     return split_dataset(digits(), 0.2, seed=0)
 
 
+@pytest.fixture
+def deterministic_kernels():
+    """Deterministic kernels for one test (a GPU run repeats bit for bit only with them), then the defaults back."""
+    caldera.world.make_deterministic()
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic = False
+
+
 def make_trainer(tmp_path=None, epochs=2, seed=0, **kw):
     caldera.init(seed=seed)
     model = SmallCNN(channels=16)
@@ -51,7 +60,7 @@ def test_digits_cnn_reaches_95_percent(tmp_path):
     assert acc == pytest.approx(history[-1]["val_accuracy"], abs=1e-6)
 
 
-def test_same_seed_gives_bit_identical_weights():
+def test_same_seed_gives_bit_identical_weights(deterministic_kernels):
     train, val = digits_split()
     runs = []
     for _ in range(2):

@@ -33,6 +33,13 @@ class _Section(BaseModel):
 class RunSection(_Section):
     name: str = "run"
     seed: int = 0
+    deterministic: bool = Field(
+        False,
+        description="deterministic GPU kernels: GPU runs repeat bit for bit (CPU runs always do), a bit slower",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: a GPU per local rank if any, else the CPU"
+    )
     dir: str | None = Field(None, description="run directory; default runs/<name>")
 
 

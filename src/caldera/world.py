@@ -73,18 +73,36 @@ def pick_device(local_rank: int, requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) so that CPU runs repeat bit for bit."""
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA); ``deterministic`` also makes GPU runs repeat bit for bit."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if deterministic:
+        make_deterministic()
 
 
-def init(backend: str = "auto", device: str | None = None, seed: int | None = None) -> World:
+def make_deterministic() -> None:
+    """Choose only deterministic GPU kernels (cuDNN, cuBLAS, scatter/index ops), at some cost in speed.
+
+    CPU runs repeat bit for bit without this; on a GPU, cuDNN's fastest convolution gradients and atomics-based
+    kernels sum in a varying order. Ops with no deterministic kernel warn instead of failing.
+    """
+    # cuBLAS reads this when its first handle is made: too late once a matmul ran, hence setdefault here early.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def init(
+    backend: str = "auto", device: str | None = None, seed: int | None = None, deterministic: bool = False
+) -> World:
     """Detect the ranks of this job and return this process's ``World`` (idempotent).
 
     ``backend``: "auto" uses MPI when an MPI launcher started more than one rank, "mpi" forces it, "local"
-    never uses it. ``device``: "auto"/None picks a GPU per local rank when present. ``seed`` seeds every RNG.
+    never uses it. ``device``: "auto"/None picks a GPU per local rank when present. ``seed`` seeds every RNG;
+    ``deterministic`` picks deterministic GPU kernels so that GPU runs repeat bit for bit too.
     """
     global _WORLD
     if _WORLD is None:
@@ -95,7 +113,9 @@ def init(backend: str = "auto", device: str | None = None, seed: int | None = No
         if _WORLD.size > 1:
             _install_abort_hook(_WORLD)
     if seed is not None:
-        seed_everything(seed)
+        seed_everything(seed, deterministic)
+    elif deterministic:
+        make_deterministic()
     return _WORLD
 
 

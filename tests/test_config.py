@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from caldera.config import ConfigError, load_config
 from caldera.train.run import build_model
@@ -132,3 +133,15 @@ def test_device_and_deterministic_options_are_validated():
     assert "run.device" in str(err.value) and "'cuda'" in str(err.value)
     cfg = load_config({**GOOD, "run": {"device": "cpu", "deterministic": True}})
     assert cfg.run.device == "cpu" and cfg.run.deterministic
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU"
+)
+def test_asking_for_cuda_without_a_gpu_is_one_clear_error(tmp_path):
+    path = write(tmp_path, '[model]\nname = "mlp"\n[data]\nsource = "digits"\n[run]\ndevice = "cuda"\n')
+    proc = subprocess.run([sys.executable, "-m", "caldera.cli", "train", str(path)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "sees no CUDA GPU" in proc.stderr and 'device = "auto" or "cpu"' in proc.stderr
+    assert "Traceback" not in proc.stderr

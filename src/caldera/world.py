@@ -63,13 +63,22 @@ def launched_size() -> int:
 
 
 def pick_device(local_rank: int, requested: str | None = None) -> torch.device:
-    """Return the device for this rank: ``requested``, else CUDA GPU ``local_rank % n_gpus``, else the CPU."""
-    if requested and requested != "auto":
+    """Return the device for this rank: ``requested``, else CUDA GPU ``local_rank % n_gpus``, else the CPU.
+
+    ``"cuda"`` means a GPU per local rank as with ``"auto"``, but is an error (ValueError) when there is none.
+    """
+    if requested not in (None, "auto", "cuda"):
         return torch.device(requested)
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
         return dev
+    if requested == "cuda":
+        raise ValueError(
+            f"device 'cuda' was asked for, but this process sees no CUDA GPU (torch {torch.__version__}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): install a CUDA build of "
+            'torch, check the job\'s GPU allocation, or set [run] device = "auto" or "cpu".'
+        )
     return torch.device("cpu")
 
 

@@ -130,7 +130,10 @@ def train(cfg: Config, config_path: str | Path | None = None, world: World | Non
     ``resume=True`` continues from the newest good checkpoint in the run directory (or starts fresh if there
     is none); a path resumes from that checkpoint. ``time_limit`` stops with a checkpoint before the wall time.
     """
-    world = world or init(device=cfg.run.device, seed=cfg.run.seed, deterministic=cfg.run.deterministic)
+    try:
+        world = world or init(device=cfg.run.device, seed=cfg.run.seed, deterministic=cfg.run.deterministic)
+    except ValueError as exc:  # e.g. device = "cuda" without a GPU: one line naming the fix, no traceback
+        raise ConfigError(f"run.device: {exc}") from exc
     train_set, val_set = build_data(cfg)
     # Seed again after data generation so the model's initial weights do not depend on the data source.
     init(seed=cfg.run.seed, deterministic=cfg.run.deterministic)

@@ -135,9 +135,7 @@ def test_device_and_deterministic_options_are_validated():
     assert cfg.run.device == "cpu" and cfg.run.deterministic
 
 
-@pytest.mark.skipif(
-    __import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU"
-)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_asking_for_cuda_without_a_gpu_is_one_clear_error(tmp_path):
     path = write(tmp_path, '[model]\nname = "mlp"\n[data]\nsource = "digits"\n[run]\ndevice = "cuda"\n')
     proc = subprocess.run([sys.executable, "-m", "caldera.cli", "train", str(path)], capture_output=True, text=True,

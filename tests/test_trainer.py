@@ -1,6 +1,7 @@
 """The single-process Trainer: it learns, repeats bit for bit, writes its run directory, fails clearly."""
 
 import json
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -168,3 +169,38 @@ def test_activation_checkpointing_keeps_less_and_computes_the_same():
     assert torch.allclose(grads[0], grads[1], rtol=0, atol=1e-6)  # the same gradients ...
     assert kept[1] < 0.5 * kept[0], kept  # ... from less than half the memory kept for backward
     assert set(model.state_dict()) == set(UNetSmall(channels=8).state_dict())  # weights files are unchanged
+
+
+def test_offloading_activations_on_the_cpu_warns_and_changes_nothing():
+    train, _ = digits_split()
+    weights = []
+    for offload in (False, True):
+        caldera.world.reset()
+        with pytest.warns(UserWarning, match="on the CPU it does nothing") if offload else nullcontext():
+            trainer = make_trainer(epochs=1, seed=3, offload_activations=offload)
+        trainer.fit(train)
+        weights.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_offloaded_activations_leave_the_gpu_and_give_the_same_gradients():
+    from caldera.models import UNetSmall
+
+    x, y = torch.randn(8, 2, 64, 64, device="cuda"), torch.randn(8, 1, 64, 64, device="cuda")
+    held, grads = [], []
+    for offload in (False, True):
+        caldera.world.reset()
+        caldera.init(seed=0)
+        model = UNetSmall(channels=16)
+        trainer = caldera.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.MSELoss(), progress=False,
+                                  offload_activations=offload)  # fmt: skip
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with trainer._offloaded():
+            loss = nn.functional.mse_loss(trainer.model(x), y)
+        held.append(torch.cuda.memory_allocated() - before)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]))
+    assert held[1] < 0.3 * held[0], held  # the saved activations went to host memory
+    assert torch.allclose(grads[0], grads[1], rtol=0, atol=1e-5)

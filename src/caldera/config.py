@@ -81,6 +81,10 @@ class TrainSection(_Section):
         False, description="recompute each parameter-holding block's activations in backward instead of keeping "
         "them: less memory, about one more forward pass of compute",
     )  # fmt: skip
+    offload_activations: bool = Field(
+        False, description="on a GPU, keep the activations saved for backward in pinned host memory (less GPU "
+        "memory, a copy each way per step); nothing to do on the CPU",
+    )  # fmt: skip
     accumulate: int = Field(
         1, ge=1, description="micro-batches per optimizer step: each rank's share of a batch runs in this many "
         "pieces (activation memory / accumulate), gradients summed, one reduction; the update is unchanged",

@@ -120,6 +120,7 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
         plot=cfg.train.plot, precision=cfg.precision.mode,
         checkpointer=build_checkpointer(cfg, world, time_limit), resume=resume, accumulate=cfg.train.accumulate,
         activation_checkpointing=cfg.train.activation_checkpointing,
+        offload_activations=cfg.train.offload_activations,
     )  # fmt: skip
 
 

@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -62,6 +63,7 @@ class Trainer:
         input_warning: float = 0.05,
         accumulate: int = 1,
         activation_checkpointing: bool = False,
+        offload_activations: bool = False,
     ) -> None:
         self.world = world or init()
         self.precision = make_precision(precision, self.world.device)
@@ -82,6 +84,10 @@ class Trainer:
         self.accumulate = accumulate  # micro-batches per step: each rank's share is split this many ways
         # Blocks whose activations are recomputed in backward instead of kept (caldera.train.recompute).
         self.recomputed = checkpoint_activations(self.model) if activation_checkpointing else []
+        self.offload_activations = offload_activations and self.world.device.type == "cuda"
+        if offload_activations and not self.offload_activations:
+            warnings.warn("offload_activations moves activations from GPU to host memory; on the CPU it does nothing",
+                          stacklevel=2)  # fmt: skip
         self._meter = InputMeter()
         self.should_stop = False
         self.epoch = 0
@@ -205,7 +211,7 @@ class Trainer:
         pieces = micro_batches(x, y, self.accumulate)
         total, finite = torch.zeros((), dtype=torch.float64), True
         for i, (xi, yi) in enumerate(pieces):
-            with self.precision.autocast():
+            with self.precision.autocast(), self._offloaded():
                 loss = self.loss_fn(self.net(xi), yi)
             if not bool(torch.isfinite(loss)):
                 finite = False
@@ -224,6 +230,12 @@ class Trainer:
                 self.strategy.backward(self.precision.scale_loss(loss * weight if weight != 1 else loss))
             total += loss.detach().double().cpu() * len(yi)
         return total / len(y), finite
+
+    def _offloaded(self) -> Any:
+        """Keep the activations saved for backward in pinned host memory instead of on the GPU (when asked)."""
+        if self.offload_activations:
+            return torch.autograd.graph.save_on_cpu(pin_memory=True)
+        return nullcontext()
 
     def _batches(self, dataset: Dataset, shuffle: bool, evaluation: bool = False) -> ShardedBatches:
         # A source with its own I/O-aware pipeline (caldera.data.scientific) builds its batches itself.

@@ -1,8 +1,13 @@
 """The main job, as a user runs it: `caldera train examples/heat_surrogate.toml`."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
+
+from tests.conftest import run_ranks
 
 
 def test_main_job_trains_and_writes_the_run_directory(tmp_path):
@@ -20,3 +25,33 @@ def test_main_job_trains_and_writes_the_run_directory(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["val_loss"] < rows[0]["train_loss"]
     assert json.loads((run_dir / "config.resolved.json").read_text())["optim"]["epochs"] == 3
+
+
+def test_info_alone_reports_the_software_and_one_rank():
+    proc = subprocess.run(
+        [sys.executable, "-m", "caldera.cli", "info"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "torch " in proc.stdout and "ranks: 1" in proc.stdout and "no problems found" in proc.stdout
+
+
+@pytest.mark.mpi
+def test_info_under_mpiexec_lists_every_rank_and_flags_oversubscribed_threads():
+    cmd = ["-m", "caldera.cli", "info"]
+    ok = run_ranks(2, cmd)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    rows = [line.split() for line in ok.stdout.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    assert [r[0] for r in rows] == ["0", "1"] and [r[2] for r in rows] == ["0/2", "1/2"], ok.stdout
+    assert "no problems found" in ok.stdout
+    crowded = run_ranks(2, cmd, env={"OMP_NUM_THREADS": str(os.cpu_count())})  # 2 x all cores > cores
+    assert "torch threads" in crowded.stdout and "set OMP_NUM_THREADS=" in crowded.stdout, crowded.stdout
+
+
+def test_info_flags_ranks_sharing_a_gpu():
+    from caldera.info import problems
+
+    rank = {"host": "n1", "threads": 1, "local_size": 2}
+    shared = [{**rank, "rank": 0, "device": "cuda:0"}, {**rank, "rank": 1, "device": "cuda:0"}]
+    assert any("share cuda:0 on n1" in p for p in problems(shared))
+    own = [{**rank, "rank": 0, "device": "cuda:0"}, {**rank, "rank": 1, "device": "cuda:1"}]
+    assert not any("share" in p for p in problems(own))

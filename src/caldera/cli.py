@@ -1,7 +1,8 @@
-"""The ``caldera`` command: ``train``, ``check`` and ``launch``.
+"""The ``caldera`` command: ``train``, ``check``, ``info`` and ``launch``.
 
 ``caldera train RUN.toml [--set section.key=value ...] [--resume [CKPT]] [--time-limit 2h]`` trains alone or
-under ``mpiexec``/``srun``; ``caldera launch -n N [--max-restarts R] -- cmd`` starts N ranks.
+under ``mpiexec``/``srun``; ``caldera launch -n N [--max-restarts R] -- cmd`` starts N ranks; ``caldera info``
+(alone or under the launcher) prints what the job sees and the set-up problems it shows.
 Exit codes: 0 done, 2 bad config or usage, 85 stopped for the wall time with a checkpoint (requeue me),
 1 anything else.
 """
@@ -31,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p_check = sub.add_parser("check", help="validate a run file and print the resolved config")
     p_check.add_argument("config")
     p_check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    sub.add_parser(
+        "info", help="what this job sees: software, GPUs, MPI, every rank's place; set-up problems"
+    )
     p_launch = sub.add_parser(
         "launch", help="start N ranks with mpiexec (or srun inside Slurm): launch -n N -- cmd"
     )
@@ -48,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "launch":
         return _launch(args)
+    if args.command == "info":
+        from caldera.info import report
+
+        return report()
     from caldera.config import load_config
 
     try:

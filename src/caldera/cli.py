@@ -1,8 +1,9 @@
-"""The ``caldera`` command: ``train``, ``check``, ``info`` and ``launch``.
+"""The ``caldera`` command: ``train``, ``check``, ``tune``, ``info`` and ``launch``.
 
 ``caldera train RUN.toml [--set section.key=value ...] [--resume [CKPT]] [--time-limit 2h]`` trains alone or
 under ``mpiexec``/``srun``; ``caldera launch -n N [--max-restarts R] -- cmd`` starts N ranks; ``caldera info``
-(alone or under the launcher) prints what the job sees and the set-up problems it shows.
+(alone or under the launcher) prints what the job sees and the set-up problems it shows; ``caldera tune RUN.toml``
+searches the run file's ``[tune]`` space with every rank.
 Exit codes: 0 done, 2 bad config or usage, 85 stopped for the wall time with a checkpoint (requeue me),
 1 anything else.
 """
@@ -32,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     p_check = sub.add_parser("check", help="validate a run file and print the resolved config")
     p_check.add_argument("config")
     p_check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p_tune = sub.add_parser("tune", help="hyperparameter search over the run file's [tune] space (all ranks)")
+    p_tune.add_argument("config", help="run file with a [tune] section")
+    p_tune.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p_tune.add_argument("--trials", type=int, help="override tune.trials")
     sub.add_parser(
         "info", help="what this job sees: software, GPUs, MPI, every rank's place; set-up problems"
     )
@@ -62,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         if args.command == "check":
             print(cfg.model_dump_json(indent=2))
+            return 0
+        if args.command == "tune":
+            from caldera.tune import tune
+
+            tune(args.config, args.set, args.trials)
             return 0
         from caldera.train.run import train
 

@@ -131,6 +131,28 @@ class CheckpointSection(_Section):
     )
 
 
+class RangeSpec(_Section):
+    """A numeric search range: integers when ``low`` and ``high`` are integers, else floats."""
+
+    low: int | float
+    high: int | float
+    log: bool = False
+    step: int | float | None = None
+
+
+class TuneSection(_Section):
+    trials: int = Field(20, ge=1, description="how many trials in all, spread over the ranks")
+    metric: str = Field(
+        "val_loss", description="a per-epoch metric of the run; its best epoch scores a trial"
+    )
+    direction: Literal["minimize", "maximize"] = "minimize"
+    sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna's sampler; grid: lists only")
+    space: dict[str, list[Any] | RangeSpec] = Field(
+        default_factory=dict,
+        description='dotted run-file keys: a list of choices, or {low, high, log, step}, e.g. "optim.lr"',
+    )
+
+
 class Config(_Section):
     """A whole run file."""
 
@@ -142,6 +164,7 @@ class Config(_Section):
     parallel: ParallelSection = ParallelSection()
     precision: PrecisionSection = PrecisionSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    tune: TuneSection | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -152,9 +175,10 @@ class Config(_Section):
 # -- loading ----------------------------------------------------------------------------------------------------
 
 
-def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Config:
+def load_config(
+    source: str | Path | dict[str, Any], overrides: list[str] | None = None, where: str = "config"
+) -> Config:
     """Load, override (``["optim.lr=3e-4", ...]``) and validate a run file or dict; raise ``ConfigError``."""
-    where = "config"
     if isinstance(source, dict):
         raw = dict(source)
     else:
@@ -169,6 +193,22 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
         raise ConfigError(_explain(exc, where)) from None
     _check_references(cfg, where)
     return cfg
+
+
+def load_with_values(source: str | Path, overrides: list[str] | None, values: dict[str, Any]) -> Config:
+    """Like ``load_config``, then set dotted keys to Python values (``{"optim.lr": 3e-4}``) before validating."""
+    raw = _read(Path(source))
+    for item in overrides or []:
+        _apply_override(raw, item)
+    for dotted, value in values.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {dotted!r}: {key!r} is not a section")
+        node[leaf] = value
+    return load_config(raw, where=str(source))
 
 
 def _read(path: Path) -> dict[str, Any]:

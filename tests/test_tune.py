@@ -1,0 +1,80 @@
+"""caldera tune: trials spread over real ranks, failures recorded, mistakes caught before any training."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import run_ranks
+
+FAST = ["--set", "optim.epochs=1", "--set", "data.val_fraction=0.2"]
+
+
+def tune_cmd(run_dir, *extra):
+    return [
+        "-m",
+        "caldera.cli",
+        "tune",
+        "examples/digits_tune.toml",
+        "--set",
+        f"run.dir={run_dir}",
+        *FAST,
+        *extra,
+    ]
+
+
+def rows(run_dir):
+    with open(run_dir / "tune" / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_one_process_runs_every_trial_and_names_the_best(tmp_path):
+    proc = subprocess.run([sys.executable, *tune_cmd(tmp_path, "--trials", "3")], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = rows(tmp_path)
+    assert [r["trial"] for r in table] == ["0", "1", "2"] and {r["state"] for r in table} == {"complete"}
+    assert len({r["optim.lr"] for r in table}) == 3  # the sampler proposed three different points
+    best = json.loads((tmp_path / "tune" / "best.json").read_text())
+    assert best["val_accuracy"] == max(float(r["value"]) for r in table)  # the metric is maximised
+    assert best["command"].startswith("caldera train examples/digits_tune.toml --set optim.lr=")
+    assert (tmp_path / "tune" / "tune.png").stat().st_size > 0
+    for r in table:  # each trial is a whole run of its own
+        assert (tmp_path / "trials" / f"trial-000{r['trial']}" / "metrics.jsonl").exists()
+
+
+@pytest.mark.mpi
+def test_ranks_share_the_trials(tmp_path):
+    proc = run_ranks(2, tune_cmd(tmp_path, "--trials", "4"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = rows(tmp_path)
+    assert len(table) == 4 and {r["rank"] for r in table} == {"0", "1"}  # both ranks trained trials
+    assert proc.stdout.count("best of 4 trials") == 1  # only rank 0 reports
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path):
+    # Grid over two learning rates: 1e6 diverges (a NaN loss stops that trial), 0.01 trains.
+    extra = ["--set", "tune.sampler=grid", "--set", "tune.space={optim.lr: [0.01, 1000000.0]}",
+             "--set", "optim.name=sgd", "--trials", "2"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, *tune_cmd(tmp_path, *extra)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = {r["optim.lr"]: r for r in rows(tmp_path)}
+    assert table["1000000.0"]["state"] == "failed" and "loss is" in table["1000000.0"]["error"]
+    assert table["0.01"]["state"] == "complete"
+    assert "(1 failed)" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--set", "tune.space={optim.learning_rate: [0.1]}"], "unknown key 'optim.learning_rate'"),
+     (["--set", "tune.metric=val_f1"], "tune.metric = 'val_f1' is not a metric of this run")],
+)  # fmt: skip
+def test_mistakes_in_the_tune_section_are_one_clear_error(tmp_path, extra, message):
+    proc = subprocess.run([sys.executable, *tune_cmd(tmp_path, "--trials", "1", *extra)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr

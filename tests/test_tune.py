@@ -9,7 +9,9 @@ import pytest
 
 from tests.conftest import run_ranks
 
-FAST = ["--set", "optim.epochs=1", "--set", "data.val_fraction=0.2"]
+# One epoch of a narrow CNN per trial, over the learning rate only: a trial takes about a second.
+FAST = ["--set", "optim.epochs=1", "--set", "model.args.channels=4",
+        "--set", "tune.space={optim.lr: {low: 0.0003, high: 0.03, log: true}}"]  # fmt: skip
 
 
 def tune_cmd(run_dir, *extra):
@@ -47,11 +49,11 @@ def test_one_process_runs_every_trial_and_names_the_best(tmp_path):
 
 @pytest.mark.mpi
 def test_ranks_share_the_trials(tmp_path):
-    proc = run_ranks(2, tune_cmd(tmp_path, "--trials", "4"), timeout=300)
+    proc = run_ranks(2, tune_cmd(tmp_path, "--trials", "3"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = rows(tmp_path)
-    assert len(table) == 4 and {r["rank"] for r in table} == {"0", "1"}  # both ranks trained trials
-    assert proc.stdout.count("best of 4 trials") == 1  # only rank 0 reports
+    assert [r["rank"] for r in table] == ["0", "1", "0"]  # two rounds: both ranks, then rank 0 alone
+    assert proc.stdout.count("best of 3 trials") == 1  # only rank 0 reports
 
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path):
@@ -78,3 +80,20 @@ def test_mistakes_in_the_tune_section_are_one_clear_error(tmp_path, extra, messa
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_search_whose_every_trial_fails_says_so_once(tmp_path):
+    extra = [
+        "--set",
+        "tune.sampler=grid",
+        "--set",
+        "tune.space={optim.lr: [1000000.0]}",
+        "--set",
+        "optim.name=sgd",
+    ]
+    proc = subprocess.run(
+        [sys.executable, *tune_cmd(tmp_path, *extra)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1
+    assert "all 1 trials failed; the first: NonFiniteLossError: loss is" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

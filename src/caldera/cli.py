@@ -69,9 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             print(cfg.model_dump_json(indent=2))
             return 0
         if args.command == "tune":
-            from caldera.tune import tune
+            from caldera.tune import TuneFailed, tune
 
-            tune(args.config, args.set, args.trials)
+            try:
+                tune(args.config, args.set, args.trials)
+            except TuneFailed as exc:
+                _error(str(exc))
+                return 1
             return 0
         from caldera.train.run import train
 

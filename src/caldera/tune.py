@@ -61,8 +61,11 @@ def tune(config: str | Path, overrides: list[str] | None = None, trials: int | N
             rows += [{}] * k  # only the count matters off rank 0
     if bar is not None:
         bar.close()
-    best = _finish(out, rows, spec, config, overrides) if world.is_main else None
-    return world.comm.bcast(best)
+    outcome = _finish(out, rows, spec, config) if world.is_main else None
+    outcome = world.comm.bcast(outcome)
+    if "error" in outcome:  # raised on every rank alike, so that all of them exit the same way
+        raise TuneFailed(outcome["error"])
+    return outcome
 
 
 def _study(spec, seed: int):
@@ -123,12 +126,7 @@ def _trial(
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             history = train(cfg, config, world=World(device=world.device, comm=LocalComm()))
         value, error, metrics = _score(history, base.tune), None, sorted(history[-1]) if history else []
-    except (
-        ConfigError,
-        ArithmeticError,
-        RuntimeError,
-        ValueError,
-    ) as exc:  # the trial fails, the search goes on
+    except Exception as exc:  # noqa: BLE001 -- whatever a trial raises fails that trial, not the search
         value, error, metrics = None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}", None
     (trial_dir / "trial.log").write_text(log.getvalue())
     return {"number": number, "rank": world.rank, "params": params, "value": value, "error": error,
@@ -182,12 +180,17 @@ def _write_table(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _finish(out: Path, rows, spec, config, overrides) -> dict[str, Any]:
+class TuneFailed(RuntimeError):
+    """Every trial of the search failed."""
+
+
+def _finish(out: Path, rows, spec, config) -> dict[str, Any]:
+    """Write best.json and tune.png and print the outcome; return the summary (or {"error": why})."""
     best = _best(rows, spec.direction)
     failed = sum(r["state"] == "failed" for r in rows)
     if best is None:
         first = next(r["error"] for r in rows if r["error"])
-        raise RuntimeError(f"all {len(rows)} trials failed; the first: {first} (logs: {out.parent}/trials/)")
+        return {"error": f"all {len(rows)} trials failed; the first: {first} (logs: {out.parent}/trials/)"}
     params = {k: best[k] for k in spec.space}
     sets = " ".join(f"--set {k}={_literal(v)}" for k, v in params.items())
     summary = {"trial": best["trial"], spec.metric: best["value"], "params": params, "trials": len(rows),

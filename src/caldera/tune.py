@@ -39,28 +39,31 @@ def tune(config: str | Path, overrides: list[str] | None = None, trials: int | N
     for key, dims in spec.space.items():  # a mistyped key fails now, not after hours of trials
         load_with_values(config, overrides, {key: dims[0] if isinstance(dims, list) else dims.low})
     out = base.run_dir / "tune"
-    study = _study(spec, base.run.seed) if world.is_main else None
+    study = _study(
+        spec, base.run.seed
+    )  # on every rank, so a missing Optuna stops them all alike; rank 0's is used
     rows: list[dict[str, Any]] = []
     bar = _Bar(n_trials) if world.is_main else None
-    while len(rows) < n_trials:
-        k = min(world.size, n_trials - len(rows))
-        asked = [study.ask(_distributions(spec.space)) for _ in range(k)] if study is not None else []
-        params = world.comm.bcast([t.params for t in asked])
-        mine = (
-            _trial(config, overrides, params[world.rank], base, len(rows) + world.rank, world)
-            if world.rank < k
-            else None
-        )
-        results = world.comm.allgather(mine)[:k]
-        _stop_if_metric_unknown(results, spec.metric)
-        if study is not None:
-            rows += _tell(study, asked, results)
-            _write_table(out / "trials.csv", rows)
-            bar.advance(k, _best(rows, spec.direction))
-        else:
-            rows += [{}] * k  # only the count matters off rank 0
-    if bar is not None:
-        bar.close()
+    try:
+        while len(rows) < n_trials:
+            k = min(world.size, n_trials - len(rows))
+            asked = [study.ask(_distributions(spec.space)) for _ in range(k)] if world.is_main else []
+            params = world.comm.bcast([t.params for t in asked])
+            number = len(rows) + world.rank
+            mine = (
+                _trial(config, overrides, params[world.rank], base, number, world) if world.rank < k else None
+            )
+            results = world.comm.allgather(mine)[:k]
+            _stop_if_metric_unknown(results, spec.metric)
+            if world.is_main:
+                rows += _tell(study, asked, results)
+                _write_table(out / "trials.csv", rows)
+                bar.advance(k, _best(rows, spec.direction))
+            else:
+                rows += [{}] * k  # only the count matters off rank 0
+    finally:
+        if bar is not None:
+            bar.close()
     outcome = _finish(out, rows, spec, config) if world.is_main else None
     outcome = world.comm.bcast(outcome)
     if "error" in outcome:  # raised on every rank alike, so that all of them exit the same way

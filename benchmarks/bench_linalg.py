@@ -42,6 +42,19 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+def _race(solvers: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median time and last output of each solver, after one warm-up each, repeats interleaved."""
+    for fn in solvers.values():  # warm-up: thread pools, page faults, lazy imports, GPU kernels
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in solvers}
+    outputs: dict[str, Any] = {}
+    for _ in range(repeats):  # round-robin so slow drifts in machine load hit all solvers alike
+        for name, fn in solvers.items():
+            elapsed, outputs[name] = _timed(fn)
+            times[name].append(elapsed)
+    return {name: statistics.median(t) for name, t in times.items()}, outputs
+
+
 def bench_size(n: int, repeats: int, seed: int) -> dict[str, Any]:
     """Time the three solvers on one random well-conditioned n x n system, interleaving the repeats."""
     rng = np.random.default_rng(seed)
@@ -52,16 +65,8 @@ def bench_size(n: int, repeats: int, seed: int) -> dict[str, Any]:
         "scipy": lambda: scipy.linalg.solve(A, b),
         "caldera": lambda: solve(A, b, factor_dtype=np.float32),
     }
-    for fn in solvers.values():  # warm-up: thread pools, page faults, lazy imports
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in solvers}
-    outputs: dict[str, Any] = {}
-    for _ in range(repeats):  # round-robin so slow drifts in machine load hit all solvers alike
-        for name, fn in solvers.items():
-            elapsed, outputs[name] = _timed(fn)
-            times[name].append(elapsed)
+    med, outputs = _race(solvers, repeats)
     result = outputs["caldera"]
-    med = {name: statistics.median(t) for name, t in times.items()}
     errors = {
         "numpy": backward_error(A, outputs["numpy"], b),
         "scipy": backward_error(A, outputs["scipy"], b),
@@ -98,15 +103,7 @@ def bench_size_torch(n: int, repeats: int, seed: int, device: str) -> dict[str, 
         "torch": synced(lambda: torch.linalg.solve(A, b)),
         "caldera": synced(lambda: solve(A, b, factor_dtype=torch.float32)),
     }
-    for fn in solvers.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in solvers}
-    outputs: dict[str, Any] = {}
-    for _ in range(repeats):
-        for name, fn in solvers.items():
-            elapsed, outputs[name] = _timed(fn)
-            times[name].append(elapsed)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    med, outputs = _race(solvers, repeats)
     result = outputs["caldera"]
     be = {"torch": backward_error(A, outputs["torch"], b), "caldera": result.backward_error}
     return {"n": n, "time": med, "be": be, "iters": result.iterations, "method": result.method}

@@ -176,9 +176,13 @@ class Config(_Section):
 
 
 def load_config(
-    source: str | Path | dict[str, Any], overrides: list[str] | None = None, where: str = "config"
+    source: str | Path | dict[str, Any],
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
 ) -> Config:
-    """Load, override (``["optim.lr=3e-4", ...]``) and validate a run file or dict; raise ``ConfigError``."""
+    """Load, override (``["optim.lr=3e-4", ...]``), set dotted keys to Python ``values`` (``{"optim.lr": 3e-4}``)
+    and validate a run file or dict; raise ``ConfigError``."""
+    where = "config"
     if isinstance(source, dict):
         raw = dict(source)
     else:
@@ -187,28 +191,14 @@ def load_config(
         raw = _read(path)
     for item in overrides or []:
         _apply_override(raw, item)
+    for dotted, value in (values or {}).items():
+        _set_dotted(raw, dotted, value, f"{where}: {dotted!r}")
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, where)) from None
     _check_references(cfg, where)
     return cfg
-
-
-def load_with_values(source: str | Path, overrides: list[str] | None, values: dict[str, Any]) -> Config:
-    """Like ``load_config``, then set dotted keys to Python values (``{"optim.lr": 3e-4}``) before validating."""
-    raw = _read(Path(source))
-    for item in overrides or []:
-        _apply_override(raw, item)
-    for dotted, value in values.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for key in parents:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{source}: {dotted!r}: {key!r} is not a section")
-        node[leaf] = value
-    return load_config(raw, where=str(source))
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -234,13 +224,18 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item or "." not in item.split("=", 1)[0]:
         raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, for example --set optim.lr=3e-4")
     dotted, value = item.split("=", 1)
-    *parents, leaf = dotted.strip().split(".")
+    _set_dotted(raw, dotted.strip(), yaml.safe_load(value), f"--set {item!r}")
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, label: str) -> None:
+    """Set ``raw[a][b][c] = value`` for ``dotted`` "a.b.c", creating sections; ``label`` starts an error."""
+    *parents, leaf = dotted.split(".")
     node = raw
     for key in parents:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: {key!r} is not a section")
-    node[leaf] = yaml.safe_load(value)
+            raise ConfigError(f"{label}: {key!r} is not a section")
+    node[leaf] = value
 
 
 def _explain(exc: ValidationError, where: str) -> str:

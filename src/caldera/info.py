@@ -14,7 +14,7 @@ import sys
 import torch
 
 import caldera
-from caldera.world import World, init
+from caldera.world import World, init, shared_gpus
 
 
 def software() -> list[str]:
@@ -56,14 +56,9 @@ def _me(world: World) -> dict:
 def problems(ranks: list[dict]) -> list[str]:
     """Set-up mistakes visible from the rank table: shared GPUs, more threads than cores on a host."""
     found = []
-    by_gpu: dict[tuple[str, str], list[int]] = {}
-    for r in ranks:
-        if r["device"].startswith("cuda"):
-            by_gpu.setdefault((r["host"], r["device"]), []).append(r["rank"])
-    for (host, device), members in by_gpu.items():
-        if len(members) > 1:
-            found.append(f"ranks {members} share {device} on {host}: NCCL needs one GPU per rank; start fewer "
-                         "ranks per node or give each its own GPU")  # fmt: skip
+    for (host, device), members in shared_gpus([(r["host"], r["device"]) for r in ranks]).items():
+        found.append(f"ranks {members} share {device} on {host}: NCCL needs one GPU per rank; start fewer "
+                     "ranks per node or give each its own GPU")  # fmt: skip
     hosts: dict[str, list[dict]] = {}
     for r in ranks:
         hosts.setdefault(r["host"], []).append(r)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from caldera.config import Config, ConfigError, RangeSpec, load_config, load_with_values
+from caldera.config import Config, ConfigError, RangeSpec, load_config
 from caldera.io import atomic_write_text
 from caldera.world import World, init
 
@@ -28,7 +28,7 @@ from caldera.world import World, init
 def tune(config: str | Path, overrides: list[str] | None = None, trials: int | None = None) -> dict[str, Any]:
     """Run the search the run file's ``[tune]`` section describes; return the best trial (on every rank)."""
     world = init()
-    base = load_config(config, overrides, where=str(config))
+    base = load_config(config, overrides)
     spec = base.tune
     if spec is None or not spec.space:
         raise ConfigError(f"{config}: no [tune] section with a space; add e.g. [tune.space] with "
@@ -37,7 +37,7 @@ def tune(config: str | Path, overrides: list[str] | None = None, trials: int | N
     if spec.sampler == "grid":
         n_trials = min(n_trials, len(_grid(spec)))
     for key, dims in spec.space.items():  # a mistyped key fails now, not after hours of trials
-        load_with_values(config, overrides, {key: dims[0] if isinstance(dims, list) else dims.low})
+        load_config(config, overrides, {key: dims[0] if isinstance(dims, list) else dims.low})
     out = base.run_dir / "tune"
     study = _study(
         spec, base.run.seed
@@ -125,7 +125,7 @@ def _trial(
     trial_dir.mkdir(parents=True, exist_ok=True)
     log = io.StringIO()
     try:
-        cfg = load_with_values(config, overrides, {**params, **fixed})
+        cfg = load_config(config, overrides, {**params, **fixed})
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             history = train(cfg, config, world=World(device=world.device, comm=LocalComm()))
         value, error, metrics = _score(history, base.tune), None, sorted(history[-1]) if history else []

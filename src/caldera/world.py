@@ -82,6 +82,15 @@ def pick_device(local_rank: int, requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def shared_gpus(placements: list[tuple[str, str]]) -> dict[tuple[str, str], list[int]]:
+    """Given each rank's (host, device), return the GPUs that more than one rank uses, with those ranks."""
+    users: dict[tuple[str, str], list[int]] = {}
+    for rank, (host, device) in enumerate(placements):
+        if device.startswith("cuda"):
+            users.setdefault((host, device), []).append(rank)
+    return {gpu: ranks for gpu, ranks in users.items() if len(ranks) > 1}
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA); ``deterministic`` also makes GPU runs repeat bit for bit."""
     random.seed(seed)

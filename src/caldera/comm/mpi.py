@@ -307,16 +307,15 @@ def _check_one_gpu_per_rank(comm: MPIComm) -> None:
     """NCCL refuses two ranks on one GPU, deep inside its init: say so first, with the ways out."""
     import socket
 
-    where = comm.allgather((socket.gethostname(), torch.cuda.current_device()))
-    first: dict[tuple[str, int], int] = {}
-    for rank, key in enumerate(where):
-        if key in first:
-            raise RuntimeError(
-                f"ranks {first[key]} and {rank} both use GPU {key[1]} of host {key[0]}, and NCCL needs one GPU "
-                f"per rank: start at most {torch.cuda.device_count()} rank(s) per node (srun --gpus-per-task=1, "
-                f'or mpiexec -n <GPUs> per node), or train on the CPUs with [run] device = "cpu".'
-            )
-        first[key] = rank
+    from caldera.world import shared_gpus
+
+    device = str(torch.device("cuda", torch.cuda.current_device()))
+    for (host, gpu), ranks in shared_gpus(comm.allgather((socket.gethostname(), device))).items():
+        raise RuntimeError(
+            f"ranks {ranks[0]} and {ranks[1]} both use GPU {gpu} of host {host}, and NCCL needs one GPU "
+            f"per rank: start at most {torch.cuda.device_count()} rank(s) per node (srun --gpus-per-task=1, "
+            f'or mpiexec -n <GPUs> per node), or train on the CPUs with [run] device = "cpu".'
+        )
 
 
 def _nccl_group(comm: MPIComm):

@@ -29,6 +29,21 @@ def weights(run_dir):
     return torch.load(run_dir / "model.pt")
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The unbroken run's directory for a rank count, trained once per module (checkpoint frequency does not
+    change the weights, so every test of that rank count compares against the same run)."""
+    done = {}
+
+    def get(ranks):
+        if ranks not in done:
+            done[ranks] = tmp_path_factory.mktemp(f"ref{ranks}")
+            assert run(ranks, done[ranks], "--every", "1000").returncode == 0
+        return done[ranks]
+
+    return get
+
+
 def assert_same(a, b):
     assert a.keys() == b.keys()
     for k in a:
@@ -36,9 +51,8 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize(("ranks", "kill_at"), [(1, 17), (2, 23)])
-def test_kill9_then_resume_gives_identical_weights(tmp_path, ranks, kill_at):
-    ref, broken = tmp_path / "ref", tmp_path / "broken"
-    assert run(ranks, ref).returncode == 0
+def test_kill9_then_resume_gives_identical_weights(tmp_path, reference, ranks, kill_at):
+    ref, broken = reference(ranks), tmp_path / "broken"
     died = run(ranks, broken, "--kill-at", kill_at)
     assert died.returncode != 0
     survivors = Checkpointer(broken / "checkpoints", caldera.init()).list()
@@ -71,21 +85,18 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_sigterm_checkpoints_and_exits_with_the_requeue_code(tmp_path, ranks):
+def test_sigterm_checkpoints_and_exits_with_the_requeue_code(tmp_path, reference, ranks):
     proc = run(ranks, tmp_path, "--term-at", 9, "--every", "1000")
     assert proc.returncode == REQUEUE_EXIT_CODE, proc.stdout + proc.stderr[-2000:]
     assert "PREEMPTED at step 9" in proc.stdout and "SIGTERM" in proc.stdout
     ckpt = Checkpointer(tmp_path / "checkpoints", caldera.init())
     assert ckpt.latest().name == "step-000000009"
-    ref = tmp_path / "ref"
-    run(ranks, ref, "--every", "1000")
     assert run(ranks, tmp_path, "--resume", "--every", "1000").returncode == 0
-    assert_same(weights(ref), weights(tmp_path))
+    assert_same(weights(reference(ranks)), weights(tmp_path))
 
 
-def test_launch_max_restarts_finishes_a_job_that_lost_a_rank(tmp_path):
-    ref = tmp_path / "ref"
-    assert run_ranks(2, [SCRIPT, str(ref)]).returncode == 0
+def test_launch_max_restarts_finishes_a_job_that_lost_a_rank(tmp_path, reference):
+    ref = reference(2)
     job = tmp_path / "job"
     proc = subprocess.run([sys.executable, "-m", "caldera.cli", "launch", "-n", "2", "--max-restarts", "1", "--",
                            sys.executable, SCRIPT, str(job), "--kill-at", "20"], capture_output=True, text=True,

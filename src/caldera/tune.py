@@ -222,9 +222,9 @@ def _literal(value: Any) -> str:
 
 
 def _plot(path: Path, rows, spec) -> None:
-    from caldera.train.output import _pyplot, _save
+    from caldera.train.output import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     numeric = [k for k, d in spec.space.items() if isinstance(d, RangeSpec)][:3]
     fig, axes = plt.subplots(1, 1 + len(numeric), figsize=(4.2 * (1 + len(numeric)), 3.4), squeeze=False)
     done = [r for r in rows if r["state"] == "complete"]
@@ -242,7 +242,7 @@ def _plot(path: Path, rows, spec) -> None:
         ax.plot([r[key] for r in done], [r["value"] for r in done], "o")
         ax.set(xlabel=key, ylabel=spec.metric, xscale="log" if spec.space[key].log else "linear")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 class _Bar:

@@ -60,16 +60,24 @@ def simulate(t0: np.ndarray, k: np.ndarray, steps: int, dt: float) -> np.ndarray
     return t
 
 
+DT = 0.2  # time step in grid units: stable since 4 * max(k) * dt <= 1
+
+
+def initial_conditions(rng: np.random.Generator, n: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``n`` random plates: initial temperatures (a few hot spots, zero edges) and conductivities in
+    [0.2, 1], each (n, grid, grid)."""
+    k = 0.2 + 0.8 * _smooth_field(rng, n, grid)
+    t0 = _hot_spots(rng, n, grid)
+    t0[:, 0, :] = t0[:, -1, :] = t0[:, :, 0] = t0[:, :, -1] = 0.0
+    return t0, k
+
+
 def generate(
     n_samples: int = 1024, grid: int = 32, steps: int = 40, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return inputs (n, 2, g, g) = [T0, k] and targets (n, 1, g, g) = T(end), as float32 arrays."""
-    rng = np.random.default_rng(seed)
-    k = 0.2 + 0.8 * _smooth_field(rng, n_samples, grid)
-    t0 = _hot_spots(rng, n_samples, grid)
-    t0[:, 0, :] = t0[:, -1, :] = t0[:, :, 0] = t0[:, :, -1] = 0.0
-    dt = 0.2  # in grid units: stable since 4 * max(k) * dt <= 1
-    t_end = simulate(t0, k, steps, dt)
+    t0, k = initial_conditions(np.random.default_rng(seed), n_samples, grid)
+    t_end = simulate(t0, k, steps, DT)
     x = np.stack([t0, k], axis=1).astype(np.float32)
     y = t_end[:, None].astype(np.float32)
     return x, y

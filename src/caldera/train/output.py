@@ -26,6 +26,15 @@ class MetricsLog:
         self.rows.append(row)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        self._write_csv()
+
+    def update_last(self, values: dict[str, float]) -> None:
+        """Add ``values`` to the newest row (metrics measured after it was recorded) and rewrite both files."""
+        self.rows[-1] = {**self.rows[-1], **values}
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        self._write_csv()
+
+    def _write_csv(self) -> None:
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=keys)
@@ -42,7 +51,7 @@ def save_weights(model: torch.nn.Module, path: Path) -> Path:
 
 def plot_learning_curve(rows: list[dict[str, float]], path: Path) -> Path:
     """Plot every loss and metric against the epoch (log scale for losses)."""
-    plt = _pyplot()
+    plt = pyplot()
     keys = [k for k in rows[0] if k not in ("epoch", "time_s", "lr")]
     losses = [k for k in keys if "loss" in k]
     others = [k for k in keys if k not in losses]
@@ -58,14 +67,14 @@ def plot_learning_curve(rows: list[dict[str, float]], path: Path) -> Path:
         axes[0, 1].set(xlabel="epoch", title="metrics")
         axes[0, 1].legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_predictions(
     inputs: torch.Tensor, target: torch.Tensor, pred: torch.Tensor, path: Path
 ) -> Path | None:
     """Plot prediction vs. ground truth: fields side by side for grids, a scatter for everything else."""
-    plt = _pyplot()
+    plt = pyplot()
     if target.dim() == 4 and target.shape[1] == 1:
         n = min(3, target.shape[0])
         fig, axes = plt.subplots(n, 4, figsize=(13, 3.2 * n), squeeze=False)
@@ -89,10 +98,11 @@ def plot_predictions(
     else:
         return None  # class labels: the accuracy curve says it better than a picture
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on compute nodes
@@ -101,8 +111,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    plt = _pyplot()
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` atomically in the format of ``path``'s suffix, and close it."""
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=110)
     plt.close(fig)

@@ -89,6 +89,7 @@ class Trainer:
             warnings.warn("offload_activations moves activations from GPU to host memory; on the CPU it does nothing",
                           stacklevel=2)  # fmt: skip
         self._meter = InputMeter()
+        self.net: torch.nn.Module | None = None  # the model as the strategy wraps it, once set up
         self.should_stop = False
         self.epoch = 0
         self.global_step = 0
@@ -155,11 +156,18 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, data: DataLike, prefix: str = "") -> dict[str, float]:
         """Return the loss and metrics over the whole ``data``, reduced over all ranks."""
-        dataset = as_dataset(data)
+        batches = self._batches(as_dataset(data), shuffle=False, evaluation=True)
+        return self.evaluate_batches(((xy, n) for xy, n, _ in _xy(batches)), prefix)
+
+    @torch.no_grad()
+    def evaluate_batches(self, batches: Iterable[tuple[tuple[Any, torch.Tensor], int]],
+                         prefix: str = "") -> dict[str, float]:  # fmt: skip
+        """Loss and metrics over this rank's ``((x, y), n)`` batches, averaged over all ranks' samples
+        (collective: every rank calls it, with or without batches)."""
         was_training = self.model.training
         self.model.eval()
         sums = torch.zeros(2 + len(self.metrics), dtype=torch.float64)  # loss, metrics..., count
-        for (x, y), n_local, _ in _xy(self._batches(dataset, shuffle=False, evaluation=True)):
+        for (x, y), n_local in batches:
             with self.precision.autocast():
                 out = self.model(x)
                 values = [self.loss_fn(out, y)] + [fn(out.float(), y) for fn in self.metrics.values()]
@@ -185,14 +193,10 @@ class Trainer:
             _xy(self._meter.wrap(batches)), start=self.step_in_epoch
         ):
             # Ranks may hold unequal slices of the last batch: weight so the rank average is the global mean.
-            loss, finite = self._backward(x, y, n_local * self.world.size / n_global, step)
-            self.strategy.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
+            loss, finite = self.train_step(x, y, n_local * self.world.size / n_global, step)
             if finite:  # an fp16 overflow step is skipped by the loss scaler: keep it out of the mean too
                 loss_sum += loss.detach().double().cpu() * n_local
                 seen += n_local
-            self.global_step += 1
             self.step_in_epoch, self._partial = step + 1, (float(loss_sum), seen)
             if bar is not None:
                 bar.advance(loss)
@@ -204,6 +208,20 @@ class Trainer:
         totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64)])
         self.world.comm.Allreduce(totals)
         return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+    def train_step(self, x: Any, y: torch.Tensor, scale: float = 1.0, step: int | None = None
+                   ) -> tuple[torch.Tensor, bool]:  # fmt: skip
+        """One optimizer step on this rank's batch (collective under a parallel strategy); return the batch's
+        mean loss and whether it was finite. ``scale`` weights this rank's loss so the rank average is the
+        global mean when ranks hold unequal batches. Used by ``fit`` and by loops that bring their own data."""
+        if self.net is None:
+            self.net = self.strategy.setup(self.model, self.optimizer, self.world)
+        loss, finite = self._backward(x, y, scale, self.global_step if step is None else step)
+        self.strategy.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.global_step += 1
+        return loss, finite
 
     def _backward(self, x: Any, y: torch.Tensor, scale: float, step: int) -> tuple[torch.Tensor, bool]:
         """Forward and backward of this rank's batch, in ``accumulate`` micro-batches whose gradients add up to

@@ -1,0 +1,61 @@
+"""A trained model called from inside a simulation: in the same process, NumPy in and NumPy out.
+
+No server, no payload limit, no serialisation: the simulation hands over its arrays and gets arrays back, on the
+rank's GPU when it has one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from caldera.world import init
+
+
+class Surrogate:
+    """Call a trained model like a function of arrays: ``y = surrogate(x)``, batched, without gradients."""
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device | None = None,
+                 batch_size: int = 1024) -> None:  # fmt: skip
+        self.device = torch.device(device) if device is not None else init().device  # a GPU per local rank
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str | torch.device | None = None,
+                 batch_size: int = 1024) -> Surrogate:  # fmt: skip
+        """Rebuild the model of a finished ``caldera train`` run from its run directory and load its weights."""
+        from caldera.config import Config
+        from caldera.train.run import build_model
+
+        run_dir = Path(run_dir)
+        missing = [f for f in ("config.resolved.json", "model.pt") if not (run_dir / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{run_dir} has no {' or '.join(missing)}: give the run directory of a finished `caldera train` "
+                "run (its [run] dir), or build the model yourself and pass it to Surrogate(model)"
+            )
+        cfg = Config.model_validate(json.loads((run_dir / "config.resolved.json").read_text()))
+        model = build_model(cfg)
+        model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+        return cls(model, device, batch_size)
+
+    @torch.no_grad()
+    def __call__(self, x: Any) -> Any:
+        """Predict for a batch ``x`` (first dimension = samples); a NumPy array gives a NumPy array back."""
+        as_numpy = not torch.is_tensor(x)
+        xs = torch.as_tensor(np.asarray(x)) if as_numpy else x
+        if xs.dim() == 0 or len(xs) == 0:
+            raise ValueError(f"Surrogate expects a non-empty batch (first dimension = samples), got shape "
+                             f"{tuple(xs.shape)}")  # fmt: skip
+        out = torch.cat(
+            [self.model(chunk.to(self.device, self.dtype)) for chunk in xs.split(self.batch_size)]
+        )
+        # Hand back what the simulation gave: its array type, device and floating-point precision.
+        dtype = xs.dtype if xs.is_floating_point() else out.dtype
+        return out.to("cpu", dtype).numpy() if as_numpy else out.to(xs.device, dtype)

@@ -1,0 +1,158 @@
+"""Coupling with a running simulation: replay buffer, online trainer (alone and on real ranks), surrogates."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from caldera.config import Config
+from caldera.coupling import OnlineTrainer, ReplayBuffer, Surrogate
+from caldera.train.run import build_model
+from tests.conftest import run_ranks
+
+
+def stream(buffer: ReplayBuffer, n: int, chunk: int, first: int = 0) -> None:
+    """Offer the samples first..first+n-1 (the value is the arrival index) in chunks."""
+    for start in range(first, first + n, chunk):
+        v = torch.arange(start, min(first + n, start + chunk), dtype=torch.float32)
+        buffer.add(v[:, None], v)
+
+
+def test_fifo_keeps_the_newest_and_reservoir_a_uniform_sample_of_the_whole_stream():
+    fifo, reservoir = ReplayBuffer(1000, "fifo"), ReplayBuffer(1000, "reservoir", seed=1)
+    for buf in (fifo, reservoir):
+        stream(buf, 10_000, chunk=37)  # chunks do not divide the capacity: exercises wrap-around
+        assert len(buf) == 1000 and buf.seen == 10_000
+        assert torch.equal(buf.x[:, 0], buf.y)  # inputs and targets stay paired
+    assert sorted(fifo.y.tolist()) == list(range(9000, 10_000))
+    kept = reservoir.y
+    assert len(set(kept.tolist())) == 1000  # no sample stored twice
+    # Uniform over 0..9999: mean 4999.5, standard error ~91 for 1000 draws; a FIFO would give 9499.5.
+    assert abs(float(kept.mean()) - 4999.5) < 400
+    assert float((kept < 5000).float().mean()) == pytest.approx(0.5, abs=0.08)
+
+
+def test_one_batch_larger_than_the_buffer_keeps_its_newest_samples():
+    buf = ReplayBuffer(4, "fifo")
+    buf.add(torch.arange(10.0)[:, None], torch.arange(10.0))
+    assert sorted(buf.y.tolist()) == [6, 7, 8, 9]
+
+
+def test_a_restored_buffer_continues_exactly_like_the_original():
+    a = ReplayBuffer(50, "reservoir", seed=3)
+    stream(a, 120, chunk=7)
+    b = ReplayBuffer(50, "reservoir", seed=99)
+    b.load_state_dict(a.state_dict())
+    for buf in (a, b):  # the same further stream into both...
+        stream(buf, 80, chunk=9, first=120)
+    assert torch.equal(a.y, b.y) and a.seen == b.seen  # ...and the same replacements
+    assert torch.equal(a.sample(16)[1], b.sample(16)[1])
+    with pytest.raises(ValueError, match="capacity 50, policy 'reservoir'"):
+        ReplayBuffer(10, "fifo").load_state_dict(a.state_dict())
+
+
+def test_bad_samples_are_refused_whole_with_the_problem_named():
+    buf = ReplayBuffer(8)
+    buf.add(np.zeros((2, 3)), np.zeros(2))
+    assert buf.x.dtype == torch.float32  # a float64 simulation feeds a float32 model
+    bad = np.zeros((4, 3))
+    bad[2, 1] = np.nan
+    with pytest.raises(
+        ValueError, match=r"x of sample\(s\) \[2\] .* NaN or inf; nothing of the batch was stored"
+    ):
+        buf.add(bad, np.zeros(4))
+    assert len(buf) == 2 and buf.seen == 2
+    with pytest.raises(ValueError, match=r"shape \(4,\) but the buffer holds \(3,\)"):
+        buf.add(np.zeros((1, 4)), np.zeros(1))
+    with pytest.raises(ValueError, match="2 inputs but 3 targets"):
+        buf.add(np.zeros((2, 3)), np.zeros(3))
+    with pytest.raises(ValueError, match="unknown replay policy 'lifo'"):
+        ReplayBuffer(8, "lifo")
+    with pytest.raises(ValueError, match="empty replay buffer"):
+        ReplayBuffer(8).sample(1)
+
+
+def linear_stream(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    x = rng.normal(size=(n, 4))
+    return x, x @ np.array([[1.0], [-2.0], [0.5], [3.0]])
+
+
+def test_online_training_learns_from_a_stream_and_writes_its_run_directory(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    online = OnlineTrainer(model, torch.optim.Adam(model.parameters(), lr=0.05), torch.nn.MSELoss(),
+                           capacity=256, batch_size=32, run_dir=tmp_path / "run", verbose=False)  # fmt: skip
+    rng = np.random.default_rng(0)
+    val_x, val_y = linear_stream(rng, 200)
+    first = None
+    for _ in range(30):
+        online.add(*linear_stream(rng, 16))
+        loss = online.train(5)
+        first = first if first is not None else loss
+    out = online.evaluate(val_x, val_y)
+    online.finish()
+    assert loss < first / 20 and out["val_loss"] < first / 20, (first, loss, out)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and rows[-1]["seen"] == 480 and rows[-1]["buffered"] == 256
+    assert rows[-1]["val_loss"] == pytest.approx(out["val_loss"])  # evaluation joins the round's row
+    for name in ("model.pt", "summary.json", "online.png", "metrics.csv"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert online.restore() is None  # no checkpoint taken: a fresh start
+
+
+def test_online_training_refuses_what_it_cannot_do(tmp_path):
+    model = torch.nn.Linear(4, 1)
+    args = (model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.MSELoss())
+    with pytest.raises(ValueError, match="use 'single', 'allreduce' or 'local-sgd'"):
+        OnlineTrainer(*args, strategy="async-shared")
+    online = OnlineTrainer(*args, verbose=False)
+    with pytest.raises(ValueError, match=r"replay buffer of rank\(s\) \[0\] is empty"):
+        online.train(1)
+    with pytest.raises(RuntimeError, match="need a run directory"):
+        online.checkpoint()
+
+
+def test_online_training_on_two_ranks_equals_one_process_and_restores_exactly(tmp_path):
+    proc = run_ranks(2, ["tests/scripts/online_equivalence.py", str(tmp_path / "run")], timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK equivalence" in proc.stdout and "OK restore" in proc.stdout, proc.stdout
+
+
+def test_a_surrogate_rebuilds_a_finished_run_and_answers_in_the_callers_types(tmp_path):
+    cfg = Config.model_validate({"model": {"name": "mlp", "args": {"sizes": [3, 8, 2]}},
+                                 "data": {"source": "digits"}})  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    (tmp_path / "config.resolved.json").write_text(json.dumps(cfg.model_dump(), default=str))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    surrogate = Surrogate.from_run(tmp_path, batch_size=7)  # smaller than the input: answers in pieces
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    y = surrogate(x)
+    assert isinstance(y, np.ndarray) and y.dtype == np.float64 and y.shape == (20, 2)
+    with torch.no_grad():
+        expected = model(torch.as_tensor(x, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
+    assert torch.is_tensor(surrogate(torch.zeros(2, 3)))
+    with pytest.raises(FileNotFoundError, match="no config.resolved.json or model.pt"):
+        Surrogate.from_run(tmp_path / "missing")
+
+
+def test_the_online_example_runs_on_two_ranks_and_resumes_after_a_stop(tmp_path):
+    cmd = ["examples/heat_online.py", "--plates", "4", "--grid", "16", "--leap", "4", "--capacity", "64",
+           "--steps-per-round", "2", "--checkpoint-every", "5", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    first = run_ranks(2, [*cmd, "--rounds", "5"], timeout=180)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = run_ranks(2, [*cmd, "--rounds", "8"], timeout=180)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resumed from" in second.stdout and "(round 5, step 10)" in second.stdout, second.stdout
+    assert "leap 4: relative L2 error" in second.stdout and (tmp_path / "run" / "rollout.png").is_file()
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["round"] for r in rows] == list(range(1, 9))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

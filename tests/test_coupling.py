@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,8 +14,9 @@ import torch
 
 from caldera.config import Config
 from caldera.coupling import OnlineTrainer, ReplayBuffer, Surrogate
+from caldera.coupling.stream import _pack, _unpack
 from caldera.train.run import build_model
-from tests.conftest import run_ranks
+from tests.conftest import ROOT, mpiexec, run_ranks
 
 
 def stream(buffer: ReplayBuffer, n: int, chunk: int, first: int = 0) -> None:
@@ -122,6 +126,54 @@ def test_online_training_on_two_ranks_equals_one_process_and_restores_exactly(tm
     assert "OK equivalence" in proc.stdout and "OK restore" in proc.stdout, proc.stdout
 
 
+def test_a_simulation_and_a_trainer_on_separate_ranks_exchange_samples_and_weights():
+    script = "tests/scripts/coupled_job.py"
+    cmd = [mpiexec(), "--allow-run-as-root", "--oversubscribe", "-n", "3", sys.executable, script, "simulation",
+           ":", "-n", "2", sys.executable, script, "trainer"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "TRAINERS 2 received 90 samples from 3 simulation ranks, each once" in proc.stdout, proc.stdout
+    for rank in range(3):  # every simulation rank got trained weights back and could use its own communicator
+        assert f"SIM {rank}/3 sent 30 of 90 versions>=1 True trained-weights True" in proc.stdout, proc.stdout
+
+
+def test_a_failing_simulation_rank_ends_the_coupled_job_promptly_with_its_cause():
+    script = "tests/scripts/coupled_job.py"
+    cmd = [mpiexec(), "--allow-run-as-root", "--oversubscribe", "-n", "3", sys.executable, script, "simulation",
+           "--die", ":", "-n", "2", sys.executable, script, "trainer"]  # fmt: skip
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode != 0 and time.monotonic() - start < 45
+    assert "rank 1/5 failed: RuntimeError: simulation rank 1 blew up on purpose" in proc.stderr, proc.stderr[
+        -3000:
+    ]
+
+
+def test_a_coupled_job_without_simulation_ranks_is_refused_with_the_launch_line():
+    code = "from caldera.coupling import connect; connect('trainer')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode != 0
+    assert (
+        "0 simulation and 1 trainer rank(s)" in proc.stderr
+        and "mpiexec -n 4 python simulation.py" in proc.stderr
+    )
+
+
+def test_weights_travel_as_one_byte_buffer_and_come_back_exact():
+    state = {"w": torch.randn(3, 4), "h": torch.randn(5).to(torch.bfloat16), "n": torch.tensor(7),
+             "mask": torch.tensor([True, False]), "empty": torch.zeros(0, 2, dtype=torch.float64)}  # fmt: skip
+    payload, layout = _pack(state.items())
+    assert payload.dtype == np.uint8 and payload.nbytes == sum(
+        t.numel() * t.element_size() for t in state.values()
+    )
+    back = _unpack(payload, layout)
+    assert back.keys() == state.keys()
+    for k in state:
+        assert back[k].dtype == state[k].dtype and torch.equal(back[k], state[k]), k
+
+
 def test_a_surrogate_rebuilds_a_finished_run_and_answers_in_the_callers_types(tmp_path):
     cfg = Config.model_validate({"model": {"name": "mlp", "args": {"sizes": [3, 8, 2]}},
                                  "data": {"source": "digits"}})  # fmt: skip
@@ -141,17 +193,34 @@ def test_a_surrogate_rebuilds_a_finished_run_and_answers_in_the_callers_types(tm
         Surrogate.from_run(tmp_path / "missing")
 
 
-def test_the_online_example_runs_on_two_ranks_and_resumes_after_a_stop(tmp_path):
+def test_the_online_example_runs_and_resumes_after_a_stop(tmp_path):
+    # One process: the two-rank path of the same calls (and its exact restore) is tests/scripts/online_equivalence.
     cmd = ["examples/heat_online.py", "--plates", "4", "--grid", "16", "--leap", "4", "--capacity", "64",
            "--steps-per-round", "2", "--checkpoint-every", "5", "--run-dir", str(tmp_path / "run")]  # fmt: skip
-    first = run_ranks(2, [*cmd, "--rounds", "5"], timeout=180)
+    first = subprocess.run([sys.executable, *cmd, "--rounds", "5"], capture_output=True, text=True, timeout=180,
+                           cwd=ROOT)  # fmt: skip
     assert first.returncode == 0, first.stdout + first.stderr
-    second = run_ranks(2, [*cmd, "--rounds", "8"], timeout=180)
+    second = subprocess.run([sys.executable, *cmd, "--rounds", "8"], capture_output=True, text=True, timeout=180,
+                            cwd=ROOT)  # fmt: skip
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resumed from" in second.stdout and "(round 5, step 10)" in second.stdout, second.stdout
     assert "leap 4: relative L2 error" in second.stdout and (tmp_path / "run" / "rollout.png").is_file()
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["round"] for r in rows] == list(range(1, 9))
+
+
+def test_the_coupled_example_improves_the_surrogate_inside_the_simulation(tmp_path):
+    script, opts = "examples/heat_coupled.py", ["--leaps", "8", "--check-every", "4", "--plates", "2", "--grid",
+                                                "16", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    cmd = [mpiexec(), "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, script, "simulation",
+           *opts, ":", "-n", "1", sys.executable, script, "trainer", *opts]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "leap 8: surrogate error on this leap" in proc.stdout and "16 samples sent" in proc.stdout, (
+        proc.stdout
+    )
+    assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "online.png").is_file()
 
 
 if __name__ == "__main__":

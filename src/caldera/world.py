@@ -12,6 +12,7 @@ import random
 import sys
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,6 +83,18 @@ def pick_device(local_rank: int, requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def local_rank_hint() -> int:
+    """This process's rank on its node, without any collective call: from ``init()`` if it ran, else from the
+    launcher's environment (0 for a lone process). For code that runs on only some ranks (a surrogate)."""
+    if _WORLD is not None:
+        return _WORLD.local_rank
+    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID"):
+        value = os.environ.get(var)
+        if value and value.isdigit():
+            return int(value)
+    return 0
+
+
 def shared_gpus(placements: list[tuple[str, str]]) -> dict[tuple[str, str], list[int]]:
     """Given each rank's (host, device), return the GPUs that more than one rank uses, with those ranks."""
     users: dict[tuple[str, str], list[int]] = {}
@@ -114,22 +127,30 @@ def make_deterministic() -> None:
 
 
 def init(
-    backend: str = "auto", device: str | None = None, seed: int | None = None, deterministic: bool = False
-) -> World:
+    backend: str = "auto", device: str | None = None, seed: int | None = None, deterministic: bool = False,
+    comm: Any = None,
+) -> World:  # fmt: skip
     """Detect the ranks of this job and return this process's ``World`` (idempotent).
 
     ``backend``: "auto" uses MPI when an MPI launcher started more than one rank, "mpi" forces it, "local"
     never uses it. ``device``: "auto"/None picks a GPU per local rank when present. ``seed`` seeds every RNG;
-    ``deterministic`` picks deterministic GPU kernels so that GPU runs repeat bit for bit too.
+    ``deterministic`` picks deterministic GPU kernels so that GPU runs repeat bit for bit too. ``comm``: an
+    mpi4py communicator holding only some of the job's processes (the trainer ranks of a job coupled with a
+    simulation, ``caldera.coupling.connect``) to train among instead of all of them.
     """
     global _WORLD
+    if _WORLD is not None and comm is not None and getattr(_WORLD.comm, "comm", None) is not comm:
+        raise RuntimeError(
+            "caldera.init() already ran over all ranks of the job; call caldera.coupling.connect() before "
+            "anything else that initialises Caldera (Trainer, OnlineTrainer, caldera.init)"
+        )
     if _WORLD is None:
-        use_mpi = backend == "mpi" or (backend == "auto" and launched_size() > 1)
+        use_mpi = comm is not None or backend == "mpi" or (backend == "auto" and launched_size() > 1)
         if backend not in ("auto", "mpi", "local"):
             raise ValueError(f"unknown backend {backend!r}; use 'auto', 'mpi' or 'local'")
-        _WORLD = _mpi_world(device) if use_mpi else World(device=pick_device(0, device))
+        _WORLD = _mpi_world(device, comm) if use_mpi else World(device=pick_device(0, device))
         if _WORLD.size > 1:
-            _install_abort_hook(_WORLD)
+            abort_on_uncaught_exception(_WORLD)
     if seed is not None:
         seed_everything(seed, deterministic)
     elif deterministic:
@@ -137,7 +158,7 @@ def init(
     return _WORLD
 
 
-def _mpi_world(device: str | None) -> World:
+def _mpi_world(device: str | None, comm: Any = None) -> World:
     try:
         from mpi4py import MPI
     except ImportError as exc:
@@ -147,7 +168,7 @@ def _mpi_world(device: str | None) -> World:
         ) from exc
     from caldera.comm.mpi import MPIComm
 
-    world_comm = MPI.COMM_WORLD
+    world_comm = comm if comm is not None else MPI.COMM_WORLD
     node_comm = world_comm.Split_type(MPI.COMM_TYPE_SHARED, key=world_comm.Get_rank())
     local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
     node_comm.Free()
@@ -161,7 +182,7 @@ def _mpi_world(device: str | None) -> World:
     )
 
 
-def _install_abort_hook(world: World) -> None:
+def abort_on_uncaught_exception(world: World) -> None:
     """Make an uncaught exception on any rank end every rank, instead of leaving the others hanging."""
     previous = sys.excepthook
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from caldera.world import init
+from caldera.world import local_rank_hint, pick_device
 
 
 class Surrogate:
@@ -21,7 +21,9 @@ class Surrogate:
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device | None = None,
                  batch_size: int = 1024) -> None:  # fmt: skip
-        self.device = torch.device(device) if device is not None else init().device  # a GPU per local rank
+        # A GPU per local rank, as caldera.init() picks, but without its collective: a surrogate may live on
+        # only some ranks of a simulation.
+        self.device = torch.device(device) if device is not None else pick_device(local_rank_hint())
         self.model = model.to(self.device).eval()
         self.batch_size = batch_size
         self.dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)

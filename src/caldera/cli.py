@@ -1,9 +1,10 @@
-"""The ``caldera`` command: ``train``, ``check``, ``tune``, ``info`` and ``launch``.
+"""The ``caldera`` command: ``train``, ``check``, ``tune``, ``serve``, ``info`` and ``launch``.
 
 ``caldera train RUN.toml [--set section.key=value ...] [--resume [CKPT]] [--time-limit 2h]`` trains alone or
 under ``mpiexec``/``srun``; ``caldera launch -n N [--max-restarts R] -- cmd`` starts N ranks; ``caldera info``
 (alone or under the launcher) prints what the job sees and the set-up problems it shows; ``caldera tune RUN.toml``
-searches the run file's ``[tune]`` space with every rank.
+searches the run file's ``[tune]`` space with every rank; ``caldera serve RUN_DIR...`` answers predictions over
+HTTP with dynamic batching (several run directories: an ensemble).
 Exit codes: 0 done, 2 bad config or usage, 85 stopped for the wall time with a checkpoint (requeue me),
 1 anything else.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 from caldera.checkpoint import REQUEUE_EXIT_CODE, CheckpointError, Preempted
 from caldera.config import ConfigError
@@ -37,6 +39,21 @@ def _parser() -> argparse.ArgumentParser:
     p_tune.add_argument("config", help="run file with a [tune] section")
     p_tune.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p_tune.add_argument("--trials", type=int, help="override tune.trials")
+    p_serve = sub.add_parser(
+        "serve", help="serve finished runs over HTTP: dynamic batching; several = an ensemble"
+    )
+    p_serve.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="run directories of finished `caldera train` runs"
+    )
+    p_serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
+    )
+    p_serve.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
+    p_serve.add_argument("--max-batch", type=int, default=64, help="samples per forward pass at most")
+    p_serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                         help="how long a request may wait for others to share its forward pass")  # fmt: skip
+    p_serve.add_argument("--max-body-mb", type=float, default=256, help="largest request accepted")
+    p_serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
     sub.add_parser(
         "info", help="what this job sees: software, GPUs, MPI, every rank's place; set-up problems"
     )
@@ -61,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         from caldera.info import report
 
         return report()
+    if args.command == "serve":
+        return _serve(args)
     from caldera.config import load_config
 
     try:
@@ -100,6 +119,37 @@ def _launch(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as exc:
         sys.stderr.write(f"caldera launch: error: {exc}\n")
         return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from caldera.serve import Ensemble, make_server
+
+    try:
+        ensemble = Ensemble.from_runs(args.runs, device=args.device)
+    except (FileNotFoundError, ConfigError) as exc:
+        _error(str(exc))
+        return 2
+    server = make_server(
+        ensemble, args.host, args.port, args.max_batch, args.max_wait_ms / 1e3, args.max_body_mb
+    )
+    host, port = server.server_address[:2]
+    kind = f"an ensemble of {len(args.runs)} models" if len(args.runs) > 1 else "1 model"
+    print(f"caldera serve: {kind} on {ensemble.members[0].device} at http://{host}:{port} "
+          "(POST /predict, GET /health; Ctrl-C stops)", flush=True)  # fmt: skip
+    # SIGTERM (Slurm, a container, kill) stops like Ctrl-C: the requests in progress are answered first.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        server.batcher.close()
+    b = server.batcher
+    print(f"caldera serve: stopped after {b.requests} requests in {b.batches} forward passes", flush=True)
+    return 0
 
 
 def _error(message: str) -> None:

@@ -1,0 +1,108 @@
+"""caldera serve with dynamic batching vs. one forward pass per request (what a hand-written endpoint does).
+
+    python benchmarks/bench_serve.py [--clients 16] [--requests 40] [--model unet|mlp]
+
+Starts `caldera serve` twice on the same run directory (an untrained heat-surrogate U-Net, or an MLP), once with
+--max-batch 1 (the peer: every request its own forward pass) and once batching, and lets N concurrent clients send
+single-sample requests. Prints requests/s, latency percentiles and the ratio. Same machine, same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from caldera.config import Config
+from caldera.serve import predict
+from caldera.train.run import build_model
+
+MODELS = {
+    "unet": (
+        {"name": "unet_small", "args": {"in_channels": 2, "out_channels": 1, "channels": 16}},
+        (2, 32, 32),
+    ),
+    "mlp": ({"name": "mlp", "args": {"sizes": [1024, 2048, 2048, 10]}}, (1024,)),
+}
+
+
+def run_dir(root: Path, model: str) -> tuple[Path, tuple[int, ...]]:
+    spec, shape = MODELS[model]
+    cfg = Config.model_validate({"model": spec, "data": {"source": "heat"}})
+    path = root / model
+    path.mkdir()
+    (path / "config.resolved.json").write_text(json.dumps(cfg.model_dump(), default=str))
+    torch.save(build_model(cfg).state_dict(), path / "model.pt")
+    return path, shape
+
+
+def measure(
+    path: Path, shape: tuple[int, ...], clients: int, requests: int, extra: list[str]
+) -> dict[str, float]:
+    server = subprocess.Popen([sys.executable, "-m", "caldera.cli", "serve", str(path), "--port", "0", *extra],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        url = server.stdout.readline().split(" at ")[1].split()[0]
+        x = np.random.default_rng(0).normal(size=(1, *shape)).astype(np.float32)
+        predict(url, x)  # warm-up
+        latencies: list[float] = []
+        go = threading.Barrier(clients + 1)
+
+        def client() -> None:
+            go.wait()
+            for _ in range(requests):
+                t0 = time.perf_counter()
+                predict(url, x)
+                latencies.append(time.perf_counter() - t0)
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        go.wait()
+        start = time.perf_counter()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+        health = json.loads(__import__("urllib.request").request.urlopen(url + "/health").read())
+    finally:
+        server.terminate()
+        server.wait()
+    ms = np.array(latencies) * 1e3
+    return {"rps": clients * requests / elapsed, "p50": float(np.percentile(ms, 50)),
+            "p95": float(np.percentile(ms, 95)), "mean_batch": health["mean_batch"]}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=40, help="per client")
+    p.add_argument("--model", choices=sorted(MODELS), default="unet")
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path, shape = run_dir(Path(tmp), args.model)
+        print(
+            f"{args.model} {shape}, {args.clients} concurrent clients x {args.requests} single-sample requests"
+        )
+        rows = {
+            "one forward pass per request (peer)": measure(path, shape, args.clients, args.requests,
+                                                           ["--max-batch", "1"]),
+            f"caldera serve, dynamic batching ({args.max_wait_ms:g} ms)": measure(
+                path, shape, args.clients, args.requests, ["--max-batch", "64", "--max-wait-ms", str(args.max_wait_ms)]),
+        }  # fmt: skip
+    peer = next(iter(rows.values()))["rps"]
+    for name, r in rows.items():
+        print(f"  {name:<45} {r['rps']:7.0f} req/s  x{r['rps'] / peer:.2f}   p50 {r['p50']:6.1f} ms   "
+              f"p95 {r['p95']:6.1f} ms   mean batch {r['mean_batch']:.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -111,6 +111,13 @@ class ParallelSection(_Section):
     sync_every: int = Field(8, ge=1, description="local-sgd: average the models every this many steps")
     warmup_steps: int = Field(0, ge=0, description="local-sgd: synchronous steps before local ones")
     average_state: bool = Field(False, description="local-sgd: also average the optimizer state")
+    # pipeline
+    micro_batches: int = Field(
+        4, ge=1, description="pipeline: micro-batches per batch (more: stages idle less)"
+    )
+    balance: list[int] | None = Field(
+        None, description="pipeline: layers per stage, e.g. [3, 2] (default: balanced by parameter count)"
+    )
 
 
 class PrecisionSection(_Section):

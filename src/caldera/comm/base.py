@@ -47,6 +47,14 @@ class Communicator(Protocol):
         """Overwrite ``tensor`` on every rank with root's values."""
         ...
 
+    def Send(self, tensor: torch.Tensor, dest: int, tag: int = 0) -> None:
+        """Send ``tensor`` to rank ``dest`` (blocking; point to point: pipeline stages)."""
+        ...
+
+    def Recv(self, tensor: torch.Tensor, source: int, tag: int = 0) -> None:
+        """Receive into ``tensor`` (its shape and dtype must match what was sent) from rank ``source``."""
+        ...
+
     def Allgather(self, send: torch.Tensor, recv: torch.Tensor) -> None:
         """Gather equal-sized ``send`` from every rank into ``recv`` (size * send.numel(), rank order)."""
         ...

@@ -39,6 +39,14 @@ class LocalComm:
     def Bcast(self, tensor: torch.Tensor, root: int = 0) -> None:
         """Leave ``tensor`` unchanged."""
 
+    def Send(self, tensor: torch.Tensor, dest: int, tag: int = 0) -> None:
+        """There is no other rank to send to."""
+        raise RuntimeError(f"Send to rank {dest}: this communicator has one rank")
+
+    def Recv(self, tensor: torch.Tensor, source: int, tag: int = 0) -> None:
+        """There is no other rank to receive from."""
+        raise RuntimeError(f"Recv from rank {source}: this communicator has one rank")
+
     def Allgather(self, send: torch.Tensor, recv: torch.Tensor) -> None:
         """Copy ``send`` into ``recv``."""
         recv.view(-1).copy_(send.reshape(-1))

@@ -35,6 +35,11 @@ def _mpi():
     return MPI
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A view MPI can carry: bf16 has no MPI type, but moving its bits needs none."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 and not t.is_cuda else t
+
+
 def _op(op: str):
     MPI = _mpi()
     return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}[check_op(op)]
@@ -225,6 +230,26 @@ class MPIComm:
             dist.broadcast(tensor, src=root, group=group)
             return
         self.comm.Bcast(self._buf(tensor), root=root)
+
+    def Send(self, tensor: torch.Tensor, dest: int, tag: int = 0) -> None:
+        """Send ``tensor`` to rank ``dest`` (blocking)."""
+        group = self._device_plane(tensor)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.send(tensor.contiguous(), dst=dest, group=group)
+            return
+        self.comm.Send(self._buf(_bits(tensor.contiguous())), dest=dest, tag=tag)
+
+    def Recv(self, tensor: torch.Tensor, source: int, tag: int = 0) -> None:
+        """Receive into ``tensor`` from rank ``source`` (blocking)."""
+        group = self._device_plane(tensor)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.recv(tensor, src=source, group=group)
+            return
+        self.comm.Recv(self._buf(_bits(tensor)), source=source, tag=tag)
 
     def Allgather(self, send: torch.Tensor, recv: torch.Tensor) -> None:
         """Gather equal-sized ``send`` from every rank into ``recv`` in rank order."""

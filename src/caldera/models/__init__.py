@@ -6,21 +6,18 @@ import torch
 from torch import nn
 
 
-class MLP(nn.Module):
-    """A multilayer perceptron: ``sizes = [in, hidden..., out]`` with ReLU between layers."""
+class MLP(nn.Sequential):
+    """A multilayer perceptron: ``sizes = [in, hidden..., out]`` with ReLU between layers.
+
+    An ``nn.Sequential``, so the pipeline strategy can split it into stages."""
 
     def __init__(self, sizes: list[int] = (1024, 2048, 2048, 10)) -> None:  # type: ignore[assignment]
-        super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits or regression outputs."""
-        return self.net(x)
+        super().__init__(*layers)
 
 
 class SmallCNN(nn.Module):

@@ -193,7 +193,7 @@ class Trainer:
             _xy(self._meter.wrap(batches)), start=self.step_in_epoch
         ):
             # Ranks may hold unequal slices of the last batch: weight so the rank average is the global mean.
-            loss, finite = self.train_step(x, y, n_local * self.world.size / n_global, step)
+            loss, finite = self.train_step(x, y, n_local * self._data_ranks()[1] / n_global, step)
             if finite:  # an fp16 overflow step is skipped by the loss scaler: keep it out of the mean too
                 loss_sum += loss.detach().double().cpu() * n_local
                 seen += n_local
@@ -216,7 +216,16 @@ class Trainer:
         global mean when ranks hold unequal batches. Used by ``fit`` and by loops that bring their own data."""
         if self.net is None:
             self.net = self.strategy.setup(self.model, self.optimizer, self.world)
-        loss, finite = self._backward(x, y, scale, self.global_step if step is None else step)
+        step = self.global_step if step is None else step
+        if hasattr(self.strategy, "train_batch"):  # a strategy that schedules micro-batches itself (pipeline)
+            if self.accumulate > 1:
+                raise ValueError("[train] accumulate does not apply to the pipeline strategy: set [parallel] "
+                                 "micro_batches instead")  # fmt: skip
+            loss, finite = self.strategy.train_batch(x, y, self.loss_fn, scale, self.precision)
+            if not finite and not self.precision.tolerates_overflow:
+                raise self._non_finite(loss, step)
+        else:
+            loss, finite = self._backward(x, y, scale, step)
         self.strategy.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -234,11 +243,7 @@ class Trainer:
             if not bool(torch.isfinite(loss)):
                 finite = False
                 if not self.precision.tolerates_overflow:
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step} (global step "
-                        f"{self.global_step}) on rank {self.world.rank}; lower [optim] lr, set [optim] grad_clip, "
-                        "or check the data for NaN/inf. Files already written in the run directory are kept."
-                    )
+                    raise self._non_finite(loss, step)
             weight = scale * (len(yi) / len(y))
             last = i == len(pieces) - 1
             quiet = (
@@ -248,6 +253,19 @@ class Trainer:
                 self.strategy.backward(self.precision.scale_loss(loss * weight if weight != 1 else loss))
             total += loss.detach().double().cpu() * len(yi)
         return total / len(y), finite
+
+    def _non_finite(self, loss: torch.Tensor, step: int) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step} (global step {self.global_step}) on "
+            f"rank {self.world.rank}; lower [optim] lr, set [optim] grad_clip, or check the data for NaN/inf. "
+            "Files already written in the run directory are kept."
+        )
+
+    def _data_ranks(self) -> tuple[int, int]:
+        """(this rank's data shard, number of shards): all ranks, unless every rank sees the whole batch."""
+        if getattr(self.strategy, "shards_data", True):
+            return self.world.rank, self.world.size
+        return 0, 1
 
     def _offloaded(self) -> Any:
         """Keep the activations saved for backward in pinned host memory instead of on the GPU (when asked)."""
@@ -259,7 +277,7 @@ class Trainer:
         # A source with its own I/O-aware pipeline (caldera.data.scientific) builds its batches itself.
         make = getattr(dataset, "batches", None) or functools.partial(ShardedBatches, dataset)
         return make(
-            self.batch_size, self.world.rank, self.world.size, shuffle=shuffle, seed=self.seed,
+            self.batch_size, *self._data_ranks(), shuffle=shuffle, seed=self.seed,
             drop_last=self.drop_last and not evaluation, num_workers=self.num_workers, device=self.world.device,
             evaluation=evaluation,
         )  # fmt: skip
@@ -360,12 +378,15 @@ class Trainer:
         plot_predictions(x.cpu(), y.cpu(), pred.cpu(), self.run_dir / "predictions.png")
 
     def _describe(self, train_set: Dataset, val_set: Dataset | None) -> str:
-        shares = [len(c) for c in torch.tensor_split(torch.arange(self.batch_size), self.world.size)]
+        shards = self._data_ranks()[1]
+        shares = [len(c) for c in torch.tensor_split(torch.arange(self.batch_size), shards)]
         per_rank = str(shares[0]) if len(set(shares)) == 1 else "/".join(map(str, shares))
         n_params = sum(p.numel() for p in self.model.parameters())
+        batch = (f"global batch {self.batch_size} = {shards} x {per_rank}" if shards == self.world.size else
+                 f"every rank sees the whole batch of {self.batch_size}")  # fmt: skip
         return (
             f"{type(self.model).__name__} ({n_params:,} parameters) on {self.world.device}; "
-            f"{self.world.size} rank(s), global batch {self.batch_size} = {self.world.size} x {per_rank}; "
+            f"{self.world.size} rank(s), {batch}; "
             f"{len(train_set)} training / {len(val_set) if val_set is not None else 0} validation samples; "
             f"{self.max_epochs} epochs"
             + (

@@ -1,0 +1,158 @@
+"""Caldera's pipeline strategy vs. PyTorch's own pipelining (torch.distributed.pipelining, ScheduleGPipe over gloo).
+
+    python benchmarks/bench_pipeline.py [--ranks 2] [--micro-batches 4] [--repeats 3] [--steps 20]
+
+Same model (an MLP of 4 equal 2048-wide hidden layers), same stage split, same global batch and micro-batches,
+N ranks x 1 thread, alternating R times. Also one process alone (1 thread, whole model): the ideal for N stages is
+N x alone x m / (m + N - 1) (GPipe's bubble). Prints medians of samples/s, the ratio to PyTorch and the share of
+that ideal. The worker half of this file runs inside the ranks (``--worker``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+WIDTH, DEPTH = 2048, 4
+
+
+def build():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(1024, WIDTH), nn.ReLU()]
+    for _ in range(DEPTH - 1):
+        layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(WIDTH, 10))
+
+
+def worker(mode: str, batch: int, micro: int, steps: int) -> None:
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(1)
+    model, loss_fn = build(), nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, 1024, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    rank = 0
+    if mode == "alone":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def one_step():
+            loss_fn(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    elif mode == "torch":
+        import torch.distributed as dist
+        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+        from caldera.parallel.pipeline import stage_bounds
+
+        rank, size = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group("gloo", rank=rank, world_size=size)
+        start, stop = stage_bounds(model, size)[rank]  # the split Caldera makes, for a like-for-like race
+        part = nn.Sequential(*list(model)[start:stop])
+        schedule = ScheduleGPipe(PipelineStage(part, rank, size, torch.device("cpu")), micro, loss_fn=loss_fn)
+        opt = torch.optim.SGD(part.parameters(), lr=0.01)
+
+        def one_step():
+            if rank == 0:
+                schedule.step(x)
+            elif rank == size - 1:
+                schedule.step(target=y, losses=[])
+            else:
+                schedule.step()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    else:
+        import caldera
+
+        world = caldera.init(seed=0)
+        rank = world.rank
+        trainer = caldera.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), loss_fn, world=world,
+                                  strategy="pipeline", strategy_options={"micro_batches": micro},
+                                  progress=False, plot=False)  # fmt: skip
+
+        def one_step():
+            trainer.train_step(x, y)
+
+    for _ in range(3):
+        one_step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    dt = time.perf_counter() - t0
+    if rank == 0:
+        print(f"samples/s={batch * steps / dt:.1f}", flush=True)
+    if mode == "torch":
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str]) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    match = re.search(r"samples/s=([\d.]+)", out.stdout)
+    if out.returncode != 0 or not match:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
+    return float(match.group(1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--worker", nargs=4, metavar=("MODE", "BATCH", "MICRO", "STEPS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        mode, batch, micro, steps = args.worker
+        worker(mode, int(batch), int(micro), int(steps))
+        return
+    from caldera.launch import build_command
+
+    n, m, me = args.ranks, args.micro_batches, [sys.executable, str(HERE), "--worker"]
+    spec = [str(args.batch), str(m), str(args.steps)]
+    results: dict[str, list[float]] = {"alone": [], "torch": [], "caldera": []}
+    for _ in range(args.repeats):
+        results["alone"].append(run([*me, "alone", *spec]))
+        for mode in ("torch", "caldera"):
+            results[mode].append(run(build_command(n, [*me, mode, *spec])))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    ideal = n * med["alone"] * m / (m + n - 1)
+    print(f"MLP 1024-{WIDTH}x{DEPTH}-10, batch {args.batch} in {m} micro-batches, {n} stages x 1 thread, "
+          f"{args.steps} steps, {args.repeats} repeats (medians)")  # fmt: skip
+    print(f"one process alone: {med['alone']:.0f} samples/s -> GPipe ideal for {n} stages {ideal:.0f}")
+    for mode, label in (
+        ("torch", "torch.distributed.pipelining (gloo)"),
+        ("caldera", "Caldera pipeline (MPI)"),
+    ):
+        runs = ", ".join(f"{v:.0f}" for v in results[mode])
+        print(f"  {label:38s} {med[mode]:7.0f} samples/s  {100 * med[mode] / ideal:5.1f} % of ideal  "
+              f"x{med[mode] / med['torch']:.2f} torch   [{runs}]")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

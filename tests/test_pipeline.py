@@ -1,0 +1,64 @@
+"""Pipeline parallelism: stages on real ranks equal one process on the whole batch; stage splits; clear refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import caldera
+from caldera.parallel.pipeline import Pipeline, stage_bounds
+from tests.conftest import ROOT, run_ranks
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_stages_on_ranks_train_like_one_process_on_the_whole_batch(tmp_path, ranks):
+    # Momentum SGD, a gradient-norm clip (the norm spans every stage), 3 micro-batches, an uneven last batch.
+    proc = run_ranks(ranks, ["tests/scripts/pipeline_equivalence.py", str(tmp_path / "run")], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["size"] == ranks and out["max_diff"] < 1e-5, out
+    assert out["spread"] == 0.0, out  # after training every rank holds the whole, identical model
+    assert out["val_loss"] == pytest.approx(out["ref_val_loss"], abs=1e-5)
+    assert out["train_loss"] == pytest.approx(out["ref_train_loss"], abs=1e-5)
+    assert out["momentum_everywhere"] and out["saved_whole"], out  # checkpoints hold every stage's state
+
+
+def test_stages_balance_parameters_or_follow_the_given_split():
+    model = nn.Sequential(nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10), nn.ReLU(), nn.Linear(10, 10))
+    assert stage_bounds(model, 2) == [(0, 1), (1, 5)]  # the big first layer alone, the small rest together
+    assert stage_bounds(model, 5) == [(i, i + 1) for i in range(5)]
+    assert stage_bounds(model, 2, [3, 2]) == [(0, 3), (3, 5)]
+    assert stage_bounds(model, 1) == [(0, 5)]
+    with pytest.raises(ValueError, match="6 pipeline stages for a model of 5 layers"):
+        stage_bounds(model, 6)
+    with pytest.raises(ValueError, match=r"balance = \[4, 2\] must give each of the 2 stages >= 1 layer, 5"):
+        stage_bounds(model, 2, [4, 2])
+
+
+def test_a_model_that_is_not_sequential_is_refused_with_the_fix():
+    model = nn.Module()
+    with pytest.raises(ValueError, match="splits an nn.Sequential into stages; Module is not one"):
+        Pipeline().setup(model, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), caldera.init())
+
+
+def test_the_cli_trains_the_example_in_pipeline_stages_and_refuses_a_model_it_cannot_split(tmp_path):
+    run_dir = tmp_path / "digits"
+    args = ["-m", "caldera.cli", "train", "examples/digits_pipeline.toml", "--set", f"run.dir={run_dir}",
+            "--set", "optim.epochs=2", "--set", "train.plot=false"]  # fmt: skip
+    proc = run_ranks(2, args, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "every rank sees the whole batch of 64" in proc.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["final"]["val_accuracy"] > 0.8
+    assert set(torch.load(run_dir / "model.pt")) == {
+        f"{i}.{k}" for i in (1, 3, 5, 7) for k in ("weight", "bias")
+    }
+    cnn = ["--set", "model.name=small_cnn", "--set", "model.args={}"]
+    wrong = subprocess.run(
+        [sys.executable, *args, *cnn], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert wrong.returncode == 2 and "SmallCNN is not one" in wrong.stderr, wrong.stderr[-2000:]

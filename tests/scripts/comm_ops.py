@@ -74,5 +74,23 @@ assert g16.tolist() == [v for k in range(n) for v in (k, -k)]
 dup = comm.split(color=0, key=r)
 dup.Free()
 
+# Point to point around a ring (pipeline stages): blocking and non-blocking, fp32 and bf16 bit for bit.
+right, left = (r + 1) % n, (r - 1) % n
+incoming = torch.empty(4)
+recv = comm.Irecv(incoming, left, tag=5)
+send = comm.Isend(torch.arange(4.0) + 10 * r, right, tag=5)
+recv.wait()
+send.wait()
+assert incoming.tolist() == [10.0 * left + k for k in range(4)]
+if r % 2 == 0:  # blocking calls in an order that cannot deadlock
+    comm.Send(torch.tensor([r + 0.5], dtype=torch.bfloat16), right, tag=6)
+    b = torch.empty(1, dtype=torch.bfloat16)
+    comm.Recv(b, left, tag=6)
+else:
+    b = torch.empty(1, dtype=torch.bfloat16)
+    comm.Recv(b, left, tag=6)
+    comm.Send(torch.tensor([r + 0.5], dtype=torch.bfloat16), right, tag=6)
+assert b.item() == left + 0.5
+
 comm.Barrier()
 print(f"OK {r}", flush=True)

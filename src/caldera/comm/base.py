@@ -51,6 +51,14 @@ class Communicator(Protocol):
         """Send ``tensor`` to rank ``dest`` (blocking; point to point: pipeline stages)."""
         ...
 
+    def Isend(self, tensor: torch.Tensor, dest: int, tag: int = 0) -> Handle:
+        """Start sending ``tensor`` to ``dest``; leave it unchanged until ``wait()``."""
+        ...
+
+    def Irecv(self, tensor: torch.Tensor, source: int, tag: int = 0) -> Handle:
+        """Start receiving into ``tensor`` from ``source``; read it after ``wait()``."""
+        ...
+
     def Recv(self, tensor: torch.Tensor, source: int, tag: int = 0) -> None:
         """Receive into ``tensor`` (its shape and dtype must match what was sent) from rank ``source``."""
         ...

@@ -43,6 +43,14 @@ class LocalComm:
         """There is no other rank to send to."""
         raise RuntimeError(f"Send to rank {dest}: this communicator has one rank")
 
+    def Isend(self, tensor: torch.Tensor, dest: int, tag: int = 0) -> DoneHandle:
+        """There is no other rank to send to."""
+        raise RuntimeError(f"Isend to rank {dest}: this communicator has one rank")
+
+    def Irecv(self, tensor: torch.Tensor, source: int, tag: int = 0) -> DoneHandle:
+        """There is no other rank to receive from."""
+        raise RuntimeError(f"Irecv from rank {source}: this communicator has one rank")
+
     def Recv(self, tensor: torch.Tensor, source: int, tag: int = 0) -> None:
         """There is no other rank to receive from."""
         raise RuntimeError(f"Recv from rank {source}: this communicator has one rank")

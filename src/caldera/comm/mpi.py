@@ -241,6 +241,26 @@ class MPIComm:
             return
         self.comm.Send(self._buf(_bits(tensor.contiguous())), dest=dest, tag=tag)
 
+    def Isend(self, tensor: torch.Tensor, dest: int, tag: int = 0):
+        """Start sending ``tensor`` (contiguous) to ``dest``; do not change it before ``wait()``."""
+        group = self._device_plane(tensor)
+        if group is not None:
+            import torch.distributed as dist
+
+            return TorchWorkHandle(dist.isend(tensor, dst=dest, group=group))
+        buf = self._buf(_bits(tensor))
+        return MPIRequestHandle(self.comm.Isend(buf, dest=dest, tag=tag), (tensor, buf))
+
+    def Irecv(self, tensor: torch.Tensor, source: int, tag: int = 0):
+        """Start receiving into ``tensor`` from ``source``; read it only after ``wait()``."""
+        group = self._device_plane(tensor)
+        if group is not None:
+            import torch.distributed as dist
+
+            return TorchWorkHandle(dist.irecv(tensor, src=source, group=group))
+        buf = self._buf(_bits(tensor))
+        return MPIRequestHandle(self.comm.Irecv(buf, source=source, tag=tag), (tensor, buf))
+
     def Recv(self, tensor: torch.Tensor, source: int, tag: int = 0) -> None:
         """Receive into ``tensor`` from rank ``source`` (blocking)."""
         group = self._device_plane(tensor)

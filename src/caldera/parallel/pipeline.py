@@ -68,6 +68,7 @@ class Pipeline:
         first, last = self.rank == 0, self.rank == self.size - 1
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         losses: list[torch.Tensor] = []
+        sends: list[Any] = []  # sends in flight: the stage goes on computing while MPI moves the bytes
         for xi, yi in pieces:
             inp = xi if first else self._receive(self.rank - 1).requires_grad_()
             with precision.autocast():
@@ -75,18 +76,22 @@ class Pipeline:
                 if last:
                     losses.append(loss_fn(out, yi) * (scale * len(yi) / len(y)))
             if not last:
-                self._send(out.detach(), self.rank + 1)
+                sends += self._send(out.detach(), self.rank + 1)
             kept.append((inp, out))
+        # Every gradient this stage will get, posted at once: they land while it computes the previous ones.
+        grads = [torch.empty_like(out) for _, out in kept] if not last else []
+        arriving = [self.world.comm.Irecv(g, self.rank + 1, tag=1 + i) for i, g in enumerate(grads)]
         for i in reversed(range(len(pieces))):  # the last micro-batch's gradients come back first
             inp, out = kept[i]
             if last:
                 losses[i].backward()
             else:
-                grad = torch.empty_like(out)
-                self.world.comm.Recv(grad, self.rank + 1, tag=1)
-                out.backward(grad)
+                arriving[i].wait()
+                out.backward(grads[i])
             if not first:
-                self.world.comm.Send(inp.grad.contiguous(), self.rank - 1, tag=1)
+                sends.append(self.world.comm.Isend(inp.grad.contiguous(), self.rank - 1, tag=1 + i))
+        for handle in sends:
+            handle.wait()
         total = torch.zeros(1, dtype=torch.float64)
         if last:
             total[0] = float(sum(loss.detach().double() for loss in losses)) / scale
@@ -94,12 +99,13 @@ class Pipeline:
         loss = total[0]
         return loss, bool(torch.isfinite(loss))
 
-    def _send(self, t: torch.Tensor, dest: int) -> None:
+    def _send(self, t: torch.Tensor, dest: int) -> list[Any]:
+        """Start sending an activation (its dtype and shape first); return the handles to wait on."""
         header = torch.zeros(_HEADER, dtype=torch.int64)
         header[0], header[1] = _DTYPES.index(t.dtype), t.dim()
         header[2 : 2 + t.dim()] = torch.tensor(t.shape)
-        self.world.comm.Send(header, dest)
-        self.world.comm.Send(t.contiguous(), dest)
+        comm = self.world.comm
+        return [comm.Isend(header, dest), comm.Isend(t.contiguous(), dest)]
 
     def _receive(self, source: int) -> torch.Tensor:
         header = torch.zeros(_HEADER, dtype=torch.int64)

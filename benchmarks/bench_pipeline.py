@@ -1,6 +1,6 @@
-"""Caldera's pipeline strategy vs. PyTorch's own pipelining (torch.distributed.pipelining, ScheduleGPipe over gloo).
+"""Caldera's pipeline strategy vs. PyTorch's own pipelining (torch.distributed.pipelining over gloo), same schedule.
 
-    python benchmarks/bench_pipeline.py [--ranks 2] [--micro-batches 4] [--repeats 3] [--steps 20]
+    python benchmarks/bench_pipeline.py [--ranks 2] [--micro-batches 4] [--schedule gpipe|1f1b] [--repeats 3]
 
 Same model (an MLP of 4 equal 2048-wide hidden layers), same stage split, same global batch and micro-batches,
 N ranks x 1 thread, alternating R times. Also one process alone (1 thread, whole model): the ideal for N stages is
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ def build():
     return nn.Sequential(*layers, nn.Linear(WIDTH, 10))
 
 
-def worker(mode: str, batch: int, micro: int, steps: int) -> None:
+def worker(mode: str, batch: int, micro: int, steps: int, schedule_name: str) -> None:
     import torch
     from torch import nn
 
@@ -53,7 +51,7 @@ def worker(mode: str, batch: int, micro: int, steps: int) -> None:
 
     elif mode == "torch":
         import torch.distributed as dist
-        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         from caldera.parallel.pipeline import stage_bounds
 
@@ -62,7 +60,8 @@ def worker(mode: str, batch: int, micro: int, steps: int) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=size)
         start, stop = stage_bounds(model, size)[rank]  # the split Caldera makes, for a like-for-like race
         part = nn.Sequential(*list(model)[start:stop])
-        schedule = ScheduleGPipe(PipelineStage(part, rank, size, torch.device("cpu")), micro, loss_fn=loss_fn)
+        kind = ScheduleGPipe if schedule_name == "gpipe" else Schedule1F1B
+        schedule = kind(PipelineStage(part, rank, size, torch.device("cpu")), micro, loss_fn=loss_fn)
         opt = torch.optim.SGD(part.parameters(), lr=0.01)
 
         def one_step():
@@ -81,7 +80,8 @@ def worker(mode: str, batch: int, micro: int, steps: int) -> None:
         world = caldera.init(seed=0)
         rank = world.rank
         trainer = caldera.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), loss_fn, world=world,
-                                  strategy="pipeline", strategy_options={"micro_batches": micro},
+                                  strategy="pipeline",
+                                  strategy_options={"micro_batches": micro, "schedule": schedule_name},
                                   progress=False, plot=False)  # fmt: skip
 
         def one_step():
@@ -101,23 +101,6 @@ def worker(mode: str, batch: int, micro: int, steps: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(cmd: list[str]) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    match = re.search(r"samples/s=([\d.]+)", out.stdout)
-    if out.returncode != 0 or not match:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
-    return float(match.group(1))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, default=2)
@@ -125,16 +108,21 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--worker", nargs=4, metavar=("MODE", "BATCH", "MICRO", "STEPS"), help=argparse.SUPPRESS)
+    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe", help="for both pipelines")
+    p.add_argument(
+        "--worker", nargs=5, metavar=("MODE", "BATCH", "MICRO", "STEPS", "SCHED"), help=argparse.SUPPRESS
+    )
     args = p.parse_args()
     if args.worker:
-        mode, batch, micro, steps = args.worker
-        worker(mode, int(batch), int(micro), int(steps))
+        mode, batch, micro, steps, sched = args.worker
+        worker(mode, int(batch), int(micro), int(steps), sched)
         return
+    from bench_data_parallel import run  # one way to start a measured run and read its samples/s
+
     from caldera.launch import build_command
 
     n, m, me = args.ranks, args.micro_batches, [sys.executable, str(HERE), "--worker"]
-    spec = [str(args.batch), str(m), str(args.steps)]
+    spec = [str(args.batch), str(m), str(args.steps), args.schedule]
     results: dict[str, list[float]] = {"alone": [], "torch": [], "caldera": []}
     for _ in range(args.repeats):
         results["alone"].append(run([*me, "alone", *spec]))
@@ -142,7 +130,7 @@ def main() -> None:
             results[mode].append(run(build_command(n, [*me, mode, *spec])))
     med = {k: statistics.median(v) for k, v in results.items()}
     ideal = n * med["alone"] * m / (m + n - 1)
-    print(f"MLP 1024-{WIDTH}x{DEPTH}-10, batch {args.batch} in {m} micro-batches, {n} stages x 1 thread, "
+    print(f"MLP 1024-{WIDTH}x{DEPTH}-10, batch {args.batch} in {m} micro-batches ({args.schedule}), {n} stages x 1 thread, "
           f"{args.steps} steps, {args.repeats} repeats (medians)")  # fmt: skip
     print(f"one process alone: {med['alone']:.0f} samples/s -> GPipe ideal for {n} stages {ideal:.0f}")
     for mode, label in (

@@ -11,14 +11,19 @@ import torch
 from torch import nn
 
 import caldera
-from caldera.parallel.pipeline import Pipeline, stage_bounds
+from caldera.parallel.pipeline import Pipeline, schedule_order, stage_bounds
 from tests.conftest import ROOT, run_ranks
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_stages_on_ranks_train_like_one_process_on_the_whole_batch(tmp_path, ranks):
+@pytest.mark.parametrize(
+    ("ranks", "schedule", "stages", "peaks"),
+    # GPipe holds every micro-batch's activations; 1F1B at most (stages - stage); 2 x 2: two replicas of 2 stages.
+    [(2, "gpipe", 2, [3, 3]), (3, "1f1b", 3, [3, 2, 1]), (4, "1f1b", 2, [2, 1, 2, 1])],
+)
+def test_stages_on_ranks_train_like_one_process_on_the_whole_batch(tmp_path, ranks, schedule, stages, peaks):
     # Momentum SGD, a gradient-norm clip (the norm spans every stage), 3 micro-batches, an uneven last batch.
-    proc = run_ranks(ranks, ["tests/scripts/pipeline_equivalence.py", str(tmp_path / "run")], timeout=120)
+    script = ["tests/scripts/pipeline_equivalence.py", str(tmp_path / "run"), schedule, str(stages)]
+    proc = run_ranks(ranks, script, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["size"] == ranks and out["max_diff"] < 1e-5, out
@@ -26,6 +31,20 @@ def test_stages_on_ranks_train_like_one_process_on_the_whole_batch(tmp_path, ran
     assert out["val_loss"] == pytest.approx(out["ref_val_loss"], abs=1e-5)
     assert out["train_loss"] == pytest.approx(out["ref_train_loss"], abs=1e-5)
     assert out["momentum_everywhere"] and out["saved_whole"], out  # checkpoints hold every stage's state
+    assert out["peaks"] == peaks, out  # micro-batches whose activations each rank held at once
+
+
+def test_1f1b_order_runs_each_micro_batch_forward_before_backward_with_bounded_memory():
+    for stages in (1, 2, 4):
+        for stage in range(stages):
+            for m in (1, 3, 8):
+                order = schedule_order("1f1b", stage, stages, m)
+                assert sorted(order) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)])
+                held, peak = set(), 0
+                for kind, i in order:
+                    held.add(i) if kind == "F" else held.remove(i)  # a backward only after its forward
+                    peak = max(peak, len(held))
+                assert peak == min(m, stages - stage)
 
 
 def test_stages_balance_parameters_or_follow_the_given_split():
@@ -40,6 +59,13 @@ def test_stages_balance_parameters_or_follow_the_given_split():
         stage_bounds(model, 2, [4, 2])
 
 
+def test_replicas_of_a_pipeline_share_the_batch_and_a_bad_stage_count_is_named():
+    assert Pipeline(stages=2).data_shards(caldera.World(rank=3, size=4)) == (1, 2)  # replica 1 of 2
+    assert Pipeline().data_shards(caldera.World(rank=2, size=3)) == (0, 1)  # one pipeline: one shared batch
+    with pytest.raises(ValueError, match=r"stages = 2 must divide the 3 ranks \(ranks = replicas x stages\)"):
+        Pipeline(stages=2).data_shards(caldera.World(rank=0, size=3))
+
+
 def test_a_model_that_is_not_sequential_is_refused_with_the_fix():
     model = nn.Module()
     with pytest.raises(ValueError, match="splits an nn.Sequential into stages; Module is not one"):
@@ -52,7 +78,7 @@ def test_the_cli_trains_the_example_in_pipeline_stages_and_refuses_a_model_it_ca
             "--set", "optim.epochs=2", "--set", "train.plot=false"]  # fmt: skip
     proc = run_ranks(2, args, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "every rank sees the whole batch of 64" in proc.stdout
+    assert "global batch 64 = 1 x 64, each slice shared by 2 ranks" in proc.stdout
     assert json.loads((run_dir / "summary.json").read_text())["final"]["val_accuracy"] > 0.8
     assert set(torch.load(run_dir / "model.pt")) == {
         f"{i}.{k}" for i in (1, 3, 5, 7) for k in ("weight", "bias")

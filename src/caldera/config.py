@@ -118,6 +118,14 @@ class ParallelSection(_Section):
     balance: list[int] | None = Field(
         None, description="pipeline: layers per stage, e.g. [3, 2] (default: balanced by parameter count)"
     )
+    schedule: Literal["1f1b", "gpipe"] = Field(
+        "1f1b", description="pipeline: 1f1b holds activations of <= stages micro-batches, gpipe of all"
+    )
+    stages: int | None = Field(
+        None,
+        ge=1,
+        description="pipeline: ranks per pipeline (none: all); ranks / stages replicas train data parallel",
+    )
 
 
 class PrecisionSection(_Section):

@@ -56,11 +56,16 @@ _WORLD: World | None = None
 
 def launched_size() -> int:
     """Return the number of ranks an MPI launcher announced in the environment (1 if none)."""
-    for var in _LAUNCHER_SIZE_VARS:
+    return _launcher_value(_LAUNCHER_SIZE_VARS, 1)
+
+
+def _launcher_value(names: tuple[str, ...], default: int) -> int:
+    """The first of ``names`` a launcher set to a number, else ``default``."""
+    for var in names:
         value = os.environ.get(var)
         if value and value.isdigit():
             return int(value)
-    return 1
+    return default
 
 
 def pick_device(local_rank: int, requested: str | None = None) -> torch.device:
@@ -88,11 +93,9 @@ def local_rank_hint() -> int:
     launcher's environment (0 for a lone process). For code that runs on only some ranks (a surrogate)."""
     if _WORLD is not None:
         return _WORLD.local_rank
-    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID"):
-        value = os.environ.get(var)
-        if value and value.isdigit():
-            return int(value)
-    return 0
+    return _launcher_value(
+        ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID"), 0
+    )
 
 
 def shared_gpus(placements: list[tuple[str, str]]) -> dict[tuple[str, str], list[int]]:

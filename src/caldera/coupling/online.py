@@ -172,18 +172,13 @@ class OnlineTrainer:
                 f"{where} was written by {shared['world_size']} rank(s); an online run keeps each rank's replay "
                 f"buffer and simulation state, so it resumes on the same number of ranks (not {self.world.size})"
             )
-        t = self.trainer
-        t.model.load_state_dict(shared["model"])
-        t.optimizer.load_state_dict(shared["optimizer"])
-        t.precision.load_state_dict(shared["precision"])
-        t.strategy.load_state_dict(shared["strategy"])
-        t.global_step = shared["global_step"]
+        self.trainer.load_state_dict(shared)
         self.rounds, self.history = shared["rounds"], list(shared["online_history"])
         self.buffer.load_state_dict(local["buffer"])
         set_rng_state(local["rng"])
         if self.world.is_main and self.run_dir is not None:
             self._log = MetricsLog(self.run_dir, self.history)
-        self._print(f"resumed from {where} (round {self.rounds}, step {t.global_step})")
+        self._print(f"resumed from {where} (round {self.rounds}, step {self.trainer.global_step})")
         return local["extra"]
 
     def _require_checkpointer(self) -> Checkpointer:

@@ -1,5 +1,6 @@
 """Pipeline parallelism: the layers of an ``nn.Sequential`` split into one stage per rank, micro-batches flowing
-through the stages (the GPipe schedule: every micro-batch forward, then every micro-batch backward).
+through the stages: 1F1B (one forward, one backward once the pipeline is full: activations of at most as many
+micro-batches as there are stages) or GPipe (every forward, then every backward).
 
 Rank s computes only stage s: its forward, the activations it keeps for backward, its gradients and its
 optimizer state. Activations travel forward and their gradients backward point to point over MPI. Every rank sees
@@ -26,15 +27,36 @@ _HEADER = 10  # dtype code, ndim, up to 8 dimensions
 
 @register("pipeline")
 class Pipeline:
-    """GPipe over MPI ranks: stage s (contiguous layers of an ``nn.Sequential``) on rank s."""
+    """Stage s (contiguous layers of an ``nn.Sequential``) on rank s of each pipeline; with ``stages`` fewer
+    than the ranks, several pipelines (replicas) train data parallel, each on its share of the batch."""
 
-    shards_data = False  # every stage sees the whole batch, not a slice of it
-
-    def __init__(self, micro_batches: int = 4, balance: list[int] | None = None,
-                 grad_clip: float | None = None, **_: Any) -> None:  # fmt: skip
+    def __init__(self, micro_batches: int = 4, balance: list[int] | None = None, schedule: str = "1f1b",
+                 stages: int | None = None, grad_clip: float | None = None, **_: Any) -> None:  # fmt: skip
         if micro_batches < 1:
-            raise ValueError(f"[parallel] micro_batches must be >= 1 (got {micro_batches})")
-        self.micro_batches, self.balance, self.grad_clip = micro_batches, balance, grad_clip
+            raise ConfigError(f"[parallel] micro_batches must be >= 1 (got {micro_batches})")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"[parallel] schedule = {schedule!r}; use one of {', '.join(SCHEDULES)}")
+        self.micro_batches, self.balance, self.schedule, self.grad_clip = (
+            micro_batches,
+            balance,
+            schedule,
+            grad_clip,
+        )
+        self.stages = stages  # ranks per pipeline (None: all of them, one pipeline)
+        self.peak_in_flight = 0  # most micro-batches whose activations this rank held at once so far (memory)
+        self.dp: Any = None  # the same stage of every replica (None with one replica)
+
+    def data_shards(self, world: World) -> tuple[int, int]:
+        """(this rank's share of each batch, number of shares): one per replica; a pipeline's stages share one."""
+        stages = self._stages(world)
+        return world.rank // stages, world.size // stages
+
+    def _stages(self, world: World) -> int:
+        stages = self.stages or world.size
+        if stages < 1 or world.size % stages:
+            raise ConfigError(f"[parallel] stages = {stages} must divide the {world.size} ranks "
+                              "(ranks = replicas x stages)")  # fmt: skip
+        return stages
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> nn.Module:
         """Split ``model`` into stages, keep this rank's, and start every rank from rank 0's weights."""
@@ -44,8 +66,13 @@ class Pipeline:
                 "not one (write the model as nn.Sequential(...) of its blocks, or use another strategy)"
             )
         self.model, self.optimizer, self.world = model, optimizer, world
-        self.rank, self.size = world.rank, world.size
-        bounds = stage_bounds(model, world.size, self.balance)
+        stages = self._stages(world)
+        replica, self.replicas = world.rank // stages, world.size // stages
+        self.rank, self.size = world.rank % stages, stages  # this rank's stage, and the pipeline's length
+        # The stages of one replica exchange activations; the same stage of every replica averages gradients.
+        self.pipe = world.comm if self.replicas == 1 else world.comm.split(replica, self.rank)
+        self.dp = None if self.replicas == 1 else world.comm.split(self.rank, replica)
+        bounds = stage_bounds(model, stages, self.balance)
         self.owner = [s for s, (a, b) in enumerate(bounds) for _ in range(a, b)]  # layer index -> stage
         start, stop = bounds[self.rank]
         self.stage = nn.Sequential(*list(model)[start:stop])  # the same layer objects, not copies
@@ -66,36 +93,47 @@ class Pipeline:
         xs, ys = x.tensor_split(self.micro_batches), y.tensor_split(self.micro_batches)
         pieces = [(a, b) for a, b in zip(xs, ys) if len(b)]
         first, last = self.rank == 0, self.rank == self.size - 1
-        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-        losses: list[torch.Tensor] = []
+        comm = self.pipe
+        kept: dict[
+            int, tuple[torch.Tensor, torch.Tensor]
+        ] = {}  # micro-batch -> (input, output) held for backward
+        losses: dict[int, torch.Tensor] = {}
+        grads: dict[int, tuple[torch.Tensor, Any]] = {}  # gradient buffers, their receives posted ahead
         sends: list[Any] = []  # sends in flight: the stage goes on computing while MPI moves the bytes
-        for xi, yi in pieces:
+
+        def forward(i: int) -> None:
+            xi, yi = pieces[i]
             inp = xi if first else self._receive(self.rank - 1).requires_grad_()
             with precision.autocast():
                 out = self.stage(inp)
                 if last:
-                    losses.append(loss_fn(out, yi) * (scale * len(yi) / len(y)))
+                    losses[i] = loss_fn(out, yi) * (scale * len(yi) / len(y))
             if not last:
-                sends += self._send(out.detach(), self.rank + 1)
-            kept.append((inp, out))
-        # Every gradient this stage will get, posted at once: they land while it computes the previous ones.
-        grads = [torch.empty_like(out) for _, out in kept] if not last else []
-        arriving = [self.world.comm.Irecv(g, self.rank + 1, tag=1 + i) for i, g in enumerate(grads)]
-        for i in reversed(range(len(pieces))):  # the last micro-batch's gradients come back first
-            inp, out = kept[i]
+                sends.extend(self._send(out.detach(), self.rank + 1))
+                buf = torch.empty_like(out)  # its gradient will land here, whenever the next stage sends it
+                grads[i] = (buf, comm.Irecv(buf, self.rank + 1, tag=1 + i))
+            kept[i] = (inp, out)
+            self.peak_in_flight = max(self.peak_in_flight, len(kept))
+
+        def backward(i: int) -> None:
+            inp, out = kept.pop(i)
             if last:
                 losses[i].backward()
             else:
-                arriving[i].wait()
-                out.backward(grads[i])
+                buf, arriving = grads.pop(i)
+                arriving.wait()
+                out.backward(buf)
             if not first:
-                sends.append(self.world.comm.Isend(inp.grad.contiguous(), self.rank - 1, tag=1 + i))
+                sends.append(comm.Isend(inp.grad.contiguous(), self.rank - 1, tag=1 + i))
+
+        for kind, i in schedule_order(self.schedule, self.rank, self.size, len(pieces)):
+            forward(i) if kind == "F" else backward(i)
         for handle in sends:
             handle.wait()
         total = torch.zeros(1, dtype=torch.float64)
         if last:
-            total[0] = float(sum(loss.detach().double() for loss in losses)) / scale
-        self.world.comm.Bcast(total, root=self.size - 1)
+            total[0] = float(sum(loss.detach().double() for loss in losses.values())) / scale
+        self.pipe.Bcast(total, root=self.size - 1)
         loss = total[0]
         return loss, bool(torch.isfinite(loss))
 
@@ -104,15 +142,14 @@ class Pipeline:
         header = torch.zeros(_HEADER, dtype=torch.int64)
         header[0], header[1] = _DTYPES.index(t.dtype), t.dim()
         header[2 : 2 + t.dim()] = torch.tensor(t.shape)
-        comm = self.world.comm
-        return [comm.Isend(header, dest), comm.Isend(t.contiguous(), dest)]
+        return [self.pipe.Isend(header, dest), self.pipe.Isend(t.contiguous(), dest)]
 
     def _receive(self, source: int) -> torch.Tensor:
         header = torch.zeros(_HEADER, dtype=torch.int64)
-        self.world.comm.Recv(header, source)
+        self.pipe.Recv(header, source)
         shape = header[2 : 2 + int(header[1])].tolist()
         t = torch.empty(shape, dtype=_DTYPES[int(header[0])], device=self.world.device)
-        self.world.comm.Recv(t, source)
+        self.pipe.Recv(t, source)
         return t
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -120,10 +157,21 @@ class Pipeline:
         raise RuntimeError("the pipeline strategy trains through train_batch(); Trainer calls it")
 
     def step(self) -> None:
-        """Clip by the norm over every stage's gradients (if asked), step this stage, zero its gradients."""
+        """Average the replicas' gradients, clip by the norm over every stage (if asked), step this stage, zero."""
+        if self.dp is not None:
+            for p in self.params:  # a parameter unused this step still takes part, with zeros
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+            self.dp.Allreduce(flat)
+            flat /= self.replicas
+            at = 0
+            for p in self.params:
+                p.grad.copy_(flat[at : at + p.numel()].view_as(p))
+                at += p.numel()
         if self.grad_clip:
             local = sum(float(p.grad.double().pow(2).sum()) for p in self.params if p.grad is not None)
-            norm = self.world.comm.allreduce(local) ** 0.5
+            norm = self.pipe.allreduce(local) ** 0.5
             if norm > self.grad_clip:
                 for p in self.params:
                     if p.grad is not None:
@@ -135,11 +183,11 @@ class Pipeline:
         """Give every rank the whole model: each stage's weights and optimizer state from the rank that owns it."""
         for i, layer in enumerate(self.model):
             for t in list(layer.parameters()) + list(layer.buffers()):
-                self.world.comm.Bcast(t.data, root=self.owner[i])
+                self.pipe.Bcast(t.data, root=self.owner[i])
         every = list(self.model.parameters())
         owned = {p: k for k, p in enumerate(every) if any(p is q for q in self.params)}
         mine = {owned[p]: s for p, s in self.optimizer.state.items() if p in owned}
-        for states in self.world.comm.allgather(mine):
+        for states in self.pipe.allgather(mine):
             for k, s in states.items():
                 self.optimizer.state[every[k]] = s
 
@@ -151,7 +199,28 @@ class Pipeline:
         """Check the layout matches; the weights come with the model's state."""
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Release the pipeline and replica communicators."""
+        if self.dp is not None:
+            self.pipe.Free()
+            self.dp.Free()
+            self.dp = None
+
+
+SCHEDULES = ("1f1b", "gpipe")
+
+
+def schedule_order(schedule: str, stage: int, stages: int, m: int) -> list[tuple[str, int]]:
+    """The order in which ``stage`` runs the forward ("F", i) and backward ("B", i) of ``m`` micro-batches.
+
+    GPipe: every forward, then every backward (m activations held). 1F1B: after ``stages - stage - 1`` warm-up
+    forwards, one forward then one backward, so at most ``stages - stage`` are held; the same arithmetic."""
+    if schedule == "gpipe":
+        return [("F", i) for i in range(m)] + [("B", i) for i in reversed(range(m))]
+    warmup = min(stages - stage - 1, m)
+    order = [("F", i) for i in range(warmup)]
+    for i in range(m - warmup):
+        order += [("F", warmup + i), ("B", i)]
+    return order + [("B", i) for i in range(m - warmup, m)]
 
 
 def stage_bounds(

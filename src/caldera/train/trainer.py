@@ -262,10 +262,10 @@ class Trainer:
         )
 
     def _data_ranks(self) -> tuple[int, int]:
-        """(this rank's data shard, number of shards): all ranks, unless every rank sees the whole batch."""
-        if getattr(self.strategy, "shards_data", True):
-            return self.world.rank, self.world.size
-        return 0, 1
+        """(this rank's data shard, number of shards): one per rank, unless the strategy groups ranks that see the
+        same data (the stages of a pipeline)."""
+        shards = getattr(self.strategy, "data_shards", None)
+        return shards(self.world) if shards is not None else (self.world.rank, self.world.size)
 
     def _offloaded(self) -> Any:
         """Keep the activations saved for backward in pinned host memory instead of on the GPU (when asked)."""
@@ -313,6 +313,18 @@ class Trainer:
             "world_size": self.world.size,
         }
 
+    def load_state_dict(self, shared: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (on every rank)."""
+        self.model.load_state_dict(shared["model"])
+        self.optimizer.load_state_dict(shared["optimizer"])
+        if self.scheduler is not None and shared["scheduler"] is not None:
+            self.scheduler.load_state_dict(shared["scheduler"])
+        self.precision.load_state_dict(shared["precision"])
+        self.strategy.load_state_dict(shared["strategy"])
+        self.epoch, self.step_in_epoch = shared["epoch"], shared["step_in_epoch"]
+        self.global_step = shared["global_step"]
+        self.history = list(shared["history"])
+
     def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:
         if hasattr(self.strategy, "synchronize"):  # rank 0 saves the model: it must be everyone's model
             self.strategy.synchronize()
@@ -332,15 +344,7 @@ class Trainer:
             return
         shared, local, where = self.checkpointer.load(path)
         self._restored_local = local  # strategies that save per-rank state read theirs from here
-        self.model.load_state_dict(shared["model"])
-        self.optimizer.load_state_dict(shared["optimizer"])
-        if self.scheduler is not None and shared["scheduler"] is not None:
-            self.scheduler.load_state_dict(shared["scheduler"])
-        self.precision.load_state_dict(shared["precision"])
-        self.strategy.load_state_dict(shared["strategy"])
-        self.epoch, self.step_in_epoch = shared["epoch"], shared["step_in_epoch"]
-        self.global_step = shared["global_step"]
-        self.history = list(shared["history"])
+        self.load_state_dict(shared)
         if local is not None:
             set_rng_state(local["rng"])
             self._partial = tuple(local["partial"])
@@ -382,8 +386,9 @@ class Trainer:
         shares = [len(c) for c in torch.tensor_split(torch.arange(self.batch_size), shards)]
         per_rank = str(shares[0]) if len(set(shares)) == 1 else "/".join(map(str, shares))
         n_params = sum(p.numel() for p in self.model.parameters())
-        batch = (f"global batch {self.batch_size} = {shards} x {per_rank}" if shards == self.world.size else
-                 f"every rank sees the whole batch of {self.batch_size}")  # fmt: skip
+        batch = f"global batch {self.batch_size} = {shards} x {per_rank}"
+        if shards < self.world.size:  # groups of ranks (pipeline stages) share each slice of the batch
+            batch += f", each slice shared by {self.world.size // shards} ranks"
         return (
             f"{type(self.model).__name__} ({n_params:,} parameters) on {self.world.device}; "
             f"{self.world.size} rank(s), {batch}; "

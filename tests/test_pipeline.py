@@ -32,6 +32,9 @@ def test_stages_on_ranks_train_like_one_process_on_the_whole_batch(tmp_path, ran
     assert out["train_loss"] == pytest.approx(out["ref_train_loss"], abs=1e-5)
     assert out["momentum_everywhere"] and out["saved_whole"], out  # checkpoints hold every stage's state
     assert out["peaks"] == peaks, out  # micro-batches whose activations each rank held at once
+    # Training holds one stage's weights and optimizer state per rank; validation and checkpoints the whole model.
+    assert out["released"] == [True] * ranks and out["restored"] == [True] * ranks, out
+    assert sum(out["held"]) == 2499 * ranks // stages, out  # the stages of each replica add up to one model
 
 
 def test_1f1b_order_runs_each_micro_batch_forward_before_backward_with_bounded_memory():
@@ -53,6 +56,10 @@ def test_stages_balance_parameters_or_follow_the_given_split():
     assert stage_bounds(model, 5) == [(i, i + 1) for i in range(5)]
     assert stage_bounds(model, 2, [3, 2]) == [(0, 3), (3, 5)]
     assert stage_bounds(model, 1) == [(0, 5)]
+    # The heaviest stage as light as it can be (a greedy cut would give the middle stage one ReLU and nothing else).
+    seven = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(),
+                          nn.Linear(32, 3))  # fmt: skip
+    assert stage_bounds(seven, 3) == [(0, 2), (2, 4), (4, 7)]  # 288 / 1056 / 1155 parameters
     with pytest.raises(ValueError, match="6 pipeline stages for a model of 5 layers"):
         stage_bounds(model, 6)
     with pytest.raises(ValueError, match=r"balance = \[4, 2\] must give each of the 2 stages >= 1 layer, 5"):
@@ -72,13 +79,18 @@ def test_a_model_that_is_not_sequential_is_refused_with_the_fix():
         Pipeline().setup(model, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), caldera.init())
 
 
-def test_the_cli_trains_the_example_in_pipeline_stages_and_refuses_a_model_it_cannot_split(tmp_path):
+def test_the_cli_trains_the_example_in_stages_resumes_it_and_refuses_a_model_it_cannot_split(tmp_path):
     run_dir = tmp_path / "digits"
     args = ["-m", "caldera.cli", "train", "examples/digits_pipeline.toml", "--set", f"run.dir={run_dir}",
             "--set", "optim.epochs=2", "--set", "train.plot=false"]  # fmt: skip
-    proc = run_ranks(2, args, timeout=120)
+    stop = run_ranks(2, [*args, "--time-limit", "0"], timeout=120)  # checkpoint after the first step, exit 85
+    assert stop.returncode == 85, stop.stderr[-3000:]
+    assert "global batch 64 = 1 x 64, each slice shared by 2 ranks" in stop.stdout
+    proc = run_ranks(
+        2, [*args, "--resume"], timeout=120
+    )  # every stage's weights and optimizer state come back
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "global batch 64 = 1 x 64, each slice shared by 2 ranks" in proc.stdout
+    assert "resumed from" in proc.stdout and "global step 1)" in proc.stdout, proc.stdout
     assert json.loads((run_dir / "summary.json").read_text())["final"]["val_accuracy"] > 0.8
     assert set(torch.load(run_dir / "model.pt")) == {
         f"{i}.{k}" for i in (1, 3, 5, 7) for k in ("weight", "bias")

@@ -23,11 +23,29 @@ SCHEDULE = sys.argv[2] if len(sys.argv) > 2 else "1f1b"
 STAGES = int(sys.argv[3]) if len(sys.argv) > 3 else None  # fewer than the ranks: replicas, data parallel
 
 
+class Probe(caldera.Callback):
+    """After every step: the weights this rank holds, and whether its optimizer state is its own stage's only."""
+
+    def __init__(self) -> None:
+        self.released: list[bool] = []
+        self.held = 0
+
+    def on_step_end(self, trainer: caldera.Trainer) -> None:
+        own = {id(p) for p in trainer.strategy.params}
+        self.held = sum(p.numel() for p in trainer.model.parameters())
+        only_own = all(id(p) in own for p, st in trainer.optimizer.state.items() if st)
+        self.released.append(self.held == sum(p.numel() for p in trainer.strategy.params) and only_own)
+
+
+probe = Probe()
+
+
 def fit(model: nn.Module, world: World, strategy: str, run_dir) -> caldera.Trainer:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     trainer = caldera.Trainer(model, opt, nn.MSELoss(), max_epochs=2, batch_size=24, strategy=strategy,
                               strategy_options={"micro_batches": 3, "grad_clip": 0.5, "schedule": SCHEDULE, "stages": STAGES}, world=world, seed=3,
-                              progress=False, plot=False, run_dir=run_dir)  # fmt: skip
+                              progress=False, plot=False, run_dir=run_dir,
+                              callbacks=[probe] if strategy == "pipeline" else [])  # fmt: skip
     g = torch.Generator().manual_seed(5)
     x = torch.randn(100, 8, generator=g)  # 100 samples, batch 24: the last batch (4) has one 2-sample piece
     data = TensorDataset(x, torch.sin(x[:, :3]) + 0.1 * torch.randn(100, 3, generator=g))
@@ -41,6 +59,11 @@ flat = torch.cat([p.detach().flatten() for p in pipe.model.parameters()])
 spread = max(float((flat - f).abs().max()) for f in world.comm.allgather(flat))
 momentum = [pipe.optimizer.state[p].get("momentum_buffer") is not None for p in pipe.model.parameters()]
 peaks = world.comm.allgather(pipe.strategy.peak_in_flight)  # micro-batches whose activations a stage held
+# While training, a rank held only its stage (Probe); after fit it holds the whole model again.
+released = all(probe.released) and len(probe.released) > 0
+restored = [tuple(p.shape) for p in pipe.model.parameters()] == [tuple(p.shape) for p in build().parameters()]
+held = probe.held
+checks = world.comm.allgather((released, restored, held))
 if world.is_main:
     ref = fit(build(), World(), "single", None)  # one process, whole batches
     ref_flat = torch.cat([p.detach().flatten() for p in ref.model.parameters()])
@@ -50,5 +73,6 @@ if world.is_main:
         "val_loss": pipe.history[-1]["val_loss"], "ref_val_loss": ref.history[-1]["val_loss"],
         "train_loss": pipe.history[-1]["train_loss"], "ref_train_loss": ref.history[-1]["train_loss"],
         "momentum_everywhere": all(momentum), "saved_whole": len(saved) == len(ref.model.state_dict()),
-        "peaks": peaks,
+        "peaks": peaks, "released": [c[0] for c in checks], "restored": [c[1] for c in checks],
+        "held": [c[2] for c in checks],
     }))  # fmt: skip

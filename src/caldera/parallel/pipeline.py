@@ -2,11 +2,12 @@
 through the stages: 1F1B (one forward, one backward once the pipeline is full: activations of at most as many
 micro-batches as there are stages) or GPipe (every forward, then every backward).
 
-Rank s computes only stage s: its forward, the activations it keeps for backward, its gradients and its
-optimizer state. Activations travel forward and their gradients backward point to point over MPI. Every rank sees
+Rank s computes only stage s and, while training, holds only its weights, the activations it keeps for backward,
+its gradients and its optimizer state. Activations travel forward and their gradients backward point to point over MPI. Every rank sees
 the whole batch (the first stage reads the inputs, the last the targets); the update equals one process taking
 the same step on the whole batch. Before validation and checkpoints the stages' weights (and optimizer state) are
-shared with every rank, so evaluation, ``model.pt`` and checkpoints are those of the whole model.
+shared with every rank, so evaluation, ``model.pt`` and checkpoints are those of the whole model; the next step
+releases them again.
 """
 
 from __future__ import annotations
@@ -79,13 +80,27 @@ class Pipeline:
         self.params = list(self.stage.parameters())
         for p in model.parameters():  # one starting point, whatever each rank's initialisation drew
             world.comm.Bcast(p.data, root=0)
+        mine = {id(q) for q in self.params}
+        # Other stages' weights: shapes kept, storage released by the first training step (a resume loads the
+        # whole model's checkpoint between setup and that step) and after every synchronize.
+        self.others = {p: p.shape for p in model.parameters() if id(p) not in mine}
+        self._whole = True
         return self.stage
+
+    def _release(self) -> None:
+        """Drop the other stages' weights and optimizer state: while training, a rank holds its own stage only."""
+        for p in self.others:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            self.optimizer.state.pop(p, None)
+        self._whole = False
 
     # -- one optimizer step over a batch ------------------------------------------------------------------------
     def train_batch(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, scale: float,
                     precision: Any) -> tuple[torch.Tensor, bool]:  # fmt: skip
         """Forward and backward of the whole batch in micro-batches through the stages; return the batch's mean
         loss (on every rank) and whether it was finite."""
+        if self._whole:  # weights of the whole model were handed out for validation or a checkpoint
+            self._release()
         if precision.mode not in ("fp32", "bf16-mixed"):
             raise ConfigError(
                 f"the pipeline strategy runs [precision] mode fp32 or bf16-mixed, not {precision.mode!r}"
@@ -180,7 +195,11 @@ class Pipeline:
         self.optimizer.zero_grad(set_to_none=True)
 
     def synchronize(self) -> None:
-        """Give every rank the whole model: each stage's weights and optimizer state from the rank that owns it."""
+        """Give every rank the whole model: each stage's weights and optimizer state from the rank that owns it
+        (until the next training step releases them again)."""
+        for p, shape in self.others.items():
+            p.data = torch.empty(shape, dtype=p.dtype, device=p.device)
+        self._whole = True
         for i, layer in enumerate(self.model):
             for t in list(layer.parameters()) + list(layer.buffers()):
                 self.pipe.Bcast(t.data, root=self.owner[i])
@@ -236,20 +255,34 @@ def stage_bounds(
                              f"{n} layers in all")  # fmt: skip
         counts = balance
     else:
-        # Greedy on cumulative parameter counts (+1 per layer so parameter-free layers still weigh something).
-        weights = [1 + sum(p.numel() for p in layer.parameters()) for layer in model]
-        total, counts, at = sum(weights), [], 0
-        for s in range(stages):
-            target = total * (s + 1) / stages
-            stop, acc = at + 1, sum(weights[: at + 1])
-            while stop < n - (stages - s - 1) and acc + weights[stop] / 2 <= target:
-                acc += weights[stop]
-                stop += 1
-            counts.append(stop - at)
-            at = stop
-        counts[-1] += n - at
+        # +1 per layer so that parameter-free layers still weigh something.
+        counts = _min_max_split([1 + sum(p.numel() for p in layer.parameters()) for layer in model], stages)
     bounds, at = [], 0
     for c in counts:
         bounds.append((at, at + c))
         at += c
     return bounds
+
+
+def _min_max_split(weights: list[int], stages: int) -> list[int]:
+    """Layers per stage, contiguous, each >= 1, so that the heaviest stage is as light as possible (exact: a small
+    dynamic programme over split points; models have tens to hundreds of layers)."""
+    n = len(weights)
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]  # best[k][i]: first i layers in k stages
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0
+    for k in range(1, stages + 1):
+        for i in range(k, n - (stages - k) + 1):
+            for j in range(k - 1, i):
+                load = max(best[k - 1][j], prefix[i] - prefix[j])
+                if load < best[k][i]:
+                    best[k][i], cut[k][i] = load, j
+    counts, i = [], n
+    for k in range(stages, 0, -1):
+        counts.append(i - cut[k][i])
+        i = cut[k][i]
+    return counts[::-1]

@@ -6,9 +6,12 @@ then per step ``backward(loss)`` and ``step()`` (which also clears the gradients
 ``state_dict()`` / ``load_state_dict()`` for checkpoints; ``close()`` at the end, even after an error.
 A strategy registers its config name with ``@register("name")``.
 
-Two optional methods: ``fit(trainer, train_set, val_set)`` -- a strategy that drives its own loop (worker
+Optional methods: ``fit(trainer, train_set, val_set)`` -- a strategy that drives its own loop (worker
 processes, parameter servers) takes the whole run over from ``Trainer.fit``; ``synchronize()`` -- called
-before validation and checkpoints, so that strategies whose ranks drift apart (local SGD) agree first.
+before validation and checkpoints, so that strategies whose ranks drift apart (local SGD) agree first;
+``train_batch(x, y, loss_fn, scale, precision)`` -- a strategy that runs a batch's forward and backward itself
+(pipeline micro-batches) instead of ``backward(loss)``; ``data_shards(world)`` -- (shard, shards) when groups of
+ranks share a slice of the data (the stages of a pipeline), instead of one slice per rank.
 """
 
 from __future__ import annotations

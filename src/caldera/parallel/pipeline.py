@@ -3,9 +3,9 @@ through the stages: 1F1B (one forward, one backward once the pipeline is full: a
 micro-batches as there are stages) or GPipe (every forward, then every backward).
 
 Rank s computes only stage s and, while training, holds only its weights, the activations it keeps for backward,
-its gradients and its optimizer state. Activations travel forward and their gradients backward point to point over MPI. Every rank sees
-the whole batch (the first stage reads the inputs, the last the targets); the update equals one process taking
-the same step on the whole batch. Before validation and checkpoints the stages' weights (and optimizer state) are
+its gradients and its optimizer state. Activations travel forward and their gradients backward point to point over
+MPI. Every rank of a pipeline sees the same batch (the first stage reads the inputs, the last the targets); the
+update equals one process taking the same step on the whole batch. Before validation and checkpoints the stages' weights (and optimizer state) are
 shared with every rank, so evaluation, ``model.pt`` and checkpoints are those of the whole model; the next step
 releases them again.
 """
@@ -37,12 +37,8 @@ class Pipeline:
             raise ConfigError(f"[parallel] micro_batches must be >= 1 (got {micro_batches})")
         if schedule not in SCHEDULES:
             raise ConfigError(f"[parallel] schedule = {schedule!r}; use one of {', '.join(SCHEDULES)}")
-        self.micro_batches, self.balance, self.schedule, self.grad_clip = (
-            micro_batches,
-            balance,
-            schedule,
-            grad_clip,
-        )
+        self.micro_batches, self.schedule = micro_batches, schedule
+        self.balance, self.grad_clip = balance, grad_clip
         self.stages = stages  # ranks per pipeline (None: all of them, one pipeline)
         self.peak_in_flight = 0  # most micro-batches whose activations this rank held at once so far (memory)
         self.dp: Any = None  # the same stage of every replica (None with one replica)
@@ -211,11 +207,11 @@ class Pipeline:
                 self.optimizer.state[every[k]] = s
 
     def state_dict(self) -> dict[str, Any]:
-        """The stage layout (a resume must split the model the same way)."""
-        return {"stages": self.size, "balance": self.balance}
+        """The stage layout, for the record: checkpoints hold the whole model, so a resume may split it anew."""
+        return {"stages": self.size, "replicas": self.replicas}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Check the layout matches; the weights come with the model's state."""
+        """Nothing to restore: the weights and optimizer state come whole with the trainer's state."""
 
     def close(self) -> None:
         """Release the pipeline and replica communicators."""

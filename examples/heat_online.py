@@ -7,13 +7,15 @@ Every round, each rank advances its plates by one leap of ``--leap`` solver step
 (T_now, k) -> T_next to its replay buffer, and the model takes a few optimizer steps on batches drawn from all ranks'
 buffers. Cooled plates are replaced by new random ones, so what the simulation produces keeps changing; the
 reservoir buffer keeps a uniform sample of everything seen. Checkpoints hold the model, the buffers and the
-simulation state: run the same command again after a kill and it continues. At the end the surrogate advances
+simulation state: run the same command again after a kill and it continues; SIGTERM (Slurm's warning) or
+``--time-limit`` checkpoints and exits 85 for a requeue. At the end the surrogate advances
 fresh plates leap by leap and is compared with the solver (error and time per leap, ``rollout.png``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 import caldera
+from caldera.checkpoint import REQUEUE_EXIT_CODE
 from caldera.coupling import OnlineTrainer, Surrogate
 from caldera.models import UNetSmall
 from caldera.sims import heat
@@ -37,6 +40,9 @@ def main() -> None:
     p.add_argument("--grid", type=int, default=32)
     p.add_argument("--capacity", type=int, default=1024, help="replay buffer size per rank")
     p.add_argument("--checkpoint-every", type=int, default=20, help="rounds between evaluation + checkpoint")
+    p.add_argument(
+        "--time-limit", help="wall time ('2h', '01:59:00'): checkpoint and exit 85 a minute before it"
+    )
     p.add_argument("--run-dir", default="runs/heat-online")
     args = p.parse_args()
 
@@ -46,6 +52,7 @@ def main() -> None:
         model, torch.optim.Adam(model.parameters(), lr=2e-3), torch.nn.MSELoss(), metrics={"rel_l2": rel_l2},
         capacity=args.capacity, policy="reservoir", batch_size=32,
         strategy="allreduce" if world.size > 1 else "single", world=world, run_dir=args.run_dir,
+        time_limit=args.time_limit,
     )  # fmt: skip
     rng = np.random.default_rng([1, world.rank])  # each rank simulates different plates
     val_x, val_y = pairs(
@@ -67,9 +74,13 @@ def main() -> None:
         if cooled.any():
             t[cooled], k[cooled] = heat.initial_conditions(rng, int(cooled.sum()), args.grid)
             age[cooled] = 0
-        if online.rounds % args.checkpoint_every == 0:
+        if online.rounds % args.checkpoint_every == 0 or online.should_stop:
             online.evaluate(val_x, val_y)
             online.checkpoint(extra=(t, k, age, rng.bit_generator.state))
+        if online.should_stop:  # SIGTERM or the wall time: the checkpoint holds everything, requeue
+            if world.is_main:
+                print(f"stopping ({online.stop_reason}): run the same command again to continue", flush=True)
+            sys.exit(REQUEUE_EXIT_CODE)
     online.finish()
     if world.is_main:
         compare_rollout(Surrogate(online.model), args.grid, args.leap, Path(args.run_dir))

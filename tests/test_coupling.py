@@ -193,20 +193,21 @@ def test_a_surrogate_rebuilds_a_finished_run_and_answers_in_the_callers_types(tm
         Surrogate.from_run(tmp_path / "missing")
 
 
-def test_the_online_example_runs_and_resumes_after_a_stop(tmp_path):
+def test_the_online_example_stops_for_the_wall_time_and_resumes(tmp_path):
     # One process: the two-rank path of the same calls (and its exact restore) is tests/scripts/online_equivalence.
-    cmd = ["examples/heat_online.py", "--plates", "4", "--grid", "16", "--leap", "4", "--capacity", "64",
-           "--steps-per-round", "2", "--checkpoint-every", "5", "--run-dir", str(tmp_path / "run")]  # fmt: skip
-    first = subprocess.run([sys.executable, *cmd, "--rounds", "5"], capture_output=True, text=True, timeout=180,
-                           cwd=ROOT)  # fmt: skip
-    assert first.returncode == 0, first.stdout + first.stderr
-    second = subprocess.run([sys.executable, *cmd, "--rounds", "8"], capture_output=True, text=True, timeout=180,
-                            cwd=ROOT)  # fmt: skip
+    cmd = [sys.executable, "examples/heat_online.py", "--plates", "4", "--grid", "16", "--leap", "4", "--capacity",
+           "64", "--steps-per-round", "2", "--checkpoint-every", "5", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    # The time limit is already within its one-minute margin: the first round checkpoints and exits 85 (requeue).
+    first = subprocess.run([*cmd, "--rounds", "8", "--time-limit", "0"], capture_output=True, text=True,
+                           timeout=180, cwd=ROOT)  # fmt: skip
+    assert first.returncode == 85, first.stdout + first.stderr
+    assert "stopping (time limit on rank 0)" in first.stdout, first.stdout
+    second = subprocess.run([*cmd, "--rounds", "8"], capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "resumed from" in second.stdout and "(round 5, step 10)" in second.stdout, second.stdout
+    assert "resumed from" in second.stdout and "(round 1, step 2)" in second.stdout, second.stdout
     assert "leap 4: relative L2 error" in second.stdout and (tmp_path / "run" / "rollout.png").is_file()
-    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["round"] for r in rows] == list(range(1, 9))
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(1, 9)) and "val_loss" in rows[0]  # evaluated at the stop
 
 
 def test_the_coupled_example_improves_the_surrogate_inside_the_simulation(tmp_path):

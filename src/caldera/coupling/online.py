@@ -43,6 +43,7 @@ class OnlineTrainer:
         seed: int = 0,
         run_dir: str | Path | None = None,
         checkpoint_keep: int = 2,
+        time_limit: str | float | None = None,
         verbose: bool = True,
         log_every: int = 10,
     ) -> None:
@@ -71,11 +72,15 @@ class OnlineTrainer:
         self.history: list[dict[str, float]] = []
         self.rounds = 0
         self._log = None
-        self._checkpointer = (
-            Checkpointer(self.run_dir / "checkpoints", self.world, keep=checkpoint_keep, async_write=False)
-            if self.run_dir is not None
-            else None
+        self._checkpointer = None
+        self.stop_reason: str | None = (
+            None  # why the job should end now (SIGTERM, time limit), the same on every rank
         )
+        if self.run_dir is not None:
+            self._checkpointer = Checkpointer(self.run_dir / "checkpoints", self.world, keep=checkpoint_keep,
+                                              async_write=False, time_limit=time_limit)  # fmt: skip
+            # Slurm's warning before the wall time (SIGTERM/SIGUSR1) becomes should_stop, not a dead process.
+            self._checkpointer.install_signal_handlers()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -90,8 +95,11 @@ class OnlineTrainer:
         """Take ``steps`` optimizer steps on batches drawn from every rank's buffer (collective: every rank calls
         it with the same ``steps``); return the mean training loss over them, averaged over ranks."""
         t0 = time.perf_counter()
-        held = self.world.comm.allgather((len(self.buffer), self.buffer.seen))
-        empty = [r for r, (n, _) in enumerate(held) if n == 0]
+        reason = self._checkpointer.poll(self.trainer.global_step)[1] if self._checkpointer else None
+        held = self.world.comm.allgather((len(self.buffer), self.buffer.seen, reason))
+        stops = [f"{why} on rank {r}" for r, (_, _, why) in enumerate(held) if why]
+        self.stop_reason = ", ".join(stops) or None
+        empty = [r for r, (n, _, _) in enumerate(held) if n == 0]
         if empty:
             raise ValueError(
                 f"train(): the replay buffer of rank(s) {empty} is empty; call add() with simulation samples on "
@@ -107,10 +115,16 @@ class OnlineTrainer:
         mean = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
         self.rounds += 1
         row = {"round": self.rounds, "step": self.trainer.global_step, "train_loss": mean,
-               "seen": sum(s for _, s in held), "buffered": sum(n for n, _ in held),
+               "seen": sum(s for _, s, _ in held), "buffered": sum(n for n, _, _ in held),
                "time_s": time.perf_counter() - t0}  # fmt: skip
         self._record(row)
         return mean
+
+    @property
+    def should_stop(self) -> bool:
+        """True on every rank once any rank got SIGTERM/SIGUSR1 or the ``time_limit`` is near (as of the last
+        ``train``): checkpoint with the simulation's state and exit with ``caldera.checkpoint.REQUEUE_EXIT_CODE``."""
+        return self.stop_reason is not None
 
     def evaluate(self, x: Any, y: Any, prefix: str = "val_") -> dict[str, float]:
         """Loss and metrics of the model on this rank's samples ``(x, y)``, averaged over all ranks' samples
@@ -137,6 +151,8 @@ class OnlineTrainer:
         strategy = self.trainer.strategy
         if hasattr(strategy, "synchronize"):
             strategy.synchronize()
+        if self._checkpointer is not None:
+            self._checkpointer.restore_signal_handlers()
         if self.run_dir is None or not self.world.is_main:
             return
         save_weights(self.model, self.run_dir / "model.pt")

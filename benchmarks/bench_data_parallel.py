@@ -93,18 +93,27 @@ def worker(kind: str, mode: str, global_batch: int, steps: int) -> None:
     b = global_batch // size
     x = torch.randn(b, 1024) if kind == "mlp" else torch.randn(b, 3, 32, 32)
     y = torch.randint(0, 10, (b,))
-    for i in range(steps + 3):
-        if i == 3:
-            t0 = time.perf_counter()
+
+    def one_step():
         backward(loss_fn(net(x), y))
         step()
-    dt = time.perf_counter() - t0
-    if rank == 0:
-        print(f"samples/s={global_batch * steps / dt:.1f}", flush=True)
+
+    report_rate(one_step, global_batch, steps, rank)
     if mode == "ddp":
         import torch.distributed as dist
 
         dist.destroy_process_group()
+
+
+def report_rate(one_step, samples_per_step: int, steps: int, rank: int, warmup: int = 3) -> None:
+    """Run ``warmup`` untimed then ``steps`` timed steps; rank 0 prints the rate in the form ``run`` reads."""
+    for _ in range(warmup):
+        one_step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    if rank == 0:
+        print(f"samples/s={samples_per_step * steps / (time.perf_counter() - t0):.1f}", flush=True)
 
 
 # -- driver ------------------------------------------------------------------------------------------------------------

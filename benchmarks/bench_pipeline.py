@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -87,14 +86,9 @@ def worker(mode: str, batch: int, micro: int, steps: int, schedule_name: str) ->
         def one_step():
             trainer.train_step(x, y)
 
-    for _ in range(3):
-        one_step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    dt = time.perf_counter() - t0
-    if rank == 0:
-        print(f"samples/s={batch * steps / dt:.1f}", flush=True)
+    from bench_data_parallel import report_rate  # the timing and the line that run() reads, in one place
+
+    report_rate(one_step, batch, steps, rank)
     if mode == "torch":
         import torch.distributed as dist
 

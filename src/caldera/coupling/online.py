@@ -13,11 +13,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from caldera.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
-from caldera.coupling.replay import ReplayBuffer
+from caldera.coupling.replay import ReplayBuffer, as_batch
 from caldera.train.metrics import Metric
 from caldera.train.output import MetricsLog, pyplot, save_figure, save_weights
 from caldera.train.trainer import Trainer
@@ -130,10 +129,7 @@ class OnlineTrainer:
         """Loss and metrics of the model on this rank's samples ``(x, y)``, averaged over all ranks' samples
         (collective); the values are added to the latest ``train`` row of the history."""
         device, n = self.world.device, len(y)
-        xs = torch.as_tensor(np.asarray(x)) if not torch.is_tensor(x) else x
-        ys = torch.as_tensor(np.asarray(y)) if not torch.is_tensor(y) else y
-        xs = xs.float() if xs.is_floating_point() else xs
-        ys = ys.float() if ys.is_floating_point() else ys
+        xs, ys = as_batch(x, "evaluate(): x"), as_batch(y, "evaluate(): y")
         step = self.trainer.batch_size
         chunks = (((xs[i : i + step].to(device), ys[i : i + step].to(device)), len(ys[i : i + step]))
                   for i in range(0, n, step))  # fmt: skip

@@ -39,7 +39,7 @@ class ReplayBuffer:
         """Offer a batch of samples (first dimension = samples; NumPy or torch); return how many were stored.
 
         A batch containing NaN or inf is refused whole, with the sample indices named: nothing of it is stored."""
-        x, y = self._as_tensor(x, "x"), self._as_tensor(y, "y")
+        x, y = as_batch(x, "add(): x", self.dtype), as_batch(y, "add(): y", self.dtype)
         if len(x) != len(y):
             raise ValueError(f"add() got {len(x)} inputs but {len(y)} targets; give one target per input")
         for name, t in (("x", x), ("y", y)):
@@ -91,12 +91,6 @@ class ReplayBuffer:
         keep = torch.tensor(sorted(last.values()), dtype=torch.long)
         return slot[keep], rows[keep]
 
-    def _as_tensor(self, a: Any, name: str) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(a)) if not torch.is_tensor(a) else a.detach()
-        if t.dim() == 0:
-            raise ValueError(f"add(): {name} is a scalar; give a batch (first dimension = samples)")
-        return t.to(self.dtype) if t.is_floating_point() else t
-
     # -- checkpoint -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The samples held, the stream count and the random state: a restored buffer continues identically."""
@@ -126,3 +120,12 @@ class ReplayBuffer:
         """Room for ``capacity`` samples shaped and typed like those of ``x`` and ``y``."""
         self.x = torch.empty((self.capacity, *x.shape[1:]), dtype=x.dtype, device=self.device)
         self.y = torch.empty((self.capacity, *y.shape[1:]), dtype=y.dtype, device=self.device)
+
+
+def as_batch(a: Any, what: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A batch from a simulation (NumPy or torch, first dimension = samples) as a tensor; floating values in
+    ``dtype`` (a float64 simulation feeds a float32 model), integer labels as they are."""
+    t = torch.as_tensor(np.asarray(a)) if not torch.is_tensor(a) else a.detach()
+    if t.dim() == 0:
+        raise ValueError(f"{what} is a scalar; give a batch (first dimension = samples)")
+    return t.to(dtype) if t.is_floating_point() else t

@@ -9,8 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import caldera.world
+
+# pytest-xdist runs test files side by side: each worker gets its share of the cores, or in-process training
+# tests oversubscribe them (two workers x all cores each made some steps many times slower).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 ROOT = Path(__file__).resolve().parents[1]
 

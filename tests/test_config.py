@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from caldera.config import ConfigError, load_config
-from caldera.train.run import build_model
+from caldera.train.run import build_checkpointer, build_loss, build_model
 
 GOOD = {"model": {"name": "small_cnn"}, "data": {"source": "digits"}}
 
@@ -115,6 +115,30 @@ def test_wrong_model_argument_names_valid_ones():
         ConfigError, match=r"\[model\] args.*chanels.*accepts: in_channels, out_channels, channels"
     ):
         build_model(cfg)
+
+
+def test_loss_arguments_reach_the_loss_and_a_wrong_one_is_named():
+    pred, target = torch.tensor([[0.0, 3.0]]), torch.tensor([[0.0, 0.0]])
+    huber = build_loss(load_config({**GOOD, "train": {"loss": "huber", "loss_args": {"delta": 0.5}}}))
+    # delta (|e| - delta / 2) on the one wrong element, averaged over two
+    assert float(huber(pred, target)) == pytest.approx(0.5 * 0.5 * (3.0 - 0.25))
+    weighted = {"loss": "caldera.models.potential:energy_force_loss", "loss_args": {"force_weight": 0.0}}
+    energy_only = build_loss(load_config({**GOOD, "train": weighted}))
+    packed = torch.tensor([[0.0, 3.0, 0.0, 0.0]])  # [energy, force of one atom]
+    assert float(energy_only(packed, torch.zeros(1, 4))) == 0.0  # the force error is weighted out
+    with pytest.raises(
+        ConfigError, match=r"\[train\] loss_args.*force_weigth.*accepts: pred, target, force_weight"
+    ):
+        build_loss(load_config({**GOOD, "train": {**weighted, "loss_args": {"force_weigth": 0.1}}}))
+
+
+def test_metrics_where_higher_is_better_keep_their_best_checkpoint(tmp_path):
+    from caldera.world import init
+
+    cfg = {**GOOD, "run": {"dir": str(tmp_path)}, "checkpoint": {"keep_best": "val_psnr"}}
+    assert build_checkpointer(load_config(cfg), init()).best_mode == "max"
+    cfg["checkpoint"]["keep_best"] = "val_loss"
+    assert build_checkpointer(load_config(cfg), init()).best_mode == "min"
 
 
 def test_cli_reports_config_error_without_traceback(tmp_path):

@@ -18,7 +18,8 @@ def last_json(stdout: str) -> dict:
 @pytest.mark.parametrize(
     ("ranks", "model", "bucket_mb", "overlap", "reducer", "clip", "accumulate"),
     [(2, "mlp", 0.002, "1", "shm", 0.05, 1), (3, "mlp", 0.002, "1", "mpi", 0.05, 1), (2, "cnn", 25, "1", "mpi", 0, 2),
-     (3, "cnn", 0.01, "0", "shm", 0, 1), (3, "mlp", 0.01, "1", "shm", 0, 3), (2, "gated", 0.002, "1", "shm", 0, 1)],
+     (3, "cnn", 0.01, "0", "shm", 0, 1), (3, "mlp", 0.01, "1", "shm", 0, 3), (2, "gated", 0.002, "1", "shm", 0, 1),
+     (2, "potential", 0.002, "1", "shm", 0, 1)],
 )  # fmt: skip
 def test_ranks_match_single_process_with_the_global_batch(ranks, model, bucket_mb, overlap, reducer, clip,
                                                           accumulate):  # fmt: skip
@@ -26,7 +27,8 @@ def test_ranks_match_single_process_with_the_global_batch(ranks, model, bucket_m
     # A small gradient-norm clip (0.05) is active on every step, so clipping must see the reduced gradient.
     # accumulate > 1: each rank's share runs in micro-batches (the last one: 2 samples in 3 pieces), and only
     # the last micro-batch of a step communicates. "gated": a layer with gradients on every other step only, so a
-    # rank's slot must not keep the last step's gradient for it.
+    # rank's slot must not keep the last step's gradient for it. "potential": an interatomic potential trained on its
+    # forces (-dE/dx from autograd in forward): every step is a double backward through the reduction hooks.
     args = [model, "100", "24", "3", str(bucket_mb), overlap, reducer, str(clip or ""), str(accumulate)]
     proc = run_ranks(ranks, ["tests/scripts/dp_equivalence.py", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,6 +18,7 @@ import threading
 
 from caldera.checkpoint import REQUEUE_EXIT_CODE, CheckpointError, Preempted
 from caldera.config import ConfigError
+from caldera.data.formats import DataError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as exc:
         _error(str(exc))
         return 2
+    except DataError as exc:  # a missing or broken input file: one line naming it, not a traceback
+        return _data_error(exc)
     except Preempted as stop:
         _error(str(stop))
         return REQUEUE_EXIT_CODE
@@ -150,6 +153,18 @@ def _serve(args: argparse.Namespace) -> int:
     b = server.batcher
     print(f"caldera serve: stopped after {b.requests} requests in {b.batches} forward passes", flush=True)
     return 0
+
+
+def _data_error(exc: Exception) -> int:
+    """Report bad input data; under MPI end every rank, since the other ranks may already wait in a collective."""
+    from caldera.world import launched_size
+
+    if launched_size() > 1:
+        from caldera.world import init
+
+        init().abort(f"{exc}", code=2)
+    _error(str(exc))
+    return 2
 
 
 def _error(message: str) -> None:

@@ -70,7 +70,8 @@ class OptimSection(_Section):
 
 
 class TrainSection(_Section):
-    loss: str = Field("mse", description="mse | l1 | cross_entropy | 'package.module:callable'")
+    loss: str = Field("mse", description="mse | l1 | huber | cross_entropy | 'package.module:callable'")
+    loss_args: dict[str, Any] = Field({}, description="keyword arguments of the loss, e.g. {delta = 0.5}")
     metrics: list[str] = []
     early_stopping_patience: int | None = Field(None, gt=0)
     monitor: str = "val_loss"

@@ -1,6 +1,6 @@
 """Run on N ranks: data-parallel training must equal one process with the global batch.
 
-Usage: mpiexec -n N python dp_equivalence.py MODEL(mlp|cnn|gated) N_SAMPLES GLOBAL_BATCH EPOCHS BUCKET_MB OVERLAP [REDUCER [GRAD_CLIP
+Usage: mpiexec -n N python dp_equivalence.py MODEL(mlp|cnn|gated|potential) N_SAMPLES GLOBAL_BATCH EPOCHS BUCKET_MB OVERLAP [REDUCER [GRAD_CLIP
        [ACCUMULATE]]]   (the reference always takes whole batches; the data-parallel run ACCUMULATE micro-batches)
 Prints one JSON line on rank 0: max |w_dp - w_ref|, max spread of weights across ranks, metrics.
 """
@@ -14,7 +14,9 @@ from torch.utils.data import TensorDataset
 
 import caldera
 from caldera.comm.local import LocalComm
-from caldera.models import MLP, SmallCNN
+from caldera.models import MLP, NeuralPotential, SmallCNN
+from caldera.models.potential import energy_force_loss
+from caldera.sims.atoms import dataset
 from caldera.world import World
 
 kind, n, batch, epochs, bucket_mb, overlap = sys.argv[1:7]
@@ -49,6 +51,11 @@ elif kind == "gated":  # a layer that gets gradients on every other training ste
 
     def model_fn():
         return Gated()
+elif kind == "potential":  # forces are -dE/dx inside forward: a loss on them is a double backward
+    data = dataset(n_configs=n, replicas=5, val_fraction=0.0)["train"]
+
+    def model_fn():
+        return NeuralPotential(hidden=16, atom_energy=-3.0)
 else:
     data = TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
 
@@ -60,8 +67,10 @@ def train(strategy, w, accumulate=1):
     torch.manual_seed(0)
     model = model_fn()
     # Without momentum a zero gradient (data parallel) and no gradient (one process) leave a weight alike.
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.0 if kind == "gated" else 0.9)
-    trainer = caldera.Trainer(model, opt, nn.CrossEntropyLoss(), max_epochs=epochs, batch_size=batch, world=w,
+    opt = torch.optim.SGD(model.parameters(), lr=0.001 if kind == "potential" else 0.05,
+                          momentum=0.0 if kind == "gated" else 0.9)  # fmt: skip
+    loss = energy_force_loss if kind == "potential" else nn.CrossEntropyLoss()
+    trainer = caldera.Trainer(model, opt, loss, max_epochs=epochs, batch_size=batch, world=w,
                               strategy=strategy, strategy_options={"bucket_mb": bucket_mb, "first_bucket_mb": bucket_mb,
                               "overlap": overlap, "reducer": reducer, "grad_clip": clip}, progress=False, seed=3,
                               accumulate=accumulate)  # fmt: skip

@@ -11,9 +11,15 @@ from caldera.data.sampler import ShardedBatches as ShardedBatches
 from caldera.data.sampler import epoch_permutation as epoch_permutation
 from caldera.data.sampler import split_dataset as split_dataset
 from caldera.data.shuffle import ChunkShuffleSampler as ChunkShuffleSampler
+from caldera.sims.atoms import dataset as atoms
+from caldera.sims.climate import dataset as climate
 from caldera.sims.heat import dataset as heat
+from caldera.sims.phantoms import dataset as phantoms
 
-SOURCES = {"digits": digits, "heat": heat, "scientific": scientific.dataset}
+SOURCES = {
+    "digits": digits, "heat": heat, "scientific": scientific.dataset, "atoms": atoms, "phantoms": phantoms,
+    "climate": climate,
+}  # fmt: skip
 
 __all__ = [
     "SOURCES", "ChunkShuffleSampler", "DataError", "InputMeter", "Prefetcher", "ShardedBatches", "compute_stats",

@@ -21,6 +21,9 @@ FORMATS = ("hdf5", "netcdf", "zarr", "npy")
 _SUFFIXES = {".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".he5": "hdf5", ".nc": "netcdf", ".nc4": "netcdf",
              ".netcdf": "netcdf", ".zarr": "zarr", ".npy": "npy"}  # fmt: skip
 _SPAN_TARGET_BYTES = 1 << 20  # unchunked files: treat ~1 MiB of records as one "chunk" for locality
+# One lock for the process, not one per reader: the HDF5 and netCDF-C libraries keep global state, so threads
+# reading two files (or train and validation views of one) can crash each other too. Re-entrant: reads ask shapes.
+_LIBRARY_LOCK = threading.RLock()
 
 
 class DataError(ValueError):
@@ -70,7 +73,6 @@ class _Reader:
             )
         self._handle: Any = None
         self._pid = -1
-        self._lock = threading.Lock()
         names = self._names()
         self.variables = list(variables) if variables else self._default_variables(names)
         for var in self.variables:
@@ -100,35 +102,35 @@ class _Reader:
     @property
     def handle(self) -> Any:
         """Return this process's open file (opened on first use, reopened after a fork)."""
-        if self._handle is None or self._pid != os.getpid():
-            self._handle, self._pid = self._open(), os.getpid()
-        return self._handle
+        with _LIBRARY_LOCK:
+            if self._handle is None or self._pid != os.getpid():
+                self._handle, self._pid = self._open(), os.getpid()
+            return self._handle
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_handle"], state["_pid"], state["_lock"] = None, -1, None  # each process opens its own
+        state["_handle"], state["_pid"] = None, -1  # each process opens its own
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def close(self) -> None:
         """Close the file in this process (it reopens on the next read)."""
-        if self._handle is not None and self._pid == os.getpid() and hasattr(self._handle, "close"):
-            self._handle.close()
-        self._handle = None
+        with _LIBRARY_LOCK:
+            if self._handle is not None and self._pid == os.getpid() and hasattr(self._handle, "close"):
+                self._handle.close()
+            self._handle = None
 
     def __len__(self) -> int:
         return self._length
 
     def shape(self, variable: str) -> tuple[int, ...]:
         """Return the shape of one record of ``variable``."""
-        return tuple(self._array(variable).shape[1:])
+        with _LIBRARY_LOCK:
+            return tuple(self._array(variable).shape[1:])
 
     def dtype(self, variable: str) -> np.dtype:
         """Return the dtype ``read`` gives for ``variable``."""
-        return np.dtype(self._array(variable).dtype)
+        with _LIBRARY_LOCK:
+            return np.dtype(self._array(variable).dtype)
 
     @property
     def chunk_records(self) -> int:
@@ -165,10 +167,11 @@ class _Reader:
     def _read_sorted(self, var: str, uniq: np.ndarray) -> np.ndarray:
         if uniq.size == 0:
             return np.empty((0, *self.shape(var)), dtype=self.dtype(var))
-        arr, chunk = self._array(var), self._effective_chunk(var)
-        groups = np.split(uniq, np.flatnonzero(np.diff(uniq // chunk)) + 1)  # the records of each chunk
-        # HDF5 and netCDF-C are not thread-safe: reads take turns, the transforms run in parallel.
-        with self._lock:
+        # HDF5 and netCDF-C are not thread-safe, not even for metadata or for two files: every call into them takes
+        # turns with every other in this process, while the transforms run in parallel.
+        with _LIBRARY_LOCK:
+            arr, chunk = self._array(var), self._effective_chunk(var)
+            groups = np.split(uniq, np.flatnonzero(np.diff(uniq // chunk)) + 1)  # the records of each chunk
             pieces = [piece for group in groups for piece in _read_group(arr, group, self.dense_chunks)]
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 

@@ -77,6 +77,12 @@ class UNetSmall(nn.Module):
         return self.out(d1)
 
 
-MODELS = {"mlp": MLP, "small_cnn": SmallCNN, "unet_small": UNetSmall}
+from caldera.models.climate import ClimateNet  # noqa: E402  (the application models need nothing above)
+from caldera.models.potential import NeuralPotential  # noqa: E402
 
-__all__ = ["MLP", "MODELS", "SmallCNN", "UNetSmall"]
+MODELS = {
+    "mlp": MLP, "small_cnn": SmallCNN, "unet_small": UNetSmall, "neural_potential": NeuralPotential,
+    "climate_net": ClimateNet,
+}  # fmt: skip
+
+__all__ = ["MLP", "MODELS", "ClimateNet", "NeuralPotential", "SmallCNN", "UNetSmall"]

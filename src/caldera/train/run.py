@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from caldera.models import MODELS
 from caldera.train.callbacks import Callback, EarlyStopping, TensorBoard
 from caldera.train.losses import LOSSES
 from caldera.train.metrics import METRICS
+from caldera.train.metrics import mode as metric_mode
 from caldera.train.trainer import Trainer
 from caldera.world import World, init
 
@@ -92,20 +95,33 @@ def build_checkpointer(cfg: Config, world: World, time_limit: str | float | None
     """The run's checkpointer, writing to <run dir>/checkpoints."""
     c = cfg.checkpoint
     return Checkpointer(cfg.run_dir / "checkpoints", world, every=c.every, keep=c.keep, keep_best=c.keep_best,
+                        best_mode=metric_mode(c.keep_best or ""),
                         async_write=c.async_write, time_limit=time_limit or c.time_limit,
                         config_hash=config_hash(cfg))  # fmt: skip
+
+
+def build_loss(cfg: Config) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """The loss of ``[train] loss``, with ``[train] loss_args`` (a class is built with them, a function bound)."""
+    loss = resolve(cfg.train.loss, LOSSES, "[train] loss")
+    args = cfg.train.loss_args
+    if inspect.isclass(loss):
+        return _call(loss, args, "[train] loss_args")
+    if not args:
+        return loss
+    # A misspelt argument is named now, not at the first step.
+    _bind(loss, args, "[train] loss_args", partial=True)
+    return functools.partial(loss, **args)
 
 
 def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, world: World,
                   resume: bool | str = False, time_limit: str | float | None = None) -> Trainer:  # fmt: skip
     """Assemble the Trainer for ``model`` from the config's loss, metrics, optimizer, schedule and strategy."""
     optimizer = build_optimizer(cfg, model)
-    loss = resolve(cfg.train.loss, LOSSES, "[train] loss")
-    loss_fn = loss() if inspect.isclass(loss) else loss
+    loss_fn = build_loss(cfg)
     callbacks: list[Callback] = []
     if cfg.train.early_stopping_patience:
-        mode = "max" if any(m in cfg.train.monitor for m in ("accuracy",)) else "min"
-        callbacks.append(EarlyStopping(cfg.train.monitor, cfg.train.early_stopping_patience, mode=mode))
+        callbacks.append(EarlyStopping(cfg.train.monitor, cfg.train.early_stopping_patience,
+                                       mode=metric_mode(cfg.train.monitor)))  # fmt: skip
     if cfg.train.tensorboard:
         callbacks.append(TensorBoard())
     return Trainer(
@@ -163,13 +179,19 @@ def _parameters(fn: Any) -> set[str]:
 
 def _call(fn: Any, args: dict[str, Any], key: str) -> Any:
     """Call ``fn(**args)``; an argument it does not take becomes a ConfigError naming it and the valid ones."""
+    bound = _bind(fn, args, key)
+    return fn(**args) if bound is None else fn(*bound.args, **bound.kwargs)
+
+
+def _bind(fn: Any, args: dict[str, Any], key: str, partial: bool = False) -> inspect.BoundArguments | None:
+    """Bind ``args`` to ``fn``'s parameters (None when it has no signature); a ConfigError names a wrong one."""
     try:
-        bound = inspect.signature(fn).bind(**args)
+        signature = inspect.signature(fn)
+        return signature.bind_partial(**args) if partial else signature.bind(**args)
     except TypeError as exc:
         params = [p for p in inspect.signature(fn).parameters if p not in ("self", "args", "kwargs")]
         raise ConfigError(
             f"{key} = {args}: {exc}; {getattr(fn, '__name__', fn)} accepts: {', '.join(params)}"
         ) from None
-    except ValueError:  # no signature (builtins): just call
-        return fn(**args)
-    return fn(*bound.args, **bound.kwargs)
+    except ValueError:  # no signature (builtins)
+        return None

@@ -1,0 +1,146 @@
+"""The materials application: reference physics, a symmetric conservative potential, and training that learns it."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import caldera
+from caldera.cli import main
+from caldera.models.potential import (
+    ANGULAR,
+    NeuralPotential,
+    SymmetryFunctions,
+    energy_force_loss,
+    energy_mae,
+    force_mae,
+)
+from caldera.sims.atoms import baselines, dataset, lattice_cluster, lj_energy_forces, sample
+from tests.conftest import ROOT
+
+
+def _random_cluster(rng: np.random.Generator, n: int = 7) -> np.ndarray:
+    return lattice_cluster(n)[None] + 0.08 * rng.normal(size=(1, n, 3))
+
+
+def test_reference_forces_are_minus_the_finite_difference_gradient_of_the_energy():
+    rng = np.random.default_rng(0)
+    pos = _random_cluster(rng)
+    _, forces = lj_energy_forces(pos)
+    h, fd = 1e-6, np.zeros_like(pos)
+    for i, c in np.ndindex(pos.shape[1], 3):
+        step = np.zeros_like(pos)
+        step[0, i, c] = h
+        fd[0, i, c] = -(lj_energy_forces(pos + step)[0] - lj_energy_forces(pos - step)[0])[0] / (2 * h)
+    np.testing.assert_allclose(forces, fd, rtol=1e-6, atol=1e-6)
+    assert np.abs(forces.sum(axis=1)).max() < 1e-10  # Newton's third law: no net force
+
+
+def test_reference_energy_of_a_dimer_and_the_cluster_minimum():
+    r = 1.3
+    energy, _ = lj_energy_forces(np.array([[[0.0, 0, 0], [r, 0, 0]]]))
+    assert energy[0] == pytest.approx(4 * (r**-12 - r**-6), rel=1e-12)
+    # Annealed from the fcc start, 13 atoms settle near the known icosahedral minimum E = -44.3268.
+    x, e, _, _ = sample(n_configs=4, atoms=13, t_min=0.01, t_max=0.01, replicas=4, seed=1)
+    assert -44.33 < e.min() < -43.5
+
+
+def test_dataset_holds_out_whole_replicas_and_is_seeded():
+    train, val = dataset(n_configs=200, replicas=10, val_fraction=0.2, seed=2)
+    assert train.tensors[0].shape == (160, 13, 3) and val.tensors[1].shape == (40, 1 + 39)
+    again, _ = dataset(n_configs=200, replicas=10, val_fraction=0.2, seed=2)
+    assert torch.equal(train.tensors[1], again.tensors[1])
+    with pytest.raises(ValueError, match="t_max <= 0.5"):
+        dataset(t_max=2.0)
+
+
+def _brute_force_angular(pos: np.ndarray, cutoff: float, eta: float) -> np.ndarray:
+    """G4 by the textbook triple loop: the independent check of the O(N^2) moment-tensor evaluation."""
+    n = pos.shape[1]
+    out = np.zeros((pos.shape[0], n, len(ANGULAR)))
+    fc = lambda d: 0.5 * (math.cos(math.pi * d / cutoff) + 1) if d < cutoff else 0.0  # noqa: E731
+    for b, i, j, k in np.ndindex(pos.shape[0], n, n, n):
+        if len({i, j, k}) == 3:
+            rij, rik = pos[b, j] - pos[b, i], pos[b, k] - pos[b, i]
+            dij, dik = np.linalg.norm(rij), np.linalg.norm(rik)
+            cos = rij @ rik / (dij * dik)
+            for a, (zeta, lam) in enumerate(ANGULAR):
+                w = math.exp(-eta * (dij**2 + dik**2)) * fc(dij) * fc(dik)
+                out[b, i, a] += 2 ** (1 - zeta) * (1 + lam * cos) ** zeta * w
+    return out
+
+
+def test_angular_descriptors_equal_the_triple_sum():
+    pos = _random_cluster(np.random.default_rng(1), 6) * 1.3
+    sf = SymmetryFunctions(cutoff=2.5).double()
+    got = sf(torch.from_numpy(pos))[..., -len(ANGULAR) :].numpy()
+    np.testing.assert_allclose(got, _brute_force_angular(pos, 2.5, sf.angular_eta), rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture
+def model64() -> NeuralPotential:
+    torch.manual_seed(0)
+    return NeuralPotential(hidden=16, atom_energy=-3.0).double().eval()
+
+
+def _rotation(seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(
+        torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
+    return q * torch.sign(torch.linalg.det(q))  # a proper rotation
+
+
+def test_model_is_invariant_and_its_forces_rotate_with_the_atoms(model64):
+    pos = torch.from_numpy(_random_cluster(np.random.default_rng(3), 9))
+    rot, shift, perm = _rotation(4), torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64), torch.randperm(9)
+    out = model64(pos)
+    energy, forces = out[:, 0], out[:, 1:].reshape(1, 9, 3)
+    moved = model64((pos @ rot.T + shift)[:, perm])
+    torch.testing.assert_close(moved[:, 0], energy, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        moved[:, 1:].reshape(1, 9, 3), (forces @ rot.T)[:, perm], rtol=1e-10, atol=1e-12
+    )
+    assert forces.sum(1).abs().max() < 1e-10  # translation invariance: no net force
+
+
+def test_model_forces_are_minus_the_finite_difference_gradient_of_its_energy(model64):
+    pos = torch.from_numpy(_random_cluster(np.random.default_rng(5), 5))
+    with torch.no_grad():  # as in evaluation: forces must still come out
+        forces = model64(pos)[:, 1:].reshape(1, 5, 3)
+        h, fd = 1e-5, torch.zeros_like(pos)
+        for i, c in np.ndindex(5, 3):
+            step = torch.zeros_like(pos)
+            step[0, i, c] = h
+            fd[0, i, c] = -(model64.energy(pos + step) - model64.energy(pos - step))[0] / (2 * h)
+    torch.testing.assert_close(forces, fd, rtol=1e-7, atol=1e-8)
+
+
+def test_bad_inputs_name_the_fix(model64):
+    with pytest.raises(ValueError, match=r"\(configurations, atoms, 3\)"):
+        model64(torch.zeros(4, 39, dtype=torch.float64))
+    with pytest.raises(ValueError, match="zeta must be a whole number"):
+        SymmetryFunctions(angular=((1.5, 1.0),))
+    with pytest.raises(ValueError, match=r"\(n, 1 \+ 3N\)"):
+        force_mae(torch.zeros(2, 11), torch.zeros(2, 11))
+
+
+def test_short_training_beats_the_trivial_predictors(tmp_path):
+    caldera.init(seed=0)
+    train, val = dataset(n_configs=400, replicas=20, seed=0)
+    model = NeuralPotential(hidden=32, atom_energy=-3.0)
+    trainer = caldera.Trainer(
+        model, torch.optim.Adam(model.parameters(), 5e-3), energy_force_loss,
+        metrics={"energy_mae": energy_mae, "force_mae": force_mae}, max_epochs=4, batch_size=16,
+        run_dir=tmp_path, progress=False, plot=False,
+    )  # fmt: skip
+    history = trainer.fit(train, val)
+    base = baselines(val.tensors[1])
+    # 92 steps on held-out replicas: the forces must be > 3x better than predicting none (measured: 5x).
+    assert history[-1]["val_force_mae"] < 0.3 * base["zero_force_mae"], (history[-1], base)
+    assert history[-1]["val_energy_mae"] < 0.5 * base["mean_energy_mae"], (history[-1], base)
+
+
+def test_run_file_passes_caldera_check(capsys):
+    assert main(["check", str(ROOT / "examples/materials_potential.toml")]) == 0
+    assert '"source": "atoms"' in capsys.readouterr().out

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caldera.models.potential import NeuralPotential
+from caldera.coupling import Surrogate
 from caldera.sims.atoms import langevin, lattice_cluster, lj_energy_forces
 from caldera.train.output import pyplot, save_figure
 
@@ -28,16 +28,14 @@ EnergyForces = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 def load_potential(run_dir: Path) -> tuple[EnergyForces, int]:
     """Return the trained model as a NumPy energy/force function (float64), and the number of atoms it saw."""
-    cfg = json.loads((run_dir / "config.resolved.json").read_text())
-    model = NeuralPotential(**cfg["model"]["args"])
-    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
-    model.double().eval()
+    # The surrogate a simulation would call: NumPy in, NumPy out, in the precision the integrator runs in.
+    surrogate = Surrogate.from_run(run_dir, dtype=torch.float64)
 
     def energy_forces(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with torch.no_grad():  # forward switches gradients on for the forces by itself
-            out = model(torch.from_numpy(pos)).numpy()
+        out = surrogate(pos)  # [energy, forces]: the model's forward turns gradients on for the forces itself
         return out[:, 0], out[:, 1:].reshape(pos.shape)
 
+    cfg = json.loads((run_dir / "config.resolved.json").read_text())
     return energy_forces, cfg["data"]["args"].get("atoms", 13)
 
 

@@ -189,6 +189,12 @@ def test_a_surrogate_rebuilds_a_finished_run_and_answers_in_the_callers_types(tm
         expected = model(torch.as_tensor(x, dtype=torch.float32)).numpy()
     np.testing.assert_allclose(y, expected, rtol=1e-6)
     assert torch.is_tensor(surrogate(torch.zeros(2, 3)))
+    # A double-precision simulation may ask for a double-precision model: the float64 pass differs from float32.
+    double = Surrogate.from_run(tmp_path, dtype=torch.float64)
+    with torch.no_grad():
+        exact = model.double()(torch.as_tensor(x)).numpy()
+    np.testing.assert_allclose(double(x), exact, rtol=1e-12)
+    assert np.abs(double(x) - y).max() > 1e-9
     with pytest.raises(FileNotFoundError, match="no config.resolved.json or model.pt"):
         Surrogate.from_run(tmp_path / "missing")
 

@@ -32,9 +32,13 @@ def test_stages_on_ranks_train_like_one_process_on_the_whole_batch(tmp_path, ran
     assert out["train_loss"] == pytest.approx(out["ref_train_loss"], abs=1e-5)
     assert out["momentum_everywhere"] and out["saved_whole"], out  # checkpoints hold every stage's state
     assert out["peaks"] == peaks, out  # micro-batches whose activations each rank held at once
-    # Training holds one stage's weights and optimizer state per rank; validation and checkpoints the whole model.
+    # Training holds one stage's weights and optimizer state per rank; checkpoints and the final model the whole.
     assert out["released"] == [True] * ranks and out["restored"] == [True] * ranks, out
     assert sum(out["held"]) == 2499 * ranks // stages, out  # the stages of each replica add up to one model
+    # Validation runs through the stages: only the last stage of each pipeline scores, holding its stage alone.
+    last = [r for r in range(ranks) if r % stages == stages - 1]
+    assert [bool(v) for v in out["held_at_validation"]] == [r in last for r in range(ranks)], out
+    assert all(out["held_at_validation"][r] == [out["held"][r]] for r in last), out
 
 
 def test_1f1b_order_runs_each_micro_batch_forward_before_backward_with_bounded_memory():

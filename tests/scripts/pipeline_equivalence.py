@@ -38,11 +38,22 @@ class Probe(caldera.Callback):
 
 
 probe = Probe()
+at_validation: list[int] = []  # parameters a rank held whenever it scored a validation batch
+
+
+def held_now(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A metric that records what the scoring rank holds: stages validate in place, without the whole model."""
+    at_validation.append(sum(p.numel() for p in models[-1].parameters()))
+    return torch.zeros(())
+
+
+models: list[nn.Module] = []
 
 
 def fit(model: nn.Module, world: World, strategy: str, run_dir) -> caldera.Trainer:
+    models.append(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    trainer = caldera.Trainer(model, opt, nn.MSELoss(), max_epochs=2, batch_size=24, strategy=strategy,
+    trainer = caldera.Trainer(model, opt, nn.MSELoss(), max_epochs=2, metrics={"held": held_now}, batch_size=24, strategy=strategy,
                               strategy_options={"micro_batches": 3, "grad_clip": 0.5, "schedule": SCHEDULE, "stages": STAGES}, world=world, seed=3,
                               progress=False, plot=False, run_dir=run_dir,
                               callbacks=[probe] if strategy == "pipeline" else [])  # fmt: skip
@@ -63,7 +74,7 @@ peaks = world.comm.allgather(pipe.strategy.peak_in_flight)  # micro-batches whos
 released = all(probe.released) and len(probe.released) > 0
 restored = [tuple(p.shape) for p in pipe.model.parameters()] == [tuple(p.shape) for p in build().parameters()]
 held = probe.held
-checks = world.comm.allgather((released, restored, held))
+checks = world.comm.allgather((released, restored, held, sorted(set(at_validation))))
 if world.is_main:
     ref = fit(build(), World(), "single", None)  # one process, whole batches
     ref_flat = torch.cat([p.detach().flatten() for p in ref.model.parameters()])
@@ -74,5 +85,5 @@ if world.is_main:
         "train_loss": pipe.history[-1]["train_loss"], "ref_train_loss": ref.history[-1]["train_loss"],
         "momentum_everywhere": all(momentum), "saved_whole": len(saved) == len(ref.model.state_dict()),
         "peaks": peaks, "released": [c[0] for c in checks], "restored": [c[1] for c in checks],
-        "held": [c[2] for c in checks],
+        "held": [c[2] for c in checks], "held_at_validation": [c[3] for c in checks],
     }))  # fmt: skip

@@ -20,17 +20,18 @@ class Surrogate:
     """Call a trained model like a function of arrays: ``y = surrogate(x)``, batched, without gradients."""
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device | None = None,
-                 batch_size: int = 1024) -> None:  # fmt: skip
+                 batch_size: int = 1024, dtype: torch.dtype | None = None) -> None:  # fmt: skip
         # A GPU per local rank, as caldera.init() picks, but without its collective: a surrogate may live on
         # only some ranks of a simulation.
         self.device = torch.device(device) if device is not None else pick_device(local_rank_hint())
-        self.model = model.to(self.device).eval()
+        # dtype: e.g. float64 for a simulation that integrates in double precision (forces for MD).
+        self.model = model.to(self.device, dtype).eval()
         self.batch_size = batch_size
         self.dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device | None = None,
-                 batch_size: int = 1024) -> Surrogate:  # fmt: skip
+                 batch_size: int = 1024, dtype: torch.dtype | None = None) -> Surrogate:  # fmt: skip
         """Rebuild the model of a finished ``caldera train`` run from its run directory and load its weights."""
         from caldera.config import Config
         from caldera.train.run import build_model
@@ -45,7 +46,7 @@ class Surrogate:
         cfg = Config.model_validate(json.loads((run_dir / "config.resolved.json").read_text()))
         model = build_model(cfg)
         model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
-        return cls(model, device, batch_size)
+        return cls(model, device, batch_size, dtype)
 
     @torch.no_grad()
     def __call__(self, x: Any) -> Any:

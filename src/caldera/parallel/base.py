@@ -11,7 +11,9 @@ processes, parameter servers) takes the whole run over from ``Trainer.fit``; ``s
 before validation and checkpoints, so that strategies whose ranks drift apart (local SGD) agree first;
 ``train_batch(x, y, loss_fn, scale, precision)`` -- a strategy that runs a batch's forward and backward itself
 (pipeline micro-batches) instead of ``backward(loss)``; ``data_shards(world)`` -- (shard, shards) when groups of
-ranks share a slice of the data (the stages of a pipeline), instead of one slice per rank.
+ranks share a slice of the data (the stages of a pipeline), instead of one slice per rank;
+``forward_batch(x)`` -- validation through the strategy's own forward (pipeline stages): the output where it is
+scored, ``None`` on the other ranks; such a strategy is synchronized before checkpoints and at the end only.
 """
 
 from __future__ import annotations

@@ -148,6 +148,21 @@ class Pipeline:
         loss = total[0]
         return loss, bool(torch.isfinite(loss))
 
+    @torch.no_grad()
+    def forward_batch(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Forward only (validation), in micro-batches through the stages: the output on the last stage, None on
+        the others. Each rank keeps to its own stage, so validation needs no whole model."""
+        first, last = self.rank == 0, self.rank == self.size - 1
+        outs: list[torch.Tensor] = []
+        sends: list[Any] = []
+        for xi in x.tensor_split(self.micro_batches):
+            if len(xi):
+                out = self.stage(xi if first else self._receive(self.rank - 1))
+                outs.append(out) if last else sends.extend(self._send(out, self.rank + 1))
+        for handle in sends:
+            handle.wait()
+        return torch.cat(outs) if last else None
+
     def _send(self, t: torch.Tensor, dest: int) -> list[Any]:
         """Start sending an activation (its dtype and shape first); return the handles to wait on."""
         header = torch.zeros(_HEADER, dtype=torch.int64)
@@ -193,6 +208,8 @@ class Pipeline:
     def synchronize(self) -> None:
         """Give every rank the whole model: each stage's weights and optimizer state from the rank that owns it
         (until the next training step releases them again)."""
+        if self._whole:  # nothing trained since the last time (or since setup's broadcast)
+            return
         for p, shape in self.others.items():
             p.data = torch.empty(shape, dtype=p.dtype, device=p.device)
         self._whole = True

@@ -123,7 +123,9 @@ class Trainer:
                     self.epoch = epoch
                     t0 = time.perf_counter()
                     logs = {"epoch": self.epoch + 1, "train_loss": self._train_epoch(batches, bar)}
-                    if hasattr(self.strategy, "synchronize"):  # drifted ranks agree before validation
+                    # Drifted ranks agree before validation; a strategy that validates through its own forward
+                    # (pipeline stages) needs no whole model for it.
+                    if hasattr(self.strategy, "synchronize") and not hasattr(self.strategy, "forward_batch"):
                         self.strategy.synchronize()
                     logs["data_wait"] = self._input_report(batches)
                     if val_set is not None:
@@ -141,6 +143,10 @@ class Trainer:
                         break
             if self.checkpointer is not None:
                 self.checkpointer.save(self.global_step, *self._capture(), block=True)
+            if hasattr(
+                self.strategy, "forward_batch"
+            ):  # validated stage by stage: rank 0 needs the whole model
+                self.strategy.synchronize()
             for cb in self.callbacks:
                 cb.on_fit_end(self)
             self._write_outputs(val_set)
@@ -166,10 +172,14 @@ class Trainer:
         (collective: every rank calls it, with or without batches)."""
         was_training = self.model.training
         self.model.eval()
+        # A strategy may run the forward pass itself (pipeline: through the stages; the last one scores).
+        forward = getattr(self.strategy, "forward_batch", None) if self.net is not None else None
         sums = torch.zeros(2 + len(self.metrics), dtype=torch.float64)  # loss, metrics..., count
         for (x, y), n_local in batches:
             with self.precision.autocast():
-                out = self.model(x)
+                out = self.model(x) if forward is None else forward(x)
+                if out is None:  # not the last stage: the batch is counted where it is scored
+                    continue
                 values = [self.loss_fn(out, y)] + [fn(out.float(), y) for fn in self.metrics.values()]
             sums[:-1] += torch.stack([v.detach().double().cpu() for v in values]) * n_local
             sums[-1] += n_local

@@ -16,17 +16,29 @@ from tests.conftest import ROOT, run_ranks
 
 
 @pytest.mark.parametrize(
-    ("ranks", "schedule", "stages", "peaks"),
+    ("ranks", "schedule", "stages", "peaks", "precision"),
     # GPipe holds every micro-batch's activations; 1F1B at most (stages - stage); 2 x 2: two replicas of 2 stages.
-    [(2, "gpipe", 2, [3, 3]), (3, "1f1b", 3, [3, 2, 1]), (4, "1f1b", 2, [2, 1, 2, 1])],
-)
-def test_stages_on_ranks_train_like_one_process_on_the_whole_batch(tmp_path, ranks, schedule, stages, peaks):
+    [(2, "gpipe", 2, [3, 3], "fp32"), (3, "1f1b", 3, [3, 2, 1], "fp32"), (4, "1f1b", 2, [2, 1, 2, 1], "fp32"),
+     (2, "1f1b", 2, [2, 1], "fp16")],
+)  # fmt: skip
+def test_stages_on_ranks_train_like_one_process_on_the_whole_batch(tmp_path, ranks, schedule, stages, peaks,
+                                                                   precision):  # fmt: skip
     # Momentum SGD, a gradient-norm clip (the norm spans every stage), 3 micro-batches, an uneven last batch.
-    script = ["tests/scripts/pipeline_equivalence.py", str(tmp_path / "run"), schedule, str(stages)]
+    # fp16: a loss scale so large that some steps overflow on some stage; every stage must skip those steps and
+    # lower the scale together, exactly as one process running the same micro-batches does.
+    script = [
+        "tests/scripts/pipeline_equivalence.py",
+        str(tmp_path / "run"),
+        schedule,
+        str(stages),
+        precision,
+    ]
     proc = run_ranks(ranks, script, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["size"] == ranks and out["max_diff"] < 1e-5, out
+    if precision == "fp16":
+        assert all(sc == out["ref_scaler"] for sc in out["scaler"]) and out["ref_scaler"]["skipped"] > 0, out
     assert out["spread"] == 0.0, out  # after training every rank holds the whole, identical model
     assert out["val_loss"] == pytest.approx(out["ref_val_loss"], abs=1e-5)
     assert out["train_loss"] == pytest.approx(out["ref_train_loss"], abs=1e-5)

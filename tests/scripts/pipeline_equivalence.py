@@ -1,6 +1,7 @@
 """Pipeline stages on real ranks train exactly like one process on the whole batch.
 
-Usage: mpiexec -n N python pipeline_equivalence.py RUN_DIR [1f1b|gpipe [STAGES]]; prints a JSON line on rank 0."""
+Usage: mpiexec -n N python pipeline_equivalence.py RUN_DIR [1f1b|gpipe [STAGES [fp32|fp16]]]; prints a JSON line on
+rank 0. fp16: fp16-mixed with a loss scale so large that the first steps overflow (and must be skipped alike)."""
 
 import json
 import sys
@@ -10,6 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import caldera
+from caldera.precision import FP16Mixed
 from caldera.world import World
 
 
@@ -21,6 +23,11 @@ def build() -> nn.Sequential:
 
 SCHEDULE = sys.argv[2] if len(sys.argv) > 2 else "1f1b"
 STAGES = int(sys.argv[3]) if len(sys.argv) > 3 else None  # fewer than the ranks: replicas, data parallel
+FP16 = len(sys.argv) > 4 and sys.argv[4] == "fp16"
+
+
+def precision():
+    return FP16Mixed(init_scale=2.0**22) if FP16 else "fp32"
 
 
 class Probe(caldera.Callback):
@@ -53,10 +60,13 @@ models: list[nn.Module] = []
 def fit(model: nn.Module, world: World, strategy: str, run_dir) -> caldera.Trainer:
     models.append(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    trainer = caldera.Trainer(model, opt, nn.MSELoss(), max_epochs=2, metrics={"held": held_now}, batch_size=24, strategy=strategy,
+    trainer = caldera.Trainer(model, opt, nn.MSELoss(), max_epochs=2, metrics={"held": held_now}, precision=precision(), batch_size=24, strategy=strategy,
                               strategy_options={"micro_batches": 3, "grad_clip": 0.5, "schedule": SCHEDULE, "stages": STAGES}, world=world, seed=3,
                               progress=False, plot=False, run_dir=run_dir,
-                              callbacks=[probe] if strategy == "pipeline" else [])  # fmt: skip
+                              callbacks=[probe] if strategy == "pipeline" else [],
+                              # fp16: whether a step overflows depends on the micro-batches' fp16 products, so the
+                              # reference runs the same 3 pieces (accumulated), not whole batches.
+                              accumulate=3 if FP16 and strategy == "single" else 1)  # fmt: skip
     g = torch.Generator().manual_seed(5)
     x = torch.randn(100, 8, generator=g)  # 100 samples, batch 24: the last batch (4) has one 2-sample piece
     data = TensorDataset(x, torch.sin(x[:, :3]) + 0.1 * torch.randn(100, 3, generator=g))
@@ -75,6 +85,7 @@ released = all(probe.released) and len(probe.released) > 0
 restored = [tuple(p.shape) for p in pipe.model.parameters()] == [tuple(p.shape) for p in build().parameters()]
 held = probe.held
 checks = world.comm.allgather((released, restored, held, sorted(set(at_validation))))
+scalers = world.comm.allgather(pipe.precision.state_dict())  # fp16: one loss scale for every stage
 if world.is_main:
     ref = fit(build(), World(), "single", None)  # one process, whole batches
     ref_flat = torch.cat([p.detach().flatten() for p in ref.model.parameters()])
@@ -86,4 +97,6 @@ if world.is_main:
         "momentum_everywhere": all(momentum), "saved_whole": len(saved) == len(ref.model.state_dict()),
         "peaks": peaks, "released": [c[0] for c in checks], "restored": [c[1] for c in checks],
         "held": [c[2] for c in checks], "held_at_validation": [c[3] for c in checks],
+        "scaler": scalers if FP16 else None,
+        "ref_scaler": ref.precision.state_dict() if FP16 else None,
     }))  # fmt: skip

@@ -97,9 +97,10 @@ class Pipeline:
         loss (on every rank) and whether it was finite."""
         if self._whole:  # weights of the whole model were handed out for validation or a checkpoint
             self._release()
-        if precision.mode not in ("fp32", "bf16-mixed"):
+        if precision.mode not in ("fp32", "bf16-mixed", "fp16-mixed"):
             raise ConfigError(
-                f"the pipeline strategy runs [precision] mode fp32 or bf16-mixed, not {precision.mode!r}"
+                f"the pipeline strategy runs [precision] mode fp32, bf16-mixed or fp16-mixed, not {precision.mode!r} "
+                "(bf16-true keeps fp32 master copies of every stage's weights on every rank)"
             )
         xs, ys = x.tensor_split(self.micro_batches), y.tensor_split(self.micro_batches)
         pieces = [(a, b) for a, b in zip(xs, ys) if len(b)]
@@ -128,8 +129,8 @@ class Pipeline:
 
         def backward(i: int) -> None:
             inp, out = kept.pop(i)
-            if last:
-                losses[i].backward()
+            if last:  # fp16-mixed: the scaled loss, so small gradients survive the fp16 activations' range
+                precision.scale_loss(losses[i]).backward()
             else:
                 buf, arriving = grads.pop(i)
                 arriving.wait()
@@ -202,8 +203,20 @@ class Pipeline:
                 for p in self.params:
                     if p.grad is not None:
                         p.grad.mul_(self.grad_clip / (norm + 1e-6))
-        self.optimizer.step()
+        self._step_optimizer()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _step_optimizer(self) -> None:
+        scaler = getattr(self.optimizer, "scaler", None)  # fp16-mixed's LossScaledOptimizer
+        if scaler is None:
+            self.optimizer.step()
+            return
+        # A stage sees only its own gradients: the stages first agree on an overflow anywhere, then all skip the step
+        # and lower the loss scale together (or none does), so the pipeline keeps one scale and one model.
+        mine = all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None)
+        finite = self.world.comm.allreduce(int(mine), op="min") == 1
+        if scaler.update([] if finite else [torch.tensor(float("nan"))]):
+            self.optimizer.optimizer.step()
 
     def synchronize(self) -> None:
         """Give every rank the whole model: each stage's weights and optimizer state from the rank that owns it

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import torch
 
+from caldera.world import SetupWarning
+
 MODES = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
 log = logging.getLogger(__name__)
 
@@ -340,10 +342,10 @@ def _autocast_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     """Return the dtype autocast will use for ``dtype`` on ``device_type``; fail clearly if it cannot."""
     if device_type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
         warnings.warn("this GPU has no bf16 Tensor Cores (compute capability < 8.0): bf16 runs emulated and slowly; "
-                      "use precision mode fp16-mixed", stacklevel=3)  # fmt: skip
+                      "use precision mode fp16-mixed", SetupWarning, stacklevel=3)  # fmt: skip
     if device_type == "cpu":
         warnings.warn(f"{dtype} autocast on CPU works but is rarely faster than fp32; the fast path is a GPU "
-                      "with Tensor Cores (see docs/precision.md)", stacklevel=3)  # fmt: skip
+                      "with Tensor Cores (see docs/precision.md)", SetupWarning, stacklevel=3)  # fmt: skip
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # older torch only warns, then silently disables autocast
@@ -352,7 +354,7 @@ def _autocast_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     except (UserWarning, RuntimeError) as exc:
         if device_type == "cpu" and dtype == torch.float16:  # torch < 2.4 has no fp16 autocast on CPU
             warnings.warn("this torch has no fp16 autocast on CPU: fp16-mixed autocasts to bf16 here (the loss "
-                          "scaler still runs)", stacklevel=3)  # fmt: skip
+                          "scaler still runs)", SetupWarning, stacklevel=3)  # fmt: skip
             return torch.bfloat16
         raise RuntimeError(f"{dtype} autocast is not available on {device_type}: {exc}") from None
 

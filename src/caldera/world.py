@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,10 @@ class World:
 
 
 _WORLD: World | None = None
+
+
+class SetupWarning(UserWarning):
+    """Advice about the set-up that every rank would give alike (shown by rank 0 only), e.g. fp16 on a CPU."""
 
 
 def launched_size() -> int:
@@ -154,6 +159,8 @@ def init(
         _WORLD = _mpi_world(device, comm) if use_mpi else World(device=pick_device(0, device))
         if _WORLD.size > 1:
             abort_on_uncaught_exception(_WORLD)
+            if _WORLD.rank != 0:  # advice that every rank would give alike is printed once, by rank 0
+                warnings.filterwarnings("ignore", category=SetupWarning)
     if seed is not None:
         seed_everything(seed, deterministic)
     elif deterministic:

@@ -25,7 +25,7 @@ from caldera.train.callbacks import Callback
 from caldera.train.metrics import Metric
 from caldera.train.output import MetricsLog, plot_learning_curve, plot_predictions, save_weights
 from caldera.train.recompute import checkpoint_activations
-from caldera.world import World, init
+from caldera.world import SetupWarning, World, init
 
 DataLike = Dataset | DataLoader | tuple | list
 
@@ -87,7 +87,7 @@ class Trainer:
         self.offload_activations = offload_activations and self.world.device.type == "cuda"
         if offload_activations and not self.offload_activations:
             warnings.warn("offload_activations moves activations from GPU to host memory; on the CPU it does nothing",
-                          stacklevel=2)  # fmt: skip
+                          SetupWarning, stacklevel=2)  # fmt: skip
         self._meter = InputMeter()
         self.net: torch.nn.Module | None = None  # the model as the strategy wraps it, once set up
         self.should_stop = False

@@ -1,5 +1,6 @@
 """The materials application: reference physics, a symmetric conservative potential, and training that learns it."""
 
+import importlib.util
 import math
 
 import numpy as np
@@ -144,3 +145,47 @@ def test_short_training_beats_the_trivial_predictors(tmp_path):
 def test_run_file_passes_caldera_check(capsys):
     assert main(["check", str(ROOT / "examples/materials_potential.toml")]) == 0
     assert '"source": "atoms"' in capsys.readouterr().out
+
+
+def _example(name: str):
+    """Import an example script as a module (its functions, not its main)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_on_the_fly_learning_calls_the_reference_only_when_unsure_and_beats_the_seed_only_committee():
+    active_md = _example("materials_active")
+    world = caldera.init(seed=0)
+    committee = active_md.build_committee(2, world, hidden=16)
+    x, y = active_md.seed_set(16)
+    for member in committee:
+        member.add(x, y)
+    active_md.train(committee, 40)
+    seed_weights = [{k: v.clone() for k, v in m.model.state_dict().items()} for m in committee]
+    received = []
+
+    def reference(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        received.append(len(pos))
+        return lj_energy_forces(pos)
+
+    start, temps = x[:4], np.full(4, 0.28)
+    md = dict(steps=200, check_every=5, threshold=1.0, train_steps=3)
+    active = active_md.run_md(
+        committee, start, temps, rng=np.random.default_rng(0), reference=reference, **md
+    )
+    for member, weights in zip(committee, seed_weights):
+        member.model.load_state_dict(weights)
+    frozen = active_md.run_md(committee, start, temps, rng=np.random.default_rng(0), learn=False, **md)
+    # (a) the reference saw exactly the flagged configurations (disagreement above the threshold, or caught by the
+    # blow-up guard), and far from every check (measured: 95 of 160).
+    calls = sum(received)
+    assert calls == active["ref_calls"][-1] == sum(active["flagged"]) + active["guard_calls"][-1] > 0
+    assert min(active["flagged_disagreement_min"]) > md["threshold"]
+    assert calls < 0.8 * sum(active["checked"]), (calls, sum(active["checked"]))
+    assert frozen["ref_calls"][-1] == 0
+    # (b) along its own trajectory (reference used for evaluation only), the learning committee's true force error
+    # over the last quarter is under 0.6x the seed-only committee's (measured: 1.2 vs 3.4, 0.34x).
+    errors = active_md.tail_mean(active["force_mae"]), active_md.tail_mean(frozen["force_mae"])
+    assert errors[0] < 0.6 * errors[1], errors

@@ -131,3 +131,14 @@ def baselines(target: torch.Tensor) -> dict[str, float]:
         "zero_force_mae": float(target[:, 1:].abs().mean()),
         "mean_energy_mae": float((e - e.mean()).abs().mean()),
     }
+
+
+def committee_disagreement(forces: np.ndarray) -> np.ndarray:
+    """Uncertainty of a committee's forces (K, n, N, 3): the members' force std, max over atoms -> (n,)."""
+    if forces.ndim != 4 or forces.shape[0] < 2 or forces.shape[-1] != 3:
+        raise ValueError(f"committee forces must be (members >= 2, configurations, atoms, 3); got shape "
+                         f"{forces.shape}")  # fmt: skip
+    # Per atom, the root mean square deviation of the force vectors from the committee mean (as in DP-GEN's
+    # max_devi_f); the worst atom decides, because one badly described atom is enough to derail MD.
+    spread = np.sqrt(((forces - forces.mean(0)) ** 2).sum(-1).mean(0))
+    return spread.max(-1)

@@ -1,6 +1,7 @@
 """Low-dose imaging: the detector obeys Poisson statistics, the HDF5 stack is as promised, and a short training
 restores held-out patches far better than the noisy input is."""
 
+import sys
 from pathlib import Path
 
 import h5py
@@ -142,3 +143,10 @@ def test_missing_garbled_or_mismatched_stack_is_a_clear_error(tmp_path, capsys):
         f["images"] = np.zeros((4, 16, 16), np.float32)
     with pytest.raises(DataError, match="expected datasets 'noisy' and 'clean'.*images"):
         dataset(path=str(tmp_path / "wrong.h5"), create=False, run_dir=tmp_path)
+
+
+def test_without_h5py_the_run_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)  # as after `pip install caldera` without the [data] extra
+    code = main(["train", str(RUN_FILE), "--set", f"run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install h5py (or pip install 'caldera[data]')" in err and "Traceback" not in err

@@ -30,6 +30,10 @@ class DataError(ValueError):
     """A data file that cannot be used as asked; the message names the file, the variable and the fix."""
 
 
+class MissingDependency(DataError, ImportError):
+    """A file format's library is not installed; the message gives the pip command."""
+
+
 @runtime_checkable
 class ArrayReader(Protocol):
     """Records of selected variables in one file, read in batches."""
@@ -225,12 +229,12 @@ class HDF5Reader(_Reader):
         self.dense_chunks = any(self.handle[v].compression is not None for v in self.variables)
 
     def _open(self) -> Any:
-        h5py = _import("h5py", "hdf5")
+        h5py = require("h5py", "hdf5")
         # A chunk cache that holds the chunks of a shuffle window avoids decompressing a chunk twice.
         return h5py.File(self.path, "r", rdcc_nbytes=int(self.cache_mb * 2**20), rdcc_nslots=100_003)
 
     def _names(self) -> list[str]:
-        h5py = _import("h5py", "hdf5")
+        h5py = require("h5py", "hdf5")
         names: list[str] = []
         self.handle.visititems(
             lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None
@@ -265,7 +269,7 @@ class NetCDFReader(_Reader):
 
             return netCDF4.Dataset(self.path, "r")
         except ImportError:
-            h5netcdf = _import("h5netcdf", "netcdf", "netCDF4 or h5netcdf")
+            h5netcdf = require("h5netcdf", "netcdf", "netCDF4 or h5netcdf")
             return h5netcdf.File(self.path, "r", decode_vlen_strings=True)
 
     def _names(self) -> list[str]:
@@ -335,7 +339,7 @@ class ZarrReader(_Reader):
     dense_chunks = True  # Zarr decodes whole chunks and keeps no cache: read each needed chunk once per batch
 
     def _open(self) -> Any:
-        zarr = _import("zarr", "zarr")
+        zarr = require("zarr", "zarr")
         return zarr.open(str(self.path), mode="r")
 
     def _names(self) -> list[str]:
@@ -411,13 +415,13 @@ def open_reader(
     return _READERS[fmt](path, variables, **options)
 
 
-def _import(module: str, fmt: str, package: str | None = None) -> Any:
+def require(module: str, fmt: str, package: str | None = None) -> Any:
+    """Import the library of a file format, or raise MissingDependency with the pip command."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(
-            f"reading {fmt} files needs {package or module}: pip install {package or module} "
-            "(or pip install 'caldera[data]')"
+        raise MissingDependency(
+            f"{fmt} files need {package or module}: pip install {package or module} (or pip install 'caldera[data]')"
         ) from exc

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from caldera.data.formats import require
 from caldera.models.climate import ClimateNet as ClimateNet  # re-exported: the model of this application
 
 RADIUS = 6.371e6  # m
@@ -342,12 +343,7 @@ def write_netcdf(
     path: str | Path, fields: dict[str, np.ndarray], attrs: dict[str, Any] | None = None
 ) -> Path:
     """Write ``simulate``'s output to a CF-style NetCDF-4 file (time, lat, lon), chunked by 32 time records."""
-    try:
-        import netCDF4
-    except ImportError as exc:
-        raise ImportError(
-            "writing the climate NetCDF file needs netCDF4: pip install netCDF4 (or pip install 'caldera[data]')"
-        ) from exc
+    netCDF4 = require("netCDF4", "NetCDF")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nt, nlat, nlon = fields["T"].shape
@@ -418,7 +414,7 @@ def dataset(
 
 def _check_made_with(file: Path, made_with: dict[str, Any]) -> None:
     """Refuse a file simulated with other settings: its data and normalisation would not match the run file."""
-    import netCDF4
+    netCDF4 = require("netCDF4", "NetCDF")
 
     with netCDF4.Dataset(file) as nc:
         found = {
@@ -546,7 +542,7 @@ def rollout_skill(
 
 def _times(path: str | Path, n: int) -> np.ndarray:
     """The file's time coordinate in days (the reader skips coordinate variables)."""
-    import netCDF4
+    netCDF4 = require("netCDF4", "NetCDF")
 
     with netCDF4.Dataset(path) as nc:
         return np.asarray(nc.variables["time"][:n], dtype=np.float64)

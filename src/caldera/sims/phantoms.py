@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from caldera.data.formats import DataError
+from caldera.data.formats import DataError, require
 
 DOSE = 10.0  # photons per pixel at full intensity (1.0): a low-dose image, about 17 dB PSNR
 BLUR = 0.7  # detector point-spread function: Gaussian sigma in pixels
@@ -123,7 +123,7 @@ def generate(n: int, size: int = 64, dose: float = DOSE, blur: float = BLUR, see
 def write_h5(path: str | os.PathLike, n: int = 800, size: int = 64, dose: float = DOSE, blur: float = BLUR,
              seed: int = 0) -> Path:  # fmt: skip
     """Write ``n`` low-dose images ("noisy") and their objects ("clean") to HDF5, one chunk per image."""
-    import h5py
+    h5py = require("h5py", "HDF5")
 
     _check_geometry(n, size, dose, blur)
     path = Path(path)
@@ -202,7 +202,7 @@ def dataset(path: str | None = None, n: int = 800, size: int = 64, dose: float =
 def check_stack(path: str | os.PathLike, expected: dict[str, Any] | None = None) -> None:
     """Raise ``ImageStackError`` naming the fix unless ``path`` is an HDF5 stack of "noisy" and "clean" images
     (made with the ``expected`` attributes, when given)."""
-    import h5py
+    h5py = require("h5py", "HDF5")
 
     file = Path(path)
     if not file.exists():

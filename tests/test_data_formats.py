@@ -1,6 +1,7 @@
 """Scientific formats: each reader returns what the file's own library returns; layouts, statistics, prefetch."""
 
 import json
+import os
 import time
 
 import numpy as np
@@ -355,3 +356,24 @@ def test_worker_processes_start_safely_under_mpi(monkeypatch):
     assert prefetch.worker_context() == "forkserver"
     monkeypatch.delitem(__import__("sys").modules, "mpi4py.MPI")
     assert prefetch.worker_context() is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_is_not_locked_out_by_a_parent_thread_mid_read():
+    import threading
+
+    held, release = threading.Event(), threading.Event()
+
+    def reader_thread():  # a thread worker in the middle of a read when the process forks
+        with formats._LIBRARY_LOCK:
+            held.set()
+            release.wait()
+
+    threading.Thread(target=reader_thread, daemon=True).start()
+    held.wait()
+    pid = os.fork()
+    if pid == 0:  # the child: its reads must not wait forever for a lock no thread of its own holds
+        os._exit(0 if formats._LIBRARY_LOCK.acquire(timeout=5) else 3)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -26,6 +26,15 @@ _SPAN_TARGET_BYTES = 1 << 20  # unchunked files: treat ~1 MiB of records as one 
 _LIBRARY_LOCK = threading.RLock()
 
 
+def _fresh_lock_in_child() -> None:
+    """A forked worker starts with the lock free: a parent thread may have held it at the fork."""
+    global _LIBRARY_LOCK
+    _LIBRARY_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
 class DataError(ValueError):
     """A data file that cannot be used as asked; the message names the file, the variable and the fix."""
 

@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 # The main job on the GPU, precision speed (bench_precision), the mixed-precision solver on the GPU (bench_linalg),
 # data parallel over NCCL (two ranks: needs two GPUs; with one, Caldera's one-GPU-per-rank refusal is checked),
-# serving (bench_serve) and online training (examples/heat_online.py) on the GPU, and the single-process
+# serving (bench_serve), online training (examples/heat_online.py) and the three science applications (shortened)
+# on the GPU, and the single-process
 # trainer/precision/sampler/coupling tests with CUDA visible. Needs caldera installed (pip install -e ".[test]").
 set -u
 out=${1:-gpu-check}
@@ -42,6 +43,17 @@ timeout 150 python3 benchmarks/bench_serve.py --requests 20 2>&1 | tee "$out/ben
 step "online training beside the heat simulation, on the GPU"
 timeout 150 python3 examples/heat_online.py --rounds 60 --run-dir "$out/heat-online" > "$out/heat_online.log" 2>&1
 echo "exit $?"; grep -a -E "^val_loss|leap [14]:|time for|rror" "$out/heat_online.log" | tail -5
+
+step "science applications on the GPU (shortened): forces by double backward, HDF5 patches, NetCDF"
+timeout 150 caldera train examples/materials_potential.toml --set optim.epochs=5 --set run.dir="$out/materials" \
+    --set train.progress=false > "$out/materials.log" 2>&1; echo "exit $?"
+grep -a -E "on cuda|^epoch 5|rror" "$out/materials.log" | tail -3
+timeout 150 caldera train examples/imaging_denoise.toml --set optim.epochs=2 --set run.dir="$out/imaging" \
+    --set train.progress=false > "$out/imaging.log" 2>&1; echo "exit $?"
+grep -a -E "on cuda|^epoch 2|rror" "$out/imaging.log" | tail -3
+timeout 200 caldera train examples/climate_forecast.toml --set optim.epochs=2 --set data.args.days=180 \
+    --set run.dir="$out/climate" --set train.progress=false > "$out/climate.log" 2>&1; echo "exit $?"
+grep -a -E "on cuda|^epoch 2|rror" "$out/climate.log" | tail -3
 
 step "tests with CUDA visible"
 # -o addopts="": serial, so the lent machine needs no pytest-xdist.

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from caldera.data.formats import require
-from caldera.models.climate import ClimateNet as ClimateNet  # re-exported: the model of this application
+from caldera.models.climate import ClimateNet as ClimateNet
+from caldera.sims import write_once  # re-exported: the model of this application
 
 RADIUS = 6.371e6  # m
 DAY = 86400.0  # s
@@ -395,19 +396,18 @@ def dataset(
     it with ``caldera.data.scientific``: inputs [T, u, v, insolation] at the ``window`` records up to t, targets
     [T, u, v] at t + lead; ``[data] num_workers`` background readers (``backend``: thread or process)."""
     from caldera.data import scientific
-    from caldera.world import init
 
     file = Path(path) if run_dir is None or Path(path).is_absolute() else Path(run_dir) / path
     made_with = {"days": float(days), "nlat": nlat, "nlon": nlon, "seed": seed}
-    world = init()
-    if world.rank == 0:
-        if not file.exists():
-            print(f"climate: simulating {days:g} days on a {nlat}x{nlon} grid into {file}", flush=True)
-            write_netcdf(
-                file, simulate(nlat, nlon, days, seed=seed), {f"caldera_{k}": v for k, v in made_with.items()}
-            )
-        _check_made_with(file, made_with)
-    world.barrier()  # other ranks open the file only once rank 0 has written it
+
+    def write() -> None:
+        print(f"climate: simulating {days:g} days on a {nlat}x{nlon} grid into {file}", flush=True)
+        write_netcdf(
+            file, simulate(nlat, nlon, days, seed=seed), {f"caldera_{k}": v for k, v in made_with.items()}
+        )
+
+    write_once(file, write, "the climate file")
+    _check_made_with(file, made_with)
     return scientific.dataset(str(file), inputs=[*STATE, *FORCING], targets=list(STATE), window=window, lead=lead,
                               val_fraction=val_fraction, normalize=normalize, run_dir=run_dir, backend=backend)  # fmt: skip
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from caldera.data.formats import DataError, require
+from caldera.sims import write_once
 
 DOSE = 10.0  # photons per pixel at full intensity (1.0): a low-dose image, about 17 dB PSNR
 BLUR = 0.7  # detector point-spread function: Gaussian sigma in pixels
@@ -179,20 +180,12 @@ def dataset(path: str | None = None, n: int = 800, size: int = 64, dose: float =
     ``path`` defaults to <run dir>/phantoms.h5. With ``create = false`` the file must exist (a real detector
     dump with "noisy" and "clean" stacks); else an existing file must have been made with the same settings."""
     from caldera.data import scientific
-    from caldera.world import init
 
     file = Path(path) if path is not None else Path(run_dir or ".") / "phantoms.h5"
-    comm = init().comm
-    problem = None
-    if comm.rank == 0 and create and not file.exists():
-        try:
-            write_h5(file, n, size, dose, blur, seed)
-        except (OSError, ValueError) as exc:
-            problem = f"cannot write the image stack {file}: {exc}"
-    # Rank 0 writes while the others wait; a failure is shared so that no rank waits forever.
-    problem = comm.bcast(problem)
-    if problem:
-        raise ImageStackError(problem)
+    if create:
+        write_once(
+            file, lambda: write_h5(file, n, size, dose, blur, seed), "the image stack", ImageStackError
+        )
     check_stack(file, _attributes(n, size, dose, blur, seed) if create else None)
     return scientific.dataset(str(file), inputs=["noisy"], targets=["clean"], patch=patch,
                               patch_stride=patch_stride, normalize=False, val_fraction=val_fraction,

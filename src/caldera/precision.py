@@ -213,7 +213,13 @@ class DynamicLossScaler:
     def update(self, grads: list[torch.Tensor]) -> bool:
         """Return True when every gradient is finite (take the step); otherwise lower the scale, return False."""
         # One fused max-|g| per tensor and one host sync: an inf or NaN anywhere makes the maximum non-finite.
-        finite = not grads or bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
+        return self.record(
+            not grads or bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
+        )
+
+    def record(self, finite: bool) -> bool:
+        """Count a step whose gradients were (or were not) all finite, e.g. as decided by several ranks together;
+        return ``finite`` (take the step)."""
         if finite:
             self.growth_tracker += 1
             if self.growth_tracker >= self.growth_interval:

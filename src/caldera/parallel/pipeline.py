@@ -159,7 +159,10 @@ class Pipeline:
         for xi in x.tensor_split(self.micro_batches):
             if len(xi):
                 out = self.stage(xi if first else self._receive(self.rank - 1))
-                outs.append(out) if last else sends.extend(self._send(out, self.rank + 1))
+                if last:
+                    outs.append(out)
+                else:
+                    sends.extend(self._send(out, self.rank + 1))
         for handle in sends:
             handle.wait()
         return torch.cat(outs) if last else None
@@ -215,7 +218,7 @@ class Pipeline:
         # and lower the loss scale together (or none does), so the pipeline keeps one scale and one model.
         mine = all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None)
         finite = self.world.comm.allreduce(int(mine), op="min") == 1
-        if scaler.update([] if finite else [torch.tensor(float("nan"))]):
+        if scaler.record(finite):
             self.optimizer.optimizer.step()
 
     def synchronize(self) -> None:

@@ -143,9 +143,8 @@ class Trainer:
                         break
             if self.checkpointer is not None:
                 self.checkpointer.save(self.global_step, *self._capture(), block=True)
-            if hasattr(
-                self.strategy, "forward_batch"
-            ):  # validated stage by stage: rank 0 needs the whole model
+            # Validated stage by stage: rank 0 needs the whole model for its outputs.
+            if hasattr(self.strategy, "forward_batch"):
                 self.strategy.synchronize()
             for cb in self.callbacks:
                 cb.on_fit_end(self)

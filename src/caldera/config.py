@@ -41,6 +41,11 @@ class RunSection(_Section):
         "auto", description="auto: a GPU per local rank if any, else the CPU"
     )
     dir: str | None = Field(None, description="run directory; default runs/<name>")
+    hang_timeout: str | float | None = Field(
+        None,
+        description="end the job with a report naming the stuck ranks when none has progressed this long "
+        "('30m', seconds; 0 = off); default 30m on several ranks, off in one process",
+    )
 
 
 class ModelSection(_Section):
@@ -362,6 +367,15 @@ def _check_references(cfg: Config, where: str) -> None:
         parse_duration(cfg.checkpoint.time_limit)
     except ValueError as exc:
         raise ConfigError(f"{where}: [checkpoint] {exc}") from None
+    try:
+        hang = parse_duration(cfg.run.hang_timeout)
+        if hang is not None and hang < 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"{where}: [run] hang_timeout = {cfg.run.hang_timeout!r}: use seconds (600), a time ('30m', '1h') "
+            "or 0 to turn the hang watchdog off"
+        ) from None
     if cfg.parallel.strategy not in available_strategies():
         close = difflib.get_close_matches(cfg.parallel.strategy, available_strategies(), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""

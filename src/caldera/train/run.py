@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from caldera.checkpoint import Checkpointer
+from caldera.checkpoint import Checkpointer, parse_duration
 from caldera.config import Config, ConfigError, resolve
 from caldera.data import SOURCES, split_dataset
 from caldera.models import MODELS
@@ -136,7 +136,7 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
         plot=cfg.train.plot, precision=cfg.precision.mode,
         checkpointer=build_checkpointer(cfg, world, time_limit), resume=resume, accumulate=cfg.train.accumulate,
         activation_checkpointing=cfg.train.activation_checkpointing,
-        offload_activations=cfg.train.offload_activations,
+        offload_activations=cfg.train.offload_activations, hang_timeout=parse_duration(cfg.run.hang_timeout),
     )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from caldera.train.callbacks import Callback
 from caldera.train.metrics import Metric
 from caldera.train.output import MetricsLog, plot_learning_curve, plot_predictions, save_weights
 from caldera.train.recompute import checkpoint_activations
+from caldera.watchdog import DEFAULT_TIMEOUT, Watchdog
 from caldera.world import SetupWarning, World, init
 
 DataLike = Dataset | DataLoader | tuple | list
@@ -64,6 +65,7 @@ class Trainer:
         accumulate: int = 1,
         activation_checkpointing: bool = False,
         offload_activations: bool = False,
+        hang_timeout: float | None = None,
     ) -> None:
         self.world = world or init()
         self.precision = make_precision(precision, self.world.device)
@@ -99,6 +101,11 @@ class Trainer:
         self.step_in_epoch = 0
         self._partial = (0.0, 0)  # loss sum and samples of the current epoch so far (restored on resume)
         self._console: Any = None
+        # None: the default on several ranks (a single process has nobody to wait for); 0: off.
+        if hang_timeout is None:
+            hang_timeout = DEFAULT_TIMEOUT if self.world.size > 1 else 0.0
+        self.hang_timeout = float(hang_timeout)
+        self._watchdog: Watchdog | None = None
 
     # -- public ---------------------------------------------------------------------------------------------------
     def fit(self, train_data: DataLike, val_data: DataLike | None = None) -> list[dict[str, float]]:
@@ -115,6 +122,8 @@ class Trainer:
         self.log(self._describe(train_set, val_set))
         if self.checkpointer is not None:
             self.checkpointer.install_signal_handlers()
+        if self.hang_timeout > 0:
+            self._watchdog = Watchdog(self.world, self.hang_timeout).start()
         try:
             for cb in self.callbacks:
                 cb.on_fit_start(self)
@@ -136,13 +145,16 @@ class Trainer:
                     if log is not None:
                         log.append(logs)
                     self.log(_format(logs))
+                    self._mark("callbacks")
                     for cb in self.callbacks:
                         cb.on_epoch_end(self, self.epoch, logs)
                     self.epoch = epoch + 1  # a checkpoint taken from here on resumes at the next epoch
                     if self.should_stop:
                         break
+            self._mark("checkpoint")
             if self.checkpointer is not None:
                 self.checkpointer.save(self.global_step, *self._capture(), block=True)
+            self._mark("finishing")
             # Validated stage by stage: rank 0 needs the whole model for its outputs.
             if hasattr(self.strategy, "forward_batch"):
                 self.strategy.synchronize()
@@ -150,6 +162,9 @@ class Trainer:
                 cb.on_fit_end(self)
             self._write_outputs(val_set)
         finally:
+            if self._watchdog is not None:
+                self._watchdog.stop()
+                self._watchdog = None
             if self.checkpointer is not None:
                 self.checkpointer.restore_signal_handlers()
             for data in (train_set, val_set):
@@ -175,6 +190,7 @@ class Trainer:
         forward = getattr(self.strategy, "forward_batch", None) if self.net is not None else None
         sums = torch.zeros(2 + len(self.metrics), dtype=torch.float64)  # loss, metrics..., count
         for (x, y), n_local in batches:
+            self._mark("validation")
             with self.precision.autocast():
                 out = self.model(x) if forward is None else forward(x)
                 if out is None:  # not the last stage: the batch is counted where it is scored
@@ -182,6 +198,7 @@ class Trainer:
                 values = [self.loss_fn(out, y)] + [fn(out.float(), y) for fn in self.metrics.values()]
             sums[:-1] += torch.stack([v.detach().double().cpu() for v in values]) * n_local
             sums[-1] += n_local
+        self._mark("validation")
         self.world.comm.Allreduce(sums)
         self.model.train(was_training)
         names = ["loss", *self.metrics]
@@ -192,15 +209,22 @@ class Trainer:
         if self.world.is_main:
             self._print(message)
 
+    def _mark(self, phase: str) -> None:
+        """Tell the hang watchdog (if any) where this rank is."""
+        if self._watchdog is not None:
+            self._watchdog.mark(phase, self.global_step, self.epoch)
+
     # -- the loop -------------------------------------------------------------------------------------------------
     def _train_epoch(self, batches: ShardedBatches, bar: Any) -> float:
         self.model.train()
         batches.set_epoch(self.epoch, start_step=self.step_in_epoch)
         loss_sum = torch.tensor(self._partial[0], dtype=torch.float64)
         seen = self._partial[1]
+        self._mark("loading a batch")
         for step, ((x, y), n_local, n_global) in enumerate(
             _xy(self._meter.wrap(batches)), start=self.step_in_epoch
         ):
+            self._mark("training step")
             # Ranks may hold unequal slices of the last batch: weight so the rank average is the global mean.
             loss, finite = self.train_step(x, y, n_local * self._data_ranks()[1] / n_global, step)
             if finite:  # an fp16 overflow step is skipped by the loss scaler: keep it out of the mean too
@@ -213,6 +237,8 @@ class Trainer:
                 cb.on_step_end(self)
             if self.checkpointer is not None:
                 self.checkpointer.at_step_boundary(self.global_step, self._capture)
+            self._mark("loading a batch")
+        self._mark("end-of-epoch reduction")
         self.step_in_epoch, self._partial = 0, (0.0, 0)
         totals = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64)])
         self.world.comm.Allreduce(totals)

@@ -31,10 +31,13 @@ def test_a_rank_blocked_in_python_is_named_with_its_stack_and_the_job_ends():
     assert err.count("thread 'MainThread'") == 3  # every rank's stack
 
 
-def test_a_rank_stuck_in_native_code_holding_the_interpreter_lock_is_named():
+def test_online_training_whose_simulation_is_stuck_in_native_code_holding_the_interpreter_lock():
     r = run_ranks(2, [SCRIPT, "native", "2"], timeout=120)
     err = r.stderr + r.stdout
     assert r.returncode == 124, err[-3000:]
+    assert "finished without a hang" not in err
+    assert re.search(r"rank 1 +step \d+, simulation; .*silent for", err)  # between two train() rounds
+    assert re.search(r"rank 0 +step \d+, training step", err)  # waiting for it in the next round
     assert "The others wait for rank(s) 1: their watchdog threads stopped answering" in err
     assert "in stuck_in_native" in err  # faulthandler's dump: its thread needs no interpreter lock
 

@@ -16,6 +16,7 @@ or in one process, each rank watches only itself.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
 import sys
@@ -31,6 +32,7 @@ from caldera.world import World
 # In the order a step passes through them: at equal steps, a rank in an earlier phase is behind one in a later.
 PHASES = (
     "starting",
+    "simulation",  # online training: between rounds, the simulation computes on this rank
     "loading a batch",
     "training step",
     "end-of-epoch reduction",
@@ -43,6 +45,10 @@ _PHASE = {name: i for i, name in enumerate(PHASES)}
 HANG_EXIT_CODE = 124  # what timeout(1) returns: "it ran out of time"
 DEFAULT_TIMEOUT = 1800.0  # seconds without progress on every rank before a multi-rank job is ended
 _STATUS, _COMMAND = 7301, 7302  # message tags on the watchdog's own communicator
+_ADVICE = (
+    "If this was a slow phase rather than a hang, raise hang_timeout ([run] hang_timeout in a run file, "
+    "hang_timeout= in Python; 0 turns the watchdog off)."
+)
 _COMMS: dict[int, Any] = {}  # one duplicated communicator per world communicator, reused by later fits
 
 
@@ -62,8 +68,9 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._comm: Any = None
 
-    def mark(self, phase: str, step: int, epoch: int = 0) -> None:
-        """Record that this rank reached ``phase`` of ``step`` now (cheap: call it as often as you like)."""
+    def mark(self, phase: str, step: int, epoch: int = -1) -> None:
+        """Record that this rank reached ``phase`` (one of ``PHASES``) of ``step`` now (cheap: call it as often
+        as you like); ``epoch`` -1 means the loop has no epochs."""
         self._mark = (epoch, step, _PHASE[phase], time.monotonic())
 
     def start(self) -> Watchdog:
@@ -80,6 +87,8 @@ class Watchdog:
         self.mark("starting", 0)
         self._thread = threading.Thread(target=self._run, name="caldera-watchdog", daemon=True)
         self._thread.start()
+        # Before mpi4py finalizes MPI at exit (atexit runs last-registered first): the thread calls MPI.
+        atexit.register(self.stop)
         return self
 
     def stop(self) -> None:
@@ -88,7 +97,8 @@ class Watchdog:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        _cancel_faulthandler()
+            _cancel_faulthandler()
+            atexit.unregister(self.stop)
 
     def __enter__(self) -> Watchdog:
         return self.start()
@@ -173,12 +183,11 @@ class Watchdog:
     def _hung(self, table: np.ndarray, ages: np.ndarray, silence: np.ndarray) -> None:
         silent = [r for r in range(1, len(table)) if silence[r] > self.timeout]
         lines = [
-            f"caldera: no rank has made progress for {ages.min():.0f} s ([run] hang_timeout = {self.timeout:g} s). "
+            f"caldera: no rank has made progress for {ages.min():.0f} s (hang_timeout = {self.timeout:g} s). "
             "Where each rank is:",
             *_table_lines(table, ages, silence, silent),
             _verdict(table, silent),
-            "Each rank's Python stack follows; then the job ends (exit code 124). If this was a slow phase rather "
-            "than a hang, raise [run] hang_timeout (0 turns the watchdog off).",
+            f"Each rank's Python stack follows; then the job ends (exit code 124). {_ADVICE}",
         ]
         sys.stderr.write("\n" + "\n".join(lines) + "\n")
         sys.stderr.flush()
@@ -193,7 +202,7 @@ class Watchdog:
 
     def _end(self, message: str) -> None:
         sys.stderr.write(f"\ncaldera: {message}. Its Python stack follows; then the job ends (exit code 124). "
-                         "If this was a slow phase rather than a hang, raise [run] hang_timeout.\n")  # fmt: skip
+                         f"{_ADVICE}\n")  # fmt: skip
         print_stack(f"rank {self.world.rank}")
         self.world.comm.Abort(HANG_EXIT_CODE)
 
@@ -222,7 +231,8 @@ def _completed(requests: list[Any]) -> list[int]:
 
 
 def _where(row: np.ndarray) -> str:
-    return f"epoch {int(row[0]) + 1}, step {int(row[1])}, {PHASES[int(row[2])]}"
+    epoch = f"epoch {int(row[0]) + 1}, " if row[0] >= 0 else ""  # -1: a loop without epochs (online training)
+    return f"{epoch}step {int(row[1])}, {PHASES[int(row[2])]}"
 
 
 def _table_lines(table: np.ndarray, ages: np.ndarray, silence: np.ndarray, silent: list[int]) -> list[str]:

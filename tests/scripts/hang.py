@@ -1,7 +1,8 @@
 """A training job in which rank 1 (rank 0 alone) stops: the hang watchdog must end it and name that rank (test_watchdog.py).
 
-    python tests/scripts/hang.py MODE TIMEOUT      MODE: python (blocked in Python code while loading a batch),
-                                                     native (blocked in C code that holds Python's lock)
+    python tests/scripts/hang.py MODE TIMEOUT      MODE: python (Trainer.fit; blocked in Python code while
+                                                     loading a batch), native (OnlineTrainer; its simulation
+                                                     blocked in C code that holds Python's lock)
 
 Before it stops, rank 1 is slow for a few steps (each shorter than TIMEOUT, together longer): no false alarm.
 """
@@ -54,12 +55,30 @@ class SlowThenStuck(Callback):
             return
         if trainer.global_step < STALL_AT:
             time.sleep(0.5 * TIMEOUT)  # slow, but each step moves within the timeout
-        elif MODE == "python":
-            self.data.stall = True  # the next batch never comes
         else:
+            self.data.stall = True  # the next batch never comes
+
+
+def online() -> None:
+    from caldera.coupling import OnlineTrainer
+
+    model = torch.nn.Linear(4, 1)
+    trainer = OnlineTrainer(model, torch.optim.SGD(model.parameters(), lr=0.01), torch.nn.MSELoss(), batch_size=8,
+                            strategy="allreduce", world=world, verbose=False, hang_timeout=TIMEOUT)  # fmt: skip
+    for round_ in range(50):
+        if world.rank == STALLER and round_ < STALL_AT:
+            time.sleep(0.5 * TIMEOUT)  # a slow simulation, but every round moves within the timeout
+        elif world.rank == STALLER:
             stuck_in_native()
+        trainer.add(torch.randn(16, 4), torch.randn(16, 1))
+        trainer.train(2)
+    trainer.finish()
 
 
+if MODE == "native":
+    online()
+    print("finished without a hang", flush=True)
+    sys.exit(0)
 data = Data()
 model = torch.nn.Linear(4, 1)
 trainer = caldera.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), torch.nn.MSELoss(), max_epochs=50,

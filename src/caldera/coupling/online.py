@@ -20,6 +20,7 @@ from caldera.coupling.replay import ReplayBuffer, as_batch
 from caldera.train.metrics import Metric
 from caldera.train.output import MetricsLog, pyplot, save_figure, save_weights
 from caldera.train.trainer import Trainer
+from caldera.watchdog import DEFAULT_TIMEOUT, Watchdog
 from caldera.world import World, init
 
 
@@ -45,11 +46,12 @@ class OnlineTrainer:
         time_limit: str | float | None = None,
         verbose: bool = True,
         log_every: int = 10,
+        hang_timeout: float | None = None,
     ) -> None:
         self.world = world or init()
         self.trainer = Trainer(model, optimizer, loss_fn, metrics=metrics, batch_size=batch_size, strategy=strategy,
                                strategy_options=strategy_options, world=self.world, seed=seed, precision=precision,
-                               progress=False, plot=False)  # fmt: skip
+                               progress=False, plot=False, hang_timeout=0)  # fmt: skip
         if hasattr(self.trainer.strategy, "fit"):
             raise ValueError(
                 f"strategy {strategy!r} runs its own training loop over a fixed dataset; online training steps "
@@ -80,6 +82,10 @@ class OnlineTrainer:
                                               async_write=False, time_limit=time_limit)  # fmt: skip
             # Slurm's warning before the wall time (SIGTERM/SIGUSR1) becomes should_stop, not a dead process.
             self._checkpointer.install_signal_handlers()
+        # A rank whose simulation stops would leave the others waiting in train() forever: see caldera.watchdog.
+        if hang_timeout is None:
+            hang_timeout = DEFAULT_TIMEOUT if self.world.size > 1 else 0.0
+        self._watchdog = Watchdog(self.world, hang_timeout).start() if hang_timeout > 0 else None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -88,12 +94,14 @@ class OnlineTrainer:
 
     def add(self, x: Any, y: Any) -> int:
         """Offer this rank's new samples (first dimension = samples) to its replay buffer; not collective."""
+        self._mark("simulation")
         return self.buffer.add(x, y)
 
     def train(self, steps: int) -> float:
         """Take ``steps`` optimizer steps on batches drawn from every rank's buffer (collective: every rank calls
         it with the same ``steps``); return the mean training loss over them, averaged over ranks."""
         t0 = time.perf_counter()
+        self._mark("training step")
         reason = self._checkpointer.poll(self.trainer.global_step)[1] if self._checkpointer else None
         held = self.world.comm.allgather((len(self.buffer), self.buffer.seen, reason))
         stops = [f"{why} on rank {r}" for r, (_, _, why) in enumerate(held) if why]
@@ -108,6 +116,7 @@ class OnlineTrainer:
         for _ in range(steps):
             x, y = self.buffer.sample(self.local_batch)
             loss, finite = self.trainer.train_step(x, y, self.loss_weight)
+            self._mark("training step")
             if finite:  # an fp16 overflow step is skipped by the loss scaler: keep it out of the mean
                 sums += torch.stack([loss.detach().double().cpu(), torch.ones((), dtype=torch.float64)])
         self.world.comm.Allreduce(sums)
@@ -117,7 +126,12 @@ class OnlineTrainer:
                "seen": sum(s for _, s, _ in held), "buffered": sum(n for n, _, _ in held),
                "time_s": time.perf_counter() - t0}  # fmt: skip
         self._record(row)
+        self._mark("simulation")
         return mean
+
+    def _mark(self, phase: str) -> None:
+        if self._watchdog is not None:
+            self._watchdog.mark(phase, self.trainer.global_step)
 
     @property
     def should_stop(self) -> bool:
@@ -128,6 +142,7 @@ class OnlineTrainer:
     def evaluate(self, x: Any, y: Any, prefix: str = "val_") -> dict[str, float]:
         """Loss and metrics of the model on this rank's samples ``(x, y)``, averaged over all ranks' samples
         (collective); the values are added to the latest ``train`` row of the history."""
+        self._mark("validation")
         device, n = self.world.device, len(y)
         xs, ys = as_batch(x, "evaluate(): x"), as_batch(y, "evaluate(): y")
         step = self.trainer.batch_size
@@ -147,6 +162,9 @@ class OnlineTrainer:
         strategy = self.trainer.strategy
         if hasattr(strategy, "synchronize"):
             strategy.synchronize()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         if self._checkpointer is not None:
             self._checkpointer.restore_signal_handlers()
         if self.run_dir is None or not self.world.is_main:
@@ -164,6 +182,7 @@ class OnlineTrainer:
         """Save weights, optimizer, every rank's replay buffer and random state, and ``extra`` (e.g. the
         simulation's own state, per rank) to ``run_dir/checkpoints`` (collective, atomic); return its path."""
         checkpointer = self._require_checkpointer()
+        self._mark("checkpoint")
         if hasattr(self.trainer.strategy, "synchronize"):
             self.trainer.strategy.synchronize()
         shared = self.trainer.state_dict() if self.world.is_main else {}

@@ -1,10 +1,11 @@
-"""The ``caldera`` command: ``train``, ``check``, ``tune``, ``serve``, ``info`` and ``launch``.
+"""The ``caldera`` command: ``train``, ``check``, ``tune``, ``predict``, ``serve``, ``info`` and ``launch``.
 
 ``caldera train RUN.toml [--set section.key=value ...] [--resume [CKPT]] [--time-limit 2h]`` trains alone or
 under ``mpiexec``/``srun``; ``caldera launch -n N [--max-restarts R] -- cmd`` starts N ranks; ``caldera info``
 (alone or under the launcher) prints what the job sees and the set-up problems it shows; ``caldera tune RUN.toml``
 searches the run file's ``[tune]`` space with every rank; ``caldera serve RUN_DIR...`` answers predictions over
-HTTP with dynamic batching (several run directories: an ensemble).
+HTTP with dynamic batching (several run directories: an ensemble); ``caldera predict RUN_DIR [--out pred.npy]``
+applies a finished run's model to a split of its data (or another file) on every rank.
 Exit codes: 0 done, 2 bad config or usage, 85 stopped for the wall time with a checkpoint (requeue me),
 1 anything else.
 """
@@ -55,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
                          help="how long a request may wait for others to share its forward pass")  # fmt: skip
     p_serve.add_argument("--max-body-mb", type=float, default=256, help="largest request accepted")
     p_serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
+    p_predict = sub.add_parser(
+        "predict", help="apply a finished run's model to a dataset on every rank: predictions and scores"
+    )
+    p_predict.add_argument("run", metavar="RUN_DIR", help="run directory of a finished `caldera train` run")
+    p_predict.add_argument("--split", choices=["val", "train", "all"], default="val",
+                           help="which part of the run's data (default val)")  # fmt: skip
+    p_predict.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                           help="override the run's config, e.g. --set data.args.path=2025.nc (repeatable)")  # fmt: skip
+    p_predict.add_argument(
+        "--out", help="write the predictions, in sample order: .npy or .h5 (+ a .json of scores)"
+    )
+    p_predict.add_argument("--batch-size", type=int, help="samples per forward pass on each rank")
+    p_predict.add_argument("--no-score", action="store_true", help="predict only (the data has no targets)")
     sub.add_parser(
         "info", help="what this job sees: software, GPUs, MPI, every rank's place; set-up problems"
     )
@@ -81,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         return report()
     if args.command == "serve":
         return _serve(args)
+    if args.command == "predict":
+        return _predict(args)
     from caldera.config import load_config
 
     try:
@@ -152,6 +168,19 @@ def _serve(args: argparse.Namespace) -> int:
         server.batcher.close()
     b = server.batcher
     print(f"caldera serve: stopped after {b.requests} requests in {b.batches} forward passes", flush=True)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from caldera.predict import predict
+
+    try:
+        predict(args.run, args.split, args.set, args.out, args.batch_size, score=not args.no_score)
+    except ConfigError as exc:
+        _error(str(exc))
+        return 2
+    except DataError as exc:
+        return _data_error(exc)
     return 0
 
 

@@ -169,6 +169,35 @@ class ScientificDataset(torch.utils.data.Dataset):
             out = out.astype(np.int64)
         return np.ascontiguousarray(out)
 
+    def denormalize(self, y: np.ndarray) -> np.ndarray:
+        """Targets, or a model's predictions of them, back in physical units (the inverse of the normalisation)."""
+        if not any(v in self.stats for v in self.targets):
+            return y
+        sizes = [self._channels(v) for v in self.targets]
+        flat = y[:, None] if y.ndim == 1 else y
+        if flat.shape[1] != sum(sizes):
+            raise DataError(
+                f"predictions with {flat.shape[1]} channels cannot be mapped back onto the targets {self.targets} "
+                f"({sum(sizes)} channels)"
+            )
+        out = flat.astype(np.float32, copy=True)
+        start = 0
+        for v, k in zip(self.targets, sizes):
+            if v in self.stats:
+                st = self.stats[v]
+                out[:, start : start + k] = (
+                    out[:, start : start + k] * (st.std if st.std > 0 else 1.0) + st.mean
+                )
+            start += k
+        return out[:, 0] if y.ndim == 1 else out
+
+    def _channels(self, v: str) -> int:
+        """How many channels (axis 1 of a target batch) variable ``v`` takes."""
+        shape = self.reader.shape(v)
+        if self.kinds[v] == "field":
+            return 1
+        return shape[0] if self.kinds[v] == "channels" else int(np.prod(shape, dtype=np.int64))
+
     def _crop(self, fields: np.ndarray, corner: np.ndarray) -> np.ndarray:
         out = np.empty((*fields.shape[:2], *self.patch), dtype=fields.dtype)
         for c in np.unique(corner):

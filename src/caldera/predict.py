@@ -1,0 +1,238 @@
+"""Batch inference: apply a finished run's model to a dataset on every rank; write the predictions and scores.
+
+``caldera predict RUN_DIR [--split val|train|all] [--set data.args.path=2025.nc] [--out pred.npy|.h5]`` rebuilds
+the run's data pipeline from its resolved config (any key can be overridden: another file, whole images instead
+of patches), gives each rank a contiguous block of the samples, runs the model in evaluation mode and reduces the
+loss and metrics over the ranks. Predictions keep the dataset's sample order whatever the number of ranks; targets
+that training normalised come back in physical units. ``.npy`` outputs are written by every rank at once into
+one preallocated file; ``.h5`` outputs by the ranks in turn (no parallel HDF5 build needed). Either appears
+under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from caldera.config import Config, ConfigError, load_config
+from caldera.world import World, init
+
+SPLITS = ("val", "train", "all")
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The resolved config of a finished run, pointed at ``run_dir`` (its statistics files), with overrides."""
+    run_dir = Path(run_dir)
+    resolved = run_dir / "config.resolved.json"
+    missing = [f for f in (resolved, run_dir / "model.pt") if not f.is_file()]
+    if missing:
+        raise ConfigError(
+            f"{run_dir} has no {' or '.join(f.name for f in missing)}: give the run directory of a finished "
+            "`caldera train` run (its [run] dir)"
+        )
+    return load_config(json.loads(resolved.read_text()), [f"run.dir={run_dir}", *overrides])
+
+
+def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tuple[str, ...] = (),
+            out: str | Path | None = None, batch_size: int | None = None, score: bool = True,
+            world: World | None = None, progress: bool = True) -> dict[str, float]:  # fmt: skip
+    """Predict ``split`` of the run's data on every rank (collective); write ``out``; return the scores."""
+    from caldera.config import resolve
+    from caldera.precision import make_precision
+    from caldera.train.metrics import METRICS
+    from caldera.train.run import build_data, build_loss, build_model
+
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r}: use one of {', '.join(SPLITS)}")
+    suffix = Path(out).suffix if out is not None else ".npy"
+    if suffix not in WRITERS:
+        raise ConfigError(f"--out {out}: write .npy or .h5 (got {suffix!r})")
+    cfg = load_run_config(run_dir, overrides)
+    world = world or init(device=cfg.run.device, seed=cfg.run.seed)
+    dataset = _choose(build_data(cfg), split)
+    if getattr(dataset, "transform", None) is not None:
+        dataset.transform = None  # augmentation is for training: predictions keep the stored orientation
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True))
+    model.to(world.device).eval()
+    precision = make_precision(cfg.precision.mode, world.device)
+    score = score and _has_targets(dataset)
+    loss_fn = build_loss(cfg) if score else None
+    metrics = {m: resolve(m, METRICS, "[train] metrics") for m in cfg.train.metrics} if score else {}
+    n = len(dataset)
+    lo, hi = n * world.rank // world.size, n * (world.rank + 1) // world.size
+    loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size or cfg.data.batch_size)
+    sums = torch.zeros(2 + len(metrics), dtype=torch.float64)  # loss, metrics..., count
+    blocks: list[np.ndarray] = []
+    with torch.no_grad(), _bar(world, n, progress) as bar:
+        for x, y in loader:
+            x, y = _to(x, world.device), _to(y, world.device)
+            with precision.autocast():
+                pred = model(x)
+                if score:
+                    values = [loss_fn(pred, y)] + [fn(pred.float(), y) for fn in metrics.values()]
+                    sums[:-1] += torch.stack([v.detach().double().cpu() for v in values]) * len(y)
+            sums[-1] += len(y)
+            blocks.append(_physical(dataset, pred.float().cpu().numpy()))
+            bar(len(y) * world.size)
+    world.comm.Allreduce(sums)
+    names = ["loss", *metrics] if score else []
+    scores = {f"{split}_{k}": float(v / sums[-1]) for k, v in zip(names, sums[:-1])}
+    scores["samples"] = n
+    if out is not None:
+        WRITERS[suffix](Path(out), blocks, lo, n, world, {"run_dir": str(run_dir), "split": split, **scores})
+    if world.is_main:
+        print("  ".join(f"{k} {v:.6g}" for k, v in scores.items()), flush=True)
+        if out is not None:
+            _atomic_text(Path(out).with_suffix(".json"), json.dumps(scores, indent=2))
+    if hasattr(dataset, "close"):
+        dataset.close()
+    return scores
+
+
+def _choose(data: tuple[Dataset, Dataset | None], split: str) -> Dataset:
+    train, val = data
+    if split == "train":
+        return train
+    if split == "val":
+        if val is None:
+            raise ConfigError(
+                "this run has no validation data ([data] val_fraction = 0): use --split train or all"
+            )
+        return val
+    return train if val is None else _Joined([train, val])
+
+
+class _Joined(torch.utils.data.ConcatDataset):
+    """Train then val, read a batch at a time where the parts can (scientific data reads whole batches)."""
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        out: list[Any] = [None] * len(indices)
+        part = np.searchsorted(self.cumulative_sizes, indices, side="right")
+        for p in np.unique(part):
+            where = np.nonzero(part == p)[0]
+            offset = self.cumulative_sizes[p - 1] if p > 0 else 0
+            ds, local = self.datasets[p], [indices[i] - offset for i in where]
+            items = ds.__getitems__(local) if hasattr(ds, "__getitems__") else [ds[i] for i in local]
+            for i, item in zip(where, items):
+                out[i] = item
+        return out
+
+
+def _has_targets(dataset: Dataset) -> bool:
+    """False for scientific data opened without targets (a file to predict, with no truth to score against)."""
+    parts = getattr(dataset, "datasets", [dataset])
+    return getattr(parts[0], "targets", None) != []
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(b, device) for b in batch)
+    return batch.to(device) if torch.is_tensor(batch) else batch
+
+
+def _physical(dataset: Dataset, pred: np.ndarray) -> np.ndarray:
+    """Undo the targets' normalisation where training applied one (scientific data)."""
+    parts = getattr(dataset, "datasets", [dataset])  # ConcatDataset: the parts share one set of statistics
+    undo = getattr(parts[0], "denormalize", None)
+    return undo(pred) if undo is not None else pred
+
+
+class _NullBar:
+    def __call__(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NullBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class _RichBar(_NullBar):
+    def __init__(self, total: int) -> None:
+        from rich.progress import Progress
+
+        self.progress, self.total = Progress(transient=True), total
+
+    def __enter__(self) -> _RichBar:
+        self.progress.__enter__()
+        self.task = self.progress.add_task("predicting", total=self.total)
+        return self
+
+    def __call__(self, n: int) -> None:
+        self.progress.update(self.task, advance=n)  # rank 0's block times the ranks: an estimate of all
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+
+def _bar(world: World, total: int, progress: bool) -> _NullBar:
+    if not (progress and world.is_main):
+        return _NullBar()
+    from rich.console import Console
+
+    return _RichBar(total) if Console().is_terminal else _NullBar()  # no escape codes in a batch job's log
+
+
+# -- writers: every rank holds its block [lo, lo + len) of the n predictions -------------------------------------
+def _shape(blocks: list[np.ndarray], world: World) -> tuple[int, ...]:
+    """The shape of one prediction, agreed by all ranks (a rank without samples has none to offer)."""
+    shapes = [s for s in world.comm.allgather(blocks[0].shape[1:] if blocks else None) if s is not None]
+    if not shapes:
+        raise ConfigError("no samples to predict in this split")
+    return tuple(shapes[0])
+
+
+def _write_npy(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: World, attrs: dict) -> None:
+    shape = _shape(blocks, world)
+    tmp = path.with_name(f".{path.name}.partial")
+    if world.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *shape)).flush()
+    world.barrier()  # the file exists at its full size: every rank writes its own rows at once
+    if blocks:
+        rows = np.lib.format.open_memmap(tmp, mode="r+")
+        rows[lo : lo + sum(len(b) for b in blocks)] = np.concatenate(blocks)
+        rows.flush()
+        del rows
+    world.barrier()
+    if world.is_main:
+        os.replace(tmp, path)
+
+
+def _write_h5(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: World, attrs: dict) -> None:
+    from caldera.data.formats import require
+
+    h5py = require("h5py", "HDF5 output")
+    shape = _shape(blocks, world)
+    tmp = path.with_name(f".{path.name}.partial")
+    if world.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("prediction", shape=(n, *shape), dtype="f4", chunks=True)
+            f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+    # Without a parallel HDF5 build the ranks take turns, each writing its block while the others wait.
+    for turn in range(world.size):
+        world.barrier()
+        if turn == world.rank and blocks:
+            with h5py.File(tmp, "r+") as f:
+                f["prediction"][lo : lo + sum(len(b) for b in blocks)] = np.concatenate(blocks)
+    world.barrier()
+    if world.is_main:
+        os.replace(tmp, path)
+
+
+WRITERS = {".npy": _write_npy, ".h5": _write_h5}
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """Caldera's all-reduce data parallel vs. PyTorch DDP (gloo), same model, same global batch, same run.
 
     python benchmarks/bench_data_parallel.py [--ranks 2] [--repeats 3] [--steps 20] [--models mlp cnn]
-                                             [--grad-comm bf16]
+                                             [--grad-comm bf16] [--optimizer sgd|adam] [--shard]
 
 For each model it measures, alternating, R times: one rank alone (1 thread, per-rank batch) -> ideal = N x that;
 DDP-gloo on N ranks x 1 thread; Caldera ``allreduce`` on N ranks x 1 thread. Prints medians of samples/s, the
@@ -9,7 +9,8 @@ ratio Caldera / DDP and each one's scaling efficiency against ideal. Targets: >=
 ideal on both, never slower than DDP. The row "no communication" is N ranks each training alone on its per-rank
 batch at the same time: what the machine allows before any byte is exchanged (shared memory bandwidth, caches,
 clock). ``--grad-comm bf16`` (or fp16) adds rows for Caldera with 16-bit gradient
-communication, both reducers. The worker half of this file runs inside the ranks (``--worker``).
+communication, both reducers; ``--shard`` rows with the optimizer state sharded over the ranks (``shard_optimizer``),
+which matters with ``--optimizer adam`` (two state tensors per parameter to update). The worker half of this file runs inside the ranks (``--worker``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ HERE = Path(__file__).resolve()
 
 
 # -- worker: runs inside each rank ---------------------------------------------------------------------------------
-def worker(kind: str, mode: str, global_batch: int, steps: int) -> None:
+def worker(kind: str, mode: str, global_batch: int, steps: int, optim: str = "sgd") -> None:
     import torch
     from torch import nn
 
@@ -42,7 +43,11 @@ def worker(kind: str, mode: str, global_batch: int, steps: int) -> None:
             nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, 10),
         )  # fmt: skip
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=0.01)
+        if optim == "sgd"
+        else torch.optim.Adam(model.parameters())
+    )
     loss_fn = nn.CrossEntropyLoss()
     rank, size = 0, 1
     if mode == "ddp":
@@ -65,10 +70,13 @@ def worker(kind: str, mode: str, global_batch: int, steps: int) -> None:
 
         world = caldera.init()
         rank, size = world.rank, world.size
-        # mode: caldera[-mpi][-bf16|-fp16]
+        # mode: caldera[-mpi][-bf16|-fp16|-zero]
         grad_comm = mode.rsplit("-", 1)[1] if mode.endswith(("-bf16", "-fp16")) else "fp32"
         strategy = caldera.parallel.make_strategy(
-            "allreduce", reducer="mpi" if "-mpi" in mode else "auto", grad_comm=grad_comm
+            "allreduce",
+            reducer="mpi" if "-mpi" in mode else "auto",
+            grad_comm=grad_comm,
+            shard_optimizer=mode.endswith("-zero"),
         )
         net = strategy.setup(model, opt, world)
         backward, step = strategy.backward, strategy.step
@@ -155,29 +163,39 @@ def main() -> None:
         "--grad-comm", choices=["bf16", "fp16"], help="also measure Caldera with this gradient communication"
     )
     parser.add_argument(
-        "--worker", nargs=4, metavar=("KIND", "MODE", "GBATCH", "STEPS"), help=argparse.SUPPRESS
+        "--optimizer", choices=["sgd", "adam"], default="sgd", help="the optimizer every run uses"
+    )
+    parser.add_argument("--shard", action="store_true",
+                        help="also measure Caldera with the optimizer state sharded over the ranks (shard_optimizer)")  # fmt: skip
+    parser.add_argument(
+        "--worker", nargs=5, metavar=("KIND", "MODE", "GBATCH", "STEPS", "OPTIM"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.worker:
-        kind, mode, gbatch, steps = args.worker
-        worker(kind, mode, int(gbatch), int(steps))
+        kind, mode, gbatch, steps, optim = args.worker
+        worker(kind, mode, int(gbatch), int(steps), optim)
         return
     from caldera.launch import build_command
 
     n, me = args.ranks, [sys.executable, str(HERE), "--worker"]
     print(
-        f"{n} ranks x 1 thread, global batch {args.batch}, {args.steps} timed steps, {args.repeats} repeats (medians)"
+        f"{n} ranks x 1 thread, global batch {args.batch}, {args.steps} timed steps, {args.repeats} repeats (medians), "
+        f"optimizer {args.optimizer}"
     )
     for kind in args.models:
         modes = ["nocomm", "lockstep", "ddp", "caldera", "caldera-mpi"]
         if args.grad_comm:
             modes += [f"caldera-{args.grad_comm}", f"caldera-mpi-{args.grad_comm}"]
+        if args.shard:
+            modes += ["caldera-zero", "caldera-mpi-zero"]
         results: dict[str, list[float]] = {m: [] for m in ["single", *modes]}
         for _ in range(args.repeats):
-            results["single"].append(run([*me, kind, "single", str(args.batch // n), str(args.steps)]))
+            results["single"].append(
+                run([*me, kind, "single", str(args.batch // n), str(args.steps), args.optimizer])
+            )
             for mode in modes:
                 results[mode].append(
-                    run(build_command(n, [*me, kind, mode, str(args.batch), str(args.steps)]))
+                    run(build_command(n, [*me, kind, mode, str(args.batch), str(args.steps), args.optimizer]))
                 )
         med = {m: statistics.median(v) for m, v in results.items()}
         ideal = n * med["single"]
@@ -190,6 +208,8 @@ def main() -> None:
             "caldera-mpi": "Caldera allreduce (mpi)",
             f"caldera-{args.grad_comm}": f"Caldera (auto: shm) {args.grad_comm} comm",
             f"caldera-mpi-{args.grad_comm}": f"Caldera (mpi) {args.grad_comm} comm",
+            "caldera-zero": "Caldera (auto: shm), sharded opt.",
+            "caldera-mpi-zero": "Caldera (mpi), sharded opt.",
         }
         for mode in modes:
             runs = ", ".join(f"{v:.0f}" for v in results[mode])

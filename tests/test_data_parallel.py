@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.conftest import run_ranks
 
@@ -103,3 +104,36 @@ def test_batchnorm_statistics_are_averaged_over_the_ranks():
     for row in rows:
         assert row["own_spread"] > 1e-3  # each rank's statistics came from its own shard
         assert row["error"] < 1e-6  # and now every rank holds their mean
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks,reducer", [(3, "auto"), (2, "mpi")])
+def test_a_sharded_optimizer_trains_like_one_process_and_its_checkpoints_resume_anywhere(
+    tmp_path, ranks, reducer
+):
+    # AdamW with two groups, a schedule and clipping; the ranks' ranges cut through parameters.
+    proc = run_ranks(ranks, ["tests/scripts/zero_equivalence.py", str(tmp_path), reducer])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = last_json(proc.stdout)
+    assert out["size"] == ranks
+    assert out["vs_unsharded"] == 0.0 and out["spread"] == 0.0  # the very numbers of the unsharded optimizer
+    assert out["vs_reference"] < 1e-5  # and one process with the whole batch
+    # 1/N of the state per rank (plus the step counters).
+    assert out["state_bytes"] < out["unsharded_state_bytes"] / ranks + 100
+    assert out["resumed_vs_whole"] == 0.0  # stopped after 2 epochs, resumed on the same ranks: bit-exact
+    assert out["one_process_resume_vs_whole"] < 1e-5  # the whole state was saved: one process resumes it
+
+
+def test_a_sharded_optimizer_refuses_what_it_cannot_shard():
+    from caldera.config import ConfigError, load_config
+    from caldera.parallel.zero import ShardedOptimizer
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="LBFGS is not known to update each number on its own"):
+        ShardedOptimizer(torch.optim.LBFGS([p]), [(p, 0)], 0, 2)
+    base = {"model": {"name": "mlp"}, "data": {"source": "digits"}}
+    with pytest.raises(ConfigError, match="shard_optimizer applies to strategy 'allreduce' only"):
+        load_config({**base, "parallel": {"strategy": "local-sgd", "shard_optimizer": True}})
+    with pytest.raises(ConfigError, match="shard_optimizer does not combine with .*'fp16-mixed'"):
+        load_config({**base, "parallel": {"strategy": "allreduce", "shard_optimizer": True},
+                     "precision": {"mode": "fp16-mixed"}})  # fmt: skip

@@ -105,6 +105,9 @@ class ParallelSection(_Section):
     grad_comm: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="allreduce: dtype gradients travel in (bf16/fp16 halve the bytes; sums stay fp32)"
     )
+    shard_optimizer: bool = Field(
+        False, description="allreduce: each rank keeps and steps 1/N of the optimizer state (ZeRO-1)"
+    )
     # async-shared
     workers: int = Field(2, ge=1, description="async-shared: worker processes on this node")
     lock: Literal["none", "tensor"] = Field("none", description="async-shared: lock-free or per-tensor locks")
@@ -387,6 +390,17 @@ def _check_references(cfg: Config, where: str) -> None:
         raise ConfigError(
             f"{where}: [parallel] grad_comm = {cfg.parallel.grad_comm!r} applies to strategy 'allreduce' only "
             f"(strategy here: {cfg.parallel.strategy!r}); remove it or use strategy = 'allreduce'"
+        )
+    if cfg.parallel.shard_optimizer and cfg.parallel.strategy not in ("allreduce", "single"):
+        raise ConfigError(
+            f"{where}: [parallel] shard_optimizer applies to strategy 'allreduce' only (strategy here: "
+            f"{cfg.parallel.strategy!r}); remove it or use strategy = 'allreduce'"
+        )
+    if cfg.parallel.shard_optimizer and cfg.precision.mode in ("fp16-mixed", "bf16-true"):
+        raise ConfigError(
+            f"{where}: [parallel] shard_optimizer does not combine with [precision] mode = "
+            f"{cfg.precision.mode!r} yet (its loss scaler / master weights wrap the optimizer); use 'fp32' or "
+            "'bf16-mixed', or shard_optimizer = false"
         )
     if cfg.parallel.strategy in LOOP_STRATEGIES:
         problem = unsupported(

@@ -185,6 +185,8 @@ class OnlineTrainer:
         self._mark("checkpoint")
         if hasattr(self.trainer.strategy, "synchronize"):
             self.trainer.strategy.synchronize()
+        if hasattr(self.trainer.strategy, "gather_state"):  # a sharded optimizer's whole state, on rank 0
+            self.trainer.strategy.gather_state()
         shared = self.trainer.state_dict() if self.world.is_main else {}
         if self.world.is_main:
             shared.update(rounds=self.rounds, online_history=list(self.history))

@@ -32,6 +32,7 @@ import torch
 from caldera.comm.buckets import Bucket, average_over_ranks, build_buckets, point_grads, rebind_grads
 from caldera.comm.lowp import LowPrecisionSum, SumJob, wire_dtype
 from caldera.parallel.base import register
+from caldera.parallel.zero import ShardedOptimizer
 from caldera.world import World
 
 
@@ -47,6 +48,7 @@ class AllReduce:
         grad_clip: float | None = None,
         reducer: str = "auto",
         grad_comm: str = "fp32",
+        shard_optimizer: bool = False,
         **_: Any,
     ) -> None:
         if reducer not in ("auto", "mpi", "shm"):
@@ -63,6 +65,8 @@ class AllReduce:
         self._hooks: list[Any] = []
         self._sync = True  # False inside no_sync(): gradients accumulate without being reduced
         self.reductions = 0  # bucket reductions started so far (one per bucket per optimizer step)
+        self.shard_optimizer = shard_optimizer
+        self.shards: ShardedOptimizer | None = None  # this rank's part of the optimizer (shard_optimizer)
 
     def setup(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World
@@ -88,11 +92,49 @@ class AllReduce:
         if self.reducer == "mpi" and self.wire is not None:
             self.lowp = LowPrecisionSum(self.comm, self.wire)
             self._jobs = [self.lowp.job(b.flat) for b in self.buckets]
+        if self.shard_optimizer and self.world.size > 1:
+            self._shard(params)
         if self.overlap and self.world.size > 1:
             for b in self.buckets:
                 for p in b.params:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b)))
         return model
+
+    def _shard(self, params: list[torch.nn.Parameter]) -> None:
+        """Give this rank its range of the optimizer (ZeRO-1, ``parallel/zero.py``)."""
+        from caldera.parallel.zero import ShardedOptimizer
+
+        layout = [(p, b.start + off) for b in self.buckets for p, off in zip(b.params, b.offsets)]
+        if self.node is not None:
+            # The node's ranks share the gradient sums and pass parameters through the same window, so the state
+            # is cut over the node (every node steps the whole model, 1/L of it per rank).
+            from caldera.comm.mpi import MPIComm
+
+            self._shard_comm = MPIComm(self.node.node)
+            self.shards = ShardedOptimizer(self.optimizer, layout, self.node.local_rank, self.node.local_size)
+        else:
+            self._shard_comm = self.comm
+            self.shards = ShardedOptimizer(self.optimizer, layout, self.world.rank, self.world.size)
+            self._flat = torch.empty(self.shards.chunk * self.world.size, dtype=params[0].dtype,
+                                     device=params[0].device)  # fmt: skip
+
+    def _gather_params(self) -> None:
+        """After each rank stepped its range: every rank takes the whole updated model."""
+        if self.node is not None:
+            # The result row's gradients are spent: each rank leaves its updated range there for the others.
+            self.shards.write_range(self.node.result)
+            self.node.node.Barrier()
+            self.shards.read_all(self.node.result)
+            return
+        chunk, rank = self.shards.chunk, self.world.rank
+        self.shards.write_range(self._flat)
+        self.comm.Allgather(self._flat[rank * chunk : (rank + 1) * chunk].clone(), self._flat)
+        self.shards.read_all(self._flat)
+
+    def gather_state(self) -> None:
+        """Assemble the whole optimizer state on rank 0 before a checkpoint (collective; sharded state only)."""
+        if self.shards is not None:
+            self.shards.gather_state(self._shard_comm, self._shard_comm.rank)
 
     def _use_shm(self, params: list[torch.nn.Parameter]) -> bool:
         if self.world.size == 1 or self.reducer_name == "mpi" or not hasattr(self.comm, "comm"):
@@ -177,7 +219,11 @@ class AllReduce:
             self.node.clip_(self.grad_clip, [(b.start, b.start + b.flat.numel()) for b in self.buckets])
         elif self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        if self.shards is not None:
+            self.shards.step()
+            self._gather_params()
+        else:
+            self.optimizer.step()
         for b in self.buckets:
             if self.node is not None:
                 point_grads(b, b.flat)  # back to this rank's slot, which the reduction already zeroed
@@ -214,7 +260,9 @@ class AllReduce:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore."""
+        """Nothing of its own; with a sharded optimizer, cut the whole state just loaded into this rank's range."""
+        if self.shards is not None:
+            self.shards.load_from_base()
 
     def close(self) -> None:
         """Remove the hooks and give the gradients back as ordinary tensors."""

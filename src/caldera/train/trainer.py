@@ -363,6 +363,10 @@ class Trainer:
     def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:
         if hasattr(self.strategy, "synchronize"):  # rank 0 saves the model: it must be everyone's model
             self.strategy.synchronize()
+        if hasattr(
+            self.strategy, "gather_state"
+        ):  # ... and the whole optimizer state (sharded over the ranks)
+            self.strategy.gather_state()
         shared = self.state_dict() if self.world.is_main else {}
         # The running loss of the current epoch is this rank's own: it travels with the rank's file.
         return shared, {"rng": rng_state(), "partial": self._partial}

@@ -1,0 +1,152 @@
+"""Optimizer state sharded over data-parallel ranks (ZeRO stage 1): each rank steps 1/N of the parameters.
+
+In data parallel every rank holds the same reduced gradients and applies the same update to every parameter:
+N copies of the optimizer's state (Adam: two more model-sized tensors) and N times the same arithmetic. Here the
+flat parameter vector, laid out like the gradient buckets, is cut into N contiguous ranges; each rank's optimizer
+holds views of its own range only, so its state is 1/N of the model, and steps it; the updated ranges are then
+gathered so that every rank again holds the whole model. For elementwise optimizers (SGD, Adam, AdamW, ...) each
+number is computed exactly as the unsharded optimizer would; optimizers that look across a whole tensor (LAMB's
+trust ratio, LBFGS) are refused.
+
+Checkpoints are those of a plain PyTorch optimizer: before a save the ranges' states are gathered into the
+optimizer the trainer holds (on rank 0), and a resume, on any number of ranks and sharded or not, cuts them again.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+# Optimizers whose update of one number reads only that number's gradient and state (and scalars).
+ELEMENTWISE = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Rprop", "ASGD")
+
+
+class ShardedOptimizer:
+    """Step ``optimizer``'s update for this rank's range ``[lo, hi)`` of the flat parameter layout only.
+
+    ``layout`` lists every parameter with its offset in the flat vector (the gradient buckets' layout).
+    ``rank``/``size`` say which of ``size`` equal ranges is this rank's.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, layout: list[tuple[torch.nn.Parameter, int]],
+                 rank: int, size: int) -> None:  # fmt: skip
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                "shard_optimizer needs a plain torch optimizer; fp16-mixed and bf16-true wrap it (loss scaling, "
+                "master weights): use [precision] mode = 'fp32' or 'bf16-mixed' with it, or shard_optimizer = false"
+            )
+        name = type(optimizer).__name__
+        if name not in ELEMENTWISE:
+            raise ValueError(
+                f"shard_optimizer: {name} is not known to update each number on its own, so cutting its "
+                f"parameters could change the result; use one of {', '.join(ELEMENTWISE)} or shard_optimizer = false"
+            )
+        self.base, self.layout = optimizer, layout
+        self.dtype = layout[0][0].dtype if layout else torch.float32
+        self.total = max((o + p.numel() for p, o in layout), default=0)
+        self.chunk = -(-self.total // size)  # equal ranges (the last padded), as an all-gather wants
+        self.lo, self.hi = min(rank * self.chunk, self.total), min((rank + 1) * self.chunk, self.total)
+        group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        # (param, its flat offset, start, stop within it, the view of that part that this rank's optimizer steps)
+        self.pieces: list[tuple[torch.nn.Parameter, int, int, int, torch.Tensor]] = []
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for p, o in layout:
+            a, b = max(self.lo, o) - o, min(self.hi, o + p.numel()) - o
+            if a < b:
+                piece = p.detach().view(-1)[a:b]
+                self.pieces.append((p, o, a, b, piece))
+                by_group.setdefault(group_of[id(p)], []).append(piece)
+        self.groups = sorted(by_group)  # the base optimizer's group of each of the shard optimizer's groups
+        spec = [{**_hyper(optimizer.param_groups[i]), "params": by_group[i]} for i in self.groups]
+        # Keyword defaults the constructor takes (AdamW's defaults also hold keys it sets itself); the groups
+        # carry every hyperparameter anyway.
+        accepted = inspect.signature(type(optimizer).__init__).parameters
+        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+        self.shard = type(optimizer)(spec, **defaults) if spec else None
+
+    def step(self) -> None:
+        """Update this rank's range from the (already reduced) gradients of the parameters."""
+        self.base.state.clear()  # a whole state gathered for the last checkpoint has been written by now
+        if self.shard is None:
+            return
+        for p, _, a, b, piece in self.pieces:
+            piece.grad = p.grad.view(-1)[a:b]
+        for i, group in zip(self.groups, self.shard.param_groups):
+            group.update(_hyper(self.base.param_groups[i]))  # a schedule changes the base optimizer's lr
+        self.shard.step()
+
+    def write_range(self, flat: torch.Tensor) -> None:
+        """Copy this rank's updated range into ``flat`` (the whole layout's length or more)."""
+        for _, o, a, b, piece in self.pieces:
+            flat[o + a : o + b].copy_(piece)
+
+    @torch.no_grad()
+    def read_all(self, flat: torch.Tensor) -> None:
+        """Copy every parameter from ``flat`` (gathered from all ranks' ranges)."""
+        for p, o in self.layout:
+            p.view(-1).copy_(flat[o : o + p.numel()])
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def gather_state(self, comm: Any, rank: int) -> None:
+        """Assemble the whole optimizer state in the base optimizer on rank 0 (collective over ``comm``)."""
+        local = self._range_state()
+        keys = sorted({k for ks in comm.allgather(sorted(local[0])) for k in ks})
+        scalars = next((s for s in comm.allgather(local[1]) if s), {})
+        for key in keys:  # one model-sized vector at a time, on rank 0 only
+            mine = local[0].get(key, torch.zeros(self.hi - self.lo, dtype=self.dtype))
+            if rank != 0:
+                comm.Send(_padded(mine, self.chunk), 0, tag=17)
+                continue
+            flat = torch.empty(self.chunk * comm.size, dtype=self.dtype)
+            flat[: self.chunk] = _padded(mine, self.chunk)
+            for r in range(1, comm.size):
+                comm.Recv(flat[r * self.chunk : (r + 1) * self.chunk], r, tag=17)
+            for p, o in self.layout:
+                state = self.base.state.setdefault(p, {})
+                state[key] = flat[o : o + p.numel()].view_as(p).to(p.device, copy=True)
+                state.update({k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()})
+
+    def _range_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This rank's range of each per-number state as one vector; the scalar states (a step count)."""
+        vectors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, Any] = {}
+        for _, o, a, b, piece in self.pieces:
+            for key, value in (self.shard.state.get(piece, {}) if self.shard else {}).items():
+                if torch.is_tensor(value) and value.shape == piece.shape:
+                    if key not in vectors:
+                        vectors[key] = torch.zeros(self.hi - self.lo, dtype=self.dtype)
+                    vectors[key][o + a - self.lo : o + b - self.lo] = value.detach().cpu()
+                else:
+                    scalars[key] = value.detach().cpu() if torch.is_tensor(value) else value
+        return vectors, scalars
+
+    def load_from_base(self) -> None:
+        """Cut the whole state the base optimizer was loaded with into this rank's range, then drop it."""
+        if self.shard is not None:
+            for p, _, a, b, piece in self.pieces:
+                whole = self.base.state.get(p)
+                if not whole:
+                    continue
+                self.shard.state[piece] = {
+                    k: (v.detach().reshape(-1)[a:b].clone() if torch.is_tensor(v) and v.shape == p.shape
+                        else (v.clone() if torch.is_tensor(v) else v))
+                    for k, v in whole.items()
+                }  # fmt: skip
+        self.base.state.clear()
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds."""
+        if self.shard is None:
+            return 0
+        return sum(v.numel() * v.element_size() for s in self.shard.state.values() for v in s.values()
+                   if torch.is_tensor(v))  # fmt: skip
+
+
+def _hyper(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def _padded(v: torch.Tensor, n: int) -> torch.Tensor:
+    return v if v.numel() == n else torch.cat([v, v.new_zeros(n - v.numel())])

@@ -396,11 +396,11 @@ def _check_references(cfg: Config, where: str) -> None:
             f"{where}: [parallel] shard_optimizer applies to strategy 'allreduce' only (strategy here: "
             f"{cfg.parallel.strategy!r}); remove it or use strategy = 'allreduce'"
         )
-    if cfg.parallel.shard_optimizer and cfg.precision.mode in ("fp16-mixed", "bf16-true"):
+    if cfg.parallel.shard_optimizer and cfg.precision.mode == "bf16-true":
         raise ConfigError(
-            f"{where}: [parallel] shard_optimizer does not combine with [precision] mode = "
-            f"{cfg.precision.mode!r} yet (its loss scaler / master weights wrap the optimizer); use 'fp32' or "
-            "'bf16-mixed', or shard_optimizer = false"
+            f"{where}: [parallel] shard_optimizer does not combine with [precision] mode = 'bf16-true' yet (its "
+            "optimizer steps fp32 master copies of the weights); use 'bf16-mixed', 'fp16-mixed' or 'fp32', or "
+            "shard_optimizer = false"
         )
     if cfg.parallel.strategy in LOOP_STRATEGIES:
         problem = unsupported(

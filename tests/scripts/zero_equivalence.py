@@ -25,7 +25,7 @@ g = torch.Generator().manual_seed(7)
 data = TensorDataset(torch.randn(96, 20, generator=g), torch.randint(0, 5, (96,), generator=g))
 
 
-def fit(w, strategy, shard, epochs, ckpt=None, resume=False):
+def fit(w, strategy, shard, epochs, ckpt=None, resume=False, precision="fp32"):
     torch.manual_seed(0)
     model = MLP([20, 33, 17, 5])  # odd sizes: the ranks' ranges cut through parameters
     *body, head = list(model.parameters())
@@ -37,7 +37,9 @@ def fit(w, strategy, shard, epochs, ckpt=None, resume=False):
     options = {"shard_optimizer": shard, "reducer": reducer, "grad_clip": 1.0}
     trainer = caldera.Trainer(model, opt, nn.CrossEntropyLoss(), max_epochs=epochs, batch_size=24, world=w,
                               strategy=strategy, strategy_options=options, scheduler=sched, progress=False, seed=3,
-                              checkpointer=checkpointer, resume=resume)  # fmt: skip
+                              checkpointer=checkpointer, resume=resume, precision=precision)  # fmt: skip
+    if precision == "fp16-mixed":  # a scale that overflows at first: steps are skipped, then it settles
+        trainer.precision.scaler.scale = 2.0**24
     trainer.fit(data)
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     shards = getattr(trainer.strategy, "shards", None)
@@ -48,12 +50,16 @@ def fit(w, strategy, shard, epochs, ckpt=None, resume=False):
             v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
         )
     )
+    if precision == "fp16-mixed":
+        return weights, trainer.precision.scaler.state_dict()
     return weights, state
 
 
 sharded, sharded_state = fit(world, "allreduce", True, 3)
 plain, plain_state = fit(world, "allreduce", False, 3)
 everyone = torch.stack(world.comm.allgather(sharded))
+fp16_sharded, fp16_scaler = fit(world, "allreduce", True, 2, precision="fp16-mixed")
+fp16_plain, fp16_plain_scaler = fit(world, "allreduce", False, 2, precision="fp16-mixed")
 # Stopped after 2 epochs with a checkpoint, then resumed for the third, on the same ranks.
 fit(world, "allreduce", True, 2, ckpt=f"{run_dir}/ckpt")
 resumed, _ = fit(world, "allreduce", True, 3, ckpt=f"{run_dir}/ckpt", resume=True)
@@ -69,6 +75,8 @@ if world.rank == 0:
         "spread": (everyone - everyone[0]).abs().max().item(),
         "resumed_vs_whole": (resumed - sharded).abs().max().item(),
         "one_process_resume_vs_whole": (one - sharded).abs().max().item(),
+        "fp16_vs_unsharded": (fp16_sharded - fp16_plain).abs().max().item(),
+        "fp16_scalers": [fp16_scaler, fp16_plain_scaler],
         "state_bytes": sharded_state,
         "unsharded_state_bytes": plain_state,
     }

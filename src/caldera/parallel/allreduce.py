@@ -220,8 +220,8 @@ class AllReduce:
         elif self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         if self.shards is not None:
-            self.shards.step()
-            self._gather_params()
+            if self.shards.step():
+                self._gather_params()
         else:
             self.optimizer.step()
         for b in self.buckets:

@@ -32,10 +32,14 @@ class ShardedOptimizer:
 
     def __init__(self, optimizer: torch.optim.Optimizer, layout: list[tuple[torch.nn.Parameter, int]],
                  rank: int, size: int) -> None:  # fmt: skip
+        # fp16-mixed's wrapper: its loss scaler decides on the reduced (identical) gradients, so every rank skips
+        # an overflowing step alike; the wrapped optimizer is the one to cut.
+        self.scaler = getattr(optimizer, "scaler", None)
+        optimizer = getattr(optimizer, "optimizer", optimizer) if self.scaler is not None else optimizer
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(
-                "shard_optimizer needs a plain torch optimizer; fp16-mixed and bf16-true wrap it (loss scaling, "
-                "master weights): use [precision] mode = 'fp32' or 'bf16-mixed' with it, or shard_optimizer = false"
+                "shard_optimizer needs a torch optimizer; bf16-true steps fp32 master copies of the weights instead: "
+                "use [precision] mode = 'fp32', 'bf16-mixed' or 'fp16-mixed' with it, or shard_optimizer = false"
             )
         name = type(optimizer).__name__
         if name not in ELEMENTWISE:
@@ -66,16 +70,22 @@ class ShardedOptimizer:
         defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
         self.shard = type(optimizer)(spec, **defaults) if spec else None
 
-    def step(self) -> None:
-        """Update this rank's range from the (already reduced) gradients of the parameters."""
+    def step(self) -> bool:
+        """Update this rank's range from the (already reduced) gradients; False when the loss scaler skipped
+        the step (on every rank alike: the weights did not change)."""
         self.base.state.clear()  # a whole state gathered for the last checkpoint has been written by now
+        if self.scaler is not None and not self.scaler.update(
+            [p.grad for p, _ in self.layout if p.grad is not None]
+        ):
+            return False
         if self.shard is None:
-            return
+            return True
         for p, _, a, b, piece in self.pieces:
             piece.grad = p.grad.view(-1)[a:b]
         for i, group in zip(self.groups, self.shard.param_groups):
             group.update(_hyper(self.base.param_groups[i]))  # a schedule changes the base optimizer's lr
         self.shard.step()
+        return True
 
     def write_range(self, flat: torch.Tensor) -> None:
         """Copy this rank's updated range into ``flat`` (the whole layout's length or more)."""

@@ -84,7 +84,62 @@ def test_a_file_without_targets_is_predicted_and_mistakes_are_named(run, capsys)
     assert scores == {"samples": N} and np.load(run / "x.npy").shape == (N, 3, 8, 8)
     with pytest.raises(ConfigError, match="has no config.resolved.json or model.pt"):
         predict(run / "nowhere")
-    with pytest.raises(ConfigError, match=r"write \.npy or \.h5"):
+    with pytest.raises(ConfigError, match=r"write \.npy, \.h5 or \.nc"):
         predict(run / "run", out=run / "p.csv")
     assert main(["predict", str(run / "run"), "--set", "data.args.inputs=['nope']"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_netcdf_output_has_one_variable_per_target(run):
+    predict(run / "run", "val", out=run / "val.nc", progress=False)
+    netCDF4 = pytest.importorskip("netCDF4")
+    with netCDF4.Dataset(run / "val.nc") as nc:  # from HDF5 input: generic dimension names, no coordinates
+        assert nc["a"].dimensions == ("sample", "y", "x") and nc["b"].dimensions == (
+            "sample",
+            "b_channel",
+            "y",
+            "x",
+        )
+        a, b, record = nc["a"][:], nc["b"][:], nc["record"][:]
+    pred = predict(run / "run", "val", out=run / "val2.npy", progress=False) and np.load(run / "val2.npy")
+    np.testing.assert_array_equal(a, pred[:, 0])
+    np.testing.assert_array_equal(b, pred[:, 1:])
+    np.testing.assert_array_equal(record, np.arange(30, 40))  # the validation records of the file
+
+
+def test_netcdf_input_gives_a_cf_style_forecast_file(tmp_path):
+    """From a NetCDF input: the output keeps its time axis, grid coordinates and units (xarray-ready)."""
+    netCDF4 = pytest.importorskip("netCDF4")
+    rng = np.random.default_rng(1)
+    n, lat, lon = 24, np.linspace(-70, 70, 8), np.arange(8) * 45.0
+    with netCDF4.Dataset(tmp_path / "in.nc", "w") as nc:
+        for name, size in (("time", None), ("lat", 8), ("lon", 8)):
+            nc.createDimension(name, size)
+        nc.createVariable("time", "f8", ("time",))[:] = np.arange(n) * 0.25
+        nc["time"].units, nc["time"].calendar = "days since 2000-01-01", "noleap"
+        for name, values in (("lat", lat), ("lon", lon)):
+            nc.createVariable(name, "f8", (name,))[:] = values
+        T = 280 + np.cumsum(rng.normal(size=(n, 8, 8)), axis=0)
+        nc.createVariable("T", "f4", ("time", "lat", "lon"))[:] = T
+        nc["T"].units = "K"
+    cfg = load_config({
+        "run": {"dir": str(tmp_path / "run")},
+        "model": {"name": "unet_small", "args": {"in_channels": 2, "out_channels": 1, "channels": 4}},
+        "data": {"source": "scientific", "batch_size": 4, "val_fraction": 0.25,
+                 "args": {"path": str(tmp_path / "in.nc"), "inputs": ["T"], "targets": ["T"], "window": 2, "lead": 1}},
+        "optim": {"epochs": 1}, "train": {"progress": False, "plot": False},
+    })  # fmt: skip
+    train(cfg)
+    main(["predict", str(tmp_path / "run"), "--split", "all", "--out", str(tmp_path / "out.nc")])
+    main(["predict", str(tmp_path / "run"), "--split", "all", "--out", str(tmp_path / "out.npy")])
+    with netCDF4.Dataset(tmp_path / "out.nc") as out:
+        assert out["T"].dimensions == ("time", "lat", "lon") and out["T"].units == "K"
+        np.testing.assert_array_equal(out["lat"][:], lat)
+        # The targets' records: t + 1 after each window, in the training records then the validation ones (the
+        # first two validation records only feed the first validation window).
+        records = np.r_[2:18, 20:24]
+        np.testing.assert_array_equal(out["record"][:], records)
+        np.testing.assert_array_equal(out["time"][:], records * 0.25)
+        assert out["time"].calendar == "noleap"
+        np.testing.assert_array_equal(out["T"][:], np.load(tmp_path / "out.npy")[:, 0])
+        assert abs(float(out["T"][:].mean()) - T[records].mean()) < 0.1 * T.std()  # kelvin, like the input

@@ -1,12 +1,12 @@
 """Batch inference: apply a finished run's model to a dataset on every rank; write the predictions and scores.
 
-``caldera predict RUN_DIR [--split val|train|all] [--set data.args.path=2025.nc] [--out pred.npy|.h5]`` rebuilds
+``caldera predict RUN_DIR [--split val|train|all] [--set data.args.path=2025.nc] [--out pred.nc|.h5|.npy]`` rebuilds
 the run's data pipeline from its resolved config (any key can be overridden: another file, whole images instead
 of patches), gives each rank a contiguous block of the samples, runs the model in evaluation mode and reduces the
 loss and metrics over the ranks. Predictions keep the dataset's sample order whatever the number of ranks; targets
 that training normalised come back in physical units. ``.npy`` outputs are written by every rank at once into
-one preallocated file; ``.h5`` outputs by the ranks in turn (no parallel HDF5 build needed). Either appears
-under its final name only when complete.
+one preallocated file; ``.h5`` and ``.nc`` outputs by the ranks in turn (no parallel HDF5 build needed); NetCDF
+keeps the input's time axis, grid coordinates and units. Each appears under its final name only when complete.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
         raise ConfigError(f"split {split!r}: use one of {', '.join(SPLITS)}")
     suffix = Path(out).suffix if out is not None else ".npy"
     if suffix not in WRITERS:
-        raise ConfigError(f"--out {out}: write .npy or .h5 (got {suffix!r})")
+        raise ConfigError(f"--out {out}: write .npy, .h5 or .nc (got {suffix!r})")
     cfg = load_run_config(run_dir, overrides)
     world = world or init(device=cfg.run.device, seed=cfg.run.seed)
     dataset = _choose(build_data(cfg), split)
@@ -86,7 +86,8 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
     scores = {f"{split}_{k}": float(v / sums[-1]) for k, v in zip(names, sums[:-1])}
     scores["samples"] = n
     if out is not None:
-        WRITERS[suffix](Path(out), blocks, lo, n, world, {"run_dir": str(run_dir), "split": split, **scores})
+        attrs = {"run_dir": str(run_dir), "split": split, **scores}
+        WRITERS[suffix](Path(out), blocks, lo, n, world, attrs, _describe(dataset))
     if world.is_main:
         print("  ".join(f"{k} {v:.6g}" for k, v in scores.items()), flush=True)
         if out is not None:
@@ -190,7 +191,23 @@ def _shape(blocks: list[np.ndarray], world: World) -> tuple[int, ...]:
     return tuple(shapes[0])
 
 
-def _write_npy(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: World, attrs: dict) -> None:
+def _describe(dataset: Dataset) -> dict[str, Any]:
+    """What the writers can say about the samples: target variables, their source records and file."""
+    parts = getattr(dataset, "datasets", [dataset])
+    first = parts[0]
+    if not hasattr(first, "target_layout"):
+        return {}
+    return {
+        "layout": first.target_layout(),
+        "records": np.concatenate([p.target_records() for p in parts]),
+        "source": first.reader.path if getattr(first.reader, "format", None) == "netcdf" else None,
+        "patched": first.patch is not None,
+        "spatial_dims": first.spatial_dims,
+    }
+
+
+def _write_npy(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: World, attrs: dict,
+               meta: dict) -> None:  # fmt: skip
     shape = _shape(blocks, world)
     tmp = path.with_name(f".{path.name}.partial")
     if world.is_main:
@@ -207,7 +224,8 @@ def _write_npy(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: Wor
         os.replace(tmp, path)
 
 
-def _write_h5(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: World, attrs: dict) -> None:
+def _write_h5(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: World, attrs: dict,
+              meta: dict) -> None:  # fmt: skip
     from caldera.data.formats import require
 
     h5py = require("h5py", "HDF5 output")
@@ -217,6 +235,8 @@ def _write_h5(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: Worl
         path.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(tmp, "w") as f:
             f.create_dataset("prediction", shape=(n, *shape), dtype="f4", chunks=True)
+            if meta.get("records") is not None:  # which record of the input file each target belongs to
+                f["record"] = meta["records"]
             f.attrs.update({k: v for k, v in attrs.items() if v is not None})
     # Without a parallel HDF5 build the ranks take turns, each writing its block while the others wait.
     for turn in range(world.size):
@@ -229,7 +249,129 @@ def _write_h5(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: Worl
         os.replace(tmp, path)
 
 
-WRITERS = {".npy": _write_npy, ".h5": _write_h5}
+def _write_nc(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: World, attrs: dict,
+              meta: dict) -> None:  # fmt: skip
+    """NetCDF: one variable per target (T, u, v...) with the input file's units, grid coordinates and time axis
+    where the data came from a NetCDF file; otherwise one ``prediction`` variable. The ranks write in turn."""
+    from caldera.data.formats import require
+
+    netCDF4 = require("netCDF4", "NetCDF output")
+    shape = _shape(blocks, world)
+    tmp = path.with_name(f".{path.name}.partial")
+    plan = _nc_plan(shape, meta)
+    if world.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with netCDF4.Dataset(tmp, "w") as nc:
+            _nc_define(nc, n, plan, meta, attrs)
+    for turn in range(world.size):
+        world.barrier()
+        if turn == world.rank and blocks:
+            data = np.concatenate(blocks)
+            data = data[:, None] if data.ndim == 1 else data  # one scalar target: a channel axis to slice
+            with netCDF4.Dataset(tmp, "a") as nc:
+                for name, channels, *_ in plan:
+                    part = data[:, channels]
+                    nc[name][lo : lo + len(data)] = part.reshape(len(data), *nc[name].shape[1:])
+    world.barrier()
+    if world.is_main:
+        os.replace(tmp, path)
+
+
+def _nc_plan(
+    shape: tuple[int, ...], meta: dict
+) -> list[tuple[str, slice, tuple[str, ...], tuple[int, ...], str | None]]:
+    """Per output variable: its name, its channels in a prediction, its dimensions and their sizes (after
+    ``sample``), and the input file's variable it predicts (for units and coordinates)."""
+    layout, grid = meta.get("layout"), shape[1:]
+    channels = shape[0] if shape else 1
+    if not layout or sum(k for _, k, _ in layout) != channels:
+        dims = ("sample", *(f"dim_{i + 1}" for i in range(len(shape))))
+        return [("prediction", slice(None), dims, shape, None)]
+    default_grid = (
+        ("z", "y", "x")[3 - len(grid) :] if len(grid) <= 3 else tuple(f"dim_{i}" for i in range(len(grid)))
+    )
+    plan, start = [], 0
+    for name, k, kind in layout:
+        src_dims = _source_dims(meta, name)
+        grid_dims = (
+            src_dims[-len(grid) :] if src_dims and len(grid) and not meta.get("patched") else default_grid
+        )
+        safe = name.replace("/", "_")
+        if kind == "field" and grid:
+            dims, sizes = ("sample", *grid_dims), grid
+        elif kind == "channels" and grid:
+            dims, sizes = ("sample", src_dims[0] if src_dims else f"{safe}_channel", *grid_dims), (k, *grid)
+        else:
+            dims, sizes = (("sample",), ()) if k == 1 else (("sample", f"{safe}_value"), (k,))
+        plan.append((safe, slice(start, start + k), dims, tuple(sizes), name))
+        start += k
+    return plan
+
+
+def _source_dims(meta: dict, name: str) -> tuple[str, ...] | None:
+    """The input NetCDF variable's dimensions after the record axis (None when the input was not NetCDF)."""
+    if meta.get("source") is None:
+        return None
+    import netCDF4
+
+    with netCDF4.Dataset(meta["source"]) as src:
+        return tuple(src[name].dimensions[1:])
+
+
+def _nc_define(nc: Any, n: int, plan: list, meta: dict, attrs: dict) -> None:
+    """Create the dimensions, variables and coordinates (copied from the input file where there is one)."""
+    import netCDF4
+
+    src = netCDF4.Dataset(meta["source"]) if meta.get("source") else None
+    try:
+        record_dim = (
+            next((src[p[4]].dimensions[0] for p in plan if p[4] in src.variables), None) if src else None
+        )
+        records = meta.get("records")
+        # One sample per record of the input (no patches): the samples are that file's time axis, so they get its
+        # name and coordinate, and xarray opens T(time, lat, lon).
+        by_record = record_dim is not None and not meta.get("patched") and len(np.unique(records)) == n
+        first = record_dim if by_record else "sample"
+        nc.createDimension(first, n)
+        sizes: dict[str, int] = {}
+        for name, _, dims, shape, source_name in plan:
+            for d, size in zip(dims[1:], shape):
+                if d not in nc.dimensions:
+                    nc.createDimension(d, size)
+                    sizes[d] = size
+            var = nc.createVariable(name, "f4", (first, *dims[1:]), zlib=True)
+            if src is not None and source_name in src.variables:
+                for key in ("units", "long_name", "standard_name"):
+                    if key in src[source_name].ncattrs():
+                        var.setncattr(key, src[source_name].getncattr(key))
+        if records is not None:
+            nc.createVariable("record", "i8", (first,))[:] = records
+            nc["record"].long_name = "record of the input file the target comes from"
+        if src is not None:
+            _copy_coordinates(src, nc, sizes, records, record_dim, first)
+        for key, value in attrs.items():
+            if value is not None:
+                nc.setncattr(key, value)
+    finally:
+        if src is not None:
+            src.close()
+
+
+def _copy_coordinates(src: Any, nc: Any, sizes: dict[str, int], records: np.ndarray | None, record_dim: str | None,
+                      first: str) -> None:  # fmt: skip
+    """Grid coordinates (lat, lon, level) of matching length, and the time of each sample's target record."""
+    for d, size in sizes.items():
+        if d in src.variables and src[d].ndim == 1 and len(src[d]) == size:
+            var = nc.createVariable(d, src[d].dtype, (d,))
+            var[:] = src[d][:]
+            var.setncatts({k: src[d].getncattr(k) for k in src[d].ncattrs()})
+    if records is not None and record_dim in src.variables and src[record_dim].ndim == 1:
+        var = nc.createVariable(record_dim, src[record_dim].dtype, (first,))
+        var[:] = src[record_dim][:][records]
+        var.setncatts({k: src[record_dim].getncattr(k) for k in src[record_dim].ncattrs()})
+
+
+WRITERS = {".npy": _write_npy, ".h5": _write_h5, ".nc": _write_nc}
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -191,6 +191,16 @@ class ScientificDataset(torch.utils.data.Dataset):
             start += k
         return out[:, 0] if y.ndim == 1 else out
 
+    def target_records(self) -> np.ndarray:
+        """For each sample, the record (index along the file's first axis) its target comes from."""
+        first = self.starts[np.arange(len(self)) // len(self.corners)]
+        return first + self.window - 1 + self.lead
+
+    def target_layout(self) -> list[tuple[str, int, str]]:
+        """Each target variable with its channel count and kind ('field', 'channels' or 'value'), in the order
+        they are stacked along axis 1 of a target batch."""
+        return [(v, self._channels(v), self.kinds[v]) for v in self.targets]
+
     def _channels(self, v: str) -> int:
         """How many channels (axis 1 of a target batch) variable ``v`` takes."""
         shape = self.reader.shape(v)

@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p_predict.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                            help="override the run's config, e.g. --set data.args.path=2025.nc (repeatable)")  # fmt: skip
     p_predict.add_argument(
-        "--out", help="write the predictions, in sample order: .npy or .h5 (+ a .json of scores)"
+        "--out", help="write the predictions, in sample order: .nc, .h5 or .npy (+ a .json of scores)"
     )
     p_predict.add_argument("--batch-size", type=int, help="samples per forward pass on each rank")
     p_predict.add_argument("--no-score", action="store_true", help="predict only (the data has no targets)")

@@ -35,7 +35,7 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, Path, float, int, dict]:
             f"{run_dir}: missing {', '.join(missing)}; train first: caldera train examples/climate_forecast.toml"
         )
     cfg = load_config(json.loads((run_dir / "config.resolved.json").read_text()))
-    model = build_model(cfg)
+    model = build_model(cfg, weights=False)  # its own model.pt follows
     model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu"))
     path = Path(cfg.data.args.get("path", "climate.nc"))
     stats, _ = load_stats(run_dir / STATS_FILE)

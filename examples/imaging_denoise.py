@@ -93,7 +93,7 @@ def main() -> None:
     p.add_argument("run_dir", nargs="?", default="runs/imaging-denoise")
     run_dir = Path(p.parse_args().run_dir)
     cfg = load_config(run_dir / "config.toml")
-    model = build_model(cfg)
+    model = build_model(cfg, weights=False)  # its own model.pt follows
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     noisy, clean = held_out(cfg, run_dir)
     result = {"held_out": {"images": len(noisy), **scores(model, noisy, clean)}}

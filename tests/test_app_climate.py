@@ -191,3 +191,34 @@ def test_run_file_passes_check(capsys):
     )
     with pytest.raises(ValueError, match="inputs must start"):
         c.ClimateNet(4, 3, 8, window=2)
+
+
+def test_rollout_samples_line_up_and_the_model_rolls_itself_out(small_file, tmp_path):
+    args = dict(days=150, nlat=16, nlon=32, seed=1, run_dir=tmp_path)
+    one, four = (
+        c.dataset(str(small_file), **args)["train"],
+        c.dataset(str(small_file), **args, rollout=4)["train"],
+    )
+    assert len(four) == len(one) - 3  # the 4th target must lie inside the training records
+    x1, y1 = one.read_batch(np.arange(8))
+    x4, y4 = four.read_batch(np.arange(5))
+    assert x4.shape[1] == 8 + 3 and y4.shape[1] == 3 * 4
+    for j in range(4):  # step j's target of sample i is the one-step target of sample i + j
+        np.testing.assert_array_equal(y4[:, 3 * j : 3 * j + 3], y1[j : j + 5])
+    for j in range(3):  # and the forcing fed at step j + 1 is the insolation of that time
+        np.testing.assert_array_equal(x4[:, 8 + j], x1[j + 1 : j + 6, 7])
+    torch.manual_seed(0)
+    model = c.ClimateNet(8, 3, 8).eval()
+    torch.nn.init.normal_(model.out.weight, std=0.1)  # not persistence, or feeding back would be trivial
+    with torch.no_grad():
+        rolled = model(torch.as_tensor(x4))
+        window, by_hand = torch.as_tensor(x4[:, :8]), []
+        for s in range(4):  # the window layout: [T(t-1), T(t), u(t-1), u(t), v(t-1), v(t), ins(t-1), ins(t)]
+            by_hand.append(model(window))
+            p, ins = by_hand[-1], torch.as_tensor(x4[:, 8 + s]) if s < 3 else None
+            if ins is not None:
+                window = torch.stack([window[:, 1], p[:, 0], window[:, 3], p[:, 1], window[:, 5], p[:, 2],
+                                      window[:, 7], ins], 1)  # fmt: skip
+    torch.testing.assert_close(rolled, torch.cat(by_hand, 1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rollout counts 6-hour steps"):
+        c.dataset(str(small_file), **args, rollout=3, lead=2)

@@ -167,3 +167,23 @@ def test_asking_for_cuda_without_a_gpu_is_one_clear_error(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "sees no CUDA GPU" in proc.stderr and 'device = "auto" or "cpu"' in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_model_weights_start_a_run_from_an_earlier_one(tmp_path):
+    from caldera.train.run import build_model
+
+    cfg = load_config({**GOOD, "model": {"name": "mlp", "args": {"sizes": [4, 8, 2]}}})
+    earlier = build_model(cfg)
+    torch.save(earlier.state_dict(), tmp_path / "model.pt")
+    fine = build_model(load_config({**GOOD, "model": {"name": "mlp", "args": {"sizes": [4, 8, 2]},
+                                                      "weights": str(tmp_path / "model.pt")}}))  # fmt: skip
+    for a, b in zip(earlier.state_dict().values(), fine.state_dict().values()):
+        assert torch.equal(a, b)
+    other = {
+        **GOOD,
+        "model": {"name": "mlp", "args": {"sizes": [4, 16, 2]}, "weights": str(tmp_path / "model.pt")},
+    }
+    with pytest.raises(ConfigError, match=r"does not fit this model: .*other shapes \['1\.weight'"):
+        build_model(load_config(other))
+    with pytest.raises(ConfigError, match="no such file"):
+        build_model(load_config({**GOOD, "model": {"name": "mlp", "weights": str(tmp_path / "none.pt")}}))

@@ -51,6 +51,9 @@ class RunSection(_Section):
 class ModelSection(_Section):
     name: str = Field(description="built-in model name or 'package.module:Callable'")
     args: dict[str, Any] = {}
+    weights: str | None = Field(
+        None, description="start from these weights (an earlier run's model.pt): fine-tuning, transfer"
+    )
 
 
 class DataSection(_Section):

@@ -58,7 +58,7 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
     dataset = _choose(build_data(cfg), split)
     if getattr(dataset, "transform", None) is not None:
         dataset.transform = None  # augmentation is for training: predictions keep the stored orientation
-    model = build_model(cfg)
+    model = build_model(cfg, weights=False)  # its own model.pt follows
     model.load_state_dict(torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True))
     model.to(world.device).eval()
     precision = make_precision(cfg.precision.mode, world.device)

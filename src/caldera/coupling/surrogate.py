@@ -44,7 +44,7 @@ class Surrogate:
                 "run (its [run] dir), or build the model yourself and pass it to Surrogate(model)"
             )
         cfg = Config.model_validate(json.loads((run_dir / "config.resolved.json").read_text()))
-        model = build_model(cfg)
+        model = build_model(cfg, weights=False)  # its own model.pt follows
         model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
         return cls(model, device, batch_size, dtype)
 

@@ -35,7 +35,12 @@ class ClimateNet(nn.Module):
     Input channels are ``window`` consecutive records of each state variable (``out_channels`` of them, first),
     then of each forcing, as ``caldera.data.scientific`` stacks them; the output is the state one step after the
     last record: that record + a learned increment. Learning the increment starts the model at persistence, the
-    baseline it must beat; two records let it see how fast the flow is changing."""
+    baseline it must beat; two records let it see how fast the flow is changing.
+
+    Given the forcings of k - 1 further steps after the inputs (one channel per forcing and step), the model rolls
+    itself out k steps, feeding each prediction back in, and returns the k states stacked (``k * out_channels``
+    channels): trained so, on targets k steps ahead (``climate`` source, ``rollout = k``), it learns to keep its
+    own errors from growing, which one-step training never sees (as GraphCast and FourCastNet are fine-tuned)."""
 
     def __init__(self, in_channels: int = 8, out_channels: int = 3, channels: int = 16, window: int = 2,
                  increment_scale: float = 0.05) -> None:  # fmt: skip
@@ -47,6 +52,9 @@ class ClimateNet(nn.Module):
                 "[T, u, v], window = 2 gives in_channels = 8)"
             )
         c = channels
+        self.window, self.n_state = window, out_channels
+        self.n_forcing = in_channels // window - out_channels
+        self.in_channels = in_channels
         self.last = [
             v * window + window - 1 for v in range(out_channels)
         ]  # the newest record of each variable
@@ -65,9 +73,33 @@ class ClimateNet(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map (n, in, lat, lon) to the next state (n, out, lat, lon); lat and lon must be divisible by 4."""
+        """Map (n, in, lat, lon) to the next state (n, out, lat, lon); with (k - 1) * forcings more input channels,
+        roll out k steps and return (n, k * out, lat, lon). lat and lon must be divisible by 4."""
         if x.shape[-2] % 4 or x.shape[-1] % 4:
             raise ValueError(f"grid {tuple(x.shape[-2:])}: ClimateNet needs lat and lon divisible by 4")
+        extra = x.shape[1] - self.in_channels
+        if extra == 0:
+            return self.step(x)
+        if self.n_forcing == 0 or extra % self.n_forcing:
+            raise ValueError(f"{x.shape[1]} input channels: expected {self.in_channels} plus a multiple of "
+                             f"{self.n_forcing} (the forcings of each further step)")  # fmt: skip
+        window, future = x[:, : self.in_channels], x[:, self.in_channels :]
+        states = [self.step(window)]
+        for s in range(extra // self.n_forcing):
+            window = self.advance(
+                window, states[-1], future[:, s * self.n_forcing : (s + 1) * self.n_forcing]
+            )
+            states.append(self.step(window))
+        return torch.cat(states, dim=1)
+
+    def advance(self, window: torch.Tensor, state: torch.Tensor, forcing: torch.Tensor) -> torch.Tensor:
+        """The input window one step later: each variable drops its oldest record and takes the new one."""
+        w, newest = self.window, torch.cat([state, forcing], dim=1)
+        per_var = window.unflatten(1, (-1, w))  # (n, variables, window, lat, lon)
+        return torch.cat([per_var[:, :, 1:], newest.unsqueeze(2)], dim=2).flatten(1, 2)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """One step: (n, in, lat, lon) -> the state after the newest input record."""
         e1 = self.enc1(x)
         e2 = self.enc2(F.avg_pool2d(e1, 2))
         m = self.mid(F.avg_pool2d(e2, 2))

@@ -18,6 +18,7 @@ built-in ``climate_net`` (``caldera.models.climate.ClimateNet``, a U-Net periodi
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -391,13 +392,21 @@ def dataset(
     run_dir: str | Path | None = None,
     normalize: bool = True,
     backend: str = "thread",
+    rollout: int = 1,
 ) -> dict[str, Any]:
     """Simulate into the NetCDF file ``path`` (relative: inside the run directory) unless it exists, then serve
     it with ``caldera.data.scientific``: inputs [T, u, v, insolation] at the ``window`` records up to t, targets
-    [T, u, v] at t + lead; ``[data] num_workers`` background readers (``backend``: thread or process)."""
+    [T, u, v] at t + lead; ``[data] num_workers`` background readers (``backend``: thread or process).
+    ``rollout = k > 1`` (with lead 1): samples for k-step training (``Rollout``), e.g. to fine-tune a one-step
+    model so that its own errors stop growing when it is rolled out."""
     from caldera.data import scientific
 
-    file = Path(path) if run_dir is None or Path(path).is_absolute() else Path(run_dir) / path
+    # Lexically normalised: "../other-run/climate.nc" must not need this run's directory to exist yet.
+    file = (
+        Path(path)
+        if run_dir is None or Path(path).is_absolute()
+        else Path(os.path.normpath(Path(run_dir) / path))
+    )
     made_with = {"days": float(days), "nlat": nlat, "nlon": nlon, "seed": seed}
 
     def write() -> None:
@@ -408,8 +417,60 @@ def dataset(
 
     write_once(file, write, "the climate file")
     _check_made_with(file, made_with)
-    return scientific.dataset(str(file), inputs=[*STATE, *FORCING], targets=list(STATE), window=window, lead=lead,
+    data = scientific.dataset(str(file), inputs=[*STATE, *FORCING], targets=list(STATE), window=window, lead=lead,
                               val_fraction=val_fraction, normalize=normalize, run_dir=run_dir, backend=backend)  # fmt: skip
+    if rollout == 1:
+        return data
+    if rollout < 1 or lead != 1:
+        raise ValueError(
+            f"rollout = {rollout}, lead = {lead}: rollout counts 6-hour steps (>= 1) from lead = 1"
+        )
+    return {name: Rollout(part, rollout) if part is not None else None for name, part in data.items()}
+
+
+class Rollout(torch.utils.data.Dataset):
+    """Samples for k-step training: the one-step inputs plus the forcings of steps 2..k; targets: the states of
+    steps 1..k, stacked step after step (what ``ClimateNet`` returns when given those extra forcings)."""
+
+    def __init__(self, base: Any, steps: int) -> None:
+        self.base, self.steps, self.stats = base, steps, base.stats
+        newest = base.starts + base.window - 1
+        self.n = int(np.sum(newest + steps < base.records[1]))  # the k-th target must lie inside the split
+        if self.n == 0:
+            raise ValueError(f"records {base.records} are too few for a {steps}-step rollout")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def read_batch(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs (window + future forcings) and the k targets of the samples ``indices``, normalised."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        x, _ = self.base.read_batch(idx)
+        recs = (self.base.starts[idx] + self.base.window - 1)[:, None] + np.arange(1, self.steps + 1)
+        uniq = np.unique(recs)
+        data, pos = self.base.reader.read(uniq, [*STATE, *FORCING]), np.searchsorted(uniq, recs)
+
+        def fields(names: tuple[str, ...], step: int) -> np.ndarray:
+            out = [data[v][pos[:, step]] for v in names]
+            return np.stack([self.stats[v].apply(a) if v in self.stats else a.astype(np.float32)
+                             for v, a in zip(names, out)], axis=1)  # fmt: skip
+
+        future = [fields(FORCING, j) for j in range(self.steps - 1)]  # forcings at t + 1 .. t + k - 1
+        targets = [fields(STATE, j) for j in range(self.steps)]  # states at t + 1 .. t + k
+        return np.concatenate([x, *future], axis=1), np.concatenate(targets, axis=1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.read_batch([i])
+        return torch.as_tensor(x[0]), torch.as_tensor(y[0])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A whole DataLoader batch in one read."""
+        x, y = (torch.as_tensor(a) for a in self.read_batch(indices))
+        return list(zip(x, y))
+
+    def close(self) -> None:
+        """Stop the underlying dataset's readers."""
+        self.base.close()
 
 
 def _check_made_with(file: Path, made_with: dict[str, Any]) -> None:

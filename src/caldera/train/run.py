@@ -44,9 +44,28 @@ def build_data(cfg: Config) -> tuple[Dataset, Dataset | None]:
     return split_dataset(out, cfg.data.val_fraction, cfg.run.seed)
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
-    """Instantiate the model the config names."""
-    return _call(resolve(cfg.model.name, MODELS, "[model] name"), cfg.model.args, "[model] args")
+def build_model(cfg: Config, weights: bool = True) -> torch.nn.Module:
+    """Instantiate the model the config names; load ``[model] weights`` into it unless ``weights`` is False."""
+    model = _call(resolve(cfg.model.name, MODELS, "[model] name"), cfg.model.args, "[model] args")
+    if weights and cfg.model.weights:
+        _load_weights(model, Path(cfg.model.weights))
+    return model
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Start from an earlier run's weights; a file that does not fit the model names what differs."""
+    if not path.is_file():
+        raise ConfigError(f"[model] weights = '{path}': no such file (give an earlier run's model.pt)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise ConfigError(
+            f"[model] weights = '{path}' does not fit this model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, other shapes {wrong[:5]}; the [model] name and args must match the run that wrote it"
+        )
+    model.load_state_dict(state)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -56,8 +56,9 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
     cfg = load_run_config(run_dir, overrides)
     world = world or init(device=cfg.run.device, seed=cfg.run.seed)
     dataset = _choose(build_data(cfg), split)
-    if getattr(dataset, "transform", None) is not None:
-        dataset.transform = None  # augmentation is for training: predictions keep the stored orientation
+    for part in getattr(dataset, "datasets", [dataset]):
+        if getattr(part, "transform", None) is not None:
+            part.transform = None  # augmentation is for training: predictions keep the stored orientation
     model = build_model(cfg, weights=False)  # its own model.pt follows
     model.load_state_dict(torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True))
     model.to(world.device).eval()
@@ -124,6 +125,12 @@ class _Joined(torch.utils.data.ConcatDataset):
             for i, item in zip(where, items):
                 out[i] = item
         return out
+
+    def close(self) -> None:
+        """Stop the parts' background readers."""
+        for part in self.datasets:
+            if hasattr(part, "close"):
+                part.close()
 
 
 def _has_targets(dataset: Dataset) -> bool:

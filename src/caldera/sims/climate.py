@@ -468,6 +468,13 @@ class Rollout(torch.utils.data.Dataset):
         x, y = (torch.as_tensor(a) for a in self.read_batch(indices))
         return list(zip(x, y))
 
+    def denormalize(self, y: np.ndarray) -> np.ndarray:
+        """Predicted states of the k steps back in physical units, step by step."""
+        n = len(STATE)
+        return np.concatenate(
+            [self.base.denormalize(y[:, j * n : (j + 1) * n]) for j in range(self.steps)], axis=1
+        )
+
     def close(self) -> None:
         """Stop the underlying dataset's readers."""
         self.base.close()

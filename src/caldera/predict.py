@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from caldera.config import Config, ConfigError, load_config
+from caldera.io import atomic_write_text
 from caldera.world import World, init
 
 SPLITS = ("val", "train", "all")
@@ -92,7 +93,7 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
     if world.is_main:
         print("  ".join(f"{k} {v:.6g}" for k, v in scores.items()), flush=True)
         if out is not None:
-            _atomic_text(Path(out).with_suffix(".json"), json.dumps(scores, indent=2))
+            atomic_write_text(Path(out).with_suffix(".json"), json.dumps(scores, indent=2))
     if hasattr(dataset, "close"):
         dataset.close()
     return scores
@@ -231,29 +232,41 @@ def _write_npy(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: Wor
         os.replace(tmp, path)
 
 
+def _in_turns(path: Path, world: World, blocks: list[np.ndarray], create: Any, write: Any) -> None:
+    """Rank 0 ``create(tmp)``s the file; then the ranks take turns to ``write(tmp, their rows)`` (no parallel
+    HDF5/NetCDF build needed); rank 0 moves it to ``path`` once complete."""
+    tmp = path.with_name(f".{path.name}.partial")
+    if world.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        create(tmp)
+    for turn in range(world.size):
+        world.barrier()
+        if turn == world.rank and blocks:
+            write(tmp, np.concatenate(blocks))
+    world.barrier()
+    if world.is_main:
+        os.replace(tmp, path)
+
+
 def _write_h5(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: World, attrs: dict,
               meta: dict) -> None:  # fmt: skip
     from caldera.data.formats import require
 
     h5py = require("h5py", "HDF5 output")
     shape = _shape(blocks, world)
-    tmp = path.with_name(f".{path.name}.partial")
-    if world.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def create(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("prediction", shape=(n, *shape), dtype="f4", chunks=True)
             if meta.get("records") is not None:  # which record of the input file each target belongs to
                 f["record"] = meta["records"]
             f.attrs.update({k: v for k, v in attrs.items() if v is not None})
-    # Without a parallel HDF5 build the ranks take turns, each writing its block while the others wait.
-    for turn in range(world.size):
-        world.barrier()
-        if turn == world.rank and blocks:
-            with h5py.File(tmp, "r+") as f:
-                f["prediction"][lo : lo + sum(len(b) for b in blocks)] = np.concatenate(blocks)
-    world.barrier()
-    if world.is_main:
-        os.replace(tmp, path)
+
+    def write(tmp: Path, rows: np.ndarray) -> None:
+        with h5py.File(tmp, "r+") as f:
+            f["prediction"][lo : lo + len(rows)] = rows
+
+    _in_turns(path, world, blocks, create, write)
 
 
 def _write_nc(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: World, attrs: dict,
@@ -263,25 +276,19 @@ def _write_nc(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: Worl
     from caldera.data.formats import require
 
     netCDF4 = require("netCDF4", "NetCDF output")
-    shape = _shape(blocks, world)
-    tmp = path.with_name(f".{path.name}.partial")
-    plan = _nc_plan(shape, meta)
-    if world.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    plan = _nc_plan(_shape(blocks, world), meta)
+
+    def create(tmp: Path) -> None:
         with netCDF4.Dataset(tmp, "w") as nc:
             _nc_define(nc, n, plan, meta, attrs)
-    for turn in range(world.size):
-        world.barrier()
-        if turn == world.rank and blocks:
-            data = np.concatenate(blocks)
-            data = data[:, None] if data.ndim == 1 else data  # one scalar target: a channel axis to slice
-            with netCDF4.Dataset(tmp, "a") as nc:
-                for name, channels, *_ in plan:
-                    part = data[:, channels]
-                    nc[name][lo : lo + len(data)] = part.reshape(len(data), *nc[name].shape[1:])
-    world.barrier()
-    if world.is_main:
-        os.replace(tmp, path)
+
+    def write(tmp: Path, rows: np.ndarray) -> None:
+        rows = rows[:, None] if rows.ndim == 1 else rows  # one scalar target: a channel axis to slice
+        with netCDF4.Dataset(tmp, "a") as nc:
+            for name, channels, *_ in plan:
+                nc[name][lo : lo + len(rows)] = rows[:, channels].reshape(len(rows), *nc[name].shape[1:])
+
+    _in_turns(path, world, blocks, create, write)
 
 
 def _nc_plan(
@@ -379,9 +386,3 @@ def _copy_coordinates(src: Any, nc: Any, sizes: dict[str, int], records: np.ndar
 
 
 WRITERS = {".npy": _write_npy, ".h5": _write_h5, ".nc": _write_nc}
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)

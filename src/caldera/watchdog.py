@@ -52,6 +52,13 @@ _ADVICE = (
 _COMMS: dict[int, Any] = {}  # one duplicated communicator per world communicator, reused by later fits
 
 
+def hang_timeout_for(world: World, hang_timeout: float | None) -> float:
+    """``hang_timeout`` in seconds; None means the default: on several ranks only (alone, nobody waits); 0 off."""
+    if hang_timeout is None:
+        return DEFAULT_TIMEOUT if world.size > 1 else 0.0
+    return float(hang_timeout)
+
+
 class Watchdog:
     """End the job with a report naming the stuck ranks when none has progressed for ``timeout`` seconds."""
 

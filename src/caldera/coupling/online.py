@@ -20,7 +20,7 @@ from caldera.coupling.replay import ReplayBuffer, as_batch
 from caldera.train.metrics import Metric
 from caldera.train.output import MetricsLog, pyplot, save_figure, save_weights
 from caldera.train.trainer import Trainer
-from caldera.watchdog import DEFAULT_TIMEOUT, Watchdog
+from caldera.watchdog import Watchdog, hang_timeout_for
 from caldera.world import World, init
 
 
@@ -83,8 +83,7 @@ class OnlineTrainer:
             # Slurm's warning before the wall time (SIGTERM/SIGUSR1) becomes should_stop, not a dead process.
             self._checkpointer.install_signal_handlers()
         # A rank whose simulation stops would leave the others waiting in train() forever: see caldera.watchdog.
-        if hang_timeout is None:
-            hang_timeout = DEFAULT_TIMEOUT if self.world.size > 1 else 0.0
+        hang_timeout = hang_timeout_for(self.world, hang_timeout)
         self._watchdog = Watchdog(self.world, hang_timeout).start() if hang_timeout > 0 else None
 
     @property
@@ -183,11 +182,7 @@ class OnlineTrainer:
         simulation's own state, per rank) to ``run_dir/checkpoints`` (collective, atomic); return its path."""
         checkpointer = self._require_checkpointer()
         self._mark("checkpoint")
-        if hasattr(self.trainer.strategy, "synchronize"):
-            self.trainer.strategy.synchronize()
-        if hasattr(self.trainer.strategy, "gather_state"):  # a sharded optimizer's whole state, on rank 0
-            self.trainer.strategy.gather_state()
-        shared = self.trainer.state_dict() if self.world.is_main else {}
+        shared = self.trainer.shared_state()
         if self.world.is_main:
             shared.update(rounds=self.rounds, online_history=list(self.history))
         local = {"buffer": self.buffer.state_dict(), "rng": rng_state(), "extra": extra}

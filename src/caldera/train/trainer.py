@@ -25,7 +25,7 @@ from caldera.train.callbacks import Callback
 from caldera.train.metrics import Metric
 from caldera.train.output import MetricsLog, plot_learning_curve, plot_predictions, save_weights
 from caldera.train.recompute import checkpoint_activations
-from caldera.watchdog import DEFAULT_TIMEOUT, Watchdog
+from caldera.watchdog import Watchdog, hang_timeout_for
 from caldera.world import SetupWarning, World, init
 
 DataLike = Dataset | DataLoader | tuple | list
@@ -101,10 +101,7 @@ class Trainer:
         self.step_in_epoch = 0
         self._partial = (0.0, 0)  # loss sum and samples of the current epoch so far (restored on resume)
         self._console: Any = None
-        # None: the default on several ranks (a single process has nobody to wait for); 0: off.
-        if hang_timeout is None:
-            hang_timeout = DEFAULT_TIMEOUT if self.world.size > 1 else 0.0
-        self.hang_timeout = float(hang_timeout)
+        self.hang_timeout = hang_timeout_for(self.world, hang_timeout)
         self._watchdog: Watchdog | None = None
 
     # -- public ---------------------------------------------------------------------------------------------------
@@ -122,8 +119,7 @@ class Trainer:
         self.log(self._describe(train_set, val_set))
         if self.checkpointer is not None:
             self.checkpointer.install_signal_handlers()
-        if self.hang_timeout > 0:
-            self._watchdog = Watchdog(self.world, self.hang_timeout).start()
+        self._watchdog = Watchdog(self.world, self.hang_timeout).start() if self.hang_timeout > 0 else None
         try:
             for cb in self.callbacks:
                 cb.on_fit_start(self)
@@ -360,14 +356,17 @@ class Trainer:
         self.global_step = shared["global_step"]
         self.history = list(shared["history"])
 
-    def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        if hasattr(self.strategy, "synchronize"):  # rank 0 saves the model: it must be everyone's model
+    def shared_state(self) -> dict[str, Any]:
+        """``state_dict()`` on rank 0 ({} elsewhere) after every rank's part was gathered (collective)."""
+        # Rank 0 saves the model and the optimizer: they must be everyone's, whole (a sharded optimizer).
+        if hasattr(self.strategy, "synchronize"):
             self.strategy.synchronize()
-        if hasattr(
-            self.strategy, "gather_state"
-        ):  # ... and the whole optimizer state (sharded over the ranks)
+        if hasattr(self.strategy, "gather_state"):
             self.strategy.gather_state()
-        shared = self.state_dict() if self.world.is_main else {}
+        return self.state_dict() if self.world.is_main else {}
+
+    def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        shared = self.shared_state()
         # The running loss of the current epoch is this rank's own: it travels with the rank's file.
         return shared, {"rng": rng_state(), "partial": self._partial}
 

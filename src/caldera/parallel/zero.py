@@ -94,9 +94,12 @@ class ShardedOptimizer:
 
     @torch.no_grad()
     def read_all(self, flat: torch.Tensor) -> None:
-        """Copy every parameter from ``flat`` (gathered from all ranks' ranges)."""
+        """Copy the other ranks' ranges of every parameter from ``flat`` (this rank's own range is already there)."""
         for p, o in self.layout:
-            p.view(-1).copy_(flat[o : o + p.numel()])
+            dest = p.view(-1)
+            for a, b in ((o, min(o + p.numel(), self.lo)), (max(o, self.hi), o + p.numel())):
+                if a < b:
+                    dest[a - o : b - o].copy_(flat[a:b])
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def gather_state(self, comm: Any, rank: int) -> None:

@@ -106,17 +106,19 @@ def test_launch_max_restarts_finishes_a_job_that_lost_a_rank(tmp_path, reference
     assert_same(weights(ref), weights(job))
 
 
-def test_cli_resume_and_time_limit(tmp_path):
+def test_cli_resume_and_time_limit(tmp_path, capsys):
+    from caldera.cli import main
+
     run_dir = tmp_path / "heat"
-    base = [sys.executable, "-m", "caldera.cli", "train", "examples/heat_surrogate.toml", "--set", f"run.dir={run_dir}",
-            "--set", "data.args.n_samples=128", "--set", "optim.epochs=2", "--set", "checkpoint.every=2",
-            "--set", "train.plot=false"]  # fmt: skip
-    stop = subprocess.run([*base, "--time-limit", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert stop.returncode == REQUEUE_EXIT_CODE, stop.stderr
-    assert "time limit" in stop.stderr and "step-000000001" in stop.stderr
-    done = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    assert "resumed from" in done.stdout and "global step 1" in done.stdout
+    # In this process: the command's code path without an interpreter start per call.
+    base = ["train", "examples/heat_surrogate.toml", "--set", f"run.dir={run_dir}", "--set", "data.args.n_samples=128",
+            "--set", "optim.epochs=2", "--set", "checkpoint.every=2", "--set", "train.plot=false"]  # fmt: skip
+    assert main([*base, "--time-limit", "0"]) == REQUEUE_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "time limit" in err and "step-000000001" in err
+    assert main([*base, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "global step 1" in out
     shared = torch.load(sorted((run_dir / "checkpoints").iterdir())[-1] / "shared.pt", weights_only=False)
     assert set(shared["model"]) == set(torch.load(run_dir / "model.pt"))  # plain torch reads the weights
 

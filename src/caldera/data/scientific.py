@@ -35,7 +35,25 @@ from caldera.data.shuffle import ChunkShuffleSampler
 Transform = Callable[..., tuple[Any, Any]]
 
 
-class ScientificDataset(torch.utils.data.Dataset):
+class BatchReads(torch.utils.data.Dataset):
+    """A dataset whose ``read_batch(indices)`` returns whole (inputs, targets) arrays; single items and DataLoader
+    batches are cut from it."""
+
+    def read_batch(self, indices: Any) -> tuple[Any, Any]:
+        """Inputs and targets of the samples ``indices``."""
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.read_batch([i])
+        return torch.as_tensor(x[0]), torch.as_tensor(y[0])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Read a DataLoader batch in one go (torch calls this instead of one ``__getitem__`` per sample)."""
+        x, y = (torch.as_tensor(a) for a in self.read_batch(indices))
+        return list(zip(x, y))
+
+
+class ScientificDataset(BatchReads):
     """Samples (windows x patches) over a range of records of one file; reads whole batches at once."""
 
     def __init__(
@@ -215,15 +233,6 @@ class ScientificDataset(torch.utils.data.Dataset):
             window = tuple(slice(o, o + p) for o, p in zip(self.corners[c], self.patch))
             out[sel] = fields[sel][(Ellipsis, *window)]
         return out
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.read_batch([i])
-        return torch.as_tensor(x[0]), torch.as_tensor(y[0])
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Read a DataLoader batch in one go (torch calls this instead of one ``__getitem__`` per sample)."""
-        x, y = (torch.as_tensor(a) for a in self.read_batch(indices))
-        return list(zip(x, y))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from caldera.data.formats import require
+from caldera.data.scientific import BatchReads
 from caldera.models.climate import ClimateNet as ClimateNet
 from caldera.sims import write_once  # re-exported: the model of this application
 
@@ -428,14 +429,15 @@ def dataset(
     return {name: Rollout(part, rollout) if part is not None else None for name, part in data.items()}
 
 
-class Rollout(torch.utils.data.Dataset):
+class Rollout(BatchReads):
     """Samples for k-step training: the one-step inputs plus the forcings of steps 2..k; targets: the states of
     steps 1..k, stacked step after step (what ``ClimateNet`` returns when given those extra forcings)."""
 
     def __init__(self, base: Any, steps: int) -> None:
         self.base, self.steps, self.stats = base, steps, base.stats
         newest = base.starts + base.window - 1
-        self.n = int(np.sum(newest + steps < base.records[1]))  # the k-th target must lie inside the split
+        # The k-th target must lie inside the split (valid starts are a prefix; each has all patch corners).
+        self.n = int(np.sum(newest + steps < base.records[1])) * len(base.corners)
         if self.n == 0:
             raise ValueError(f"records {base.records} are too few for a {steps}-step rollout")
 
@@ -444,29 +446,21 @@ class Rollout(torch.utils.data.Dataset):
 
     def read_batch(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
         """Inputs (window + future forcings) and the k targets of the samples ``indices``, normalised."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        x, _ = self.base.read_batch(idx)
-        recs = (self.base.starts[idx] + self.base.window - 1)[:, None] + np.arange(1, self.steps + 1)
+        base, idx = self.base, np.asarray(indices, dtype=np.int64).reshape(-1)
+        x, _ = base.read_batch(idx)
+        corner = idx % len(base.corners)
+        recs = (base.starts[idx // len(base.corners)] + base.window - 1)[:, None] + np.arange(
+            1, self.steps + 1
+        )
         uniq = np.unique(recs)
-        data, pos = self.base.reader.read(uniq, [*STATE, *FORCING]), np.searchsorted(uniq, recs)
-
-        def fields(names: tuple[str, ...], step: int) -> np.ndarray:
-            out = [data[v][pos[:, step]] for v in names]
-            return np.stack([self.stats[v].apply(a) if v in self.stats else a.astype(np.float32)
-                             for v, a in zip(names, out)], axis=1)  # fmt: skip
-
-        future = [fields(FORCING, j) for j in range(self.steps - 1)]  # forcings at t + 1 .. t + k - 1
-        targets = [fields(STATE, j) for j in range(self.steps)]  # states at t + 1 .. t + k
+        data, pos = base.reader.read(uniq, list(base.kinds)), np.searchsorted(uniq, recs)
+        # One record per step, normalised and laid out as the base dataset does for its own inputs and targets.
+        future = [
+            base._assemble(list(FORCING), data, pos[:, j : j + 1], corner) for j in range(self.steps - 1)
+        ]
+        targets = [base._assemble(list(STATE), data, pos[:, j : j + 1], corner, target=True)
+                   for j in range(self.steps)]  # fmt: skip
         return np.concatenate([x, *future], axis=1), np.concatenate(targets, axis=1)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.read_batch([i])
-        return torch.as_tensor(x[0]), torch.as_tensor(y[0])
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A whole DataLoader batch in one read."""
-        x, y = (torch.as_tensor(a) for a in self.read_batch(indices))
-        return list(zip(x, y))
 
     def denormalize(self, y: np.ndarray) -> np.ndarray:
         """Predicted states of the k steps back in physical units, step by step."""

@@ -1,7 +1,7 @@
 """Caldera's all-reduce data parallel vs. PyTorch DDP (gloo), same model, same global batch, same run.
 
     python benchmarks/bench_data_parallel.py [--ranks 2] [--repeats 3] [--steps 20] [--models mlp cnn]
-                                             [--grad-comm bf16] [--optimizer sgd|adam] [--shard]
+                                             [--grad-comm bf16] [--optimizer sgd|adam] [--shard] [--unfused]
 
 For each model it measures, alternating, R times: one rank alone (1 thread, per-rank batch) -> ideal = N x that;
 DDP-gloo on N ranks x 1 thread; Caldera ``allreduce`` on N ranks x 1 thread. Prints medians of samples/s, the
@@ -10,7 +10,8 @@ ideal on both, never slower than DDP. The row "no communication" is N ranks each
 batch at the same time: what the machine allows before any byte is exchanged (shared memory bandwidth, caches,
 clock). ``--grad-comm bf16`` (or fp16) adds rows for Caldera with 16-bit gradient
 communication, both reducers; ``--shard`` rows with the optimizer state sharded over the ranks (``shard_optimizer``),
-which matters with ``--optimizer adam`` (two state tensors per parameter to update). The worker half of this file runs inside the ranks (``--worker``).
+which matters with ``--optimizer adam`` (two state tensors per parameter to update); ``--unfused`` rows with
+PyTorch's own weight-gradient accumulation instead of Caldera's fused linear gradients (``fused_linear_grads``). The worker half of this file runs inside the ranks (``--worker``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def worker(kind: str, mode: str, global_batch: int, steps: int, optim: str = "sg
             reducer="mpi" if "-mpi" in mode else "auto",
             grad_comm=grad_comm,
             shard_optimizer=mode.endswith("-zero"),
+            fused_linear_grads="-unfused" not in mode,
         )
         net = strategy.setup(model, opt, world)
         backward, step = strategy.backward, strategy.step
@@ -167,6 +169,8 @@ def main() -> None:
     )
     parser.add_argument("--shard", action="store_true",
                         help="also measure Caldera with the optimizer state sharded over the ranks (shard_optimizer)")  # fmt: skip
+    parser.add_argument("--unfused", action="store_true",
+                        help="also measure Caldera without fused linear weight gradients (fused_linear_grads = false)")  # fmt: skip
     parser.add_argument(
         "--worker", nargs=5, metavar=("KIND", "MODE", "GBATCH", "STEPS", "OPTIM"), help=argparse.SUPPRESS
     )
@@ -184,6 +188,8 @@ def main() -> None:
     )
     for kind in args.models:
         modes = ["nocomm", "lockstep", "ddp", "caldera", "caldera-mpi"]
+        if args.unfused:
+            modes += ["caldera-unfused", "caldera-mpi-unfused"]
         if args.grad_comm:
             modes += [f"caldera-{args.grad_comm}", f"caldera-mpi-{args.grad_comm}"]
         if args.shard:
@@ -210,6 +216,8 @@ def main() -> None:
             f"caldera-mpi-{args.grad_comm}": f"Caldera (mpi) {args.grad_comm} comm",
             "caldera-zero": "Caldera (auto: shm), sharded opt.",
             "caldera-mpi-zero": "Caldera (mpi), sharded opt.",
+            "caldera-unfused": "Caldera (auto: shm), unfused",
+            "caldera-mpi-unfused": "Caldera (mpi), unfused",
         }
         for mode in modes:
             runs = ", ".join(f"{v:.0f}" for v in results[mode])

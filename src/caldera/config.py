@@ -111,6 +111,10 @@ class ParallelSection(_Section):
     shard_optimizer: bool = Field(
         False, description="allreduce: each rank keeps and steps 1/N of the optimizer state (ZeRO-1)"
     )
+    fused_linear_grads: bool = Field(
+        True, description="allreduce: nn.Linear weight gradients are added into the gradient buckets by their own "
+        "GEMM (no temporary); false: PyTorch's own accumulation",
+    )  # fmt: skip
     # async-shared
     workers: int = Field(2, ge=1, description="async-shared: worker processes on this node")
     lock: Literal["none", "tensor"] = Field("none", description="async-shared: lock-free or per-tensor locks")

@@ -29,7 +29,15 @@ from typing import Any
 
 import torch
 
-from caldera.comm.buckets import Bucket, average_over_ranks, build_buckets, point_grads, rebind_grads
+from caldera.comm.buckets import (
+    Bucket,
+    average_over_ranks,
+    build_buckets,
+    point_grads,
+    rebind_grads,
+    storage_size,
+)
+from caldera.comm.linear_grads import fuse
 from caldera.comm.lowp import LowPrecisionSum, SumJob, wire_dtype
 from caldera.parallel.base import register
 from caldera.parallel.zero import ShardedOptimizer
@@ -49,6 +57,7 @@ class AllReduce:
         reducer: str = "auto",
         grad_comm: str = "fp32",
         shard_optimizer: bool = False,
+        fused_linear_grads: bool = True,
         **_: Any,
     ) -> None:
         if reducer not in ("auto", "mpi", "shm"):
@@ -63,10 +72,13 @@ class AllReduce:
         self.lowp: LowPrecisionSum | None = None  # the mpi reducer's 16-bit sums (grad_comm bf16/fp16)
         self._jobs: list[SumJob] = []  # one per bucket, by bucket index
         self._hooks: list[Any] = []
+        self._in_backward = False
         self._sync = True  # False inside no_sync(): gradients accumulate without being reduced
         self.reductions = 0  # bucket reductions started so far (one per bucket per optimizer step)
         self.shard_optimizer = shard_optimizer
         self.shards: ShardedOptimizer | None = None  # this rank's part of the optimizer (shard_optimizer)
+        self.fused_linear_grads = fused_linear_grads  # linear layers' weight GEMMs add into the buckets
+        self._unfuse = lambda: None
 
     def setup(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World
@@ -82,7 +94,7 @@ class AllReduce:
         if self._use_shm(params):
             from caldera.comm.shm import NodeReducer
 
-            total = sum(p.numel() for p in params)
+            total = storage_size(params)
             self.node = NodeReducer(self.comm.comm, total, self.wire)
             # fp32 slots are the gradients; 16-bit slots only receive rounded copies of a private fp32 buffer.
             storage = self.node.slot if self.wire is None else torch.zeros(total)
@@ -98,6 +110,8 @@ class AllReduce:
             for b in self.buckets:
                 for p in b.params:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b)))
+        if self.fused_linear_grads and self.world.size > 1:
+            self._unfuse = fuse(model, lambda: self._in_backward)
         return model
 
     def _shard(self, params: list[torch.nn.Parameter]) -> None:
@@ -197,7 +211,11 @@ class AllReduce:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss / ranks``; full buckets start reducing during this call."""
-        (loss / self.world.size if self.world.size > 1 else loss).backward()
+        self._in_backward = True
+        try:
+            (loss / self.world.size if self.world.size > 1 else loss).backward()
+        finally:
+            self._in_backward = False
 
     def step(self) -> None:
         """Finish every bucket's reduction, then update the weights and zero the buckets."""
@@ -266,6 +284,7 @@ class AllReduce:
 
     def close(self) -> None:
         """Remove the hooks and give the gradients back as ordinary tensors."""
+        self._unfuse()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

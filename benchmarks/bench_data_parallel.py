@@ -8,7 +8,9 @@ DDP-gloo on N ranks x 1 thread; Caldera ``allreduce`` on N ranks x 1 thread. Pri
 ratio Caldera / DDP and each one's scaling efficiency against ideal. Targets: >= 1.4x DDP on the MLP, >= 90 % of
 ideal on both, never slower than DDP. The row "no communication" is N ranks each training alone on its per-rank
 batch at the same time: what the machine allows before any byte is exchanged (shared memory bandwidth, caches,
-clock). ``--grad-comm bf16`` (or fp16) adds rows for Caldera with 16-bit gradient
+clock); "lockstep" adds a barrier after every step (the bound of any synchronous method on a host whose
+cores' speed wanders: each step waits for the slower rank), and each row also prints its share of that bound.
+``--grad-comm bf16`` (or fp16) adds rows for Caldera with 16-bit gradient
 communication, both reducers; ``--shard`` rows with the optimizer state sharded over the ranks (``shard_optimizer``),
 which matters with ``--optimizer adam`` (two state tensors per parameter to update); ``--unfused`` rows with
 PyTorch's own weight-gradient accumulation instead of Caldera's fused linear gradients (``fused_linear_grads``). The worker half of this file runs inside the ranks (``--worker``).
@@ -222,7 +224,8 @@ def main() -> None:
         for mode in modes:
             runs = ", ".join(f"{v:.0f}" for v in results[mode])
             print(f"  {labels[mode]:30s} {med[mode]:7.0f} samples/s  {100 * med[mode] / ideal:5.1f} % of ideal  "
-                  f"x{med[mode] / med['ddp']:.2f} DDP   [{runs}]")  # fmt: skip
+                  f"{100 * med[mode] / med['lockstep']:5.1f} % of lockstep  x{med[mode] / med['ddp']:.2f} DDP   "
+                  f"[{runs}]")  # fmt: skip
 
 
 if __name__ == "__main__":

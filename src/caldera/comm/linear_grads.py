@@ -4,7 +4,7 @@ Autograd computes a weight gradient into a fresh tensor and then adds it to ``.g
 ``.grad`` a view into a bucket that is never ``None``, every step allocates (and page-faults) a model-sized
 temporary and streams it once more for the addition. Here a linear layer's backward accumulates
 ``dY^T X`` into ``.grad`` with one ``addmm_`` instead (BLAS adds the product to the output in place). On the
-data-parallel MLP benchmark this is ~8 % more samples/s, provided the bucket views start on cache lines
+data-parallel MLP benchmark this is 4-17 % more samples/s (by the hour), provided the bucket views start on cache lines
 (``comm/buckets.py`` pads them): into views 16 bytes off a line the same GEMM is 15-30 % slower, which is why an
 earlier attempt without the padding measured slower.
 

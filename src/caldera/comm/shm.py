@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from caldera.comm.buckets import padded
 from caldera.comm.lowp import LowPrecisionSum, SumJob, round_into_, sum_rows_
 
 _CHUNK = 1 << 18  # floats: 1 MiB per slot, so a chunk of two slots and the result stays in L2
@@ -41,7 +42,7 @@ class NodeReducer:
         self.total, self.wire = total, wire
         # Rows padded to whole cache lines and the window's start rounded up to one (MPI's was 16 bytes off):
         # a GEMM writing gradients into misaligned memory is 15-30 % slower (comm/linear_grads.py).
-        row = -(-total // 32) * 32
+        row = padded(total, 2)  # a whole number of cache lines for 16-bit slots too
         slot_bytes = _aligned(self.local_size * row * (2 if wire is not None else 4))
         nbytes = slot_bytes + row * 4 + 64 if self.local_rank == 0 else 0
         self.win = MPI.Win.Allocate_shared(nbytes, 4, comm=self.node)

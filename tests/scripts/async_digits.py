@@ -38,6 +38,17 @@ class SlowLoss(nn.Module):
         return nn.functional.cross_entropy(out, target)
 
 
+class Decay:
+    """Learning-rate factor from 1 down to 0.1 over ``total`` updates, so the last epochs settle instead of
+    oscillating by a percent of accuracy (a class, so async-shared's worker processes can unpickle it)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def __call__(self, step: int) -> float:
+        return max(0.1, 1.0 - 0.9 * step / self.total)
+
+
 def run(name: str, options: dict, slow: tuple[int, float]) -> None:
     world = caldera.init(seed=0)
     torch.set_num_threads(1)
@@ -45,8 +56,10 @@ def run(name: str, options: dict, slow: tuple[int, float]) -> None:
     model = SmallCNN(channels=16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
     strategy = make_strategy(name, **options)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Decay(15 * 45))
     trainer = caldera.Trainer(model, optimizer, SlowLoss(*slow), metrics={"accuracy": accuracy}, max_epochs=15,
-                              batch_size=32, strategy=strategy, progress=False, world=world)  # fmt: skip
+                              batch_size=32, strategy=strategy, progress=False, world=world,
+                              scheduler=scheduler)  # fmt: skip
     history = trainer.fit(train, val)  # async-shared / async-ps take the loop over through strategy.fit
     out = {"history": [h.get("val_accuracy") for h in history], "stats": getattr(strategy, "stats", {})}
     if name == "local-sgd":

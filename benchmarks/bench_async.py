@@ -63,9 +63,10 @@ def worker(name: str, slow: float, epochs: int, out: str) -> None:
     import caldera.parallel.async_shared  # noqa: F401  (importing a strategy module registers its name)
     import caldera.parallel.local_sgd  # noqa: F401
     import caldera.parallel.param_server  # noqa: F401
+    from caldera.comm.buckets import flatten
     from caldera.models import SmallCNN
     from caldera.parallel import make_strategy
-    from caldera.parallel._async import WorkItems, flatten
+    from caldera.parallel._async import WorkItems
 
     world = caldera.init(seed=0)
     torch.set_num_threads(1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caldera.config import load_config
+from caldera.config import load_config, read_run_dir
 from caldera.data.normalize import STATS_FILE, load_stats
 from caldera.sims.climate import rollout_skill
 from caldera.train.output import pyplot, save_figure
@@ -34,9 +34,9 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, Path, float, int, dict]:
         raise SystemExit(
             f"{run_dir}: missing {', '.join(missing)}; train first: caldera train examples/climate_forecast.toml"
         )
-    cfg = load_config(json.loads((run_dir / "config.resolved.json").read_text()))
+    cfg = load_config(read_run_dir(run_dir))  # refuses code the run directory names (docs/security.md)
     model = build_model(cfg, weights=False)  # its own model.pt follows
-    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu"))
+    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
     path = Path(cfg.data.args.get("path", "climate.nc"))
     stats, _ = load_stats(run_dir / STATS_FILE)
     window = int(cfg.data.args.get("window", 2))

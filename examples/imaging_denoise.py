@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import torch
 
-from caldera.config import load_config
+from caldera.config import load_config, read_run_dir
 from caldera.sims.phantoms import gaussian_baseline, gaussian_blur, generate, psnr_np
 from caldera.train.output import pyplot, save_figure
 from caldera.train.run import build_model
@@ -92,7 +92,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", nargs="?", default="runs/imaging-denoise")
     run_dir = Path(p.parse_args().run_dir)
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_config(read_run_dir(run_dir))  # refuses code the run directory names (docs/security.md)
     model = build_model(cfg, weights=False)  # its own model.pt follows
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     noisy, clean = held_out(cfg, run_dir)

@@ -21,6 +21,11 @@ from caldera.checkpoint import REQUEUE_EXIT_CODE, CheckpointError, Preempted
 from caldera.config import ConfigError
 from caldera.data.formats import DataError
 
+TRUST_HELP = (
+    "import the code the run directory names by import path (model, data source, loss, metrics); "
+    "only for runs whose author you trust: importing runs their code (docs/security.md)"
+)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caldera", description=__doc__,
@@ -56,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="how long a request may wait for others to share its forward pass")  # fmt: skip
     p_serve.add_argument("--max-body-mb", type=float, default=256, help="largest request accepted")
     p_serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
+    p_serve.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     p_predict = sub.add_parser(
         "predict", help="apply a finished run's model to a dataset on every rank: predictions and scores"
     )
@@ -69,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p_predict.add_argument("--batch-size", type=int, help="samples per forward pass on each rank")
     p_predict.add_argument("--no-score", action="store_true", help="predict only (the data has no targets)")
+    p_predict.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     sub.add_parser(
         "info", help="what this job sees: software, GPUs, MPI, every rank's place; set-up problems"
     )
@@ -146,7 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
     from caldera.serve import Ensemble, make_server
 
     try:
-        ensemble = Ensemble.from_runs(args.runs, device=args.device)
+        ensemble = Ensemble.from_runs(args.runs, device=args.device, trust_code=args.trust_code)
     except (FileNotFoundError, ConfigError) as exc:
         _error(str(exc))
         return 2
@@ -175,7 +182,8 @@ def _predict(args: argparse.Namespace) -> int:
     from caldera.predict import predict
 
     try:
-        predict(args.run, args.split, args.set, args.out, args.batch_size, score=not args.no_score)
+        predict(args.run, args.split, args.set, args.out, args.batch_size, score=not args.no_score,
+                trust_code=args.trust_code)  # fmt: skip
     except ConfigError as exc:
         _error(str(exc))
         return 2

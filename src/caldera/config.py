@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -352,6 +353,81 @@ def resolve(ref: str, registry: dict[str, Any], key: str) -> Any:
             raise ConfigError(f"{key} = {ref!r}: module '{module_name}' has no '{attr}'.{hint}")
         obj = getattr(obj, part)
     return obj
+
+
+# -- trust: code named by a run directory -----------------------------------------------------------------------
+# A run directory travels between people (a shared filesystem, a download); its config names code by import path,
+# and importing a module runs it. So what a run directory names is imported only when the user says so: built-in
+# names (never containing ':') always resolve; 'pkg.mod:Name' only with trust_code (--trust-code) or when the user
+# gave that same path for that key (--set model.name=my_pkg:Net). Run files given to train/check/tune are the
+# user's own and stay trusted. See docs/security.md.
+
+
+class UntrustedCode(ConfigError):
+    """A run directory names code to import (``pkg.mod:Name``) that the user has not said they trust."""
+
+
+def code_refs(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every import path ('pkg.mod:Name') a run file's dict names for ``resolve``, as (dotted key, path)."""
+
+    def get(dotted: str) -> Any:
+        node: Any = raw
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    refs = []
+    for key in ("model.name", "data.source", "data.args.transform", "train.loss", "train.metrics"):
+        value = get(key)
+        for item in value if isinstance(value, list) else [value]:
+            # A name without ':' is a built-in or an error in resolve(); it never reaches importlib.
+            if isinstance(item, str) and ":" in item:
+                refs.append((key, item))
+    return refs
+
+
+def check_trusted(raw: dict[str, Any], run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                  trust_code: bool = False, keys: tuple[str, ...] | None = None) -> None:  # fmt: skip
+    """Raise UntrustedCode for an import path (under ``keys``) in a run directory's ``raw`` config not vouched for."""
+    # Vouched for: trust_code, or the user's own --set of that path for that key (overrides, applied to raw).
+    if trust_code:
+        return
+    given: dict[str, Any] = {}
+    for item in overrides:
+        _apply_override(given, item)
+    vouched = set(code_refs(given))
+    for key, path in code_refs(raw):
+        if (keys is None or key in keys) and (key, path) not in vouched:
+            raise UntrustedCode(
+                f"{run_dir}: {key} = {path!r} is code to import, not a built-in name; refused because a run "
+                "directory may come from someone else and importing runs its code. If you trust who wrote it, "
+                "pass --trust-code (Python: trust_code=True)"
+            )
+
+
+def read_run_dir(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), trust_code: bool = False,
+                 keys: tuple[str, ...] | None = None) -> dict[str, Any]:  # fmt: skip
+    """A finished run's config.resolved.json with ``overrides``, through ``check_trusted`` before any import."""
+    run_dir = Path(run_dir)
+    resolved = run_dir / "config.resolved.json"
+    missing = [f for f in (resolved, run_dir / "model.pt") if not f.is_file()]
+    if missing:
+        raise ConfigError(
+            f"{run_dir} has no {' or '.join(f.name for f in missing)}: give the run directory of a finished "
+            "`caldera train` run (its [run] dir)"
+        )
+    try:
+        raw = json.loads(resolved.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(
+            f"{resolved}: not valid JSON ({exc}); give the run directory of a finished run"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{resolved}: expected sections such as model and data at the top level")
+    for item in overrides:
+        _apply_override(raw, item)
+    check_trusted(raw, run_dir, overrides, trust_code, keys)
+    return raw
 
 
 def _check_references(cfg: Config, where: str) -> None:

@@ -20,29 +20,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from caldera.config import Config, ConfigError, load_config
+from caldera.config import Config, ConfigError, load_config, read_run_dir
 from caldera.io import atomic_write_text
 from caldera.world import World, init
 
 SPLITS = ("val", "train", "all")
 
 
-def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The resolved config of a finished run, pointed at ``run_dir`` (its statistics files), with overrides."""
-    run_dir = Path(run_dir)
-    resolved = run_dir / "config.resolved.json"
-    missing = [f for f in (resolved, run_dir / "model.pt") if not f.is_file()]
-    if missing:
-        raise ConfigError(
-            f"{run_dir} has no {' or '.join(f.name for f in missing)}: give the run directory of a finished "
-            "`caldera train` run (its [run] dir)"
-        )
-    return load_config(json.loads(resolved.read_text()), [f"run.dir={run_dir}", *overrides])
+def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                    trust_code: bool = False) -> Config:  # fmt: skip
+    """The resolved config of a finished run, pointed at ``run_dir`` (its statistics files), with overrides; code
+    it names by import path is refused unless ``trust_code`` or given in ``overrides`` (docs/security.md)."""
+    return load_config(read_run_dir(run_dir, [f"run.dir={run_dir}", *overrides], trust_code))
 
 
 def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tuple[str, ...] = (),
             out: str | Path | None = None, batch_size: int | None = None, score: bool = True,
-            world: World | None = None, progress: bool = True) -> dict[str, float]:  # fmt: skip
+            world: World | None = None, progress: bool = True,
+            trust_code: bool = False) -> dict[str, float]:  # fmt: skip
     """Predict ``split`` of the run's data on every rank (collective); write ``out``; return the scores."""
     from caldera.config import resolve
     from caldera.precision import make_precision
@@ -54,7 +49,7 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
     suffix = Path(out).suffix if out is not None else ".npy"
     if suffix not in WRITERS:
         raise ConfigError(f"--out {out}: write .npy, .h5 or .nc (got {suffix!r})")
-    cfg = load_run_config(run_dir, overrides)
+    cfg = load_run_config(run_dir, overrides, trust_code)
     world = world or init(device=cfg.run.device, seed=cfg.run.seed)
     dataset = _choose(build_data(cfg), split)
     for part in getattr(dataset, "datasets", [dataset]):

@@ -41,9 +41,10 @@ class Ensemble:
         self.members = list(members)
 
     @classmethod
-    def from_runs(cls, run_dirs: Sequence[str | Path], device: str | None = None) -> Ensemble:
-        """One member per finished ``caldera train`` run directory."""
-        return cls([Surrogate.from_run(d, device=device) for d in run_dirs])
+    def from_runs(cls, run_dirs: Sequence[str | Path], device: str | None = None,
+                  trust_code: bool = False) -> Ensemble:  # fmt: skip
+        """One member per finished ``caldera train`` run directory (``trust_code``: see Surrogate.from_run)."""
+        return cls([Surrogate.from_run(d, device=device, trust_code=trust_code) for d in run_dirs])
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outs = np.stack([np.asarray(m(x)) for m in self.members])

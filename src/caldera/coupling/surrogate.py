@@ -6,7 +6,6 @@ rank's GPU when it has one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,10 @@ class Surrogate:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device | None = None,
-                 batch_size: int = 1024, dtype: torch.dtype | None = None) -> Surrogate:  # fmt: skip
+                 batch_size: int = 1024, dtype: torch.dtype | None = None,
+                 trust_code: bool = False) -> Surrogate:  # fmt: skip
         """Rebuild the model of a finished ``caldera train`` run from its run directory and load its weights."""
-        from caldera.config import Config
+        from caldera.config import Config, read_run_dir
         from caldera.train.run import build_model
 
         run_dir = Path(run_dir)
@@ -43,7 +43,9 @@ class Surrogate:
                 f"{run_dir} has no {' or '.join(missing)}: give the run directory of a finished `caldera train` "
                 "run (its [run] dir), or build the model yourself and pass it to Surrogate(model)"
             )
-        cfg = Config.model_validate(json.loads((run_dir / "config.resolved.json").read_text()))
+        # Only the model is built here, so only its import path needs trust (a custom data source stays unread).
+        raw = read_run_dir(run_dir, trust_code=trust_code, keys=("model.name",))
+        cfg = Config.model_validate(raw)
         model = build_model(cfg, weights=False)  # its own model.pt follows
         model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
         return cls(model, device, batch_size, dtype)

@@ -249,8 +249,10 @@ class AsyncShared:
     def _checkpoint_state(self, updates: int, final: bool = False) -> dict[str, Any]:
         """What a checkpoint holds beyond the trainer's state: every worker's optimizer state and the records."""
         n_records = math.ceil(updates / self._every) if final else updates // self._every
+        # The workers' optimizer and loss-scale states are tensors and plain numbers: weights_only reads them all
+        # and would refuse anything else that reached the queue.
         blobs = [
-            torch.load(io.BytesIO(self._optim_states[i][1]), weights_only=False) for i in range(self.workers)
+            torch.load(io.BytesIO(self._optim_states[i][1]), weights_only=True) for i in range(self.workers)
         ]
         return {
             "strategy": "async-shared", "workers": self.workers, "updates": updates,

@@ -168,7 +168,8 @@ def test_json_requests_and_mistakes_get_clear_answers_and_the_server_keeps_servi
 
 def test_the_command_serves_a_run_and_stops_on_sigterm(tmp_path):
     model = finished_run(tmp_path / "run", seed=0)
-    proc = subprocess.Popen([sys.executable, "-m", "caldera.cli", "serve", str(tmp_path / "run"), "--port", "0"],
+    serve = [sys.executable, "-m", "caldera.cli", "serve", str(tmp_path / "run")]
+    proc = subprocess.Popen([*serve, "--port", "0", "--timeout-s", "5", "--max-connections", "8"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
     try:
         line = proc.stdout.readline()
@@ -178,6 +179,16 @@ def test_the_command_serves_a_run_and_stops_on_sigterm(tmp_path):
         out, std = predict(url, x, return_std=True)
         assert std is None  # one model: no spread
         np.testing.assert_allclose(out, expected([model], x)[0], rtol=1e-5)
+        # A taken port and a nonsensical limit: one line each, exit 2 (both started side by side: half the wait).
+        taken = subprocess.Popen(
+            [*serve, "--port", url.rsplit(":", 1)[1]], stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        zero = subprocess.Popen([*serve, "--timeout-s", "0"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert taken.wait(timeout=60) == 2 and "cannot listen on 127.0.0.1:" in taken.stderr.read()
+        assert (
+            zero.wait(timeout=60) == 2
+            and "timeout_s (--timeout-s) must be a positive number" in zero.stderr.read()
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert "stopped after 1 requests in 1 forward passes" in proc.stdout.read()

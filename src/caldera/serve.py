@@ -418,13 +418,13 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], batcher: Batcher, max_body: int, max_json: int,
                  timeout_s: float, max_connections: int) -> None:  # fmt: skip
-        super().__init__(address, _Handler)
         self.batcher, self.max_body, self.max_json = batcher, max_body, max_json
         self.timeout_s, self.max_connections = timeout_s, max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
         self._deadlines: dict[_Handler, float] = {}
         self._lock = threading.Lock()
         self._closing = threading.Event()
+        super().__init__(address, _Handler)  # binds: a taken port raises here (server_close needs the above)
         self._reaper = threading.Thread(target=self._reap, name="caldera-serve-reaper", daemon=True)
         self._reaper.start()
 
@@ -491,9 +491,16 @@ def make_server(ensemble: Ensemble, host: str = "127.0.0.1", port: int = 8000, m
     for name, value in [("max_batch", max_batch), ("max_body_mb", max_body_mb), ("max_json_mb", max_json_mb),
                         ("timeout_s", timeout_s), ("max_connections", max_connections)]:  # fmt: skip
         if not value > 0 or not math.isfinite(value):
-            raise ValueError(f"serve: {name} must be a positive number, got {value}")
-    return _Server((host, port), Batcher(ensemble, max_batch, max_wait_s), int(max_body_mb * 2**20),
-                   int(max_json_mb * 2**20), timeout_s, max_connections)  # fmt: skip
+            raise ValueError(
+                f"serve: {name} (--{name.replace('_', '-')}) must be a positive number, got {value}"
+            )
+    batcher = Batcher(ensemble, max_batch, max_wait_s)
+    try:
+        return _Server((host, port), batcher, int(max_body_mb * 2**20), int(max_json_mb * 2**20), timeout_s,
+                       max_connections)  # fmt: skip
+    except BaseException:
+        batcher.close()
+        raise
 
 
 def predict(url: str, x: Any, timeout: float = 60.0, return_std: bool = False) -> Any:

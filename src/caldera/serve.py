@@ -6,7 +6,12 @@ library's threading HTTP server carries the requests: nothing to install beyond 
 
     POST /predict   JSON {"inputs": [[...], ...]}      -> {"outputs": [...], "std": [...] (ensembles), "batch": n}
                     or a .npy body (application/x-npy) -> a .npz with "outputs" (and "std")
-    GET  /health    models, requests, batches, mean batch size
+    GET  /health    models, requests, batches, mean batch size (503 once the batching thread has stopped)
+
+No client can stop it answering the others: bodies are read only up to their checked Content-Length and caps,
+each request must arrive whole within ``timeout_s``, at most ``max_connections`` threads serve connections, inputs
+must be real numbers, a failed forward pass is answered per request, and every refusal is one JSON
+``{"error": ...}`` (docs/serve.md lists the limits).
 """
 
 from __future__ import annotations

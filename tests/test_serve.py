@@ -214,6 +214,11 @@ def test_hostile_and_malformed_requests_each_get_one_json_error_and_the_server_k
         assert headers["Connection"] == "close"
         refused((head + "Content-Length: abc\r\n\r\n").encode(), 400, "'abc' is not a number of bytes")
         refused((head + "\r\n").encode(), 411, "needs a Content-Length")
+        refused(
+            (head + "Content-Length: 3\r\nContent-Length: 30\r\n\r\n").encode(),
+            400,
+            "conflicting Content-Length",
+        )
         refused((head + "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n").encode(), 411, "chunked")
         refused((head + f"Content-Length: {2**19 + 1}\r\n\r\n").encode(), 413, "--max-json-mb")
         refused(f"POST /predict HTTP/1.1\r\nContent-Type: application/x-npy\r\nContent-Length: {2**20 + 1}\r\n\r\n"
@@ -316,7 +321,10 @@ def test_slow_clients_are_dropped_after_the_timeout_and_never_hold_more_threads_
                     for i in range(60):
                         time.sleep(0.3)
                         s.sendall(f"X-Slow-{i}: 1\r\n".encode())
-                replies.append(s.recv(4096))
+                try:
+                    replies.append(s.recv(4096))
+                except ConnectionError:  # closed with our last line unread: a reset instead of an end
+                    replies.append(b"")
 
         threads = [threading.Thread(target=stalled, args=(i,)) for i in range(8)]
         threads.append(threading.Thread(target=trickle))

@@ -89,7 +89,10 @@ class Batcher:
     def submit(self, x: np.ndarray) -> Future:
         """Queue a batch of samples; the future's result is (outputs, std or None, size of the batch it ran in)."""
         future: Future = Future()
-        self._queue.put(_Request(x, future))
+        if not self._thread.is_alive():  # nobody would take it off the queue
+            future.set_exception(BatcherStopped(self._stopped()))
+        else:
+            self._queue.put(_Request(x, future))
         return future
 
     def result(self, future: Future) -> tuple[np.ndarray, np.ndarray | None, int]:
@@ -262,12 +265,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body_size(self) -> int:
         """The request's Content-Length, checked against the limits; _Refused (closing) if it is not acceptable."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise _Refused(411, "chunked request bodies are not accepted: send a Content-Length", close=True)
-        text = self.headers.get("Content-Length")
-        if text is None:
+        # Chunked or otherwise encoded, a body's length is not known before it is read: refused.
+        if "Transfer-Encoding" in self.headers:
+            raise _Refused(411, "chunked (Transfer-Encoding) request bodies are not accepted: send a Content-Length",
+                           close=True)  # fmt: skip
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length", [])}
+        if not lengths:
             raise _Refused(411, "a POST needs a Content-Length header", close=True)
-        text = text.strip()
+        if len(lengths) > 1:  # a proxy in front might pick the other one: where would this request end?
+            raise _Refused(400, f"conflicting Content-Length headers {sorted(lengths)}", close=True)
+        text = lengths.pop()
         if not text.isdigit() or not text.isascii():  # a sign, a fraction, 'abc': nothing to count bytes by
             raise _Refused(400, f"Content-Length {text[:40]!r} is not a number of bytes", close=True)
         size = int(text)

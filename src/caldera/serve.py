@@ -233,6 +233,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         try:
+            self._predict()
+        except (ConnectionError, TimeoutError):  # the client went away: nobody to answer
+            raise
+        except Exception as exc:  # a bug of ours still gets one JSON reply, and the server one line on stderr
+            self.server.handle_error(self.connection, self.client_address)
+            self._reply(500, {"error": f"internal error: {type(exc).__name__}: {exc}"}, close=True)
+
+    def _predict(self) -> None:
+        try:
             if urllib.parse.urlsplit(self.path).path.rstrip("/") != "/predict":
                 # The body stays unread: the connection closes rather than parse it as the next request.
                 raise _Refused(404, f"no {self.path}; use POST /predict or GET /health", close=True)

@@ -59,7 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--max-batch", type=int, default=64, help="samples per forward pass at most")
     p_serve.add_argument("--max-wait-ms", type=float, default=5.0,
                          help="how long a request may wait for others to share its forward pass")  # fmt: skip
-    p_serve.add_argument("--max-body-mb", type=float, default=256, help="largest request accepted")
+    p_serve.add_argument("--max-body-mb", type=float, default=256, help="largest .npy request accepted")
+    p_serve.add_argument("--max-json-mb", type=float, default=16,
+                         help="largest JSON request accepted (parsing costs ~14x its size in memory)")  # fmt: skip
+    p_serve.add_argument("--timeout-s", type=float, default=30.0,
+                         help="a connection must send each whole request within this (else 408 and closed)")  # fmt: skip
+    p_serve.add_argument("--max-connections", type=int, default=256,
+                         help="connections served at once; more wait to be accepted")  # fmt: skip
     p_serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
     p_serve.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     p_predict = sub.add_parser(
@@ -157,9 +163,15 @@ def _serve(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ConfigError) as exc:
         _error(str(exc))
         return 2
-    server = make_server(
-        ensemble, args.host, args.port, args.max_batch, args.max_wait_ms / 1e3, args.max_body_mb
-    )
+    try:
+        server = make_server(ensemble, args.host, args.port, args.max_batch, args.max_wait_ms / 1e3,
+                             args.max_body_mb, args.max_json_mb, args.timeout_s, args.max_connections)  # fmt: skip
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
+    except OSError as exc:  # the port is taken, the address is not this host's
+        _error(f"serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; pick another --port")
+        return 2
     host, port = server.server_address[:2]
     kind = f"an ensemble of {len(args.runs)} models" if len(args.runs) > 1 else "1 model"
     print(f"caldera serve: {kind} on {ensemble.members[0].device} at http://{host}:{port} "

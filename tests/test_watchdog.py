@@ -16,6 +16,7 @@ from tests.conftest import ROOT, run_ranks
 SCRIPT = "tests/scripts/hang.py"
 
 
+@pytest.mark.mpi
 def test_a_rank_blocked_in_python_is_named_with_its_stack_and_the_job_ends():
     t0 = time.monotonic()
     r = run_ranks(3, [SCRIPT, "python", "2"], timeout=120)
@@ -31,6 +32,7 @@ def test_a_rank_blocked_in_python_is_named_with_its_stack_and_the_job_ends():
     assert err.count("thread 'MainThread'") == 3  # every rank's stack
 
 
+@pytest.mark.mpi
 def test_online_training_whose_simulation_is_stuck_in_native_code_holding_the_interpreter_lock():
     r = run_ranks(2, [SCRIPT, "native", "2"], timeout=120)
     err = r.stderr + r.stdout

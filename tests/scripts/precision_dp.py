@@ -36,6 +36,12 @@ def loss_fn(out, y):
 
 
 model = MLP([6, 16, 1])
+# The dtype the first Linear computes in, recorded inside the strategy's forward passes: a mode that silently
+# ran in fp32 (autocast lost) would still skip together and end identical.
+dtypes = set()
+next(m for m in model.modules() if isinstance(m, nn.Linear)).register_forward_hook(
+    lambda _, __, out: dtypes.add(str(out.dtype))
+)
 opt = torch.optim.Adam(model.parameters(), lr=1e-2)
 precision = FP16Mixed(growth_interval=4) if mode == "fp16-mixed" else make_precision(mode)
 trainer = caldera.Trainer(model, opt, loss_fn, max_epochs=3, batch_size=16, world=world, strategy="allreduce",
@@ -46,6 +52,7 @@ after = trainer.evaluate(data)["loss"]
 flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
 everyone = torch.stack(world.comm.allgather(flat))
 states = world.comm.allgather(trainer.precision.state_dict() if mode == "fp16-mixed" else {})
+dtypes = world.comm.allgather(sorted(dtypes))
 if world.rank == 0:
     print(json.dumps({"spread": (everyone - everyone[0]).abs().max().item(), "states": states, "before": before,
-                      "after": after, "finite": bool(flat.isfinite().all()), "size": world.size}))  # fmt: skip
+                      "after": after, "finite": bool(flat.isfinite().all()), "size": world.size, "dtypes": dtypes}))  # fmt: skip

@@ -324,8 +324,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         parsed = _yaml_load(value)
     except (yaml.YAMLError, RecursionError) as exc:
         raise ConfigError(
-            f"--set {item!r}: the value is not valid YAML ({_first_line(exc, 120)}); quote a string, e.g. "
-            f"--set {dotted.strip()}='\"text\"', or write a number or a list such as [1, 2]"
+            f"--set {item!r}: the value is not valid YAML ({_first_line(exc, 120)}); quote a string "
+            "(--set section.key='\"text\"') or write a number or a list such as [1, 2]"
         ) from None
     _set_dotted(raw, dotted.strip(), parsed, f"--set {item!r}")
 
@@ -346,6 +346,7 @@ def _explain(exc: ValidationError, where: str) -> str:
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         key = ".".join(loc)
+        key = key if key.isprintable() else repr(key)[1:-1]  # a key with a newline must not split the block
         section = loc[0] if loc else ""
         if err["type"] == "extra_forbidden":
             lines.append(f"  - unknown key '{key}'. {_suggest(loc)}")
@@ -360,7 +361,11 @@ def _explain(exc: ValidationError, where: str) -> str:
 
 def _section_model(section: str) -> type[BaseModel] | None:
     field = Config.model_fields.get(section)
-    return field.annotation if field is not None else None  # type: ignore[return-value]
+    if field is None:
+        return None
+    # An optional section (tune: TuneSection | None) is annotated as a union: the model is its class member.
+    kinds = [field.annotation, *getattr(field.annotation, "__args__", ())]
+    return next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
 
 
 # Names people carry over from other frameworks, mapped to ours.

@@ -7,6 +7,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,6 +183,11 @@ def train(cfg: Config, config_path: str | Path | None = None, world: World | Non
     return trainer.fit(train_set, val_set)
 
 
+# How torch words a mismatch between a layer and its input ("mat1 and mat2 shapes cannot be multiplied",
+# "expected input[1, 3, 8, 8] to have 1 channels", "must match the size of tensor b", "same dtype").
+_SHAPE_ERROR = re.compile(r"shape|size|channel|dimension|dtype|must match")
+
+
 def _check_model_fits(cfg: Config, model: torch.nn.Module, train_set: Dataset) -> None:
     """One sample through the model before training: a model whose input size does not fit the data is named
     with both shapes as a ConfigError, not a torch error from the first step."""
@@ -196,8 +202,12 @@ def _check_model_fits(cfg: Config, model: torch.nn.Module, train_set: Dataset) -
     try:
         with torch.no_grad():
             model(x.unsqueeze(0))
-    except RuntimeError as exc:  # shape and dtype mismatches; a model bug would fail the first step alike
+    except Exception as exc:  # a check ahead of the run, not a handler: see below
         gist = " ".join(str(exc).split())[:300]
+        # Anything but a shape or dtype mismatch (a kernel that runs on the GPU only, a model bug) is left to the
+        # first training step, which raises it where it always did.
+        if not isinstance(exc, (RuntimeError, ValueError)) or not _SHAPE_ERROR.search(gist):
+            return
         raise ConfigError(
             f"[model] {cfg.model.name!r} with args {cfg.model.args} does not take the data's samples of shape "
             f"{tuple(x.shape)} ({str(x.dtype).removeprefix('torch.')}): {gist}; make the model's input size "

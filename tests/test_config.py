@@ -252,6 +252,13 @@ def test_issue17_bad_inputs_are_one_line_before_anything_is_built(tmp_path):
     for value in ("inf", "nan", "-inf"):
         code, err = cli("check", good, "--set", f"optim.lr={value if value != 'nan' else '.nan'}")
         assert code == 2 and "'optim.lr'" in err and "finite number" in err, err
+    for trials in (
+        "0",
+        "-1",
+        "99999999999999999999",
+    ):  # -1 was a StopIteration traceback after the trials ran
+        code, err = cli("tune", good, "--trials", trials, "--set", "tune.space={optim.lr: [0.1, 0.2]}")
+        assert code == 2 and f"'tune.trials' = {trials}:" in err, err
     code, err = cli("check", good, "--set", "checkpoint.time_limit=1:xx")
     assert code == 2 and "[checkpoint] time_limit: '1:xx' is not a duration" in err, err
     # --time-limit is checked before the data: this data file does not exist, yet the time limit is named.

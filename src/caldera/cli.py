@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     from caldera.config import load_config
 
     try:
-        cfg = load_config(args.config, args.set)
+        # --trials is tune.trials: the same bounds, checked before any trial runs.
+        trials = getattr(args, "trials", None)
+        cfg = load_config(args.config, args.set, None if trials is None else {"tune.trials": trials})
         if args.command == "check":
             print(cfg.model_dump_json(indent=2))
             return 0

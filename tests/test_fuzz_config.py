@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from caldera.cli import main
-from caldera.config import Config
+from caldera.config import Config, load_config
 
 # 150 examples a property keep the file near 10 s on one core; CALDERA_FUZZ_EXAMPLES=5000 searches longer.
 FUZZ = settings(max_examples=int(os.environ.get("CALDERA_FUZZ_EXAMPLES", 150)), deadline=None, database=None,
@@ -33,6 +33,9 @@ scalars = (
     | st.floats(allow_nan=True, allow_infinity=True)
     | words
     | st.sampled_from(["mlp", "digits", "adam", "cosine", "allreduce", "bf16-mixed", "2h", "1:xx", "90s"])
+    | st.binary(max_size=4)  # YAML !!binary
+    | st.datetimes()
+    | st.sets(st.integers(), max_size=3)  # YAML !!set
 )
 values = st.recursive(
     scalars,
@@ -48,6 +51,8 @@ def check(path, *overrides):
     args = ["check", str(path)] + [f"--set={o}" for o in overrides]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(args)
+    if code == 0:  # what `caldera train` records (config.resolved.json) loads again, as predict and serve do
+        load_config(json.loads(json.dumps(load_config(path, list(overrides)).model_dump())))
     return code, out.getvalue(), err.getvalue()
 
 

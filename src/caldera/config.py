@@ -240,6 +240,7 @@ def load_config(
         _apply_override(raw, item)
     for dotted, value in (values or {}).items():
         _set_dotted(raw, dotted, value, f"{where}: {dotted!r}")
+    _check_plain(raw, [], where)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
@@ -313,6 +314,29 @@ def _first_line(exc: Exception, limit: int = 300) -> str:
     else:
         text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_plain(value: Any, path: list[str], where: str) -> None:
+    """Refuse values JSON cannot hold (YAML's !!binary and !!set, TOML's dates): the run directory records its
+    config as JSON, and predict and serve read that record back."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(
+                    f"{where}: key {key!r} under '{'.'.join(path) or 'the top level'}' is not a string; "
+                    f"quote it ('{key}')"
+                )
+            _check_plain(item, [*path, key], where)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain(item, [*path, str(i)], where)
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        key = ".".join(path)
+        key = key if key.isprintable() else repr(key)[1:-1]
+        raise ConfigError(
+            f"{where}: '{key}' is a {type(value).__name__}, which the run's JSON record cannot hold; write it "
+            "as a string, a number, a list or a table"
+        )
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

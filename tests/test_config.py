@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from caldera.config import ConfigError, load_config
 from caldera.train.run import build_checkpointer, build_loss, build_model
 
 GOOD = {"model": {"name": "small_cnn"}, "data": {"source": "digits"}}
+GOOD_TOML = '[model]\nname = "mlp"\n[run]\ndir = "run"\n[train]\nprogress = false\nplot = false\n[data]\nsource = "digits"\n'
 
 
 def write(tmp_path, text, name="run.toml"):
@@ -187,3 +189,92 @@ def test_model_weights_start_a_run_from_an_earlier_one(tmp_path):
         build_model(load_config(other))
     with pytest.raises(ConfigError, match="no such file"):
         build_model(load_config({**GOOD, "model": {"name": "mlp", "weights": str(tmp_path / "none.pt")}}))
+
+
+def cli(*args):
+    """Run the caldera command in this process; return (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from caldera.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in args])
+    return code, err.getvalue()
+
+
+def assert_one_line(code, err, *expected):
+    assert code == 2 and err.count("\n") == 1 and err.startswith("caldera: error: "), err
+    for text in expected:
+        assert text in err, err
+
+
+def test_issue17_bad_inputs_are_one_line_before_anything_is_built(tmp_path):
+    """Issue 17 item 8, case by case: each was a traceback (exit 1), a hang or accepted."""
+    import time
+
+    import h5py
+
+    base = GOOD_TOML.replace('dir = "run"', f'dir = "{tmp_path / "run"}"')
+
+    garbage = tmp_path / "garbage.toml"
+    garbage.write_bytes(bytes(range(256)) * 3)
+    assert_one_line(*cli("check", garbage), "garbage.toml: not a text file", "TOML or YAML")
+    (tmp_path / "dir.toml").mkdir()
+    assert_one_line(*cli("check", tmp_path / "dir.toml"), "dir.toml: not a file")
+    good = write(tmp_path, base, "good.toml")
+    assert_one_line(
+        *cli("check", good, "--set", "optim.lr=["), "--set 'optim.lr=[': the value is not valid YAML"
+    )
+    # A 700-byte alias bomb: 9**7 values once expanded; refused at the first alias, in milliseconds.
+    levels = ["a: &a [x,x,x,x,x,x,x,x,x]"] + [
+        f"{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdef", "bcdefg")
+    ]
+    bomb = write(
+        tmp_path,
+        "model: {name: mlp}\ndata:\n  source: digits\n  args:\n    " + "\n    ".join(levels) + "\n",
+        "bomb.yaml",
+    )
+    assert len(bomb.read_bytes()) < 800
+    start = time.perf_counter()
+    assert_one_line(*cli("check", bomb), "alias *a is not allowed in a run file")
+    assert_one_line(*cli("train", bomb), "alias *a is not allowed in a run file")
+    assert time.perf_counter() - start < 5
+    for value in ("100000000000000000000", "1e20"):
+        big = write(tmp_path, base + f"batch_size = {value}\n", "big.toml")
+        code, err = cli("check", big)
+        assert code == 2 and "'data.batch_size'" in err, err
+    code, err = cli("check", good, "--set", "data.batch_size=99999999999")
+    assert code == 2 and "less than or equal to 16777216" in err, err
+    code, err = cli("check", good, "--set", "optim.epochs=99999999999999999999")
+    assert code == 2 and "'optim.epochs'" in err and "must be between" in err, err
+    for value in ("inf", "nan", "-inf"):
+        code, err = cli("check", good, "--set", f"optim.lr={value if value != 'nan' else '.nan'}")
+        assert code == 2 and "'optim.lr'" in err and "finite number" in err, err
+    for trials in (
+        "0",
+        "-1",
+        "99999999999999999999",
+    ):  # -1 was a StopIteration traceback after the trials ran
+        code, err = cli("tune", good, "--trials", trials, "--set", "tune.space={optim.lr: [0.1, 0.2]}")
+        assert code == 2 and f"'tune.trials' = {trials}:" in err, err
+    code, err = cli("check", good, "--set", "checkpoint.time_limit=1:xx")
+    assert code == 2 and "[checkpoint] time_limit: '1:xx' is not a duration" in err, err
+    # --time-limit is checked before the data: this data file does not exist, yet the time limit is named.
+    missing_data = write(tmp_path, base.replace('"digits"', '"caldera.data.scientific:dataset"')
+                         + f'args = {{path = "{tmp_path / "none.h5"}", inputs = "T"}}\n')  # fmt: skip
+    for limit in ("abc", "1:xx", "-5", "nan"):
+        assert_one_line(*cli("train", missing_data, "--time-limit", limit), f"--time-limit '{limit}' is not")
+    assert not (tmp_path / "run").exists()
+    # Issue 17 item 9 through the command: a damaged data file and a model that does not fit the data.
+    broken = tmp_path / "broken.h5"
+    with h5py.File(broken, "w") as f:
+        f.create_dataset("T", data=np.zeros((40, 8)))
+    broken.write_bytes(broken.read_bytes()[:1500])
+    on_broken = write(tmp_path, missing_data.read_text().replace(str(tmp_path / "none.h5"), str(broken)))
+    assert_one_line(*cli("train", on_broken), "hdf5 file", "broken.h5' cannot be read", "truncated")
+    narrow = write(tmp_path, base.replace('name = "mlp"', 'name = "mlp"\nargs = {sizes = [50, 10]}'))
+    assert_one_line(*cli("train", narrow, "--set", "train.loss=cross_entropy"),
+                    "[model] 'mlp' with args {'sizes': [50, 10]} does not take the data's samples of shape (1, 8, 8)",
+                    "1x64 and 50x10")  # fmt: skip

@@ -377,3 +377,82 @@ def test_a_forked_worker_is_not_locked_out_by_a_parent_thread_mid_read():
     _, status = os.waitpid(pid, 0)
     release.set()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+# -- damaged files and missing values (issue 17, item 9) ----------------------------------------------------------
+
+
+def read_everything(path):
+    reader = open_reader(path)
+    try:
+        for var in reader.variables:
+            reader.read(np.arange(len(reader)), [var])
+    finally:
+        reader.close()
+
+
+def test_damaged_hdf5_and_netcdf_files_are_a_data_error_naming_the_file(tmp_path):
+    blob = write_hdf5(tmp_path / "good.h5").read_bytes()
+    nc = write_netcdf(tmp_path / "good.nc").read_bytes()
+    damaged = {"truncated.h5": blob[: len(blob) // 2], "random.h5": RNG.bytes(4096), "empty.h5": b"",
+               "truncated.nc": nc[: len(nc) // 2], "random.nc": RNG.bytes(2048),
+               "header-only.nc": b"CDF\x01" + RNG.bytes(500)}  # fmt: skip
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(
+            DataError, match=f"file '.*{name}' cannot be read .*copy it again or regenerate it"
+        ):
+            read_everything(tmp_path / name)
+    # Bit flips all over the file (header, B-trees, compressed chunks): each one either still reads (a flip in
+    # raw data or padding that HDF5 cannot see) or is a DataError; none may escape as another exception.
+    outcomes = {"read": 0, "DataError": 0}
+    for i in range(0, len(blob), 101):
+        flipped = bytearray(blob)
+        flipped[i] ^= 0xFF
+        (tmp_path / "flip.h5").write_bytes(flipped)
+        try:
+            read_everything(tmp_path / "flip.h5")
+            outcomes["read"] += 1
+        except DataError as exc:
+            assert "flip.h5" in str(exc)
+            outcomes["DataError"] += 1
+    assert outcomes["DataError"] > 30, outcomes
+
+
+def write_with_nan(path, record, value=np.nan):
+    h5py = pytest.importorskip("h5py")
+    values = T.copy()
+    values[record, 2, 3] = value
+    with h5py.File(path, "w") as f:
+        f.create_dataset("T", data=values, chunks=(4, 6, 5))
+        f.create_dataset("label", data=LABEL)
+    return path
+
+
+def test_nan_and_inf_in_the_data_are_named_before_training(tmp_path):
+    # In a training record: the statistics pass counts finite values anyway, so it is known before any batch.
+    path = write_with_nan(tmp_path / "train_nan.h5", record=5)
+    with pytest.raises(
+        DataError, match=r"variable 'T' in .*train_nan.h5 holds 1 NaN/Inf values .*records 0\.\.28"
+    ):
+        scientific.dataset(str(path), inputs="T", targets="label", val_fraction=0.25)
+    # In a validation record (no statistics there) or without normalisation: found when that batch is read.
+    path = write_with_nan(tmp_path / "val_inf.h5", record=33, value=np.inf)
+    val = scientific.dataset(str(path), inputs="T", targets="label", val_fraction=0.25)["val"]
+    with pytest.raises(
+        DataError, match=r"variable 'T' in .*val_inf.h5 holds 1 NaN/Inf values in records 33;"
+    ):
+        val.read_batch(np.arange(len(val)))
+    raw = scientific.dataset(str(path), inputs="T", targets="label", normalize=False, val_fraction=0)["train"]
+    with pytest.raises(DataError, match=r"records 33; fix the file, or set \[data\] args.missing"):
+        raw.read_batch([30, 33])
+    # missing = a number fills after normalisation; 'keep' hands them to a transform.
+    filled = scientific.dataset(str(path), inputs="T", targets="label", val_fraction=0.25, missing=0.0)["val"]
+    x, _ = filled.read_batch([33 - 28])
+    assert np.isfinite(x).all() and x[0, 0, 2, 3] == 0.0
+    kept = scientific.dataset(str(path), inputs="T", targets="label", val_fraction=0.25, missing="keep")[
+        "val"
+    ]
+    assert np.isinf(kept.read_batch([33 - 28])[0][0, 0, 2, 3])
+    with pytest.raises(DataError, match="missing = 'drop'"):
+        scientific.dataset(str(path), inputs="T", missing="drop")

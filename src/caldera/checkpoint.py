@@ -81,18 +81,27 @@ def parse_interval(every: int | str | None) -> tuple[int | None, float | None]:
 
 def parse_duration(text: str | float | None) -> float | None:
     """Parse a wall-time limit: seconds, '45m', '2h', or Slurm's 'HH:MM:SS' / 'D-HH:MM:SS'."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else float(text)
-    if ":" in text:
-        days = 0
-        if "-" in text:
-            d, text = text.split("-", 1)
-            days = int(d)
-        parts = [int(p) for p in text.split(":")]
-        while len(parts) < 3:
-            parts.insert(0, 0)
-        return days * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-    return parse_interval(text)[1] or float(text)
+    if text is None:
+        return None
+    try:
+        if isinstance(text, (int, float)):
+            seconds = float(text)
+        elif ":" in text:
+            days, _, clock = text.partition("-") if "-" in text else ("0", "", text)
+            parts = [int(p) for p in clock.split(":")]
+            if len(parts) > 3 or int(days) < 0 or any(p < 0 for p in parts):
+                raise ValueError
+            parts = [0] * (3 - len(parts)) + parts
+            seconds = float(int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2])
+        else:
+            seconds = parse_interval(text)[1]
+    except (ValueError, TypeError, AttributeError, OverflowError):
+        raise ValueError(
+            f"{text!r} is not a duration: use seconds (7200), '45m', '2h', or 'HH:MM:SS' / 'D-HH:MM:SS'"
+        ) from None
+    if not 0 <= seconds < float("inf"):  # also NaN
+        raise ValueError(f"{text!r}: a duration must be a finite number of seconds, 0 or more")
+    return seconds
 
 
 # -- state capture --------------------------------------------------------------------------------------------------

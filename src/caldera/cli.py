@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     from caldera.config import load_config
 
     try:
-        cfg = load_config(args.config, args.set)
+        # --trials is tune.trials: the same bounds, checked before any trial runs.
+        trials = getattr(args, "trials", None)
+        cfg = load_config(args.config, args.set, None if trials is None else {"tune.trials": trials})
         if args.command == "check":
             print(cfg.model_dump_json(indent=2))
             return 0
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from caldera.train.run import train
 
+        _check_time_limit(args.time_limit)
         # A relaunch by `caldera launch --max-restarts` asks every rank to resume through the environment.
         resume = args.resume or os.environ.get("CALDERA_RESUME") == "1"
         train(cfg, args.config, resume=resume, time_limit=args.time_limit)
@@ -140,6 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(stop))
         return REQUEUE_EXIT_CODE
     return 0
+
+
+def _check_time_limit(text: str | None) -> None:
+    """Refuse a bad ``--time-limit`` now, before any data is read or model built."""
+    from caldera.checkpoint import parse_duration
+
+    try:
+        parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(f"--time-limit {exc}") from None
 
 
 def _launch(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,8 +27,22 @@ class ConfigError(ValueError):
     """A run file that cannot be used; the message names the key and the fix."""
 
 
+# Integers beyond this overflow torch and C code long before they mean anything (a batch of 1e20 samples).
+INT_LIMIT = 2**31 - 1
+# A run file is a few kilobytes of text; anything far larger is a wrong path, not a config.
+MAX_RUN_FILE_BYTES = 4 << 20
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Floats must be finite: lr = inf or nan would pass every bound below and ruin the run at its first step.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
+            raise ValueError(f"must be between -{INT_LIMIT} and {INT_LIMIT}")
+        return value
 
 
 class RunSection(_Section):
@@ -60,7 +74,9 @@ class ModelSection(_Section):
 class DataSection(_Section):
     source: str = Field(description="built-in data name or 'package.module:callable' returning datasets")
     args: dict[str, Any] = {}
-    batch_size: int = Field(64, gt=0, description="global batch size; each rank takes batch_size / ranks")
+    batch_size: int = Field(
+        64, gt=0, le=2**24, description="global batch size; each rank takes batch_size / ranks"
+    )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     shuffle: bool = True
     drop_last: bool = False
@@ -225,6 +241,7 @@ def load_config(
         _apply_override(raw, item)
     for dotted, value in (values or {}).items():
         _set_dotted(raw, dotted, value, f"{where}: {dotted!r}")
+    _check_plain(raw, [], where)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
@@ -236,19 +253,91 @@ def load_config(
 def _read(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{path}: file not found; check the path (examples live in examples/*.toml)")
-    text = path.read_text()
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file; give the path of a run file (.toml or .yaml)")
+    if path.suffix not in (".yaml", ".yml", ".toml"):
+        raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use a .toml or .yaml file")
     try:
-        if path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use a .toml or .yaml file")
+        with path.open("rb") as f:
+            blob = f.read(MAX_RUN_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: cannot read the run file ({exc.strerror or exc}); check its permissions"
+        ) from None
+    if len(blob) > MAX_RUN_FILE_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_RUN_FILE_BYTES >> 20} MiB, which no run file is; check the path"
+        )
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a text file (byte {exc.start} is not UTF-8); give a TOML or YAML run file"
+        ) from None
+    kind = "YAML" if path.suffix in (".yaml", ".yml") else "TOML"
+    try:
+        data = (_yaml_load(text) or {}) if kind == "YAML" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+        raise ConfigError(f"{path}: not valid {kind}: {_first_line(exc)}") from None
+    except RecursionError:  # brackets nested thousands deep: the parsers recurse
+        raise ConfigError(
+            f"{path}: not valid {kind}: nested too deeply; a run file needs a few levels"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected sections such as [model] and [data] at the top level")
     return data
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: ``*name`` repeats a node, and nested repeats of repeats (a 'billion laughs' file
+    of a few hundred bytes) expand to more values than memory holds once validated or printed."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} is not allowed in a run file; write the value out",
+                event.start_mark,
+            )  # fmt: skip
+        return super().compose_node(parent, index)
+
+
+def _yaml_load(text: str) -> Any:
+    """Parse YAML with the safe loader, refusing aliases."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _first_line(exc: Exception, limit: int = 300) -> str:
+    """The gist of a parser's error on one line: YAML's problem and position, without its code excerpt."""
+    mark = getattr(exc, "problem_mark", None)
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem and mark is not None:
+        text = f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    else:
+        text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_plain(value: Any, path: list[str], where: str) -> None:
+    """Refuse values JSON cannot hold (YAML's !!binary and !!set, TOML's dates): the run directory records its
+    config as JSON, and predict and serve read that record back."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(
+                    f"{where}: key {key!r} under '{'.'.join(path) or 'the top level'}' is not a string; "
+                    f"quote it ('{key}')"
+                )
+            _check_plain(item, [*path, key], where)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain(item, [*path, str(i)], where)
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        key = ".".join(path)
+        key = key if key.isprintable() else repr(key)[1:-1]
+        raise ConfigError(
+            f"{where}: '{key}' is a {type(value).__name__}, which the run's JSON record cannot hold; write it "
+            "as a string, a number, a list or a table"
+        )
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -256,7 +345,14 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item or "." not in item.split("=", 1)[0]:
         raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, for example --set optim.lr=3e-4")
     dotted, value = item.split("=", 1)
-    _set_dotted(raw, dotted.strip(), yaml.safe_load(value), f"--set {item!r}")
+    try:
+        parsed = _yaml_load(value)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ConfigError(
+            f"--set {item!r}: the value is not valid YAML ({_first_line(exc, 120)}); quote a string "
+            "(--set section.key='\"text\"') or write a number or a list such as [1, 2]"
+        ) from None
+    _set_dotted(raw, dotted.strip(), parsed, f"--set {item!r}")
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, label: str) -> None:
@@ -275,20 +371,26 @@ def _explain(exc: ValidationError, where: str) -> str:
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         key = ".".join(loc)
+        key = key if key.isprintable() else repr(key)[1:-1]  # a key with a newline must not split the block
         section = loc[0] if loc else ""
         if err["type"] == "extra_forbidden":
             lines.append(f"  - unknown key '{key}'. {_suggest(loc)}")
         elif err["type"] == "missing":
             lines.append(f"  - missing key '{key}': add it under [{section}]{_describe(loc)}")
         else:
-            got = err.get("input")
-            lines.append(f"  - '{key}' = {got!r}: {err['msg'].lower()}{_describe(loc)}")
+            got = repr(err.get("input"))
+            got = got if len(got) <= 80 else got[:77] + "..."  # a megabyte of value would bury the message
+            lines.append(f"  - '{key}' = {got}: {err['msg'].lower()}{_describe(loc)}")
     return "\n".join(lines)
 
 
 def _section_model(section: str) -> type[BaseModel] | None:
     field = Config.model_fields.get(section)
-    return field.annotation if field is not None else None  # type: ignore[return-value]
+    if field is None:
+        return None
+    # An optional section (tune: TuneSection | None) is annotated as a union: the model is its class member.
+    kinds = [field.annotation, *getattr(field.annotation, "__args__", ())]
+    return next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
 
 
 # Names people carry over from other frameworks, mapped to ours.
@@ -339,7 +441,7 @@ def resolve(ref: str, registry: dict[str, Any], key: str) -> Any:
     module_name, attr = ref.split(":", 1)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except (ImportError, ValueError, TypeError) as exc:  # also '' and relative names such as '.x'
         raise ConfigError(
             f"{key} = {ref!r}: cannot import module '{module_name}' ({exc}); check the spelling and that the "
             "package is installed or on PYTHONPATH"
@@ -450,9 +552,12 @@ def _check_references(cfg: Config, where: str) -> None:
         from caldera.checkpoint import parse_duration, parse_interval
 
         parse_interval(cfg.checkpoint.every)
-        parse_duration(cfg.checkpoint.time_limit)
     except ValueError as exc:
         raise ConfigError(f"{where}: [checkpoint] {exc}") from None
+    try:
+        parse_duration(cfg.checkpoint.time_limit)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: [checkpoint] time_limit: {exc}") from None
     try:
         hang = parse_duration(cfg.run.hang_timeout)
         if hang is not None and hang < 0:

@@ -9,9 +9,11 @@ worker processes. Every failure names the file and the variable.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -86,12 +88,29 @@ class _Reader:
             )
         self._handle: Any = None
         self._pid = -1
-        names = self._names()
-        self.variables = list(variables) if variables else self._default_variables(names)
-        for var in self.variables:
-            if var not in names:
-                raise DataError(_missing(var, names, self.path))
-        self._check_lengths()
+        with self._reading("opening it"):
+            names = self._names()
+            self.variables = list(variables) if variables else self._default_variables(names)
+            for var in self.variables:
+                if var not in names:
+                    raise DataError(_missing(var, names, self.path))
+            self._check_lengths()
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Turn the library's error on a damaged file (truncated, overwritten, another format) into a DataError."""
+        try:
+            yield
+        except DataError:
+            raise
+        # What HDF5 and netCDF-C raise on a damaged file depends on where the damage is: OSError for most, but a
+        # flipped byte in a header or B-tree also surfaces as RuntimeError, KeyError, ValueError or IndexError.
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            gist = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise DataError(
+                f"{self.format} file {str(self.path)!r} cannot be read ({what}: {gist}); it is truncated, "
+                f"damaged or not a valid {self.format} file: copy it again or regenerate it"
+            ) from exc
 
     # -- per-format hooks -----------------------------------------------------------------------------------------
     def _open(self) -> Any:
@@ -182,7 +201,7 @@ class _Reader:
             return np.empty((0, *self.shape(var)), dtype=self.dtype(var))
         # HDF5 and netCDF-C are not thread-safe, not even for metadata or for two files: every call into them takes
         # turns with every other in this process, while the transforms run in parallel.
-        with _LIBRARY_LOCK:
+        with _LIBRARY_LOCK, self._reading(f"variable {var!r}, records {uniq[0]}..{uniq[-1]}"):
             arr, chunk = self._array(var), self._effective_chunk(var)
             groups = np.split(uniq, np.flatnonzero(np.diff(uniq // chunk)) + 1)  # the records of each chunk
             pieces = [piece for group in groups for piece in _read_group(arr, group, self.dense_chunks)]
@@ -235,7 +254,8 @@ class HDF5Reader(_Reader):
     ) -> None:
         self.cache_mb = cache_mb
         super().__init__(path, variables)
-        self.dense_chunks = any(self.handle[v].compression is not None for v in self.variables)
+        with self._reading("opening it"):
+            self.dense_chunks = any(self.handle[v].compression is not None for v in self.variables)
 
     def _open(self) -> Any:
         h5py = require("h5py", "hdf5")
@@ -265,7 +285,8 @@ class NetCDFReader(_Reader):
 
     def __init__(self, path: str | os.PathLike, variables: list[str] | None = None) -> None:
         super().__init__(path, variables)
-        dims = {v: self._array(v).dimensions[0] for v in self.variables}
+        with self._reading("opening it"):
+            dims = {v: self._array(v).dimensions[0] for v in self.variables}
         if len(set(dims.values())) > 1:
             listing = ", ".join(f"{v!r} starts with {d!r}" for v, d in dims.items())
             raise DataError(

@@ -72,6 +72,7 @@ class ScientificDataset(BatchReads):
         spatial_dims: int = 2,
         backend: str = "thread",
         buffer: int | None = None,
+        missing: str | float = "error",
     ) -> None:
         if not inputs:
             raise DataError(
@@ -87,6 +88,7 @@ class ScientificDataset(BatchReads):
         self.window, self.lead, self.stride, self.spatial_dims = window, lead, stride, spatial_dims
         self.stats = stats or {}
         self.transform, self.backend, self.buffer = transform, backend, buffer
+        self.missing = _missing_policy(missing)
         self._wants_rng = transform is not None and "rng" in inspect.signature(transform).parameters
         start, stop = records or (0, len(reader))
         self.records = (start, stop)
@@ -147,18 +149,25 @@ class ScientificDataset(BatchReads):
         recs = np.unique(np.concatenate([in_recs.reshape(-1), out_recs]))
         data = self.reader.read(recs, list(self.kinds))
         corner = idx % len(self.corners)
-        x = self._assemble(self.inputs, data, np.searchsorted(recs, in_recs), corner)
+        x = self._assemble(self.inputs, data, np.searchsorted(recs, in_recs), corner, recs=recs)
         if self.targets:
             y = self._assemble(
-                self.targets, data, np.searchsorted(recs, out_recs)[:, None], corner, target=True
+                self.targets, data, np.searchsorted(recs, out_recs)[:, None], corner, target=True, recs=recs
             )
         else:
             y = x  # no targets: an autoencoder learns its input
         if self.transform is None:
             return x, y
         if self._wants_rng:
-            return self.transform(x, y, rng=rng if rng is not None else np.random.default_rng())
-        return self.transform(x, y)
+            x, y = self.transform(x, y, rng=rng if rng is not None else np.random.default_rng())
+        else:
+            x, y = self.transform(x, y)
+        # A transform may fill or mask missing values: what it hands on must be finite.
+        for name, out in (("inputs", x), ("targets", y)):
+            if isinstance(out, np.ndarray) and out.dtype.kind == "f" and len(out) == len(first):
+                bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+                self._check_finite(out, f"the transform's {name}", first[bad], transformed=True)
+        return x, y
 
     def _assemble(
         self,
@@ -167,6 +176,7 @@ class ScientificDataset(BatchReads):
         rows: np.ndarray,
         corner: np.ndarray,
         target: bool = False,
+        recs: np.ndarray | None = None,
     ) -> np.ndarray:
         parts = []
         for v in names:
@@ -175,6 +185,13 @@ class ScientificDataset(BatchReads):
                 a = self.stats[v].apply(a)
             elif not (target and a.dtype.kind in "iub"):
                 a = a.astype(np.float32, copy=False)
+            if a.dtype.kind == "f" and self.missing != "keep":
+                finite = np.isfinite(a)  # one pass over the batch, next to the normalisation's
+                if isinstance(self.missing, float) and not finite.all():
+                    a = np.where(finite, a, a.dtype.type(self.missing))
+                elif self.transform is None and recs is not None:
+                    bad = ~finite.reshape(*rows.shape, -1).all(axis=-1)  # per (sample, window record)
+                    self._check_finite(a, f"variable {v!r}", recs[rows[bad]])
             # Values flatten to features; fields keep their grid and fold window and channels together.
             grid = () if self.kinds[v] == "value" else a.shape[a.ndim - self.spatial_dims :]
             parts.append(a.reshape(len(a), -1, *grid) if grid else a.reshape(len(a), -1))
@@ -186,6 +203,24 @@ class ScientificDataset(BatchReads):
         if target and out.dtype.kind in "iub":
             out = out.astype(np.int64)
         return np.ascontiguousarray(out)
+
+    def _check_finite(
+        self, a: np.ndarray, what: str, bad_records: np.ndarray, transformed: bool = False
+    ) -> None:
+        """Raise a DataError naming ``what`` and the records when ``a`` holds NaN or Inf (missing = 'error')."""
+        if self.missing != "error" or bad_records.size == 0:
+            return
+        count = int(a.size - np.isfinite(a).sum())
+        where = np.unique(bad_records)
+        shown = ", ".join(str(r) for r in where[:5]) + (" ..." if where.size > 5 else "")
+        if transformed:
+            raise DataError(
+                f"{what} for {self.reader.path} hold {count} NaN/Inf values (samples starting at records "
+                f"{shown}); fill or mask them in the transform"
+            )
+        raise DataError(
+            f"{what} in {self.reader.path} holds {count} NaN/Inf values in records {shown}; {_MISSING_FIX}"
+        )
 
     def denormalize(self, y: np.ndarray) -> np.ndarray:
         """Targets, or a model's predictions of them, back in physical units (the inverse of the normalisation)."""
@@ -274,6 +309,21 @@ class ScientificDataset(BatchReads):
                                           drop_last=drop_last and not evaluation)  # fmt: skip
             self._cache[key] = ScientificBatches(self, sampler, num_workers, device or torch.device("cpu"))
         return self._cache[key]
+
+
+_MISSING_FIX = (
+    "fix the file, or set [data] args.missing = 0.0 (replaces them by 0, the mean when normalised) or 'keep' "
+    "(a transform handles them)"
+)
+
+
+def _missing_policy(missing: str | float) -> str | float:
+    """Check ``missing``: 'error', 'keep' or a finite fill value (returned as a float)."""
+    if isinstance(missing, str) and missing in ("error", "keep"):
+        return missing
+    if isinstance(missing, (int, float)) and not isinstance(missing, bool) and np.isfinite(missing):
+        return float(missing)
+    raise DataError(f"missing = {missing!r}: use 'error', 'keep' or a finite number to put in their place")
 
 
 def _kind(reader: ArrayReader, var: str, spatial_dims: int) -> str:
@@ -375,8 +425,12 @@ def dataset(
     run_dir: str | os.PathLike | None = None,
     stats_file: str | os.PathLike | None = None,
     options: dict[str, Any] | None = None,
+    missing: str | float = "error",
 ) -> dict[str, ScientificDataset | None]:
-    """Open a scientific file as ``{"train": ..., "val": ...}``; validation is the last ``val_fraction`` of records."""
+    """Open a scientific file as ``{"train": ..., "val": ...}``; validation is the last ``val_fraction`` of records.
+
+    ``missing``: what NaN/Inf in the data does: 'error' (a DataError naming the variable, the default), a number
+    put in their place after normalisation, or 'keep' (for a transform that fills or masks them)."""
     from caldera.world import init
 
     inputs, targets = _names(inputs), _names(targets)
@@ -388,8 +442,20 @@ def dataset(
         stats_file = Path(run_dir) / STATS_FILE
     # Statistics come from the training records only, so validation stays unseen.
     stats = load_or_compute(reader, names, stats_file, init().comm, (0, n_train)) if names else {}
+    missing = _missing_policy(missing)
+    if missing == "error" and transform is None:
+        # The statistics pass counted the finite values of the training records: the rest are NaN/Inf, known
+        # now at no extra read instead of as a NaN loss steps later. Other values are checked as batches are read.
+        for v in names:
+            bad = n_train * int(np.prod(reader.shape(v), dtype=np.int64)) - stats[v].count
+            if bad:
+                raise DataError(
+                    f"variable {v!r} in {reader.path} holds {bad} NaN/Inf values in its training records "
+                    f"0..{n_train}; {_MISSING_FIX}"
+                )
     common = dict(window=window, lead=lead, stride=stride, patch=patch, patch_stride=patch_stride, stats=stats,
-                  transform=_transform(transform), spatial_dims=spatial_dims, backend=backend, buffer=buffer)  # fmt: skip
+                  transform=_transform(transform), spatial_dims=spatial_dims, backend=backend, buffer=buffer,
+                  missing=missing)  # fmt: skip
     train = ScientificDataset(reader, inputs, targets, records=(0, n_train), **common)
     val = ScientificDataset(reader, inputs, targets, records=(n_train, n), **common) if n_train < n else None
     return {"train": train, "val": val}

@@ -7,6 +7,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,11 +175,46 @@ def train(cfg: Config, config_path: str | Path | None = None, world: World | Non
     # Seed again after data generation so the model's initial weights do not depend on the data source.
     init(seed=cfg.run.seed, deterministic=cfg.run.deterministic)
     model = build_model(cfg)
+    _check_model_fits(cfg, model, train_set)
     steps = max(1, len(train_set) // cfg.data.batch_size)
     trainer = build_trainer(cfg, model, steps, world, resume, time_limit)
     if world.is_main:
         _save_config(cfg, config_path)
     return trainer.fit(train_set, val_set)
+
+
+# How torch words a mismatch between a layer and its input ("mat1 and mat2 shapes cannot be multiplied",
+# "expected input[1, 3, 8, 8] to have 1 channels", "must match the size of tensor b", "same dtype").
+_SHAPE_ERROR = re.compile(r"shape|size|channel|dimension|dtype|must match")
+
+
+def _check_model_fits(cfg: Config, model: torch.nn.Module, train_set: Dataset) -> None:
+    """One sample through the model before training: a model whose input size does not fit the data is named
+    with both shapes as a ConfigError, not a torch error from the first step."""
+    if len(train_set) == 0:  # type: ignore[arg-type]
+        return
+    sample = train_set[0]
+    x = sample[0] if isinstance(sample, (tuple, list)) and len(sample) == 2 else sample
+    if not torch.is_tensor(x):
+        return
+    was_training = model.training
+    model.eval()  # batch norm takes one sample in eval mode; dropout draws no random numbers
+    try:
+        with torch.no_grad():
+            model(x.unsqueeze(0))
+    except Exception as exc:  # a check ahead of the run, not a handler: see below
+        gist = " ".join(str(exc).split())[:300]
+        # Anything but a shape or dtype mismatch (a kernel that runs on the GPU only, a model bug) is left to the
+        # first training step, which raises it where it always did.
+        if not isinstance(exc, (RuntimeError, ValueError)) or not _SHAPE_ERROR.search(gist):
+            return
+        raise ConfigError(
+            f"[model] {cfg.model.name!r} with args {cfg.model.args} does not take the data's samples of shape "
+            f"{tuple(x.shape)} ({str(x.dtype).removeprefix('torch.')}): {gist}; make the model's input size "
+            "(its [model] args) match the data, or choose other [data] variables"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def _save_config(cfg: Config, config_path: str | Path | None) -> None:

@@ -318,7 +318,9 @@ def test_cli_async_shared_time_limit_then_resume(tmp_path, capsys):
     assert "time limit" in stop.stderr and "checkpoint" in stop.stderr
     # Refused before any worker starts: checked in this process.
     assert main([*train, "--resume", "--set", "parallel.workers=3"]) == 2
-    assert "resume with [parallel] workers = 2" in capsys.readouterr().err
+    assert "parallel.workers (2 -> 3)" in capsys.readouterr().err  # the run file differs from the checkpoint's
+    assert main([*train, "--resume", "--force", "--set", "parallel.workers=3"]) == 2
+    assert "resume with [parallel] workers = 2" in capsys.readouterr().err  # forced, the strategy still cannot
     done = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout and (run_dir / "model.pt").exists()

@@ -522,15 +522,31 @@ class Checkpointer:
 def _why(exc: BaseException) -> str:
     """One line for an exception that made a checkpoint unusable."""
     if isinstance(exc, pickle.UnpicklingError):
-        return f"it holds something other than tensors and plain values, refused unloaded ({str(exc).splitlines()[0]})"
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        return f"it holds something other than tensors and plain values{what}, refused unloaded"
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"it does not load: {type(exc).__name__}: {text}"[:300]
 
 
+def _numpy_globals() -> list[Any]:
+    """What unpickling a NumPy array or scalar of a numeric dtype calls: constructors that only take a dtype,
+    a shape and bytes, so allowing them lets strategies keep NumPy state without letting a file run code."""
+    core = getattr(np, "_core", None) or np.core  # NumPy 2 renamed np.core
+    kinds = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+             np.float16, np.float32, np.float64, np.complex64, np.complex128]  # fmt: skip
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype,
+            *{type(np.dtype(k)) for k in kinds}]  # fmt: skip
+
+
+_SAFE_NUMPY = _numpy_globals()
+
+
 def _load_file(file: Path) -> Any:
-    """``torch.load`` that never runs code from the file (tensors and plain Python values only), checked against
-    the archive's CRCs; a damaged file raises."""
-    obj = torch.load(file, map_location="cpu", weights_only=True)
+    """``torch.load`` that never runs code from the file (tensors, plain Python values, numeric NumPy arrays),
+    checked against the archive's CRCs; a damaged file raises."""
+    with torch.serialization.safe_globals(_SAFE_NUMPY):
+        obj = torch.load(file, map_location="cpu", weights_only=True)
     problem = _storages_problem(obj, file)
     if problem:
         raise CheckpointError(problem)

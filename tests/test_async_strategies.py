@@ -316,8 +316,11 @@ def test_cli_async_shared_time_limit_then_resume(tmp_path, capsys):
     stop = subprocess.run([*base, "--time-limit", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert stop.returncode == REQUEUE_EXIT_CODE, stop.stderr[-3000:]
     assert "time limit" in stop.stderr and "checkpoint" in stop.stderr
-    # Refused before any worker starts: checked in this process.
+    # Refused before any worker starts: checked in this process. The run file differs from the checkpoint's; forced,
+    # the strategy still cannot resume with other workers.
     assert main([*train, "--resume", "--set", "parallel.workers=3"]) == 2
+    assert "parallel.workers (2 -> 3)" in capsys.readouterr().err
+    assert main([*train, "--resume", "--force", "--set", "parallel.workers=3"]) == 2
     assert "resume with [parallel] workers = 2" in capsys.readouterr().err
     done = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")  # fmt: skip
     p_train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                          help="continue from the newest good checkpoint of the run (or the one given)")  # fmt: skip
+    p_train.add_argument("--force", action="store_true",
+                         help="with --resume: continue even though the run file differs from the checkpoint's")  # fmt: skip
     p_train.add_argument("--time-limit", metavar="DURATION",
                          help="stop with a checkpoint before this wall time ('2h', '01:59:00'); exit code 85")  # fmt: skip
     p_check = sub.add_parser("check", help="validate a run file and print the resolved config")
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_time_limit(args.time_limit)
         # A relaunch by `caldera launch --max-restarts` asks every rank to resume through the environment.
         resume = args.resume or os.environ.get("CALDERA_RESUME") == "1"
-        train(cfg, args.config, resume=resume, time_limit=args.time_limit)
+        train(cfg, args.config, resume=resume, time_limit=args.time_limit, force=args.force)
     except (ConfigError, CheckpointError) as exc:
         _error(str(exc))
         return 2

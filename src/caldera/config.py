@@ -167,8 +167,9 @@ class PrecisionSection(_Section):
 
 class CheckpointSection(_Section):
     every: int | str | None = Field(
-        None, description="steps (500) or time ('90s', '10m'); none = only at the end"
-    )
+        "auto", description="'auto' (epoch ends, at least 10 minutes apart), steps (500), a time ('90s', '10m'), "
+        "or 'end' (only at the end, a signal or the time limit)",
+    )  # fmt: skip
     keep: int = Field(3, ge=1, description="how many recent checkpoints to keep")
     keep_best: str | None = Field(
         None, description="also keep the best checkpoint by this metric, e.g. 'val_loss'"

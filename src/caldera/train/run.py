@@ -111,13 +111,24 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build_checkpointer(cfg: Config, world: World, time_limit: str | float | None = None) -> Checkpointer:
-    """The run's checkpointer, writing to <run dir>/checkpoints."""
+# Keys a resume may change without --resume --force: more epochs, where and how often to checkpoint, where the run
+# lives, and settings that change speed or display but not the numbers. Anything else (model, data, optimizer,
+# strategy, precision, seed) would silently mix two runs.
+RESUME_MAY_CHANGE = ("optim.epochs", "checkpoint.", "run.name", "run.dir", "run.device", "run.hang_timeout",
+                     "train.progress", "train.plot", "train.tensorboard", "data.num_workers", "parallel.bucket_mb",
+                     "parallel.overlap", "parallel.reducer", "parallel.fused_linear_grads", "tune.")  # fmt: skip
+
+
+def build_checkpointer(cfg: Config, world: World, time_limit: str | float | None = None,
+                       force: bool = False) -> Checkpointer:  # fmt: skip
+    """The run's checkpointer, writing to <run dir>/checkpoints; a resume under a changed config (beyond
+    ``RESUME_MAY_CHANGE``) is refused unless ``force``."""
     c = cfg.checkpoint
     return Checkpointer(cfg.run_dir / "checkpoints", world, every=c.every, keep=c.keep, keep_best=c.keep_best,
                         best_mode=metric_mode(c.keep_best or ""),
                         async_write=c.async_write, time_limit=time_limit or c.time_limit,
-                        config_hash=config_hash(cfg))  # fmt: skip
+                        config_hash=config_hash(cfg), config=cfg.model_dump(), may_change=RESUME_MAY_CHANGE,
+                        force=force)  # fmt: skip
 
 
 def build_loss(cfg: Config) -> Callable[[Any, torch.Tensor], torch.Tensor]:
@@ -134,7 +145,8 @@ def build_loss(cfg: Config) -> Callable[[Any, torch.Tensor], torch.Tensor]:
 
 
 def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, world: World,
-                  resume: bool | str = False, time_limit: str | float | None = None) -> Trainer:  # fmt: skip
+                  resume: bool | str = False, time_limit: str | float | None = None,
+                  force: bool = False) -> Trainer:  # fmt: skip
     """Assemble the Trainer for ``model`` from the config's loss, metrics, optimizer, schedule and strategy."""
     optimizer = build_optimizer(cfg, model)
     loss_fn = build_loss(cfg)
@@ -154,18 +166,20 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
         callbacks=callbacks, world=world, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
         drop_last=cfg.data.drop_last, num_workers=cfg.data.num_workers, progress=cfg.train.progress,
         plot=cfg.train.plot, precision=cfg.precision.mode,
-        checkpointer=build_checkpointer(cfg, world, time_limit), resume=resume, accumulate=cfg.train.accumulate,
+        checkpointer=build_checkpointer(cfg, world, time_limit, force), resume=resume, accumulate=cfg.train.accumulate,
         activation_checkpointing=cfg.train.activation_checkpointing,
         offload_activations=cfg.train.offload_activations, hang_timeout=parse_duration(cfg.run.hang_timeout),
     )  # fmt: skip
 
 
 def train(cfg: Config, config_path: str | Path | None = None, world: World | None = None,
-          resume: bool | str = False, time_limit: str | float | None = None) -> list[dict[str, float]]:  # fmt: skip
+          resume: bool | str = False, time_limit: str | float | None = None,
+          force: bool = False) -> list[dict[str, float]]:  # fmt: skip
     """Run the whole training a config describes; return the per-epoch metrics.
 
     ``resume=True`` continues from the newest good checkpoint in the run directory (or starts fresh if there
-    is none); a path resumes from that checkpoint. ``time_limit`` stops with a checkpoint before the wall time.
+    is none); a path resumes from that checkpoint; ``force`` resumes even under a changed config. ``time_limit``
+    stops with a checkpoint before the wall time.
     """
     try:
         world = world or init(device=cfg.run.device, seed=cfg.run.seed, deterministic=cfg.run.deterministic)
@@ -177,7 +191,7 @@ def train(cfg: Config, config_path: str | Path | None = None, world: World | Non
     model = build_model(cfg)
     _check_model_fits(cfg, model, train_set)
     steps = max(1, len(train_set) // cfg.data.batch_size)
-    trainer = build_trainer(cfg, model, steps, world, resume, time_limit)
+    trainer = build_trainer(cfg, model, steps, world, resume, time_limit, force)
     if world.is_main:
         _save_config(cfg, config_path)
     return trainer.fit(train_set, val_set)

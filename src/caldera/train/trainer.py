@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from caldera.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
 from caldera.data.prefetch import InputMeter, input_advice
 from caldera.data.sampler import ShardedBatches
+from caldera.io import atomic_write_text
 from caldera.parallel import Strategy, make_strategy
 from caldera.precision import Precision, make_precision
 from caldera.train.callbacks import Callback
@@ -96,6 +97,8 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.total_steps = 0
+        self.steps_run = 0  # optimizer steps taken by this process (a resumed run: after the checkpoint)
+        self.resumed_from: Path | None = None  # the checkpoint this process started from
         self.history: list[dict[str, float]] = []
         self.checkpointer, self.resume = checkpointer, resume
         self.step_in_epoch = 0
@@ -108,6 +111,9 @@ class Trainer:
     def fit(self, train_data: DataLike, val_data: DataLike | None = None) -> list[dict[str, float]]:
         """Train for ``max_epochs`` (or until a callback stops it); return one dict of metrics per epoch."""
         train_set, val_set = as_dataset(train_data), as_dataset(val_data) if val_data is not None else None
+        # The run's identity; a fresh run sets another run's checkpoints aside.
+        if self.checkpointer is not None:
+            self.checkpointer.begin(resume=bool(self.resume))
         if hasattr(self.strategy, "fit"):  # worker processes or parameter servers: the strategy runs the loop
             return self.strategy.fit(self, train_set, val_set)
         batches = self._batches(train_set, shuffle=self.shuffle)
@@ -147,6 +153,9 @@ class Trainer:
                     self.epoch = epoch + 1  # a checkpoint taken from here on resumes at the next epoch
                     if self.should_stop:
                         break
+                    if self.checkpointer is not None and self.epoch < self.max_epochs:
+                        self._mark("checkpoint")
+                        self.checkpointer.at_epoch_end(self.global_step, self._capture)
             self._mark("checkpoint")
             if self.checkpointer is not None:
                 self.checkpointer.save(self.global_step, *self._capture(), block=True)
@@ -261,6 +270,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.global_step += 1
+        self.steps_run += 1
         return loss, finite
 
     def _backward(self, x: Any, y: torch.Tensor, scale: float, step: int) -> tuple[torch.Tensor, bool]:
@@ -380,9 +390,11 @@ class Trainer:
         if path is None and not self.checkpointer.list():
             self.log(f"no checkpoint in {self.checkpointer.dir} yet: starting from the beginning")
             return
-        shared, local, where = self.checkpointer.load(path)
+        shared, local, where = self.checkpointer.load(path, validate=_incomplete)
+        self._check_fits(shared["model"], where)
         self._restored_local = local  # strategies that save per-rank state read theirs from here
         self.load_state_dict(shared)
+        self.resumed_from = where
         if local is not None:
             set_rng_state(local["rng"])
             self._partial = tuple(local["partial"])
@@ -392,20 +404,40 @@ class Trainer:
         self.log(f"resumed from {where} (epoch {self.epoch + 1}, step {self.step_in_epoch} of it, "
                  f"global step {self.global_step})")  # fmt: skip
 
+    def _check_fits(self, weights: Mapping[str, Any], where: Path) -> None:
+        """A checkpoint of another model is one line naming the first parameter that differs, not a traceback."""
+        own = self.model.state_dict()
+        for name in [*own, *weights]:
+            mine, theirs = own.get(name), weights.get(name)
+            if mine is None or theirs is None or tuple(mine.shape) != tuple(theirs.shape):
+                raise CheckpointError(
+                    f"checkpoint {where} does not fit this model: parameter {name!r} has {_shape(theirs)} there, "
+                    f"{_shape(mine)} here; the model and its args must match the run that wrote it (or start a "
+                    "new run directory)"
+                )
+
     # -- output ---------------------------------------------------------------------------------------------------
     def _open_run_dir(self) -> MetricsLog | None:
         if self.run_dir is None or not self.world.is_main:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.checkpointer is not None:  # who wrote this directory's checkpoints, where this process began
+            identity = {"run_id": self.checkpointer.run_id, "config_hash": self.checkpointer.config_hash,
+                        "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                        "start_step": self.global_step}  # fmt: skip
+            atomic_write_text(self.run_dir / "run.json", json.dumps(identity, indent=2))
         return MetricsLog(self.run_dir, self.history)
 
     def _write_outputs(self, val_set: Dataset | None) -> None:
         if self.run_dir is None or not self.world.is_main or not self.history:
             return
         save_weights(self.model, self.run_dir / "model.pt")
+        # steps_run: what this process trained (a resume that restored nothing would show every step here).
         summary = {"epochs": len(self.history), "steps": self.global_step, "ranks": self.world.size,
+                   "steps_run": self.steps_run, "start_step": self.global_step - self.steps_run,
+                   "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "final": self.history[-1]}  # fmt: skip
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         if self.plot:
             plot_learning_curve(self.history, self.run_dir / "learning_curve.png")
             if val_set is not None:
@@ -511,6 +543,21 @@ def as_dataset(data: DataLike) -> Dataset:
     raise TypeError(
         f"cannot train on {type(data).__name__}; pass a torch Dataset, a DataLoader, or (x, y) arrays"
     )
+
+
+_STATE_KEYS = ("model", "optimizer", "scheduler", "precision", "strategy", "epoch", "step_in_epoch", "global_step",
+               "history")  # fmt: skip
+
+
+def _shape(t: torch.Tensor | None) -> str:
+    return "no entry" if t is None else f"shape {tuple(t.shape)}"
+
+
+def _incomplete(shared: Mapping[str, Any], local: Mapping[str, Any] | None) -> str | None:
+    """What a loaded checkpoint lacks for ``Trainer.load_state_dict`` (it is then unusable), or None."""
+    missing = [k for k in _STATE_KEYS if k not in shared]
+    missing += [f"rank file: {k}" for k in ("rng", "partial") if local is not None and k not in local]
+    return f"its state lacks {', '.join(missing)}" if missing else None
 
 
 def _is_array(a: Any) -> bool:

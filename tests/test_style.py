@@ -25,12 +25,15 @@ NOT_LAUNCHING = {"test_a_missing_mpiexec_fails_under_ci_and_skips_elsewhere"}
 
 def launches_ranks(fn: ast.FunctionDef, helpers: dict[str, ast.FunctionDef], seen: set[str]) -> bool:
     """Whether ``fn``, or a function of the same module it names, starts MPI ranks."""
+    # A local variable that happens to share a helper's name (``reference = torch.load(...)``) is not a call of
+    # it; a parameter is (a fixture of that name is the helper).
+    local = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     for node in ast.walk(fn):
         if isinstance(node, ast.Name) and node.id in RANK_LAUNCHERS:
             return True
         if isinstance(node, ast.Constant) and node.value == LAUNCH_COMMAND:
             return True
-        if isinstance(node, ast.Name) and node.id in helpers and node.id not in seen:
+        if isinstance(node, ast.Name) and node.id in helpers and node.id not in seen | local:
             seen.add(node.id)
             if launches_ranks(helpers[node.id], helpers, seen):
                 return True

@@ -274,3 +274,23 @@ def test_the_coupled_example_improves_the_surrogate_inside_the_simulation(tmp_pa
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_fresh_online_run_sets_an_older_runs_checkpoints_aside(tmp_path):
+    # Two online runs in one run directory: the second never resumed, so its checkpoints must not mix with (or
+    # overwrite, at the same step numbers) the first's; nothing of the first is deleted.
+    def run(steps):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        online = OnlineTrainer(model, torch.optim.SGD(model.parameters(), 0.1), torch.nn.MSELoss(), capacity=16,
+                               batch_size=4, run_dir=tmp_path, verbose=False, hang_timeout=0)  # fmt: skip
+        online.add(torch.randn(8, 3), torch.randn(8, 1))
+        online.train(steps)
+        return online.checkpoint(extra={"steps": steps})
+
+    first = run(2)
+    second = run(2)
+    assert first == second  # the same step number...
+    aside = list((tmp_path / "checkpoints").glob("previous-*/step-*"))
+    assert [p.name for p in aside] == [first.name]  # ...and the first run's checkpoint kept beside it
+    assert torch.load(aside[0] / "rank-00000.pt", weights_only=True)["extra"] == {"steps": 2}

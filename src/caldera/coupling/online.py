@@ -182,6 +182,8 @@ class OnlineTrainer:
         simulation's own state, per rank) to ``run_dir/checkpoints`` (collective, atomic); return its path."""
         checkpointer = self._require_checkpointer()
         self._mark("checkpoint")
+        if checkpointer.run_id is None:  # neither restored nor saved yet: a fresh run sets an older one aside
+            checkpointer.begin(resume=False)
         shared = self.trainer.shared_state()
         if self.world.is_main:
             shared.update(rounds=self.rounds, online_history=list(self.history))

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from caldera.data.formats import DataError
+
 BACKENDS = ("thread", "process")
 
 
@@ -57,7 +59,19 @@ class _Apply(torch.utils.data.Dataset):
         self.load = load
 
     def __getitem__(self, job: Any) -> Any:
-        return to_tensors(self.load(job))
+        try:
+            return to_tensors(self.load(job))
+        except DataError as exc:
+            # Raised here, it would reach the trainer re-built by torch around the worker's whole traceback
+            # ("Caught DataError in DataLoader worker ..."): pass the one-line message back as a value instead.
+            return _Failed(str(exc))
+
+
+@dataclass
+class _Failed:
+    """A worker process's DataError, carried back as a batch so the consumer re-raises it with its own words."""
+
+    message: str
 
 
 class _Jobs(torch.utils.data.Sampler):
@@ -137,7 +151,10 @@ class Prefetcher:
             )  # fmt: skip
         self._jobs.jobs = list(jobs)
         try:
-            yield from self._loader
+            for batch in self._loader:
+                if isinstance(batch, _Failed):
+                    raise DataError(batch.message)
+                yield batch
         except GeneratorExit:
             raise
         except BaseException:

@@ -116,6 +116,23 @@ def test_zarr_matches_zarr(tmp_path):
     assert reader.chunk_records == 7
 
 
+def test_a_zarr_store_naming_the_pickle_codec_is_refused_unread(tmp_path):
+    # The pickle codec unpickles each chunk when read (code from the file) with an older numcodecs; refuse the
+    # store by its metadata, whatever zarr/numcodecs version would do with it.
+    path = write_zarr(tmp_path / "f.zarr")
+    meta = next(p for p in (path / "T" / "zarr.json", path / "T" / ".zarray") if p.exists())
+    doc = json.loads(meta.read_text())
+    if "codecs" in doc:
+        doc["codecs"].append({"name": "numcodecs.pickle", "configuration": {"protocol": 5}})
+    else:
+        doc["filters"] = [{"id": "pickle", "protocol": 5}]
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(
+        DataError, match=r"T/(zarr\.json|\.zarray): the Zarr store asks for the 'pickle' codec"
+    ):
+        open_reader(path)
+
+
 def test_npy_matches_numpy_memmap(tmp_path):
     directory = write_npy(tmp_path / "arrays")
     reader = open_reader(directory)

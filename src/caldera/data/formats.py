@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -370,6 +371,17 @@ class ZarrReader(_Reader):
 
     def _open(self) -> Any:
         zarr = require("zarr", "zarr")
+        # A store's metadata may name the pickle codec, which unpickles (runs) whatever its chunks hold when read
+        # with an older numcodecs (GHSA-jqc8-qjfv-5m6r): a data file must never run code, so refuse it before zarr
+        # opens it. The metadata of the store and of its top-level arrays (the ones this reader reads).
+        places = [self.path, *(p for p in self.path.iterdir() if p.is_dir())] if self.path.is_dir() else []
+        for place in places:
+            for file in (place / ".zarray", place / "zarr.json", place / ".zmetadata"):
+                if file.is_file() and _names_pickle(json.loads(file.read_text())):
+                    raise DataError(
+                        f"{file}: the Zarr store asks for the 'pickle' codec, which runs code from the file when "
+                        "read; refused. Rewrite the array with a numeric dtype and a compressor such as zstd"
+                    )
         return zarr.open(str(self.path), mode="r")
 
     def _names(self) -> list[str]:
@@ -382,6 +394,15 @@ class ZarrReader(_Reader):
 
     def _chunk(self, variable: str) -> int | None:
         return self._array(variable).chunks[0]
+
+
+def _names_pickle(meta: Any) -> bool:
+    """Whether Zarr metadata (v2 or v3, consolidated or not) names the pickle codec anywhere."""
+    if isinstance(meta, dict):
+        if meta.get("id") == "pickle" or meta.get("name") in ("pickle", "numcodecs.pickle"):
+            return True
+        return any(_names_pickle(v) for v in meta.values())
+    return isinstance(meta, list) and any(_names_pickle(v) for v in meta)
 
 
 class NpyReader(_Reader):

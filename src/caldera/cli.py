@@ -17,9 +17,8 @@ import os
 import sys
 import threading
 
-from caldera.checkpoint import REQUEUE_EXIT_CODE, CheckpointError, Preempted
-from caldera.config import ConfigError
-from caldera.data.formats import DataError
+from caldera.checkpoint import REQUEUE_EXIT_CODE, Preempted
+from caldera.errors import CheckpointError, ConfigError, DataError
 
 TRUST_HELP = (
     "import the code the run directory names by import path (model, data source, loss, metrics); "

@@ -8,7 +8,6 @@ and what to write instead, never a traceback wall.
 from __future__ import annotations
 
 import difflib
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -17,14 +16,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from caldera.durations import parse_duration, parse_interval
+from caldera.errors import ConfigError as ConfigError
+from caldera.errors import UntrustedCode as UntrustedCode
+from caldera.refs import Builtins
+from caldera.refs import resolve as resolve
+from caldera.registry import LOSSES, METRICS, MODELS, SOURCES, STRATEGIES, unsupported
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-class ConfigError(ValueError):
-    """A run file that cannot be used; the message names the key and the fix."""
 
 
 # Integers beyond this overflow torch and C code long before they mean anything (a batch of 1e20 samples).
@@ -425,49 +427,12 @@ def _describe(loc: list[str]) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-# -- references to code ------------------------------------------------------------------------------------------
-
-
-def resolve(ref: str, registry: dict[str, Any], key: str) -> Any:
-    """Return the object a config names: a built-in name from ``registry`` or 'package.module:attr'."""
-    if ref in registry:
-        return registry[ref]
-    if ":" not in ref:
-        close = difflib.get_close_matches(ref, list(registry), n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(
-            f"{key} = {ref!r}: not a built-in name; {hint}built-ins: {', '.join(sorted(registry))}; "
-            "or give an import path such as 'my_pkg.models:Net'"
-        )
-    module_name, attr = ref.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except (ImportError, ValueError, TypeError) as exc:  # also '' and relative names such as '.x'
-        raise ConfigError(
-            f"{key} = {ref!r}: cannot import module '{module_name}' ({exc}); check the spelling and that the "
-            "package is installed or on PYTHONPATH"
-        ) from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            names = [n for n in dir(module) if not n.startswith("_")]
-            close = difflib.get_close_matches(part, names, n=1)
-            hint = f" Did you mean '{module_name}:{close[0]}'?" if close else ""
-            raise ConfigError(f"{key} = {ref!r}: module '{module_name}' has no '{attr}'.{hint}")
-        obj = getattr(obj, part)
-    return obj
-
-
 # -- trust: code named by a run directory -----------------------------------------------------------------------
 # A run directory travels between people (a shared filesystem, a download); its config names code by import path,
 # and importing a module runs it. So what a run directory names is imported only when the user says so: built-in
 # names (never containing ':') always resolve; 'pkg.mod:Name' only with trust_code (--trust-code) or when the user
 # gave that same path for that key (--set model.name=my_pkg:Net). Run files given to train/check/tune are the
 # user's own and stay trusted. See docs/security.md.
-
-
-class UntrustedCode(ConfigError):
-    """A run directory names code to import (``pkg.mod:Name``) that the user has not said they trust."""
 
 
 def code_refs(raw: dict[str, Any]) -> list[tuple[str, str]]:
@@ -533,25 +498,22 @@ def read_run_dir(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (
     return raw
 
 
-def _check_references(cfg: Config, where: str) -> None:
-    from caldera.data import SOURCES
-    from caldera.models import MODELS
-    from caldera.parallel import available_strategies
-    from caldera.parallel._async import LOOP_STRATEGIES, unsupported
-    from caldera.train.losses import LOSSES
-    from caldera.train.metrics import METRICS
+def _check_name(ref: str, table: Builtins, key: str) -> None:
+    """Check a name a config gives: a built-in is known without importing it; an import path must import."""
+    if ref not in table:
+        resolve(ref, table, key)
 
+
+def _check_references(cfg: Config, where: str) -> None:
     try:
-        resolve(cfg.model.name, MODELS, "[model] name")
-        resolve(cfg.data.source, SOURCES, "[data] source")
-        resolve(cfg.train.loss, LOSSES, "[train] loss")
+        _check_name(cfg.model.name, MODELS, "[model] name")
+        _check_name(cfg.data.source, SOURCES, "[data] source")
+        _check_name(cfg.train.loss, LOSSES, "[train] loss")
         for name in cfg.train.metrics:
-            resolve(name, METRICS, "[train] metrics")
+            _check_name(name, METRICS, "[train] metrics")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     try:
-        from caldera.checkpoint import parse_duration, parse_interval
-
         parse_interval(cfg.checkpoint.every)
     except ValueError as exc:
         raise ConfigError(f"{where}: [checkpoint] {exc}") from None
@@ -568,12 +530,13 @@ def _check_references(cfg: Config, where: str) -> None:
             f"{where}: [run] hang_timeout = {cfg.run.hang_timeout!r}: use seconds (600), a time ('30m', '1h') "
             "or 0 to turn the hang watchdog off"
         ) from None
-    if cfg.parallel.strategy not in available_strategies():
-        close = difflib.get_close_matches(cfg.parallel.strategy, available_strategies(), n=1)
+    if cfg.parallel.strategy not in STRATEGIES:
+        available = sorted(STRATEGIES)
+        close = difflib.get_close_matches(cfg.parallel.strategy, available, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise ConfigError(
             f"{where}: [parallel] strategy = {cfg.parallel.strategy!r} is not known; {hint}"
-            f"available: {', '.join(available_strategies())}"
+            f"available: {', '.join(available)}"
         )
     if cfg.parallel.grad_comm != "fp32" and cfg.parallel.strategy not in ("allreduce", "single"):
         raise ConfigError(
@@ -591,10 +554,6 @@ def _check_references(cfg: Config, where: str) -> None:
             "optimizer steps fp32 master copies of the weights); use 'bf16-mixed', 'fp16-mixed' or 'fp32', or "
             "shard_optimizer = false"
         )
-    if cfg.parallel.strategy in LOOP_STRATEGIES:
-        problem = unsupported(
-            cfg.parallel.strategy,
-            cfg.precision.mode,
-        )
-        if problem:
-            raise ConfigError(f"{where}: [parallel] {problem}")
+    problem = unsupported(cfg.parallel.strategy, cfg.precision.mode)
+    if problem:
+        raise ConfigError(f"{where}: [parallel] {problem}")

@@ -20,8 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from caldera.config import Config, ConfigError, load_config, read_run_dir
+from caldera.config import Config, load_config, read_run_dir
+from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
+from caldera.refs import resolve
+from caldera.registry import METRICS
 from caldera.world import World, init
 
 SPLITS = ("val", "train", "all")
@@ -39,9 +42,7 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
             world: World | None = None, progress: bool = True,
             trust_code: bool = False) -> dict[str, float]:  # fmt: skip
     """Predict ``split`` of the run's data on every rank (collective); write ``out``; return the scores."""
-    from caldera.config import resolve
     from caldera.precision import make_precision
-    from caldera.train.metrics import METRICS
     from caldera.train.run import build_data, build_loss, build_model
 
     if split not in SPLITS:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from caldera.comm.base import Communicator
+from caldera.comm.base import shared_gpus as shared_gpus
 from caldera.comm.local import LocalComm
 
 # Variables that MPI launchers (Open MPI, MPICH/Hydra, PMIx, Slurm's srun) set in every rank they start.
@@ -101,15 +102,6 @@ def local_rank_hint() -> int:
     return _launcher_value(
         ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID"), 0
     )
-
-
-def shared_gpus(placements: list[tuple[str, str]]) -> dict[tuple[str, str], list[int]]:
-    """Given each rank's (host, device), return the GPUs that more than one rank uses, with those ranks."""
-    users: dict[tuple[str, str], list[int]] = {}
-    for rank, (host, device) in enumerate(placements):
-        if device.startswith("cuda"):
-            users.setdefault((host, device), []).append(rank)
-    return {gpu: ranks for gpu, ranks in users.items() if len(ranks) > 1}
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -114,3 +114,12 @@ def check_op(op: str) -> str:
     if op not in OPS:
         raise ValueError(f"unknown reduction op {op!r}; use one of {', '.join(OPS)}")
     return op
+
+
+def shared_gpus(placements: list[tuple[str, str]]) -> dict[tuple[str, str], list[int]]:
+    """Given each rank's (host, device), return the GPUs that more than one rank uses, with those ranks."""
+    users: dict[tuple[str, str], list[int]] = {}
+    for rank, (host, device) in enumerate(placements):
+        if device.startswith("cuda"):
+            users.setdefault((host, device), []).append(rank)
+    return {gpu: ranks for gpu, ranks in users.items() if len(ranks) > 1}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from caldera.comm.base import check_op
+from caldera.comm.base import check_op, shared_gpus
 
 _NP_OK = {
     torch.float64,
@@ -351,8 +351,6 @@ def _torch_op(op: str):
 def _check_one_gpu_per_rank(comm: MPIComm) -> None:
     """NCCL refuses two ranks on one GPU, deep inside its init: say so first, with the ways out."""
     import socket
-
-    from caldera.world import shared_gpus
 
     device = str(torch.device("cuda", torch.cuda.current_device()))
     for (host, gpu), ranks in shared_gpus(comm.allgather((socket.gethostname(), device))).items():

@@ -1,7 +1,7 @@
 """Data: built-in sources, scientific formats (HDF5, NetCDF, Zarr, .npy), rank sharding, shuffling, prefetch."""
 
 from caldera.data import scientific as scientific
-from caldera.data.builtin import digits
+from caldera.data.builtin import digits as digits
 from caldera.data.formats import DataError as DataError
 from caldera.data.formats import open_reader as open_reader
 from caldera.data.normalize import compute_stats as compute_stats
@@ -11,15 +11,7 @@ from caldera.data.sampler import ShardedBatches as ShardedBatches
 from caldera.data.sampler import epoch_permutation as epoch_permutation
 from caldera.data.sampler import split_dataset as split_dataset
 from caldera.data.shuffle import ChunkShuffleSampler as ChunkShuffleSampler
-from caldera.sims.atoms import dataset as atoms
-from caldera.sims.climate import dataset as climate
-from caldera.sims.heat import dataset as heat
-from caldera.sims.phantoms import dataset as phantoms
-
-SOURCES = {
-    "digits": digits, "heat": heat, "scientific": scientific.dataset, "atoms": atoms, "phantoms": phantoms,
-    "climate": climate,
-}  # fmt: skip
+from caldera.registry import SOURCES as SOURCES
 
 __all__ = [
     "SOURCES", "ChunkShuffleSampler", "DataError", "InputMeter", "Prefetcher", "ShardedBatches", "compute_stats",

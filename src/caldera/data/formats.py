@@ -20,6 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from caldera.errors import DataError as DataError
+
 FORMATS = ("hdf5", "netcdf", "zarr", "npy")
 _SUFFIXES = {".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5", ".he5": "hdf5", ".nc": "netcdf", ".nc4": "netcdf",
              ".netcdf": "netcdf", ".zarr": "zarr", ".npy": "npy"}  # fmt: skip
@@ -36,10 +38,6 @@ def _fresh_lock_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_fresh_lock_in_child)
-
-
-class DataError(ValueError):
-    """A data file that cannot be used as asked; the message names the file, the variable and the fix."""
 
 
 class MissingDependency(DataError, ImportError):

@@ -31,6 +31,7 @@ from caldera.data.formats import ArrayReader, DataError, open_reader
 from caldera.data.normalize import STATS_FILE, VarStats, load_or_compute
 from caldera.data.prefetch import BACKENDS, InputMeter, InputStats, Prefetcher, input_advice, to_device
 from caldera.data.shuffle import ChunkShuffleSampler
+from caldera.refs import resolve
 
 Transform = Callable[..., tuple[Any, Any]]
 
@@ -483,6 +484,4 @@ def _normalized(reader: ArrayReader, normalize: bool | Sequence[str]) -> list[st
 def _transform(transform: str | Transform | None) -> Transform | None:
     if transform is None or callable(transform):
         return transform
-    from caldera.config import resolve
-
     return resolve(transform, {}, "[data] args.transform")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from caldera.registry import MODELS as MODELS  # the table of built-in names
+
 
 class MLP(nn.Sequential):
     """A multilayer perceptron: ``sizes = [in, hidden..., out]`` with ReLU between layers.
@@ -79,10 +81,5 @@ class UNetSmall(nn.Module):
 
 from caldera.models.climate import ClimateNet  # noqa: E402  (the application models need nothing above)
 from caldera.models.potential import NeuralPotential  # noqa: E402
-
-MODELS = {
-    "mlp": MLP, "small_cnn": SmallCNN, "unet_small": UNetSmall, "neural_potential": NeuralPotential,
-    "climate_net": ClimateNet,
-}  # fmt: skip
 
 __all__ = ["MLP", "MODELS", "ClimateNet", "NeuralPotential", "SmallCNN", "UNetSmall"]

@@ -20,6 +20,9 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from caldera.comm.buckets import unflatten
 from caldera.data.sampler import ShardedBatches, epoch_permutation
+from caldera.errors import ConfigError
+from caldera.registry import LOOP_STRATEGIES as LOOP_STRATEGIES
+from caldera.registry import unsupported
 from caldera.world import World
 
 
@@ -82,24 +85,8 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-LOOP_STRATEGIES = ("async-shared", "async-ps")  # the strategies that run their own loop (``fit``)
-_INSTEAD = "or use strategy = 'local-sgd' or 'allreduce'"
-
-
-def unsupported(name: str, precision: str) -> str | None:
-    """What the asynchronous loops cannot do yet, as a message with the fix (None when the run is fine).
-
-    One list for both places that ask: the run file's validation and ``check_trainer`` (the Python API)."""
-    if precision == "bf16-true":
-        return (f"{name} keeps its shared or served weights in fp32 and steps them there, so bf16-true (bf16 "
-                f"weights with fp32 masters) does not apply; set [precision] mode = 'bf16-mixed', {_INSTEAD}")  # fmt: skip
-    return None
-
-
 def config_error(message: str) -> ValueError:
-    """A ConfigError: the CLI prints it as one line with exit code 2 (imported late: the config imports us)."""
-    from caldera.config import ConfigError
-
+    """A ConfigError: the CLI prints it as one line with exit code 2."""
     return ConfigError(message)
 
 

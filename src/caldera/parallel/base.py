@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from caldera.registry import STRATEGIES
 from caldera.world import World
 
 
@@ -65,6 +66,7 @@ def register(name: str) -> Callable[[type], type]:
 
     def deco(cls: type) -> type:
         _REGISTRY[name] = cls
+        STRATEGIES[name] = cls  # the config checks names against the registry, not this module
         return cls
 
     return deco

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from caldera.config import ConfigError
+from caldera.errors import ConfigError
 from caldera.parallel.base import register
 from caldera.world import World
 

@@ -1,9 +1,3 @@
-"""Built-in loss functions by config name."""
+"""Built-in loss functions by config name (the table lives in caldera/registry.py)."""
 
-from torch import nn
-
-from caldera.models.potential import energy_force_loss
-
-# Named here, not by import path, so that a run directory that uses them needs no --trust-code (docs/security.md).
-LOSSES = {"mse": nn.MSELoss, "l1": nn.L1Loss, "cross_entropy": nn.CrossEntropyLoss, "huber": nn.HuberLoss,
-          "energy_force": energy_force_loss}  # fmt: skip
+from caldera.registry import LOSSES as LOSSES

@@ -3,10 +3,11 @@ the sums over ranks so every rank reports the metric of the whole dataset."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
+
+from caldera.registry import METRICS as METRICS  # the table of built-in names
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -36,23 +37,6 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, peak: float = 1.0) -> torch.T
     """Peak signal-to-noise ratio in dB per sample (``peak``: the largest true value), averaged over the batch."""
     mse = ((pred - target) ** 2).flatten(1).mean(dim=1)
     return (10 * torch.log10(peak**2 / mse.clamp_min(1e-12))).mean()
-
-
-def _application(module: str, name: str) -> Metric:
-    """The metric ``name`` of an application module, imported at its first use (the modules import this one)."""
-
-    def metric(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return getattr(importlib.import_module(module), name)(pred, target)
-
-    metric.__name__ = name
-    return metric
-
-
-METRICS: dict[str, Metric] = {
-    "accuracy": accuracy, "mae": mae, "rmse": rmse, "rel_l2": rel_l2, "psnr": psnr,
-    **{name: _application("caldera.models.potential", name) for name in ("energy_mae", "force_mae", "force_rel")},
-    "lat_weighted_rmse": _application("caldera.sims.climate", "lat_weighted_rmse"),
-}  # fmt: skip
 
 
 HIGHER_IS_BETTER = ("accuracy", "psnr")

@@ -18,12 +18,12 @@ import torch
 from torch.utils.data import Dataset
 
 from caldera.checkpoint import Checkpointer, parse_duration
-from caldera.config import Config, ConfigError, resolve
-from caldera.data import SOURCES, split_dataset
-from caldera.models import MODELS
+from caldera.config import Config
+from caldera.data import split_dataset
+from caldera.errors import ConfigError
+from caldera.refs import resolve
+from caldera.registry import LOSSES, METRICS, MODELS, SOURCES
 from caldera.train.callbacks import Callback, EarlyStopping, TensorBoard
-from caldera.train.losses import LOSSES
-from caldera.train.metrics import METRICS
 from caldera.train.metrics import mode as metric_mode
 from caldera.train.trainer import Trainer
 from caldera.world import World, init

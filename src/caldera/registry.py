@@ -1,0 +1,63 @@
+"""The built-in names a run file may use, each mapped to the code that implements it ('package.module:attr').
+
+The config validates names against these tables without importing data/, models/, parallel/ or train/; the
+code behind a name is imported when it is first looked up. ``caldera.data.SOURCES``, ``caldera.models.MODELS``,
+``caldera.train.losses.LOSSES`` and ``caldera.train.metrics.METRICS`` are these same tables. A new built-in is one
+line here (plus its module); a strategy's module also registers its class with ``@register(name)``.
+"""
+
+from __future__ import annotations
+
+from caldera.refs import Builtins
+
+# [data] source
+SOURCES = Builtins({
+    "digits": "caldera.data.builtin:digits", "heat": "caldera.sims.heat:dataset",
+    "scientific": "caldera.data.scientific:dataset", "atoms": "caldera.sims.atoms:dataset",
+    "phantoms": "caldera.sims.phantoms:dataset", "climate": "caldera.sims.climate:dataset",
+})  # fmt: skip
+
+# [model] name
+MODELS = Builtins({
+    "mlp": "caldera.models:MLP", "small_cnn": "caldera.models:SmallCNN", "unet_small": "caldera.models:UNetSmall",
+    "neural_potential": "caldera.models.potential:NeuralPotential", "climate_net": "caldera.models.climate:ClimateNet",
+})  # fmt: skip
+
+# [train] loss. Named here, not by import path, so that a run directory that uses them needs no --trust-code
+# (docs/security.md).
+LOSSES = Builtins({
+    "mse": "torch.nn:MSELoss", "l1": "torch.nn:L1Loss", "cross_entropy": "torch.nn:CrossEntropyLoss",
+    "huber": "torch.nn:HuberLoss", "energy_force": "caldera.models.potential:energy_force_loss",
+})  # fmt: skip
+
+# [train] metrics
+METRICS = Builtins({
+    **{name: f"caldera.train.metrics:{name}" for name in ("accuracy", "mae", "rmse", "rel_l2", "psnr")},
+    **{name: f"caldera.models.potential:{name}" for name in ("energy_mae", "force_mae", "force_rel")},
+    "lat_weighted_rmse": "caldera.sims.climate:lat_weighted_rmse",
+})  # fmt: skip
+
+# [parallel] strategy; caldera.parallel.register adds a user's strategy to this table too.
+STRATEGIES = Builtins({
+    "single": "caldera.parallel.single:Single", "allreduce": "caldera.parallel.allreduce:AllReduce",
+    "local-sgd": "caldera.parallel.local_sgd:LocalSGD", "pipeline": "caldera.parallel.pipeline:Pipeline",
+    "async-shared": "caldera.parallel.async_shared:AsyncShared",
+    "async-ps": "caldera.parallel.param_server:ParameterServer",
+})  # fmt: skip
+
+# Facts the config checks about strategies before anything runs (the strategies read them from here too).
+LOOP_STRATEGIES = ("async-shared", "async-ps")  # the strategies that run their own loop (``fit``)
+_INSTEAD = "or use strategy = 'local-sgd' or 'allreduce'"
+# strategy -> {precision mode it cannot run: why, and the fix}
+REFUSED_PRECISION: dict[str, dict[str, str]] = {
+    name: {"bf16-true": f"{name} keeps its shared or served weights in fp32 and steps them there, so bf16-true "
+           f"(bf16 weights with fp32 masters) does not apply; set [precision] mode = 'bf16-mixed', {_INSTEAD}"}
+    for name in LOOP_STRATEGIES
+}  # fmt: skip
+
+
+def unsupported(name: str, precision: str) -> str | None:
+    """What strategy ``name`` cannot do with ``precision``, as a message with the fix (None when it can).
+
+    One table for both places that ask: the run file's validation and ``check_trainer`` (the Python API)."""
+    return REFUSED_PRECISION.get(name, {}).get(precision)

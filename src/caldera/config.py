@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from caldera.durations import parse_duration, parse_interval
 from caldera.errors import ConfigError as ConfigError
 from caldera.errors import UntrustedCode as UntrustedCode
+from caldera.names import LOSSES, METRICS, MODELS, SOURCES, STRATEGIES, unsupported
 from caldera.refs import Builtins
 from caldera.refs import resolve as resolve
-from caldera.registry import LOSSES, METRICS, MODELS, SOURCES, STRATEGIES, unsupported
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from caldera.config import Config, load_config, read_run_dir
 from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
+from caldera.names import METRICS
 from caldera.refs import resolve
-from caldera.registry import METRICS
 from caldera.world import World, init
 
 SPLITS = ("val", "train", "all")

@@ -11,7 +11,7 @@ from caldera.data.sampler import ShardedBatches as ShardedBatches
 from caldera.data.sampler import epoch_permutation as epoch_permutation
 from caldera.data.sampler import split_dataset as split_dataset
 from caldera.data.shuffle import ChunkShuffleSampler as ChunkShuffleSampler
-from caldera.registry import SOURCES as SOURCES
+from caldera.names import SOURCES as SOURCES
 
 __all__ = [
     "SOURCES", "ChunkShuffleSampler", "DataError", "InputMeter", "Prefetcher", "ShardedBatches", "compute_stats",

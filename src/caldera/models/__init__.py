@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caldera.registry import MODELS as MODELS  # the table of built-in names
+from caldera.names import MODELS as MODELS  # the table of built-in names
 
 
 class MLP(nn.Sequential):

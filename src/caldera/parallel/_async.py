@@ -21,8 +21,8 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 from caldera.comm.buckets import unflatten
 from caldera.data.sampler import ShardedBatches, epoch_permutation
 from caldera.errors import ConfigError
-from caldera.registry import LOOP_STRATEGIES as LOOP_STRATEGIES
-from caldera.registry import unsupported
+from caldera.names import LOOP_STRATEGIES as LOOP_STRATEGIES
+from caldera.names import unsupported
 from caldera.world import World
 
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from caldera.registry import STRATEGIES
+from caldera.names import STRATEGIES
 from caldera.world import World
 
 

@@ -1,3 +1,3 @@
-"""Built-in loss functions by config name (the table lives in caldera/registry.py)."""
+"""Built-in loss functions by config name (the table lives in caldera/names.py)."""
 
-from caldera.registry import LOSSES as LOSSES
+from caldera.names import LOSSES as LOSSES

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from caldera.registry import METRICS as METRICS  # the table of built-in names
+from caldera.names import METRICS as METRICS  # the table of built-in names
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -21,8 +21,8 @@ from caldera.checkpoint import Checkpointer, parse_duration
 from caldera.config import Config
 from caldera.data import split_dataset
 from caldera.errors import ConfigError
+from caldera.names import LOSSES, METRICS, MODELS, SOURCES
 from caldera.refs import resolve
-from caldera.registry import LOSSES, METRICS, MODELS, SOURCES
 from caldera.train.callbacks import Callback, EarlyStopping, TensorBoard
 from caldera.train.metrics import mode as metric_mode
 from caldera.train.trainer import Trainer

@@ -352,7 +352,8 @@ def write_netcdf(
     path.parent.mkdir(parents=True, exist_ok=True)
     nt, nlat, nlon = fields["T"].shape
     grid = Grid(nlat, nlon)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # Per process: ranks that each build the data alone (no comm given) may write the same file at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
         nc.Conventions = "CF-1.8"
         nc.title = (

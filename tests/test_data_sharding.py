@@ -209,3 +209,28 @@ def test_the_trainer_sees_every_training_record_once_per_epoch(field_file, tmp_p
     for epoch in seen[:2]:
         assert sorted(epoch[:n_train]) == list(range(n_train))
         assert sorted(epoch[n_train:]) == list(range(n_train, 103))
+
+
+def comm_probe(comm, run_dir, n=8):
+    """A user's source that shares work over ranks: it says which communicator it was given."""
+    comm_probe.seen = comm
+    return torch.utils.data.TensorDataset(torch.zeros(n, 2), torch.zeros(n))
+
+
+def test_a_source_gets_the_ranks_of_its_caller_and_not_from_the_run_file(tmp_path):
+    from caldera.comm.local import LocalComm
+    from caldera.config import ConfigError, load_config
+    from caldera.train.run import build_data
+
+    values = {"data.source": "tests.test_data_sharding:comm_probe", "data.args": {}, "run.dir": str(tmp_path)}
+    cfg = load_config("examples/digits_tune.toml", values=values)
+    ranks = LocalComm()
+    train, val = build_data(cfg, ranks)
+    assert comm_probe.seen is ranks and len(train) + len(val) == 8
+    build_data(cfg)  # a caller that names no ranks builds the data alone
+    assert isinstance(comm_probe.seen, LocalComm) and comm_probe.seen is not ranks
+    # A communicator is not a run-file value: one line naming the key, before the source runs.
+    with pytest.raises(ConfigError, match=r"^\[data\] args.comm: .*remove it$"):
+        build_data(
+            load_config("examples/digits_tune.toml", values={**values, "data.args": {"comm": "world"}})
+        )

@@ -93,3 +93,28 @@ def test_a_search_whose_every_trial_fails_says_so_once(tmp_path):
     assert proc.returncode == 1
     assert "all 1 trials failed; the first: NonFiniteLossError: loss is" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.mpi
+def test_trials_on_a_generated_source_meet_no_other_rank(tmp_path):
+    # Each trial writes its own image stack in its own directory. The data source once did its rank-0-writes,
+    # others-wait on all ranks of the job: rank 1's trial waited for rank 0 to write *trial-0000*/phantoms.h5 and
+    # then found no trial-0001/phantoms.h5, and in the partial round rank 0's write met rank 1's allgather, so
+    # rank 1 crashed at the end. Now a trial's source works alone: three trials complete, the search reports.
+    small = ["--set", "data.args={n: 12, size: 16, patch: [16, 16], patch_stride: [16, 16]}",
+             "--set", "data.batch_size=4", "--set", "data.num_workers=0", "--set", "model.args.channels=4",
+             "--set", "optim.epochs=1", "--set", "optim.warmup_steps=0", "--set", "tune.metric=val_loss",
+             "--set", "tune.space={optim.lr: {low: 0.0003, high: 0.03, log: true}}"]  # fmt: skip
+    cmd = ["-m", "caldera.cli", "tune", "examples/imaging_denoise.toml", "--set", f"run.dir={tmp_path}", *small,
+           "--trials", "3"]  # fmt: skip
+    proc = run_ranks(2, cmd, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = rows(tmp_path)
+    assert [(r["rank"], r["state"], r["error"]) for r in table] == [
+        ("0", "complete", ""),
+        ("1", "complete", ""),
+        ("0", "complete", ""),
+    ]
+    for r in table:  # every trial made its own stack in its own directory
+        assert (tmp_path / "trials" / f"trial-000{r['trial']}" / "phantoms.h5").stat().st_size > 0
+    assert proc.stdout.count("best of 3 trials (0 failed)") == 1

@@ -52,7 +52,7 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
         raise ConfigError(f"--out {out}: write .npy, .h5 or .nc (got {suffix!r})")
     cfg = load_run_config(run_dir, overrides, trust_code)
     world = world or init(device=cfg.run.device, seed=cfg.run.seed)
-    dataset = _choose(build_data(cfg), split)
+    dataset = _choose(build_data(cfg, world.comm), split)
     for part in getattr(dataset, "datasets", [dataset]):
         if getattr(part, "transform", None) is not None:
             part.transform = None  # augmentation is for training: predictions keep the stored orientation

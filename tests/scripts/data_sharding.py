@@ -14,8 +14,11 @@ import caldera
 from caldera.data.scientific import dataset
 
 
-def open_train(path, run_dir, backend):
-    return dataset(path, inputs=["u"], targets=["id"], run_dir=run_dir, val_fraction=0.0, backend=backend)
+def open_train(path, run_dir, backend, comm):
+    # The ranks compute the statistics together only when told whom they share them with (default: alone).
+    return dataset(
+        path, inputs=["u"], targets=["id"], run_dir=run_dir, val_fraction=0.0, backend=backend, comm=comm
+    )
 
 
 def epoch(batches, n_steps=None):
@@ -40,7 +43,7 @@ def main():
     world = caldera.init()
 
     def pipeline():
-        train = open_train(path, run_dir, backend)["train"]
+        train = open_train(path, run_dir, backend, world.comm)["train"]
         return train, train.batches(batch, world.rank, world.size, seed=7, num_workers=1)
 
     train, batches = pipeline()

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from caldera.comm.base import Communicator
 from caldera.data.formats import ArrayReader, DataError, open_reader
 from caldera.data.normalize import STATS_FILE, VarStats, load_or_compute
 from caldera.data.prefetch import BACKENDS, InputMeter, InputStats, Prefetcher, input_advice, to_device
@@ -427,12 +428,14 @@ def dataset(
     stats_file: str | os.PathLike | None = None,
     options: dict[str, Any] | None = None,
     missing: str | float = "error",
+    comm: Communicator | None = None,
 ) -> dict[str, ScientificDataset | None]:
     """Open a scientific file as ``{"train": ..., "val": ...}``; validation is the last ``val_fraction`` of records.
 
     ``missing``: what NaN/Inf in the data does: 'error' (a DataError naming the variable, the default), a number
-    put in their place after normalisation, or 'keep' (for a transform that fills or masks them)."""
-    from caldera.world import init
+    put in their place after normalisation, or 'keep' (for a transform that fills or masks them). ``comm``: the
+    ranks that compute the normalisation statistics together (default this process alone; ``caldera train``
+    passes the run's ranks)."""
 
     inputs, targets = _names(inputs), _names(targets)
     reader = open_reader(path, format, list(dict.fromkeys([*inputs, *targets])), **(options or {}))
@@ -442,7 +445,7 @@ def dataset(
     if stats_file is None and run_dir is not None:
         stats_file = Path(run_dir) / STATS_FILE
     # Statistics come from the training records only, so validation stays unseen.
-    stats = load_or_compute(reader, names, stats_file, init().comm, (0, n_train)) if names else {}
+    stats = load_or_compute(reader, names, stats_file, comm, (0, n_train)) if names else {}
     missing = _missing_policy(missing)
     if missing == "error" and transform is None:
         # The statistics pass counted the finite values of the training records: the rest are NaN/Inf, known

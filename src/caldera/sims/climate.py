@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from caldera.comm.base import Communicator
 from caldera.data.formats import require
 from caldera.data.scientific import BatchReads
 from caldera.models.climate import ClimateNet as ClimateNet
@@ -351,7 +352,8 @@ def write_netcdf(
     path.parent.mkdir(parents=True, exist_ok=True)
     nt, nlat, nlon = fields["T"].shape
     grid = Grid(nlat, nlon)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # Per process: ranks that each build the data alone (no comm given) may write the same file at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
         nc.Conventions = "CF-1.8"
         nc.title = (
@@ -394,12 +396,14 @@ def dataset(
     normalize: bool = True,
     backend: str = "thread",
     rollout: int = 1,
+    comm: Communicator | None = None,
 ) -> dict[str, Any]:
     """Simulate into the NetCDF file ``path`` (relative: inside the run directory) unless it exists, then serve
     it with ``caldera.data.scientific``: inputs [T, u, v, insolation] at the ``window`` records up to t, targets
     [T, u, v] at t + lead; ``[data] num_workers`` background readers (``backend``: thread or process).
     ``rollout = k > 1`` (with lead 1): samples for k-step training (``Rollout``), e.g. to fine-tune a one-step
-    model so that its own errors stop growing when it is rolled out."""
+    model so that its own errors stop growing when it is rolled out. ``comm``: the ranks that share the file and
+    its normalisation statistics (rank 0 writes, the others wait); default this process alone."""
     from caldera.data import scientific
 
     # Lexically normalised: "../other-run/climate.nc" must not need this run's directory to exist yet.
@@ -416,10 +420,11 @@ def dataset(
             file, simulate(nlat, nlon, days, seed=seed), {f"caldera_{k}": v for k, v in made_with.items()}
         )
 
-    write_once(file, write, "the climate file")
+    write_once(file, write, "the climate file", comm=comm)
     _check_made_with(file, made_with)
     data = scientific.dataset(str(file), inputs=[*STATE, *FORCING], targets=list(STATE), window=window, lead=lead,
-                              val_fraction=val_fraction, normalize=normalize, run_dir=run_dir, backend=backend)  # fmt: skip
+                              val_fraction=val_fraction, normalize=normalize, run_dir=run_dir, backend=backend,
+                              comm=comm)  # fmt: skip
     if rollout == 1:
         return data
     if rollout < 1 or lead != 1:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from caldera.comm.base import Communicator
 from caldera.data.formats import DataError, require
 from caldera.sims import write_once
 
@@ -174,22 +175,23 @@ class ImageStackError(DataError):
 def dataset(path: str | None = None, n: int = 800, size: int = 64, dose: float = DOSE, blur: float = BLUR,
             seed: int = 0, patch: list[int] | None = (32, 32), patch_stride: list[int] | None = (16, 16),
             augment: bool = True, create: bool = True, val_fraction: float = 0.1,
-            run_dir: str | os.PathLike | None = None) -> dict[str, Any]:  # fmt: skip
+            run_dir: str | os.PathLike | None = None, comm: Communicator | None = None) -> dict[str, Any]:  # fmt: skip
     """Return ``{"train", "val"}`` patches (noisy -> clean) of an HDF5 stack, writing it first if missing.
 
     ``path`` defaults to <run dir>/phantoms.h5. With ``create = false`` the file must exist (a real detector
-    dump with "noisy" and "clean" stacks); else an existing file must have been made with the same settings."""
+    dump with "noisy" and "clean" stacks); else an existing file must have been made with the same settings.
+    ``comm``: the ranks that share the file (rank 0 writes it, the others wait); default this process alone."""
     from caldera.data import scientific
 
     file = Path(path) if path is not None else Path(run_dir or ".") / "phantoms.h5"
     if create:
         write_once(
-            file, lambda: write_h5(file, n, size, dose, blur, seed), "the image stack", ImageStackError
+            file, lambda: write_h5(file, n, size, dose, blur, seed), "the image stack", ImageStackError, comm
         )
     check_stack(file, _attributes(n, size, dose, blur, seed) if create else None)
     return scientific.dataset(str(file), inputs=["noisy"], targets=["clean"], patch=patch,
                               patch_stride=patch_stride, normalize=False, val_fraction=val_fraction,
-                              transform=dihedral if augment else None, run_dir=run_dir)  # fmt: skip
+                              transform=dihedral if augment else None, run_dir=run_dir, comm=comm)  # fmt: skip
 
 
 def check_stack(path: str | os.PathLike, expected: dict[str, Any] | None = None) -> None:

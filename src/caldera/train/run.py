@@ -18,6 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from caldera.checkpoint import Checkpointer, parse_duration
+from caldera.comm.base import Communicator
+from caldera.comm.local import LocalComm
 from caldera.config import Config
 from caldera.data import split_dataset
 from caldera.errors import ConfigError
@@ -26,14 +28,23 @@ from caldera.refs import resolve
 from caldera.train.callbacks import Callback, EarlyStopping, TensorBoard
 from caldera.train.metrics import mode as metric_mode
 from caldera.train.trainer import Trainer
-from caldera.world import World, init
+from caldera.world import World, init, seed_everything
 
 
-def build_data(cfg: Config) -> tuple[Dataset, Dataset | None]:
-    """Call the data source; split off validation data unless the source returned its own."""
+def build_data(cfg: Config, comm: Communicator | None = None) -> tuple[Dataset, Dataset | None]:
+    """Call the data source; split off validation data unless the source returned its own.
+
+    ``comm``: the ranks that build this data together (default this process alone), handed to a source that
+    takes a ``comm`` argument, as ``run_dir`` is: rank 0 of it writes shared files (a generated data set,
+    normalisation statistics) while the others wait, so it must be exactly the ranks that call this."""
     source = resolve(cfg.data.source, SOURCES, "[data] source")
-    # Sources that keep files with the run (normalisation statistics) or split by themselves get what they take.
-    wanted = {"run_dir": cfg.run_dir, "val_fraction": cfg.data.val_fraction}
+    if "comm" in cfg.data.args:
+        raise ConfigError(
+            "[data] args.comm: the ranks a source works with are the run's own, not a run-file setting; remove it"
+        )
+    # Sources that keep files with the run (normalisation statistics), share work over the ranks or split by
+    # themselves get what they take.
+    wanted = {"run_dir": cfg.run_dir, "val_fraction": cfg.data.val_fraction, "comm": comm or LocalComm()}
     takes = _parameters(source)
     out = _call(source, {**{k: v for k, v in wanted.items() if k in takes}, **cfg.data.args}, "[data] args")
     if isinstance(out, dict):
@@ -185,9 +196,9 @@ def train(cfg: Config, config_path: str | Path | None = None, world: World | Non
         world = world or init(device=cfg.run.device, seed=cfg.run.seed, deterministic=cfg.run.deterministic)
     except ValueError as exc:  # e.g. device = "cuda" without a GPU: one line naming the fix, no traceback
         raise ConfigError(f"run.device: {exc}") from exc
-    train_set, val_set = build_data(cfg)
+    train_set, val_set = build_data(cfg, world.comm)
     # Seed again after data generation so the model's initial weights do not depend on the data source.
-    init(seed=cfg.run.seed, deterministic=cfg.run.deterministic)
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
     model = build_model(cfg)
     _check_model_fits(cfg, model, train_set)
     steps = max(1, len(train_set) // cfg.data.batch_size)

@@ -34,6 +34,14 @@ from caldera.train.callbacks import Callback
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 STRATEGIES = ["allreduce", "async-shared", "async-ps", "local-sgd"]
+# --smoke: every strategy and scenario once, one epoch, a reachable target, the plot into the temporary directory.
+SMOKE = {
+    "repeats": 1,
+    "epochs": 1,
+    "target": 0.0,
+    "timing_steps": 20,
+    "png": str(Path(tempfile.gettempdir()) / "caldera-smoke-async.png"),
+}
 WORKERS, BATCH, CHANNELS, LR, RECORDS_PER_EPOCH = 2, 32, 32, 0.03, 8
 
 
@@ -129,7 +137,7 @@ class _Recorder(Callback):
 
 
 # -- driver --------------------------------------------------------------------------------------------------------
-def step_time() -> float:
+def step_time(steps: int = 200) -> float:
     """Median seconds of one worker step (forward, backward, SGD step) at the per-worker batch, 1 thread."""
     from caldera.models import SmallCNN
 
@@ -139,13 +147,13 @@ def step_time() -> float:
     model = SmallCNN(channels=CHANNELS)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     times = []
-    for _ in range(200):
+    for _ in range(steps):
         t = time.perf_counter()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - t)
-    return statistics.median(times[50:])
+    return statistics.median(times[steps // 4 :])
 
 
 def run(name: str, slow: float, epochs: int) -> dict:
@@ -179,12 +187,18 @@ def main() -> None:
     parser.add_argument("--worker")
     parser.add_argument("--slow", type=float, default=0.0)
     parser.add_argument("--out")
+    parser.add_argument("--timing-steps", type=int, default=200, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     if args.worker:
         worker(args.worker, args.slow, args.epochs, args.out)
         return
 
-    delay = step_time()
+    delay = step_time(args.timing_steps)
     print(f"one worker step: {delay * 1e3:.2f} ms; the straggler sleeps that long before each of its steps")
     scenarios = {"equal": 0.0, "straggler": delay}
     runs: dict = {(s, n): [] for s in scenarios for n in STRATEGIES}
@@ -223,7 +237,9 @@ def main() -> None:
     best = max(verdict["straggler", n] for n in STRATEGIES[1:])
     worst = min(verdict["equal", n] for n in STRATEGIES[1:])
     print(f"\nstraggler: best asynchronous strategy {best:.2f}x sooner than allreduce (target >= 1.3x)")
-    print(f"equal workers: slowest asynchronous strategy {1 / worst:.2f}x allreduce's time (target <= 1.2x)")
+    print(
+        f"equal workers: slowest asynchronous strategy {1 / worst if worst else float('inf'):.2f}x allreduce's time (target <= 1.2x)"
+    )
     plot(runs, scenarios, args.target, Path(args.png))
 
 

@@ -28,6 +28,9 @@ from torch import nn
 import caldera
 from caldera.checkpoint import AUTO_INTERVAL, Checkpointer, parse_interval
 
+# --smoke: about a second of training per variant, a 2 MB bandwidth test, once.
+SMOKE = {"seconds": 1.2, "every": "0.2s", "mb": 2, "repeats": 1, "policy_interval": 0.2}
+
 
 def mlp() -> nn.Module:
     return nn.Sequential(
@@ -94,7 +97,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--policy-interval", type=float, default=5.0,
                         help="the default policy's 600 s shortened to this, to measure it in seconds")  # fmt: skip
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     world = caldera.init()
     with tempfile.TemporaryDirectory(dir=".") as d:
         tmp = Path(d)

@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+# --smoke: every default row once, on the MLP, a few small steps (each Caldera row passes every strategy option,
+# so the optional rows differ only in values).
+SMOKE = {"repeats": 1, "steps": 2, "batch": 16, "models": ["mlp"]}
 
 
 # -- worker: runs inside each rank ---------------------------------------------------------------------------------
@@ -176,7 +179,12 @@ def main() -> None:
     parser.add_argument(
         "--worker", nargs=5, metavar=("KIND", "MODE", "GBATCH", "STEPS", "OPTIM"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     if args.worker:
         kind, mode, gbatch, steps, optim = args.worker
         worker(kind, mode, int(gbatch), int(steps), optim)

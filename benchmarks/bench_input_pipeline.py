@@ -34,6 +34,8 @@ from caldera.data.formats import open_reader
 from caldera.data.prefetch import InputMeter
 
 GRID, CROP, CHUNK = 128, 96, 16
+# --smoke: a 5 MB file (about 34 records), three steps of batch 4 per variant, once.
+SMOKE = {"gb": 0.005, "steps": 3, "repeats": 1, "batch": 4}
 
 
 def smooth_fields(rng: np.random.Generator, n: int, scale: float) -> np.ndarray:
@@ -193,7 +195,12 @@ def main() -> None:
         "--dir", default=None, help="where to write the file (default: a temporary directory)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the generated file")
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     torch.set_num_threads(args.threads)
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="caldera-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,9 @@ import scipy.linalg
 
 from caldera.linalg import backward_error, solve
 
+# --smoke: one small system, once; without --device also the torch table on the CPU (the GPU table's code).
+SMOKE = {"sizes": [64], "repeats": 1}
+
 
 def _cpu_name() -> str:
     try:
@@ -139,7 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--device", default=None, help="cuda (or cpu): torch tensors on it, torch.linalg as the peer"
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
+    )
     args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     if args.device:
         main_torch(args)
         return
@@ -164,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{'yes' if row['within10'] else 'NO':>5}  {row['method']}",
             flush=True,
         )
+    if args.smoke:
+        main_torch(argparse.Namespace(**{**vars(args), "device": "cpu"}))
 
 
 if __name__ == "__main__":

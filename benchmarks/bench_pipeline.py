@@ -18,6 +18,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 WIDTH, DEPTH = 2048, 4
+# --smoke: each row once, two steps of a small batch.
+SMOKE = {"repeats": 1, "steps": 2, "batch": 16}
 
 
 def build():
@@ -106,7 +108,12 @@ def main() -> None:
     p.add_argument(
         "--worker", nargs=5, metavar=("MODE", "BATCH", "MICRO", "STEPS", "SCHED"), help=argparse.SUPPRESS
     )
+    p.add_argument(
+        "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
+    )
     args = p.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     if args.worker:
         mode, batch, micro, steps, sched = args.worker
         worker(mode, int(batch), int(micro), int(steps), sched)

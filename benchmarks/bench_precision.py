@@ -24,6 +24,8 @@ import caldera
 from caldera.models import MLP, UNetSmall
 
 AMP = {"fp32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+# --smoke: both models, two batches, one epoch, once.
+SMOKE = {"steps": 2, "epochs": 1, "repeats": 1}
 
 
 def problem(kind: str, device: torch.device, steps: int) -> tuple[callable, TensorDataset, int, nn.Module]:
@@ -102,7 +104,12 @@ def main() -> None:
     parser.add_argument(
         "--precisions", nargs="+", default=None, help="default: all three on a GPU, fp32 on a CPU"
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     world = caldera.init()
     device = world.device
     precisions = args.precisions or (list(AMP) if device.type == "cuda" else ["fp32"])

@@ -18,6 +18,9 @@ import torch
 from caldera.models import UNetSmall
 from caldera.train.recompute import checkpoint_activations, saved_activation_bytes
 
+# --smoke: a small batch of small fields, once.
+SMOKE = {"batch": 2, "grid": 16, "repeats": 1}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -26,7 +29,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--grid", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 2, args.grid, args.grid)

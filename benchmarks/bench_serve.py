@@ -34,6 +34,9 @@ MODELS = {
     "mlp": ({"name": "mlp", "args": {"sizes": [1024, 2048, 2048, 10]}}, (1024,)),
 }
 
+# --smoke: two clients, three requests each, against both servers.
+SMOKE = {"clients": 2, "requests": 3}
+
 
 def run_dir(root: Path, model: str) -> tuple[Path, tuple[int, ...]]:
     spec, shape = MODELS[model]
@@ -93,7 +96,12 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=40, help="per client")
     p.add_argument("--model", choices=sorted(MODELS), default="unet")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument(
+        "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
+    )
     args = p.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     with tempfile.TemporaryDirectory() as tmp:
         path, shape = run_dir(Path(tmp), args.model)
         print(

@@ -19,6 +19,9 @@ import caldera
 from caldera.models import UNetSmall
 from caldera.sims.heat import dataset
 
+# --smoke: two steps per loop, once.
+SMOKE = {"repeats": 1, "epochs": 1, "samples": 64}
+
 
 def hand_loop(model, data, epochs, batch, seed):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -49,7 +52,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--samples", type=int, default=640)
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     caldera.init()
     data = dataset(args.samples, 32, 20, seed=0)
     times: dict[str, list[float]] = {"hand": [], "trainer": []}

@@ -1,7 +1,8 @@
 """Roll a trained climate forecaster out autoregressively over the validation period and score it.
 
     caldera train examples/climate_forecast.toml
-    python examples/climate_rollout.py runs/climate-forecast [--days 10] [--every 4]
+    python examples/climate_rollout.py runs/climate-forecast [--days 10] [--every 4] [--smoke]
+Smoke run (seconds, after climate_forecast.toml's smoke run): python examples/climate_rollout.py runs/climate-forecast --smoke
 
 Forecasts start every ``--every`` records (6 h each) of the validation period (the last ``val_fraction`` of the
 file, never trained on) and run ``--days`` days, feeding each prediction back in with the known insolation.
@@ -24,6 +25,9 @@ from caldera.data.normalize import STATS_FILE, load_stats
 from caldera.sims.climate import rollout_skill
 from caldera.train.output import pyplot, save_figure
 from caldera.train.run import build_model
+
+# --smoke: a few short forecasts (of a run trained with the smoke line in climate_forecast.toml).
+SMOKE = {"days": 0.5, "every": 40}
 
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, Path, float, int, dict]:
@@ -103,7 +107,10 @@ def main() -> None:
     )
     parser.add_argument("--days", type=float, default=10.0, help="forecast length in days")
     parser.add_argument("--every", type=int, default=4, help="start a forecast every this many records")
+    parser.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     model, path, val_fraction, window, stats = load_run(args.run_dir)
     steps = round(args.days * 4)  # the file holds a record every 6 h
     skill = rollout_skill(model, path, stats, val_fraction, max_lead=steps, every=args.every, window=window)

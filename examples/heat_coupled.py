@@ -1,6 +1,7 @@
 """A simulation and its trainer on separate ranks of one MPI job; the surrogate improves inside the simulation.
 
     mpiexec -n 3 python examples/heat_coupled.py simulation : -n 1 python examples/heat_coupled.py trainer
+    (add --smoke to both halves: seconds, tiny sizes)
 
 Simulation ranks advance their plates leap by leap (``--leap`` solver steps) and send each leap's
 (T, k) -> T_next pairs to a trainer rank. The trainer learns from a replay buffer and publishes its weights back
@@ -22,6 +23,9 @@ from caldera.models import UNetSmall
 from caldera.sims import heat
 from caldera.train.metrics import rel_l2
 
+# --smoke: a few leaps of a few small plates.
+SMOKE = {"leaps": 8, "check_every": 4, "plates": 2, "grid": 16}
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,7 +39,10 @@ def main() -> None:
         "--max-pending", type=int, default=2, help="leaps a simulation rank may run ahead of training"
     )
     p.add_argument("--run-dir", default="runs/heat-coupled")
+    p.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
     args = p.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     link = connect(args.role, max_pending=args.max_pending)  # first, before anything else that uses MPI
     torch.manual_seed(0)
     model = UNetSmall(in_channels=2, out_channels=1, channels=16)

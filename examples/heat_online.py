@@ -2,6 +2,7 @@
 
     python examples/heat_online.py                      # alone (~1 min on 2 cores)
     mpiexec -n 2 python examples/heat_online.py         # 2 ranks: each simulates its own plates
+Smoke run (seconds): python examples/heat_online.py --smoke
 
 Every round, each rank advances its plates by one leap of ``--leap`` solver steps, offers the pairs
 (T_now, k) -> T_next to its replay buffer, and the model takes a few optimizer steps on batches drawn from all ranks'
@@ -30,6 +31,17 @@ from caldera.sims import heat
 from caldera.train.metrics import rel_l2
 from caldera.train.output import pyplot, save_figure
 
+# --smoke: a few rounds on a few small plates.
+SMOKE = {
+    "rounds": 4,
+    "plates": 4,
+    "grid": 16,
+    "leap": 4,
+    "capacity": 64,
+    "steps_per_round": 2,
+    "checkpoint_every": 2,
+}
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,7 +56,10 @@ def main() -> None:
         "--time-limit", help="wall time ('2h', '01:59:00'): checkpoint and exit 85 a minute before it"
     )
     p.add_argument("--run-dir", default="runs/heat-online")
+    p.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
     args = p.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
 
     world = caldera.init(seed=0)
     model = UNetSmall(in_channels=2, out_channels=1, channels=16)

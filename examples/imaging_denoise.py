@@ -3,6 +3,7 @@ filter and of the network; a figure of one image; PSNR against dose for a networ
 
     caldera train examples/imaging_denoise.toml        # trains, writes runs/imaging-denoise/
     python examples/imaging_denoise.py                  # this script: evaluation.json and two PNGs there
+Smoke run (seconds, after imaging_denoise.toml's smoke run): python examples/imaging_denoise.py runs/imaging-denoise --smoke
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from caldera.train.output import pyplot, save_figure
 from caldera.train.run import build_model
 
 DOSES = (2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+SWEEP_IMAGES = 64
+# --smoke: the dose sweep at two doses on a few images.
+SMOKE = {"doses": (5.0, 40.0), "sweep_images": 8}
 
 
 @torch.no_grad()
@@ -91,7 +95,10 @@ def main() -> None:
     """Evaluate the run directory given on the command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", nargs="?", default="runs/imaging-denoise")
-    run_dir = Path(p.parse_args().run_dir)
+    p.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
+    args = p.parse_args()
+    vars(args).update(SMOKE if args.smoke else {"doses": DOSES, "sweep_images": SWEEP_IMAGES})
+    run_dir = Path(args.run_dir)
     cfg = load_config(read_run_dir(run_dir))  # refuses code the run directory names (docs/security.md)
     model = build_model(cfg, weights=False)  # its own model.pt follows
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
@@ -101,7 +108,8 @@ def main() -> None:
     size, blur, dose = a.get("size", 64), a.get("blur", 0.7), a.get("dose", 10.0)
     # Fresh objects (another seed) at each dose: the network saw neither these images nor these doses.
     result["dose_sweep"] = [
-        {"dose": d, **scores(model, *generate(64, size, d, blur, seed=12345))} for d in DOSES
+        {"dose": d, **scores(model, *generate(args.sweep_images, size, d, blur, seed=12345))}
+        for d in args.doses
     ]
     (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     plot_example(

@@ -1,9 +1,12 @@
 """Solve an ill-conditioned system with a float32 LU plus float64 refinement and print what happened.
 
 Run: python examples/linalg_refinement.py
+Smoke run (seconds): python examples/linalg_refinement.py --smoke
 """
 
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 
@@ -20,7 +23,9 @@ def ill_conditioned(n: int, kappa: float, seed: int = 0) -> np.ndarray:
 
 def main() -> None:
     """Solve one system with each method and print the result fields."""
-    n, kappa = 300, 1e10
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
+    n, kappa = (100 if p.parse_args().smoke else 300), 1e10
     A = ill_conditioned(n, kappa)
     b = np.random.default_rng(1).standard_normal(n)
     reference = backward_error(A, np.linalg.solve(A, b), b)

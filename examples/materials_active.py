@@ -1,6 +1,8 @@
 """On-the-fly (active) learning of an interatomic potential during molecular dynamics.
 
     python examples/materials_active.py                   # alone (~1-2 min on 2 cores)
+    python examples/materials_active.py --smoke           # seconds: tiny sizes (the test suite runs this)
+Smoke run (seconds): python examples/materials_active.py --smoke
     mpiexec -n 2 python examples/materials_active.py      # each rank runs its own replicas; gradients over MPI
 
 A committee of ``--members`` NeuralPotentials (different initial weights), each trained by its own OnlineTrainer,
@@ -39,6 +41,17 @@ from caldera.world import World
 DT = 0.005  # LJ time units, as in caldera.sims.atoms
 TRACE_KEYS = ("time", "flagged", "checked", "disagreement", "force_mae", "ref_calls", "guard_calls", "restarts",
               "flagged_disagreement_min")  # fmt: skip
+# --smoke: a small committee, a short MD run.
+SMOKE = {
+    "members": 2,
+    "seed_configs": 8,
+    "seed_steps": 5,
+    "replicas": 2,
+    "steps": 40,
+    "check_every": 10,
+    "train_steps": 2,
+    "hidden": 8,
+}
 Reference = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -287,7 +300,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--train-steps", type=int, default=8, help="optimizer steps per member after new labels")
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--run-dir", type=Path, default=Path("runs/materials-active"))
+    p.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
     args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     world = caldera.init(seed=0)
     log = (lambda s: print(s, flush=True)) if world.is_main else None
     start_time = time.perf_counter()

@@ -1,6 +1,7 @@
 """Molecular dynamics with a trained neural-network potential, side by side with the reference Lennard-Jones one.
 
-Usage: python examples/materials_md.py RUN_DIR [--steps 4000] [--temperature 0.2] [--replicas 8]
+Usage: python examples/materials_md.py RUN_DIR [--steps 4000] [--temperature 0.2] [--replicas 8] [--smoke]
+Smoke run (seconds, after materials_potential.toml's smoke run): python examples/materials_md.py runs/materials-potential --smoke
 
 Loads RUN_DIR/model.pt (from `caldera train examples/materials_potential.toml`), prepares ``replicas`` clusters by
 Langevin dynamics at ``temperature``, then integrates each twice in the microcanonical ensemble (velocity Verlet,
@@ -23,6 +24,8 @@ from caldera.sims.atoms import langevin, lattice_cluster, lj_energy_forces
 from caldera.train.output import pyplot, save_figure
 
 DT = 0.005  # the time step the training data were made with (LJ time units)
+# --smoke: two replicas, a short preparation and a few steps.
+SMOKE = {"steps": 20, "replicas": 2, "prepare_steps": 50}
 EnergyForces = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -87,14 +90,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--replicas", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--prepare-steps", type=int, default=1000, help="Langevin steps that prepare the replicas")
+    p.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
     args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     if not (args.run_dir / "model.pt").exists():
         p.error(f"{args.run_dir / 'model.pt'} not found: train first with "
                 "`caldera train examples/materials_potential.toml` and pass its run directory")  # fmt: skip
     learned, n_atoms = load_potential(args.run_dir)
     rng = np.random.default_rng(args.seed)
     start = np.repeat(lattice_cluster(n_atoms)[None], args.replicas, axis=0)
-    pos, vel = langevin(start, np.full(args.replicas, args.temperature), 1000, rng)
+    pos, vel = langevin(start, np.full(args.replicas, args.temperature), args.prepare_steps, rng)
     vel -= vel.mean(1, keepdims=True)  # no drift of the centre of mass
     runs = {
         name: nve(pos, vel, fn, args.steps)

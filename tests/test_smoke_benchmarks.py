@@ -1,0 +1,38 @@
+"""Every benchmark runs in its smoke mode (``--smoke``: tiny sizes, one repeat), so no refactor leaves one broken.
+
+A new ``benchmarks/bench_*.py`` is picked up by the glob and fails here until it has a ``--smoke`` flag."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("bench_*.py"))
+MULTI_RANK = {
+    "bench_async.py",
+    "bench_data_parallel.py",
+    "bench_pipeline.py",
+}  # they start mpiexec themselves
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[pytest.mark.mpi] if n in MULTI_RANK else []) for n in BENCHMARKS]
+)
+def test_benchmark_runs_in_smoke_mode(name, tmp_path):
+    started = time.time()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "MPLBACKEND": "Agg"}
+    # From a scratch directory: whatever a benchmark writes beside it lands there, not in the checkout.
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--smoke"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env=env)  # fmt: skip
+    assert proc.returncode == 0, f"{name} --smoke failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr and "hung" not in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert any(c.isdigit() for c in proc.stdout), proc.stdout  # it printed its measurements
+    # A smoke run never overwrites the figures the docs show.
+    touched = [p for p in (ROOT / "docs").rglob("*") if p.is_file() and p.stat().st_mtime >= started]
+    assert not touched, f"{name} --smoke wrote into docs/: {touched}"

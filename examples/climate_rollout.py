@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caldera.config import load_config, read_run_dir
+from caldera.config import load_config
 from caldera.data.normalize import STATS_FILE, load_stats
+from caldera.io import atomic_write_text
 from caldera.sims.climate import rollout_skill
 from caldera.train.output import pyplot, save_figure
-from caldera.train.run import build_model
+from caldera.train.run import load_run_model
+from caldera.train.rundir import RunDir
 
 # --smoke: a few short forecasts (of a run trained with the smoke line in climate_forecast.toml).
 SMOKE = {"days": 0.5, "every": 40}
@@ -33,14 +35,14 @@ SMOKE = {"days": 0.5, "every": 40}
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, Path, float, int, dict]:
     """A finished run's trained model, NetCDF file, validation fraction, input window and normalisation
     statistics."""
-    missing = [f for f in ("config.resolved.json", "model.pt", STATS_FILE) if not (run_dir / f).exists()]
+    files = RunDir(run_dir)
+    missing = [*files.missing(), *([STATS_FILE] if not (run_dir / STATS_FILE).exists() else [])]
     if missing:
         raise SystemExit(
             f"{run_dir}: missing {', '.join(missing)}; train first: caldera train examples/climate_forecast.toml"
         )
-    cfg = load_config(read_run_dir(run_dir))  # refuses code the run directory names (docs/security.md)
-    model = build_model(cfg, weights=False)  # its own model.pt follows
-    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    cfg = load_config(files.read_config())  # refuses code the run directory names (docs/security.md)
+    model = load_run_model(files, cfg)
     path = Path(cfg.data.args.get("path", "climate.nc"))
     stats, _ = load_stats(run_dir / STATS_FILE)
     window = int(cfg.data.args.get("window", 2))
@@ -118,7 +120,7 @@ def main() -> None:
     for name in ("model", "persistence", "climatology"):
         report[name] = {v: skill[name][:, i].round(4).tolist() for i, v in enumerate(skill["variables"])}
     report["lead_hours"] = skill["lead_hours"].tolist()
-    (args.run_dir / "rollout.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(args.run_dir / "rollout.json", json.dumps(report, indent=1))
     plot_skill(skill, args.run_dir / "climate_skill.png")
     plot_maps(skill, args.run_dir / "climate_maps.png")
     print(f"{len(skill['starts'])} forecasts of {args.days:g} days from the validation period")

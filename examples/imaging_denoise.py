@@ -16,10 +16,12 @@ import h5py
 import numpy as np
 import torch
 
-from caldera.config import load_config, read_run_dir
+from caldera.config import load_config
+from caldera.io import atomic_write_text
 from caldera.sims.phantoms import gaussian_baseline, gaussian_blur, generate, psnr_np
 from caldera.train.output import pyplot, save_figure
-from caldera.train.run import build_model
+from caldera.train.run import load_run_model
+from caldera.train.rundir import RunDir
 
 DOSES = (2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 SWEEP_IMAGES = 64
@@ -99,9 +101,9 @@ def main() -> None:
     args = p.parse_args()
     vars(args).update(SMOKE if args.smoke else {"doses": DOSES, "sweep_images": SWEEP_IMAGES})
     run_dir = Path(args.run_dir)
-    cfg = load_config(read_run_dir(run_dir))  # refuses code the run directory names (docs/security.md)
-    model = build_model(cfg, weights=False)  # its own model.pt follows
-    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    files = RunDir(run_dir)
+    cfg = load_config(files.read_config())  # refuses code the run directory names (docs/security.md)
+    model = load_run_model(files, cfg)
     noisy, clean = held_out(cfg, run_dir)
     result = {"held_out": {"images": len(noisy), **scores(model, noisy, clean)}}
     a = cfg.data.args
@@ -111,7 +113,7 @@ def main() -> None:
         {"dose": d, **scores(model, *generate(args.sweep_images, size, d, blur, seed=12345))}
         for d in args.doses
     ]
-    (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(run_dir / "evaluation.json", json.dumps(result, indent=2))
     plot_example(
         model, noisy, clean, result["held_out"]["gaussian_sigma"], run_dir / "imaging_restoration.png"
     )

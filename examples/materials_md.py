@@ -22,6 +22,7 @@ import torch
 from caldera.coupling import Surrogate
 from caldera.sims.atoms import langevin, lattice_cluster, lj_energy_forces
 from caldera.train.output import pyplot, save_figure
+from caldera.train.rundir import RunDir
 
 DT = 0.005  # the time step the training data were made with (LJ time units)
 # --smoke: two replicas, a short preparation and a few steps.
@@ -38,7 +39,7 @@ def load_potential(run_dir: Path) -> tuple[EnergyForces, int]:
         out = surrogate(pos)  # [energy, forces]: the model's forward turns gradients on for the forces itself
         return out[:, 0], out[:, 1:].reshape(pos.shape)
 
-    cfg = json.loads((run_dir / "config.resolved.json").read_text())
+    cfg = json.loads(RunDir(run_dir).config_resolved.read_text())
     return energy_forces, cfg["data"]["args"].get("atoms", 13)
 
 

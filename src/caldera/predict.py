@@ -20,11 +20,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from caldera.config import Config, load_config, read_run_dir
+from caldera.config import Config, load_config
 from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
 from caldera.names import METRICS
 from caldera.refs import resolve
+from caldera.train.evaluate import Scores
+from caldera.train.progress import progress_bar
+from caldera.train.rundir import RunDir
 from caldera.world import World, init
 
 SPLITS = ("val", "train", "all")
@@ -34,7 +37,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
                     trust_code: bool = False) -> Config:  # fmt: skip
     """The resolved config of a finished run, pointed at ``run_dir`` (its statistics files), with overrides; code
     it names by import path is refused unless ``trust_code`` or given in ``overrides`` (docs/security.md)."""
-    return load_config(read_run_dir(run_dir, [f"run.dir={run_dir}", *overrides], trust_code))
+    return load_config(RunDir(run_dir).read_config([f"run.dir={run_dir}", *overrides], trust_code))
 
 
 def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tuple[str, ...] = (),
@@ -43,7 +46,7 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
             trust_code: bool = False) -> dict[str, float]:  # fmt: skip
     """Predict ``split`` of the run's data on every rank (collective); write ``out``; return the scores."""
     from caldera.precision import make_precision
-    from caldera.train.run import build_data, build_loss, build_model
+    from caldera.train.run import build_data, build_loss, load_run_model
 
     if split not in SPLITS:
         raise ConfigError(f"split {split!r}: use one of {', '.join(SPLITS)}")
@@ -56,9 +59,7 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
     for part in getattr(dataset, "datasets", [dataset]):
         if getattr(part, "transform", None) is not None:
             part.transform = None  # augmentation is for training: predictions keep the stored orientation
-    model = build_model(cfg, weights=False)  # its own model.pt follows
-    model.load_state_dict(torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True))
-    model.to(world.device).eval()
+    model = load_run_model(RunDir(run_dir), cfg).to(world.device).eval()
     precision = make_precision(cfg.precision.mode, world.device)
     score = score and _has_targets(dataset)
     loss_fn = build_loss(cfg) if score else None
@@ -66,23 +67,19 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
     n = len(dataset)
     lo, hi = n * world.rank // world.size, n * (world.rank + 1) // world.size
     loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size or cfg.data.batch_size)
-    sums = torch.zeros(2 + len(metrics), dtype=torch.float64)  # loss, metrics..., count
+    sums = Scores(loss_fn, metrics)
     blocks: list[np.ndarray] = []
-    with torch.no_grad(), _bar(world, n, progress) as bar:
+    # Rank 0's block times the ranks: an estimate of all.
+    bar = progress_bar(progress and world.is_main, "predicting", transient=True, terminal_only=True)
+    with torch.no_grad(), bar:
         for x, y in loader:
             x, y = _to(x, world.device), _to(y, world.device)
             with precision.autocast():
                 pred = model(x)
-                if score:
-                    values = [loss_fn(pred, y)] + [fn(pred.float(), y) for fn in metrics.values()]
-                    sums[:-1] += torch.stack([v.detach().double().cpu() for v in values]) * len(y)
-            sums[-1] += len(y)
+                sums.add(pred, y, len(y))
             blocks.append(_physical(dataset, pred.float().cpu().numpy()))
-            bar(len(y) * world.size)
-    world.comm.Allreduce(sums)
-    names = ["loss", *metrics] if score else []
-    scores = {f"{split}_{k}": float(v / sums[-1]) for k, v in zip(names, sums[:-1])}
-    scores["samples"] = n
+            bar.update(advance=len(y) * world.size, total=n)
+    scores = {**sums.reduce(world.comm, f"{split}_"), "samples": n}
     if out is not None:
         attrs = {"run_dir": str(run_dir), "split": split, **scores}
         WRITERS[suffix](Path(out), blocks, lo, n, world, attrs, _describe(dataset))
@@ -147,43 +144,6 @@ def _physical(dataset: Dataset, pred: np.ndarray) -> np.ndarray:
     parts = getattr(dataset, "datasets", [dataset])  # ConcatDataset: the parts share one set of statistics
     undo = getattr(parts[0], "denormalize", None)
     return undo(pred) if undo is not None else pred
-
-
-class _NullBar:
-    def __call__(self, n: int) -> None:
-        pass
-
-    def __enter__(self) -> _NullBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-class _RichBar(_NullBar):
-    def __init__(self, total: int) -> None:
-        from rich.progress import Progress
-
-        self.progress, self.total = Progress(transient=True), total
-
-    def __enter__(self) -> _RichBar:
-        self.progress.__enter__()
-        self.task = self.progress.add_task("predicting", total=self.total)
-        return self
-
-    def __call__(self, n: int) -> None:
-        self.progress.update(self.task, advance=n)  # rank 0's block times the ranks: an estimate of all
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
-
-
-def _bar(world: World, total: int, progress: bool) -> _NullBar:
-    if not (progress and world.is_main):
-        return _NullBar()
-    from rich.console import Console
-
-    return _RichBar(total) if Console().is_terminal else _NullBar()  # no escape codes in a batch job's log
 
 
 # -- writers: every rank holds its block [lo, lo + len) of the n predictions -------------------------------------

@@ -16,12 +16,14 @@ import io
 import itertools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from caldera.config import Config, ConfigError, RangeSpec, load_config
 from caldera.io import atomic_write_text
+from caldera.train.progress import progress_bar
 from caldera.world import World, init
 
 
@@ -43,7 +45,8 @@ def tune(config: str | Path, overrides: list[str] | None = None, trials: int | N
         spec, base.run.seed
     )  # on every rank, so a missing Optuna stops them all alike; rank 0's is used
     rows: list[dict[str, Any]] = []
-    bar = _Bar(n_trials) if world.is_main else None
+    # Bound to the real stdout now: trials redirect sys.stdout into their own logs while the bar refreshes.
+    bar = progress_bar(world.is_main, "trials", {"best": "-"}, file=sys.stdout, clock="elapsed").start()
     try:
         while len(rows) < n_trials:
             k = min(world.size, n_trials - len(rows))
@@ -58,12 +61,12 @@ def tune(config: str | Path, overrides: list[str] | None = None, trials: int | N
             if world.is_main:
                 rows += _tell(study, asked, results)
                 _write_table(out / "trials.csv", rows)
-                bar.advance(k, _best(rows, spec.direction))
+                best = _best(rows, spec.direction)
+                bar.update(advance=k, total=n_trials, best="-" if best is None else f"{best['value']:.4g}")
             else:
                 rows += [{}] * k  # only the count matters off rank 0
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     outcome = _finish(out, rows, spec, config) if world.is_main else None
     outcome = world.comm.bcast(outcome)
     if "error" in outcome:  # raised on every rank alike, so that all of them exit the same way
@@ -131,7 +134,7 @@ def _trial(
         value, error, metrics = _score(history, base.tune), None, sorted(history[-1]) if history else []
     except Exception as exc:  # noqa: BLE001 -- whatever a trial raises fails that trial, not the search
         value, error, metrics = None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}", None
-    (trial_dir / "trial.log").write_text(log.getvalue())
+    atomic_write_text(trial_dir / "trial.log", log.getvalue())
     return {"number": number, "rank": world.rank, "params": params, "value": value, "error": error,
             "metrics": metrics, "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
 
@@ -243,26 +246,3 @@ def _plot(path: Path, rows, spec) -> None:
         ax.set(xlabel=key, ylabel=spec.metric, xscale="log" if spec.space[key].log else "linear")
     fig.tight_layout()
     save_figure(fig, path)
-
-
-class _Bar:
-    """Rank 0's progress over the trials, with the best value so far."""
-
-    def __init__(self, total: int) -> None:
-        import sys
-
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        # Bound to the real stdout now: trials redirect sys.stdout into their own logs while the bar refreshes.
-        self.progress = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("best {task.fields[best]}"), TimeElapsedColumn(),
-                                 console=Console(file=sys.stdout))  # fmt: skip
-        self.progress.start()
-        self.task = self.progress.add_task("tune", total=total, best="-")
-
-    def advance(self, n: int, best: dict[str, Any] | None) -> None:
-        self.progress.update(self.task, advance=n, best="-" if best is None else f"{best['value']:.4g}")
-
-    def close(self) -> None:
-        self.progress.stop()

@@ -7,7 +7,6 @@ strategies as ``caldera train``. No files, no database, no server between produc
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,7 +17,8 @@ import torch
 from caldera.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
 from caldera.coupling.replay import ReplayBuffer, as_batch
 from caldera.train.metrics import Metric
-from caldera.train.output import MetricsLog, pyplot, save_figure, save_weights
+from caldera.train.output import pyplot, save_figure
+from caldera.train.rundir import RunDir
 from caldera.train.trainer import Trainer
 from caldera.watchdog import Watchdog, hang_timeout_for
 from caldera.world import World, init
@@ -168,12 +168,13 @@ class OnlineTrainer:
             self._checkpointer.restore_signal_handlers()
         if self.run_dir is None or not self.world.is_main:
             return
-        save_weights(self.model, self.run_dir / "model.pt")
+        files = RunDir(self.run_dir)
+        files.save_weights(self.model)
         summary = {"rounds": self.rounds, "steps": self.trainer.global_step, "ranks": self.world.size,
                    "final": self.history[-1] if self.history else {}}  # fmt: skip
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        files.write_summary(summary)
         if self.history:
-            plot_online(self.history, self.run_dir / "online.png")
+            plot_online(self.history, files.plot("online"))
         self._print(f"run directory: {self.run_dir}")
 
     # -- checkpoint -----------------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ class OnlineTrainer:
         self.buffer.load_state_dict(local["buffer"])
         set_rng_state(local["rng"])
         if self.world.is_main and self.run_dir is not None:
-            self._log = MetricsLog(self.run_dir, self.history)
+            self._log = RunDir(self.run_dir).metrics(self.history)
         self._print(f"resumed from {where} (round {self.rounds}, step {self.trainer.global_step})")
         return local["extra"]
 
@@ -225,8 +226,7 @@ class OnlineTrainer:
             return
         if self.run_dir is not None:
             if self._log is None:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                self._log = MetricsLog(self.run_dir, self.history[:-1])
+                self._log = RunDir(self.run_dir).metrics(self.history[:-1])
             self._log.append(row)
         if self.log_every and row["round"] % self.log_every == 0:
             self._print(f"round {row['round']}  step {row['step']}  train_loss {row['train_loss']:.4g}  "

@@ -33,22 +33,20 @@ class Surrogate:
                  batch_size: int = 1024, dtype: torch.dtype | None = None,
                  trust_code: bool = False) -> Surrogate:  # fmt: skip
         """Rebuild the model of a finished ``caldera train`` run from its run directory and load its weights."""
-        from caldera.config import Config, read_run_dir
-        from caldera.train.run import build_model
+        from caldera.config import Config
+        from caldera.train.run import load_run_model
+        from caldera.train.rundir import RunDir
 
-        run_dir = Path(run_dir)
-        missing = [f for f in ("config.resolved.json", "model.pt") if not (run_dir / f).is_file()]
+        files = RunDir(run_dir)
+        missing = files.missing()
         if missing:
             raise FileNotFoundError(
                 f"{run_dir} has no {' or '.join(missing)}: give the run directory of a finished `caldera train` "
                 "run (its [run] dir), or build the model yourself and pass it to Surrogate(model)"
             )
         # Only the model is built here, so only its import path needs trust (a custom data source stays unread).
-        raw = read_run_dir(run_dir, trust_code=trust_code, keys=("model.name",))
-        cfg = Config.model_validate(raw)
-        model = build_model(cfg, weights=False)  # its own model.pt follows
-        model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
-        return cls(model, device, batch_size, dtype)
+        cfg = Config.model_validate(files.read_config(trust_code=trust_code, keys=("model.name",)))
+        return cls(load_run_model(files, cfg), device, batch_size, dtype)
 
     @torch.no_grad()
     def __call__(self, x: Any) -> Any:

@@ -1,52 +1,13 @@
-"""The run directory: metrics as JSONL and CSV, final weights, and PNG plots (rank 0 writes)."""
+"""The run's figures: learning curve and predictions as PNG, written atomically (rank 0; files: train.rundir)."""
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 from pathlib import Path
 
 import torch
 
-from caldera.io import atomic_write, atomic_write_text
-
-
-class MetricsLog:
-    """Append one JSON line per epoch to metrics.jsonl and keep metrics.csv in step with it."""
-
-    def __init__(self, run_dir: Path, rows: list[dict[str, float]] | None = None) -> None:
-        self.run_dir = run_dir
-        self.rows = list(rows or [])
-        # A resumed run starts from the checkpoint's history: rewrite the file so no epoch appears twice.
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
-
-    def append(self, row: dict[str, float]) -> None:
-        """Record one epoch's metrics."""
-        self.rows.append(row)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self._write_csv()
-
-    def update_last(self, values: dict[str, float]) -> None:
-        """Add ``values`` to the newest row (metrics measured after it was recorded) and rewrite both files."""
-        self.rows[-1] = {**self.rows[-1], **values}
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
-        self._write_csv()
-
-    def _write_csv(self) -> None:
-        keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
-
-
-def save_weights(model: torch.nn.Module, path: Path) -> Path:
-    """Save the model's state_dict atomically; plain ``torch.load`` reads it back."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return atomic_write(path, lambda f: torch.save(state, f))
+from caldera.io import atomic_write
 
 
 def plot_learning_curve(rows: list[dict[str, float]], path: Path) -> Path:

@@ -8,7 +8,6 @@ import inspect
 import json
 import math
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from caldera.names import LOSSES, METRICS, MODELS, SOURCES
 from caldera.refs import resolve
 from caldera.train.callbacks import Callback, EarlyStopping, TensorBoard
 from caldera.train.metrics import mode as metric_mode
+from caldera.train.rundir import RunDir
 from caldera.train.trainer import Trainer
 from caldera.world import World, init, seed_everything
 
@@ -62,6 +62,11 @@ def build_model(cfg: Config, weights: bool = True) -> torch.nn.Module:
     if weights and cfg.model.weights:
         _load_weights(model, Path(cfg.model.weights))
     return model
+
+
+def load_run_model(run_dir: RunDir, cfg: Config) -> torch.nn.Module:
+    """The model of a finished run, built from its config and loaded with its model.pt (tensors only)."""
+    return run_dir.load_weights(build_model(cfg, weights=False))
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -204,7 +209,7 @@ def train(cfg: Config, config_path: str | Path | None = None, world: World | Non
     steps = max(1, len(train_set) // cfg.data.batch_size)
     trainer = build_trainer(cfg, model, steps, world, resume, time_limit, force)
     if world.is_main:
-        _save_config(cfg, config_path)
+        RunDir(cfg.run_dir).save_config(cfg, config_path)
     return trainer.fit(train_set, val_set)
 
 
@@ -240,14 +245,6 @@ def _check_model_fits(cfg: Config, model: torch.nn.Module, train_set: Dataset) -
         ) from None
     finally:
         model.train(was_training)
-
-
-def _save_config(cfg: Config, config_path: str | Path | None) -> None:
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if config_path is not None:
-        shutil.copyfile(config_path, run_dir / f"config{Path(config_path).suffix}")
-    (run_dir / "config.resolved.json").write_text(json.dumps(cfg.model_dump(), indent=2))
 
 
 def _parameters(fn: Any) -> set[str]:

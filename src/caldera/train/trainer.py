@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 import warnings
@@ -19,13 +18,15 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from caldera.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
 from caldera.data.prefetch import InputMeter, input_advice
 from caldera.data.sampler import ShardedBatches
-from caldera.io import atomic_write_text
 from caldera.parallel import Strategy, make_strategy
 from caldera.precision import Precision, make_precision
 from caldera.train.callbacks import Callback
+from caldera.train.evaluate import Scores
 from caldera.train.metrics import Metric
-from caldera.train.output import MetricsLog, plot_learning_curve, plot_predictions, save_weights
+from caldera.train.output import plot_learning_curve, plot_predictions
+from caldera.train.progress import Bar
 from caldera.train.recompute import checkpoint_activations
+from caldera.train.rundir import MetricsLog, RunDir
 from caldera.watchdog import Watchdog, hang_timeout_for
 from caldera.world import SetupWarning, World, init
 
@@ -193,21 +194,18 @@ class Trainer:
         self.model.eval()
         # A strategy may run the forward pass itself (pipeline: through the stages; the last one scores).
         forward = getattr(self.strategy, "forward_batch", None) if self.net is not None else None
-        sums = torch.zeros(2 + len(self.metrics), dtype=torch.float64)  # loss, metrics..., count
+        scores = Scores(self.loss_fn, self.metrics)
         for (x, y), n_local in batches:
             self._mark("validation")
             with self.precision.autocast():
                 out = self.model(x) if forward is None else forward(x)
                 if out is None:  # not the last stage: the batch is counted where it is scored
                     continue
-                values = [self.loss_fn(out, y)] + [fn(out.float(), y) for fn in self.metrics.values()]
-            sums[:-1] += torch.stack([v.detach().double().cpu() for v in values]) * n_local
-            sums[-1] += n_local
+                scores.add(out, y, n_local)
         self._mark("validation")
-        self.world.comm.Allreduce(sums)
+        result = scores.reduce(self.world.comm, prefix)
         self.model.train(was_training)
-        names = ["loss", *self.metrics]
-        return {prefix + k: float(v / sums[-1]) for k, v in zip(names, sums[:-1])}
+        return result
 
     def log(self, message: str) -> None:
         """Print on rank 0 only."""
@@ -420,26 +418,27 @@ class Trainer:
     def _open_run_dir(self) -> MetricsLog | None:
         if self.run_dir is None or not self.world.is_main:
             return None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        files = RunDir(self.run_dir)
+        log = files.metrics(self.history)
         if self.checkpointer is not None:  # who wrote this directory's checkpoints, where this process began
-            identity = {"run_id": self.checkpointer.run_id, "config_hash": self.checkpointer.config_hash,
-                        "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-                        "start_step": self.global_step}  # fmt: skip
-            atomic_write_text(self.run_dir / "run.json", json.dumps(identity, indent=2))
-        return MetricsLog(self.run_dir, self.history)
+            files.write_identity({"run_id": self.checkpointer.run_id, "config_hash": self.checkpointer.config_hash,
+                                  "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                                  "start_step": self.global_step})  # fmt: skip
+        return log
 
     def _write_outputs(self, val_set: Dataset | None) -> None:
         if self.run_dir is None or not self.world.is_main or not self.history:
             return
-        save_weights(self.model, self.run_dir / "model.pt")
+        files = RunDir(self.run_dir)
+        files.save_weights(self.model)
         # steps_run: what this process trained (a resume that restored nothing would show every step here).
         summary = {"epochs": len(self.history), "steps": self.global_step, "ranks": self.world.size,
                    "steps_run": self.steps_run, "start_step": self.global_step - self.steps_run,
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "final": self.history[-1]}  # fmt: skip
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        files.write_summary(summary)
         if self.plot:
-            plot_learning_curve(self.history, self.run_dir / "learning_curve.png")
+            plot_learning_curve(self.history, files.plot("learning_curve"))
             if val_set is not None:
                 self._plot_predictions(val_set)
         self.log(f"run directory: {self.run_dir}")
@@ -449,7 +448,7 @@ class Trainer:
         x, y = (t.to(self.world.device) for t in as_xy(next(iter(DataLoader(val_set, batch_size=8)))))
         self.model.eval()
         pred = self.model(x)
-        plot_predictions(x.cpu(), y.cpu(), pred.cpu(), self.run_dir / "predictions.png")
+        plot_predictions(x.cpu(), y.cpu(), pred.cpu(), RunDir(self.run_dir).plot("predictions"))
 
     def _describe(self, train_set: Dataset, val_set: Dataset | None) -> str:
         shards = self._data_ranks()[1]
@@ -485,48 +484,29 @@ class Trainer:
         return _Bar(self)
 
 
-class _Bar:
-    """A rich progress bar over all steps of the run (rank 0), showing the running loss."""
+class _Bar(Bar):
+    """The progress bar over all steps of the run (rank 0), showing the epoch and the running loss."""
 
     def __init__(self, trainer: Trainer) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.trainer = trainer
         trainer._print("")  # create the console the bar shares with log lines
-        self.progress = Progress(
-            TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=trainer._console,
-            transient=False,
-        )  # fmt: skip
-        self.task = None
-
-    def __enter__(self) -> _Bar:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+        super().__init__("epoch {task.fields[epoch]}", {"epoch": "-", "loss": "-"}, console=trainer._console)
 
     def advance(self, loss: torch.Tensor) -> None:
         """Move one step; refresh the displayed loss every 10 steps (reading it costs a device sync)."""
         t = self.trainer
-        if self.task is None:
-            self.task = self.progress.add_task("train", total=t.total_steps, completed=t.global_step - 1,
-                                               epoch=t.epoch + 1, loss="-")  # fmt: skip
         fields = {"epoch": f"{t.epoch + 1}/{t.max_epochs}"}
         if t.global_step % 10 == 1:
             fields["loss"] = f"{loss.item():.4g}"
-        self.progress.update(self.task, advance=1, **fields)
+        self.update(advance=1, total=t.total_steps, begin=t.global_step - 1, **fields)
 
     def show(self, done: int, per_epoch: int, loss: float | None) -> None:
         """Set the bar to ``done`` of ``trainer.total_steps`` (loops that count their own updates: async ones)."""
         t = self.trainer
-        if self.task is None:
-            self.task = self.progress.add_task("train", total=t.total_steps, completed=0, epoch=1, loss="-")
         fields = {"epoch": f"{min(done // per_epoch + 1, t.max_epochs)}/{t.max_epochs}"}
         if loss is not None and loss == loss:  # NaN before the first update of a record
             fields["loss"] = f"{loss:.4g}"
-        self.progress.update(self.task, completed=done, **fields)
+        self.update(completed=done, total=t.total_steps, **fields)
 
 
 # -- data adapters ------------------------------------------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""The run directory: every file a run writes or a later command reads, by name, each write atomic.
+
+Rank 0 writes; readers (``caldera predict``, ``serve``, ``Surrogate.from_run``, fine-tuning) come through
+``read_config`` (the trust check of ``caldera.config.read_run_dir``) and ``load_weights`` (tensors only).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from caldera.config import Config, read_run_dir
+from caldera.io import atomic_write, atomic_write_text
+
+
+class RunDir:
+    """The files of one run directory: config copies, weights, summary, identity, metrics and plots."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def config_resolved(self) -> Path:
+        """The resolved config (every default filled in): what predict, serve and a resume rebuild the run from."""
+        return self.path / "config.resolved.json"
+
+    @property
+    def weights(self) -> Path:
+        """The final weights (a plain state_dict: ``torch.load(weights_only=True)`` reads it)."""
+        return self.path / "model.pt"
+
+    @property
+    def summary(self) -> Path:
+        """What the run did, in a few numbers, and its last metrics."""
+        return self.path / "summary.json"
+
+    @property
+    def identity(self) -> Path:
+        """Who wrote this directory's checkpoints (run id, config hash) and where this process began."""
+        return self.path / "run.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        """The checkpoint directory (caldera.checkpoint owns what is inside)."""
+        return self.path / "checkpoints"
+
+    def plot(self, name: str) -> Path:
+        """Where the figure ``name`` (learning_curve, predictions, online) goes."""
+        return self.path / f"{name}.png"
+
+    def missing(self) -> list[str]:
+        """The files a finished run must have for its model to be rebuilt, that this directory lacks."""
+        return [p.name for p in (self.config_resolved, self.weights) if not p.is_file()]
+
+    # -- writing (rank 0) ---------------------------------------------------------------------------------------
+    def save_config(self, cfg: Config, config_path: str | Path | None = None) -> None:
+        """Keep the config file as given (``config.toml``/``.yaml``) and the resolved config beside it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if config_path is not None:
+            data = Path(config_path).read_bytes()
+            atomic_write(self.path / f"config{Path(config_path).suffix}", lambda f: f.write(data))
+        atomic_write_text(self.config_resolved, json.dumps(cfg.model_dump(), indent=2))
+
+    def write_identity(self, identity: dict[str, Any]) -> Path:
+        """Write run.json."""
+        return atomic_write_text(self.identity, json.dumps(identity, indent=2))
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        """Write summary.json."""
+        return atomic_write_text(self.summary, json.dumps(summary, indent=2))
+
+    def save_weights(self, model: torch.nn.Module) -> Path:
+        """Save the model's state_dict to model.pt; plain ``torch.load`` reads it back."""
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return atomic_write(self.weights, lambda f: torch.save(state, f))
+
+    def metrics(self, rows: list[dict[str, float]] | None = None) -> MetricsLog:
+        """The metrics files, starting from ``rows`` (a resumed run's history)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return MetricsLog(self.path, rows)
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def read_config(self, overrides: list[str] | tuple[str, ...] = (), trust_code: bool = False,
+                    keys: tuple[str, ...] | None = None) -> dict[str, Any]:  # fmt: skip
+        """The resolved config with ``overrides``, refused if it names code to import that nobody vouched for."""
+        return read_run_dir(self.path, overrides, trust_code, keys)
+
+    def load_weights(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Load model.pt into ``model`` (tensors only: nothing in the file executes)."""
+        model.load_state_dict(torch.load(self.weights, map_location="cpu", weights_only=True))
+        return model
+
+
+class MetricsLog:
+    """One JSON line per record in metrics.jsonl, and metrics.csv in step with it (both rewritten atomically)."""
+
+    def __init__(self, run_dir: Path, rows: list[dict[str, float]] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.rows = list(rows or [])
+        # A resumed run starts from the checkpoint's history: rewrite the file so no epoch appears twice.
+        self._write_jsonl()
+
+    def append(self, row: dict[str, float]) -> None:
+        """Record one epoch's (or round's) metrics."""
+        self.rows.append(row)
+        self._write_jsonl()
+        self._write_csv()
+
+    def update_last(self, values: dict[str, float]) -> None:
+        """Add ``values`` to the newest row (metrics measured after it was recorded) and rewrite both files."""
+        self.rows[-1] = {**self.rows[-1], **values}
+        self._write_jsonl()
+        self._write_csv()
+
+    def _write_jsonl(self) -> None:
+        atomic_write_text(self.run_dir / "metrics.jsonl", _lines(self.rows))
+
+    def _write_csv(self) -> None:
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+
+
+def _lines(rows: Iterable[dict[str, float]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)

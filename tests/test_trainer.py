@@ -186,6 +186,7 @@ def test_offloading_activations_on_the_cpu_warns_and_changes_nothing():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_offloaded_activations_leave_the_gpu_and_give_the_same_gradients():
     from caldera.models import UNetSmall
+    from caldera.parallel.base import activations_offloaded
 
     x, y = torch.randn(8, 2, 64, 64, device="cuda"), torch.randn(8, 1, 64, 64, device="cuda")
     held, grads = [], []
@@ -197,7 +198,7 @@ def test_offloaded_activations_leave_the_gpu_and_give_the_same_gradients():
                                   offload_activations=offload)  # fmt: skip
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-        with trainer._offloaded():
+        with activations_offloaded(trainer.offload_activations):
             loss = nn.functional.mse_loss(trainer.model(x), y)
         held.append(torch.cuda.memory_allocated() - before)
         loss.backward()

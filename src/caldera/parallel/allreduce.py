@@ -39,13 +39,13 @@ from caldera.comm.buckets import (
 )
 from caldera.comm.linear_grads import fuse
 from caldera.comm.lowp import LowPrecisionSum, SumJob, wire_dtype
-from caldera.parallel.base import register
+from caldera.parallel.base import Purpose, Strategy, register
 from caldera.parallel.zero import ShardedOptimizer
 from caldera.world import World
 
 
 @register("allreduce")
-class AllReduce:
+class AllReduce(Strategy):
     """Data parallel with bucketed, backward-overlapped gradient reduction over the world communicator."""
 
     def __init__(
@@ -261,6 +261,15 @@ class AllReduce:
             "Use [parallel] grad_comm = 'bf16' (fp32's range) or 'fp32', or precision mode fp16-mixed, whose "
             "loss scaler skips such steps."
         )
+
+    def consolidate(self, purpose: Purpose) -> None:
+        """Before validation: average the BatchNorm statistics; before a checkpoint also gather a sharded
+        optimizer's state on rank 0 (the end of a run follows validation: nothing to do)."""
+        if purpose == "outputs":
+            return
+        self.synchronize()
+        if purpose == "checkpoint":
+            self.gather_state()
 
     def synchronize(self) -> None:
         """Average floating-point buffers (BatchNorm running statistics) over the ranks (collective).

@@ -48,7 +48,7 @@ from caldera.checkpoint import Preempted
 from caldera.comm.buckets import flatten
 from caldera.parallel import _async
 from caldera.parallel._async import Snapshot, WorkItems, check_trainer, finish_run, trainable
-from caldera.parallel.base import register
+from caldera.parallel.base import Strategy, register
 from caldera.world import World
 
 STALENESS_BINS = 256  # the histogram's last bin collects everything staler
@@ -57,8 +57,10 @@ _NEEDS_FIT = ("async-shared runs its own worker processes: the trainer must hand
 
 
 @register("async-shared")
-class AsyncShared:
+class AsyncShared(Strategy):
     """Several processes on one node train one shared model with no barrier (lock-free or per-tensor locks)."""
+
+    runs_own_loop = True  # worker processes of its own: fit() drives the run
 
     def __init__(
         self,

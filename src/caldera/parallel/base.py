@@ -1,61 +1,130 @@
-"""The strategy protocol: the only thing the trainer knows about parallelism.
+"""The strategy base class: the only thing the trainer knows about parallelism.
 
-Who calls what, in which order (on every rank):
-``setup(model, optimizer, world)`` once, before training -> returns the model to run forward on;
-then per step ``backward(loss)`` and ``step()`` (which also clears the gradients for the next step);
-``state_dict()`` / ``load_state_dict()`` for checkpoints; ``close()`` at the end, even after an error.
-A strategy registers its config name with ``@register("name")``.
+A strategy subclasses ``Strategy``, implements ``setup``, ``backward`` and ``step``, and registers its config name
+with ``@register("name")`` -- one file plus its import line in ``caldera/parallel/__init__.py``. Every other hook
+has a default that is the single-process behaviour, so the trainer calls each one unconditionally.
 
-Optional methods: ``fit(trainer, train_set, val_set)`` -- a strategy that drives its own loop (worker
-processes, parameter servers) takes the whole run over from ``Trainer.fit``; ``synchronize()`` -- called
-before validation and checkpoints, so that strategies whose ranks drift apart (local SGD) agree first;
-``train_batch(x, y, loss_fn, scale, precision)`` -- a strategy that runs a batch's forward and backward itself
-(pipeline micro-batches) instead of ``backward(loss)``; ``data_shards(world)`` -- (shard, shards) when groups of
-ranks share a slice of the data (the stages of a pipeline), instead of one slice per rank;
-``forward_batch(x)`` -- validation through the strategy's own forward (pipeline stages): the output where it is
-scored, ``None`` on the other ranks; such a strategy is synchronized before checkpoints and at the end only.
+Who calls what, in which order (``Trainer``, on every rank unless said otherwise):
+
+1. ``runs_own_loop``: read once by ``fit``; a strategy that drives its own loop (worker processes, parameter
+   servers) sets it and takes the whole run over in ``fit(trainer, train_set, val_set)``; nothing below runs.
+2. ``data_shards(world)`` -> (shard, shards): how the data is cut; default one shard per rank.
+3. ``setup(model, optimizer, world)`` once, before training (and before a resume loads its checkpoint) ->
+   the module to run forward on.
+4. Per optimizer step: ``train_batch(net, x, y, loss_fn, scale, precision, ...)`` (default: forward and
+   ``backward(loss)`` per micro-batch, all but the last inside ``no_sync()``), then ``step()`` (finish the
+   communication, update, zero the gradients).
+5. ``consolidate(purpose)`` (collective) where the ranks must agree: ``"validation"`` after each epoch,
+   ``"checkpoint"`` before rank 0 captures the whole state, ``"outputs"`` once at the end before rank 0 writes
+   the model; then ``forward_batch(model, x)`` for each validation batch (None where a batch is not scored).
+6. ``state_dict()`` / ``load_state_dict()`` for checkpoints (rank 0 saves, every rank loads); ``close()`` at the
+   end, even after an error.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from caldera.names import STRATEGIES
 from caldera.world import World
 
+Purpose = Literal["validation", "checkpoint", "outputs"]
 
-@runtime_checkable
-class Strategy(Protocol):
-    """How one training step's gradients become the same update on every rank."""
 
+class Strategy(ABC):
+    """How one training step's gradients become the same update on every rank (defaults: one process)."""
+
+    # True: ``fit`` drives the whole run and the trainer's loop is not used (worker processes, parameter servers).
+    runs_own_loop: ClassVar[bool] = False
+
+    @abstractmethod
     def setup(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World
     ) -> torch.nn.Module:
         """Prepare the model (e.g. broadcast weights, install hooks) and return the module to call."""
-        ...
 
+    @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Compute this rank's gradients (and start communicating them)."""
-        ...
 
+    @abstractmethod
     def step(self) -> None:
         """Finish communication, update the weights, and zero the gradients."""
-        ...
+
+    def fit(self, trainer: Any, train_set: Any, val_set: Any) -> list[dict[str, float]]:
+        """Run the whole training (only strategies with ``runs_own_loop``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run its own loop (runs_own_loop is False)")
+
+    def data_shards(self, world: World) -> tuple[int, int]:
+        """(this rank's data shard, number of shards): one shard per rank."""
+        return world.rank, world.size
+
+    def no_sync(self) -> AbstractContextManager[None]:
+        """Backward passes inside only accumulate gradients locally (all micro-batches but the last)."""
+        return nullcontext()
+
+    def train_batch(
+        self, net: torch.nn.Module, x: Any, y: torch.Tensor, loss_fn: Callable, scale: float, precision: Any,
+        accumulate: int = 1, offload: bool = False, non_finite: Callable[[torch.Tensor], Exception] | None = None,
+    ) -> tuple[torch.Tensor, bool]:  # fmt: skip
+        """Forward and ``backward`` of this rank's batch in ``accumulate`` micro-batches whose gradients add up to
+        the whole batch's; only the last one communicates. Return the batch's mean loss and whether it is finite
+        (a NaN/inf loss raises ``non_finite(loss)`` unless the precision skips overflowing steps)."""
+        pieces = micro_batches(x, y, accumulate)
+        total, finite = torch.zeros((), dtype=torch.float64), True
+        for i, (xi, yi) in enumerate(pieces):
+            with precision.autocast(), activations_offloaded(offload):
+                loss = loss_fn(net(xi), yi)
+            if not bool(torch.isfinite(loss)):
+                finite = False
+                if not precision.tolerates_overflow and non_finite is not None:
+                    raise non_finite(loss)
+            weight = scale * (len(yi) / len(y))
+            # Gradients of all but the last micro-batch just accumulate, locally.
+            with self.no_sync() if i < len(pieces) - 1 else nullcontext():
+                self.backward(precision.scale_loss(loss * weight if weight != 1 else loss))
+            total += loss.detach().double().cpu() * len(yi)
+        return total / len(y), finite
+
+    def forward_batch(self, model: torch.nn.Module, x: Any) -> torch.Tensor | None:
+        """Validation forward of ``model`` (the whole model the trainer holds): the output where the batch is
+        scored, None on ranks that do not score it."""
+        return model(x)
+
+    def consolidate(self, purpose: Purpose) -> None:
+        """Make the ranks agree before ``purpose`` (collective): nothing to do for one process."""
+        return None  # a default, not an abstract method: one process has nothing to agree on
 
     def state_dict(self) -> dict[str, Any]:
         """Return the strategy's own state for a checkpoint."""
-        ...
+        return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state from ``state_dict()``."""
-        ...
+        return None  # no state of its own by default
 
     def close(self) -> None:
         """Release hooks, buffers and background work."""
-        ...
+        return None  # nothing held by default
+
+
+def micro_batches(x: Any, y: torch.Tensor, k: int) -> list[tuple[Any, torch.Tensor]]:
+    """Cut a batch (input: a tensor or a tuple of tensors) into at most ``k`` non-empty (input, target) pieces
+    along the first dimension (a batch smaller than ``k`` gives fewer)."""
+    if k == 1:
+        return [(x, y)]
+    xs = list(zip(*(t.tensor_split(k) for t in x))) if isinstance(x, tuple) else list(x.tensor_split(k))
+    return [(a, b) for a, b in zip(xs, y.tensor_split(k)) if len(b)] or [(x, y)]
+
+
+def activations_offloaded(offload: bool) -> AbstractContextManager[Any]:
+    """Keep the activations saved for backward in pinned host memory instead of on the GPU (when asked)."""
+    return torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else nullcontext()
 
 
 _REGISTRY: dict[str, Callable[..., Strategy]] = {}

@@ -30,12 +30,12 @@ from typing import Any
 import torch
 
 from caldera.comm.buckets import average_over_ranks
-from caldera.parallel.base import register
+from caldera.parallel.base import Purpose, Strategy, register
 from caldera.world import World
 
 
 @register("local-sgd")
-class LocalSGD:
+class LocalSGD(Strategy):
     """Independent local steps; model averaging over the world communicator every ``sync_every`` steps."""
 
     def __init__(
@@ -84,6 +84,11 @@ class LocalSGD:
         self.steps += 1
         in_warmup = self.steps <= self.warmup_steps
         if in_warmup or (self.steps - self.warmup_steps) % self.sync_every == 0:
+            self.synchronize()
+
+    def consolidate(self, purpose: Purpose) -> None:
+        """Before validation and checkpoints: average the drifted models (the end of a run follows validation)."""
+        if purpose != "outputs":
             self.synchronize()
 
     def synchronize(self) -> None:

@@ -54,7 +54,7 @@ from caldera.checkpoint import Preempted
 from caldera.comm.buckets import flatten, unflatten
 from caldera.parallel import _async
 from caldera.parallel._async import Snapshot, WorkItems, check_trainer, finish_run, trainable
-from caldera.parallel.base import register
+from caldera.parallel.base import Strategy, register
 from caldera.world import World
 
 GRAD, DONE, WEIGHTS, STOP, PARK = 1, 2, 3, 4, 5  # message kinds
@@ -129,8 +129,10 @@ def _wait(requests: list, poll_s: float, spin_s: float = 2e-3) -> None:
 
 
 @register("async-ps")
-class ParameterServer:
+class ParameterServer(Strategy):
     """Sharded parameter servers and asynchronous workers over MPI point-to-point, with a staleness bound."""
+
+    runs_own_loop = True  # server and worker ranks: fit() drives the run
 
     def __init__(
         self,

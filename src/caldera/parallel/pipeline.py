@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from caldera.errors import ConfigError
-from caldera.parallel.base import register
+from caldera.parallel.base import Purpose, Strategy, register
 from caldera.world import World
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -27,7 +27,7 @@ _HEADER = 10  # dtype code, ndim, up to 8 dimensions
 
 
 @register("pipeline")
-class Pipeline:
+class Pipeline(Strategy):
     """Stage s (contiguous layers of an ``nn.Sequential``) on rank s of each pipeline; with ``stages`` fewer
     than the ranks, several pipelines (replicas) train data parallel, each on its share of the batch."""
 
@@ -91,10 +91,16 @@ class Pipeline:
         self._whole = False
 
     # -- one optimizer step over a batch ------------------------------------------------------------------------
-    def train_batch(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, scale: float,
-                    precision: Any) -> tuple[torch.Tensor, bool]:  # fmt: skip
-        """Forward and backward of the whole batch in micro-batches through the stages; return the batch's mean
-        loss (on every rank) and whether it was finite."""
+    def train_batch(
+        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, scale: float, precision: Any,
+        accumulate: int = 1, offload: bool = False, non_finite: Callable[[torch.Tensor], Exception] | None = None,
+    ) -> tuple[torch.Tensor, bool]:  # fmt: skip
+        """Forward and backward of the whole batch in micro-batches through this rank's stage (``net``); return the
+        batch's mean loss (on every rank) and whether it was finite (``non_finite(loss)`` is raised when it is not,
+        unless the precision skips overflowing steps)."""
+        if accumulate > 1:
+            raise ValueError("[train] accumulate does not apply to the pipeline strategy: set [parallel] "
+                             "micro_batches instead")  # fmt: skip
         if self._whole:  # weights of the whole model were handed out for validation or a checkpoint
             self._release()
         if precision.mode not in ("fp32", "bf16-mixed", "fp16-mixed"):
@@ -147,10 +153,13 @@ class Pipeline:
             total[0] = float(sum(loss.detach().double() for loss in losses.values())) / scale
         self.pipe.Bcast(total, root=self.size - 1)
         loss = total[0]
-        return loss, bool(torch.isfinite(loss))
+        finite = bool(torch.isfinite(loss))
+        if not finite and not precision.tolerates_overflow and non_finite is not None:
+            raise non_finite(loss)
+        return loss, finite
 
     @torch.no_grad()
-    def forward_batch(self, x: torch.Tensor) -> torch.Tensor | None:
+    def forward_batch(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """Forward only (validation), in micro-batches through the stages: the output on the last stage, None on
         the others. Each rank keeps to its own stage, so validation needs no whole model."""
         first, last = self.rank == 0, self.rank == self.size - 1
@@ -220,6 +229,12 @@ class Pipeline:
         finite = self.world.comm.allreduce(int(mine), op="min") == 1
         if scaler.record(finite):
             self.optimizer.optimizer.step()
+
+    def consolidate(self, purpose: Purpose) -> None:
+        """Validation runs stage by stage (``forward_batch``): the whole model is gathered only for checkpoints and
+        for rank 0's outputs at the end."""
+        if purpose != "validation":
+            self.synchronize()
 
     def synchronize(self) -> None:
         """Give every rank the whole model: each stage's weights and optimizer state from the rank that owns it

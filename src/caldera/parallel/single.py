@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 
-from caldera.parallel.base import register
+from caldera.parallel.base import Strategy, register
 from caldera.world import World
 
 
 @register("single")
-class Single:
+class Single(Strategy):
     """Train on this process alone; with several ranks, each trains its own independent copy."""
 
     def __init__(self, grad_clip: float | None = None, **_: Any) -> None:
@@ -34,13 +34,3 @@ class Single:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Nothing of its own to save."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Nothing to restore."""
-
-    def close(self) -> None:
-        """Nothing to release."""

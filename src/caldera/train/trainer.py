@@ -19,6 +19,7 @@ from caldera.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng
 from caldera.data.prefetch import InputMeter, input_advice
 from caldera.data.sampler import ShardedBatches
 from caldera.parallel import Strategy, make_strategy
+from caldera.parallel.base import micro_batches as micro_batches  # re-exported: callers import it from here
 from caldera.precision import Precision, make_precision
 from caldera.train.callbacks import Callback
 from caldera.train.evaluate import Scores
@@ -79,6 +80,9 @@ class Trainer:
         self.strategy = (
             make_strategy(strategy, **(strategy_options or {})) if isinstance(strategy, str) else strategy
         )
+        if not isinstance(self.strategy, Strategy):
+            raise TypeError(f"strategy {type(self.strategy).__name__} is not a caldera.parallel.Strategy: subclass it "
+                            "(its defaults are the single-process behaviour) or name a registered strategy")  # fmt: skip
         self.scheduler, self.callbacks = scheduler, list(callbacks)
         self.seed, self.shuffle, self.drop_last, self.num_workers = seed, shuffle, drop_last, num_workers
         self.progress, self.plot = progress, plot
@@ -98,6 +102,7 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.total_steps = 0
+        self._step_now = 0  # the step being trained (named by a non-finite loss's message)
         self.steps_run = 0  # optimizer steps taken by this process (a resumed run: after the checkpoint)
         self.resumed_from: Path | None = None  # the checkpoint this process started from
         self.history: list[dict[str, float]] = []
@@ -115,7 +120,7 @@ class Trainer:
         # The run's identity; a fresh run sets another run's checkpoints aside.
         if self.checkpointer is not None:
             self.checkpointer.begin(resume=bool(self.resume))
-        if hasattr(self.strategy, "fit"):  # worker processes or parameter servers: the strategy runs the loop
+        if self.strategy.runs_own_loop:  # worker processes or parameter servers: the strategy runs the loop
             return self.strategy.fit(self, train_set, val_set)
         batches = self._batches(train_set, shuffle=self.shuffle)
         self.total_steps = len(batches) * self.max_epochs
@@ -135,10 +140,7 @@ class Trainer:
                     self.epoch = epoch
                     t0 = time.perf_counter()
                     logs = {"epoch": self.epoch + 1, "train_loss": self._train_epoch(batches, bar)}
-                    # Drifted ranks agree before validation; a strategy that validates through its own forward
-                    # (pipeline stages) needs no whole model for it.
-                    if hasattr(self.strategy, "synchronize") and not hasattr(self.strategy, "forward_batch"):
-                        self.strategy.synchronize()
+                    self.strategy.consolidate("validation")  # drifted ranks agree before validation
                     logs["data_wait"] = self._input_report(batches)
                     if val_set is not None:
                         logs.update(self.evaluate(val_set, prefix="val_"))
@@ -161,9 +163,7 @@ class Trainer:
             if self.checkpointer is not None:
                 self.checkpointer.save(self.global_step, *self._capture(), block=True)
             self._mark("finishing")
-            # Validated stage by stage: rank 0 needs the whole model for its outputs.
-            if hasattr(self.strategy, "forward_batch"):
-                self.strategy.synchronize()
+            self.strategy.consolidate("outputs")  # rank 0 writes the whole model
             for cb in self.callbacks:
                 cb.on_fit_end(self)
             self._write_outputs(val_set)
@@ -192,13 +192,13 @@ class Trainer:
         (collective: every rank calls it, with or without batches)."""
         was_training = self.model.training
         self.model.eval()
-        # A strategy may run the forward pass itself (pipeline: through the stages; the last one scores).
-        forward = getattr(self.strategy, "forward_batch", None) if self.net is not None else None
+        # Once set up, the strategy runs the forward pass (it may score a batch on one rank only); before, the model.
+        forward = self.strategy.forward_batch if self.net is not None else _plain_forward
         scores = Scores(self.loss_fn, self.metrics)
         for (x, y), n_local in batches:
             self._mark("validation")
             with self.precision.autocast():
-                out = self.model(x) if forward is None else forward(x)
+                out = forward(self.model, x)
                 if out is None:  # not the last stage: the batch is counted where it is scored
                     continue
                 scores.add(out, y, n_local)
@@ -254,16 +254,9 @@ class Trainer:
         global mean when ranks hold unequal batches. Used by ``fit`` and by loops that bring their own data."""
         if self.net is None:
             self.net = self.strategy.setup(self.model, self.optimizer, self.world)
-        step = self.global_step if step is None else step
-        if hasattr(self.strategy, "train_batch"):  # a strategy that schedules micro-batches itself (pipeline)
-            if self.accumulate > 1:
-                raise ValueError("[train] accumulate does not apply to the pipeline strategy: set [parallel] "
-                                 "micro_batches instead")  # fmt: skip
-            loss, finite = self.strategy.train_batch(x, y, self.loss_fn, scale, self.precision)
-            if not finite and not self.precision.tolerates_overflow:
-                raise self._non_finite(loss, step)
-        else:
-            loss, finite = self._backward(x, y, scale, step)
+        self._step_now = self.global_step if step is None else step  # for the message of a non-finite loss
+        loss, finite = self.strategy.train_batch(self.net, x, y, self.loss_fn, scale, self.precision,
+                                                 self.accumulate, self.offload_activations, self._non_finite)  # fmt: skip
         self.strategy.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -271,29 +264,8 @@ class Trainer:
         self.steps_run += 1
         return loss, finite
 
-    def _backward(self, x: Any, y: torch.Tensor, scale: float, step: int) -> tuple[torch.Tensor, bool]:
-        """Forward and backward of this rank's batch, in ``accumulate`` micro-batches whose gradients add up to
-        the whole batch's; only the last one communicates. Return the batch's mean loss and whether it is finite."""
-        pieces = micro_batches(x, y, self.accumulate)
-        total, finite = torch.zeros((), dtype=torch.float64), True
-        for i, (xi, yi) in enumerate(pieces):
-            with self.precision.autocast(), self._offloaded():
-                loss = self.loss_fn(self.net(xi), yi)
-            if not bool(torch.isfinite(loss)):
-                finite = False
-                if not self.precision.tolerates_overflow:
-                    raise self._non_finite(loss, step)
-            weight = scale * (len(yi) / len(y))
-            last = i == len(pieces) - 1
-            quiet = (
-                self.strategy.no_sync() if not last and hasattr(self.strategy, "no_sync") else nullcontext()
-            )
-            with quiet:  # gradients of all but the last micro-batch just accumulate, locally
-                self.strategy.backward(self.precision.scale_loss(loss * weight if weight != 1 else loss))
-            total += loss.detach().double().cpu() * len(yi)
-        return total / len(y), finite
-
-    def _non_finite(self, loss: torch.Tensor, step: int) -> NonFiniteLossError:
+    def _non_finite(self, loss: torch.Tensor) -> NonFiniteLossError:
+        step = self._step_now
         return NonFiniteLossError(
             f"loss is {loss.item()} at epoch {self.epoch + 1}, step {step} (global step {self.global_step}) on "
             f"rank {self.world.rank}; lower [optim] lr, set [optim] grad_clip, or check the data for NaN/inf. "
@@ -302,15 +274,8 @@ class Trainer:
 
     def _data_ranks(self) -> tuple[int, int]:
         """(this rank's data shard, number of shards): one per rank, unless the strategy groups ranks that see the
-        same data (the stages of a pipeline)."""
-        shards = getattr(self.strategy, "data_shards", None)
-        return shards(self.world) if shards is not None else (self.world.rank, self.world.size)
-
-    def _offloaded(self) -> Any:
-        """Keep the activations saved for backward in pinned host memory instead of on the GPU (when asked)."""
-        if self.offload_activations:
-            return torch.autograd.graph.save_on_cpu(pin_memory=True)
-        return nullcontext()
+        same data."""
+        return self.strategy.data_shards(self.world)
 
     def _batches(self, dataset: Dataset, shuffle: bool, evaluation: bool = False) -> ShardedBatches:
         # A source with its own I/O-aware pipeline (caldera.data.scientific) builds its batches itself.
@@ -367,10 +332,7 @@ class Trainer:
     def shared_state(self) -> dict[str, Any]:
         """``state_dict()`` on rank 0 ({} elsewhere) after every rank's part was gathered (collective)."""
         # Rank 0 saves the model and the optimizer: they must be everyone's, whole (a sharded optimizer).
-        if hasattr(self.strategy, "synchronize"):
-            self.strategy.synchronize()
-        if hasattr(self.strategy, "gather_state"):
-            self.strategy.gather_state()
+        self.strategy.consolidate("checkpoint")
         return self.state_dict() if self.world.is_main else {}
 
     def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -456,7 +418,7 @@ class Trainer:
         per_rank = str(shares[0]) if len(set(shares)) == 1 else "/".join(map(str, shares))
         n_params = sum(p.numel() for p in self.model.parameters())
         batch = f"global batch {self.batch_size} = {shards} x {per_rank}"
-        if shards < self.world.size:  # groups of ranks (pipeline stages) share each slice of the batch
+        if shards < self.world.size:  # groups of ranks share each slice of the batch
             batch += f", each slice shared by {self.world.size // shards} ranks"
         return (
             f"{type(self.model).__name__} ({n_params:,} parameters) on {self.world.device}; "
@@ -501,7 +463,7 @@ class _Bar(Bar):
         self.update(advance=1, total=t.total_steps, begin=t.global_step - 1, **fields)
 
     def show(self, done: int, per_epoch: int, loss: float | None) -> None:
-        """Set the bar to ``done`` of ``trainer.total_steps`` (loops that count their own updates: async ones)."""
+        """Set the bar to ``done`` of ``trainer.total_steps`` (loops that count their own updates)."""
         t = self.trainer
         fields = {"epoch": f"{min(done // per_epoch + 1, t.max_epochs)}/{t.max_epochs}"}
         if loss is not None and loss == loss:  # NaN before the first update of a record
@@ -551,13 +513,8 @@ def as_xy(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return (batch[0] if len(batch) == 2 else tuple(batch[:-1])), batch[-1]  # type: ignore[return-value]
 
 
-def micro_batches(x: Any, y: torch.Tensor, k: int) -> list[tuple[Any, torch.Tensor]]:
-    """Cut a batch (input: a tensor or a tuple of tensors) into at most ``k`` non-empty (input, target) pieces
-    along the first dimension (a batch smaller than ``k`` gives fewer)."""
-    if k == 1:
-        return [(x, y)]
-    xs = list(zip(*(t.tensor_split(k) for t in x))) if isinstance(x, tuple) else list(x.tensor_split(k))
-    return [(a, b) for a, b in zip(xs, y.tensor_split(k)) if len(b)] or [(x, y)]
+def _plain_forward(model: torch.nn.Module, x: Any) -> torch.Tensor:
+    return model(x)
 
 
 def _xy(batches: Iterable) -> Iterable:

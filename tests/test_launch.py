@@ -1,5 +1,6 @@
 """`caldera launch` keeps requeues correct: exit 85 is passed through (never relaunched), stop signals reach the
-ranks as SIGUSR1 (they checkpoint and exit 85) and no rank outlives the launcher; relaunches keep the clock."""
+ranks as SIGUSR1 (they checkpoint and exit 85) and no rank outlives the launcher; relaunches keep the clock;
+examples/slurm_job.sh requeues after SIGTERM; async-shared from a script without the main guard is one line."""
 
 import os
 import signal
@@ -176,3 +177,41 @@ def test_slurm_job_script_survives_sigterm_and_requeues(tmp_path):
     assert shell.returncode == REQUEUE_EXIT_CODE, err[-3000:]
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
     assert Checkpointer(run_dir / "checkpoints", caldera.init()).latest() is not None
+
+
+ASYNC_SCRIPT = """\
+import torch
+from torch import nn
+import caldera
+import caldera.parallel.async_shared  # noqa: F401
+from caldera.data import digits, split_dataset
+
+
+def main():
+    caldera.init(seed=0)
+    train, val = split_dataset(digits(), 0.2, seed=0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    trainer = caldera.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), nn.CrossEntropyLoss(),
+                              max_epochs=1, batch_size=64, strategy="async-shared",
+                              strategy_options={{"workers": 2}}, progress=False, plot=False)
+    trainer.fit(train, val)
+    print("DONE")
+
+
+{call}
+"""
+
+
+def test_async_shared_from_a_script_without_the_main_guard_is_one_line(tmp_path):
+    for guarded, call in [(False, "main()"), (True, 'if __name__ == "__main__":\n    main()')]:
+        script = tmp_path / f"train_{guarded}.py"
+        script.write_text(ASYNC_SCRIPT.format(call=call))
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path, env={**env(), "PYTHONPATH": str(ROOT / "src")})  # fmt: skip
+        if guarded:  # the same code under the guard trains: the check refuses only what would fail
+            assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr[-3000:]
+            continue
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr[-3000:]
+        assert 'put the training code under `if __name__ == "__main__":`' in lines[0]

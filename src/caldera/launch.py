@@ -9,11 +9,13 @@ ranks of ``caldera train`` turn into a checkpoint and exit code 85. SIGTERM itse
 Open MPI 5's ``prterun`` answers SIGTERM (and SIGINT) by sending the ranks SIGCONT, SIGTERM and, about half a
 second later, SIGKILL, while it forwards SIGUSR1/SIGUSR2 untouched and keeps waiting; ``srun`` forwards SIGUSR1
 to every task as well. The launcher then waits ``grace`` seconds for the ranks to finish; after that, or at a
-second Ctrl-C, it sends SIGTERM (the launcher's own way of ending the ranks), and SIGKILL 10 s later.
+second Ctrl-C, it sends SIGTERM (the launcher's own way of ending the ranks), and SIGKILL 10 s later. On Linux
+the job also gets SIGUSR1 when the launcher dies, however it dies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -87,6 +89,18 @@ def with_remaining_time(command: list[str], elapsed: float) -> list[str]:
     return out
 
 
+def _stop_with(parent: int):
+    """A pre-exec hook: if the launcher dies (even of SIGKILL), the job gets SIGUSR1, so its ranks checkpoint and
+    exit instead of training on unattended (Linux's PR_SET_PDEATHSIG)."""
+
+    def hook() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGUSR1))  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before the line above took effect
+            os._exit(1)  # so do not start the job at all
+
+    return hook
+
+
 class _Job:
     """One run of the launcher command; turns stop signals into SIGUSR1 for the ranks, then escalates."""
 
@@ -97,7 +111,8 @@ class _Job:
         self.deadline = float("inf")
         # A session of its own: a terminal's Ctrl-C reaches only the launcher (which asks the ranks to checkpoint)
         # instead of reaching mpiexec too, which would kill the ranks before they can save.
-        self.proc = subprocess.Popen(full, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(full, env=env, start_new_session=True,
+                                     preexec_fn=_stop_with(os.getpid()) if sys.platform == "linux" else None)  # fmt: skip
 
     def _send(self, sig: int) -> None:
         self.proc.send_signal(sig)  # a no-op once the job has exited and been reaped

@@ -1,9 +1,9 @@
 """Chaos: kill -9 a small training run at random moments, resume it, and compare with an unbroken run.
 
-    python benchmarks/chaos.py [--trials 100] [--max-kills 2] [--ranks 1] [--seed 0] [--every 5]
+    python benchmarks/chaos.py [--trials 100] [--max-kills 2] [--ranks 1] [--seed 0] [--every N]
 
 Each trial starts the run (a dropout MLP with momentum SGD and an LR schedule, asynchronous checkpoints every
---every steps, keep=2), waits until it trains, SIGKILLs it (with --ranks N: one random rank, as a node failure
+--every steps, by default 2, 5, 10 or 25 at random per trial, keep=2), waits until it trains, SIGKILLs it (with --ranks N: one random rank, as a node failure
 would; mpiexec then ends the others) after a random fraction of the training time, between 1 and --max-kills
 times, each restart resuming; a last resume runs to the end. The final weights must equal the unbroken run's bit
 for bit (CPU runs are deterministic). Prints trials / divergent / failed to resume, and where the kills landed.
@@ -29,6 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 SAMPLES, BATCH, EPOCHS = 512, 16, 4
 STEPS = EPOCHS * SAMPLES // BATCH
+EVERY = (2, 5, 10, 25)  # checkpoint intervals (steps) the trials draw from
 _CTX = multiprocessing.get_context("forkserver")
 
 
@@ -150,7 +151,8 @@ def run_and_kill(
         victim = int((run_dir / f"pid-{rng.randrange(ranks)}").read_text())
         os.kill(victim, signal.SIGKILL)
         run.wait(120)
-        return "mid-training"
+        # A checkpoint directory still under construction: the kill interrupted a background write.
+        return "mid-write" if any(run_dir.glob("checkpoints/.step-*.tmp")) else "mid-training"
     finally:
         if run.poll() is None:
             run.kill()
@@ -163,38 +165,50 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def chaos(trials: int, max_kills: int = 2, ranks: int = 1, seed: int = 0, every: int = 5,
+def chaos(trials: int, max_kills: int = 2, ranks: int = 1, seed: int = 0, every: int | None = None,
           workdir: Path | None = None, log=print) -> dict:  # fmt: skip
-    """Run the trials; return counts: trials, divergent, failed (to resume), kills mid-training / after the end."""
+    """Run the trials; return counts: trials, divergent, failed (to resume), kills mid-training (of them during a
+    checkpoint write) / after the end, and the step each trial's last start resumed from."""
     rng = random.Random(seed)
     tmp = Path(workdir or tempfile.mkdtemp(prefix="caldera-chaos-"))
-    ref = tmp / "reference"
     t0 = time.monotonic()
-    code, out = run_to_end(ref, ranks, every, resume=False)
-    if code != 0:
-        raise RuntimeError(f"the unbroken run failed (exit code {code}):\n{out[-3000:]}")
-    # The training part of the run: from the first step's file to the end (the start-up is not training).
-    train_seconds = max(0.05, (ref / "model.pt").stat().st_mtime - (ref / "pid-0").stat().st_mtime)
-    log(f"reference: {time.monotonic() - t0:.1f} s, of which training ~{train_seconds:.2f} s")
-    result = {"trials": 0, "divergent": 0, "failed": 0, "mid_training": 0, "after_the_end": 0, "bad": [],
-              "resumed_from": []}  # fmt: skip
+    ref, seconds = tmp / "reference", {}
+
+    def train_seconds(interval: int) -> float:
+        """How long an unbroken run with this checkpoint interval trains (start-up excluded), measured once.
+        Every such run must end with the first one's weights: the interval does not change the weights."""
+        if interval not in seconds:
+            run_dir = tmp / f"unbroken-{interval}"
+            code, out = run_to_end(run_dir, ranks, interval, resume=False)
+            if code != 0:
+                raise RuntimeError(f"the unbroken run failed (exit code {code}):\n{out[-3000:]}")
+            if not ref.exists():
+                shutil.copytree(run_dir, ref)
+            elif not same_weights(ref / "model.pt", run_dir / "model.pt"):
+                raise RuntimeError(f"unbroken runs with different checkpoint intervals disagree ({interval})")
+            seconds[interval] = (run_dir / "model.pt").stat().st_mtime - (run_dir / "pid-0").stat().st_mtime
+            log(f"unbroken run, checkpoints every {interval} steps: trains ~{seconds[interval]:.2f} s")
+            shutil.rmtree(run_dir)
+        return max(0.05, seconds[interval])
+
+    train_seconds(every or EVERY[0])
+    result = {"trials": 0, "divergent": 0, "failed": 0, "mid_training": 0, "mid_write": 0, "after_the_end": 0,
+              "resumed_from": [], "bad": []}  # fmt: skip
     for trial in range(trials):
         run_dir = tmp / f"trial-{trial:03d}"
         kills = rng.randint(1, max_kills)
+        interval = every or rng.choice(EVERY)
         landed = []
         for k in range(kills):
             # A random moment of what is left to train (a resumed run starts at its newest checkpoint); 0.8: the
-            # reference, the fork server's first run, is slower than the trials, and a kill after the end is wasted.
-            left = (
-                1
-                - max([int(c.name.split("-")[1]) for c in run_dir.glob("checkpoints/step-*")] or [0]) / STEPS
-            )
-            landed.append(
-                run_and_kill(run_dir, ranks, every, k > 0, rng.uniform(0, 0.8 * left * train_seconds), rng)
-            )
-        result["mid_training"] += landed.count("mid-training")
+            # measured runs (the fork server's first) can be slower than the trials; a kill after the end is wasted.
+            done = max([int(c.name.split("-")[1]) for c in run_dir.glob("checkpoints/step-*")] or [0])
+            delay = rng.uniform(0, 0.8 * (1 - done / STEPS) * train_seconds(interval))
+            landed.append(run_and_kill(run_dir, ranks, interval, k > 0, delay, rng))
+        result["mid_write"] += landed.count("mid-write")
+        result["mid_training"] += landed.count("mid-training") + landed.count("mid-write")
         result["after_the_end"] += landed.count("after the end")
-        code, out = run_to_end(run_dir, ranks, every, resume=True)
+        code, out = run_to_end(run_dir, ranks, interval, resume=True)
         result["trials"] += 1
         if code != 0 or not (run_dir / "model.pt").exists():
             result["failed"] += 1
@@ -212,7 +226,10 @@ def chaos(trials: int, max_kills: int = 2, ranks: int = 1, seed: int = 0, every:
             result["resumed_from"].append(int(steps[-1]) if steps else 0)
             status = f"identical (resumed at step {result['resumed_from'][-1]} of {STEPS})"
             shutil.rmtree(run_dir)
-        log(f"trial {trial + 1}/{trials}: {kills} kill(s) ({', '.join(landed)}), resumed: {status}")
+        log(
+            f"trial {trial + 1}/{trials}: checkpoints every {interval} steps, {kills} kill(s) ({', '.join(landed)}), "
+            f"resumed: {status}"
+        )
     result["seconds"] = time.monotonic() - t0
     if not result["bad"] and workdir is None:
         shutil.rmtree(tmp)
@@ -225,7 +242,9 @@ def main() -> int:
     p.add_argument("--max-kills", type=int, default=2, help="kills per trial: 1 to this many (default 2)")
     p.add_argument("--ranks", type=int, default=1, help="1: one process; N: mpiexec -n N, one rank killed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--every", type=int, default=5, help="checkpoint every this many steps")
+    p.add_argument(
+        "--every", type=int, help="checkpoint every this many steps (default: 2, 5, 10 or 25 at random)"
+    )
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--worker", metavar="RUN_DIR", help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
@@ -239,7 +258,8 @@ def main() -> int:
     _CTX.set_forkserver_preload(["torch", "torch._dynamo", "caldera", "caldera.checkpoint", "caldera.train"])
     r = chaos(args.trials, args.max_kills, args.ranks, args.seed, args.every)
     print(f"trials {r['trials']}  divergent {r['divergent']}  failed to resume {r['failed']}  "
-          f"(kills: {r['mid_training']} mid-training, {r['after_the_end']} after the end; "
+          f"(kills: {r['mid_training']} mid-training, {r['mid_write']} of them during a checkpoint write, "
+          f"{r['after_the_end']} after the end; "
           f"{r['seconds']:.0f} s, --ranks {args.ranks} --max-kills {args.max_kills} --seed {args.seed})")  # fmt: skip
     for bad in r["bad"]:
         print(json.dumps(bad))

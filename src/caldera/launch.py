@@ -93,8 +93,10 @@ def _stop_with(parent: int):
     """A pre-exec hook: if the launcher dies (even of SIGKILL), the job gets SIGUSR1, so its ranks checkpoint and
     exit instead of training on unattended (Linux's PR_SET_PDEATHSIG)."""
 
+    prctl = ctypes.CDLL(None).prctl  # looked up here: the hook, between fork and exec, should do little
+
     def hook() -> None:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGUSR1))  # 1 = PR_SET_PDEATHSIG
+        prctl(1, int(signal.SIGUSR1))  # 1 = PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the launcher died before the line above took effect
             os._exit(1)  # so do not start the job at all
 
@@ -104,9 +106,9 @@ def _stop_with(parent: int):
 class _Job:
     """One run of the launcher command; turns stop signals into SIGUSR1 for the ranks, then escalates."""
 
-    def __init__(self, full: list[str], env: dict[str, str], grace: float) -> None:
+    def __init__(self, full: list[str], env: dict[str, str], grace: float, signals: list[int]) -> None:
         self.grace = grace
-        self.signals: list[int] = []  # appended by the handler, read by the wait loop
+        self.signals = signals  # appended to by the launcher's handler, read by the wait loop
         self.stage = 0  # 0 running, 1 asked to checkpoint, 2 sent SIGTERM, 3 sent SIGKILL
         self.deadline = float("inf")
         # A session of its own: a terminal's Ctrl-C reaches only the launcher (which asks the ranks to checkpoint)
@@ -171,9 +173,7 @@ def launch(
     try:
         for attempt in range(max_restarts + 1):
             env["CALDERA_RESTART"] = str(attempt)
-            job = _Job(full, env, grace)
-            job.signals = caught  # a signal between two launches still counts: no relaunch after it
-            code = job.wait()
+            code = _Job(full, env, grace, caught).wait()
             if code == 0 or code == 2:  # done, or a mistake that a restart would only repeat
                 break
             if code == REQUEUE_EXIT_CODE:
@@ -186,7 +186,7 @@ def launch(
                 f"caldera launch: the job failed (exit code {code}); the lines above name the rank and the cause\n"
             )
             if caught:
-                break  # told to stop: a relaunch would start what the signal ended
+                break  # told to stop (even between two launches): a relaunch would start what the signal ended
             if attempt < max_restarts:
                 sys.stderr.write(f"caldera launch: restart {attempt + 1} of {max_restarts}, resuming from the last "
                                  "checkpoint\n")  # fmt: skip

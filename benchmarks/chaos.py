@@ -149,7 +149,11 @@ def run_and_kill(
         if run.poll() is not None:
             return "after the end"
         victim = int((run_dir / f"pid-{rng.randrange(ranks)}").read_text())
-        os.kill(victim, signal.SIGKILL)
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:  # that rank has just finished: the job is ending on its own
+            run.wait(120)
+            return "after the end"
         run.wait(120)
         # A checkpoint directory still under construction: the kill interrupted a background write.
         return "mid-write" if any(run_dir.glob("checkpoints/.step-*.tmp")) else "mid-training"

@@ -93,7 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     p_launch.add_argument("--launcher", choices=["auto", "mpiexec", "srun"], default="auto")
     p_launch.add_argument("--max-restarts", type=int, default=0,
                           help="relaunch a failed job up to R times; `caldera train` then resumes from its "
-                          "last checkpoint")  # fmt: skip
+                          "last checkpoint (exit code 85, stopped with a checkpoint, is passed through for "
+                          "a requeue instead)")  # fmt: skip
+    p_launch.add_argument("--grace", type=float, default=120.0, metavar="SECONDS",
+                          help="after SIGTERM/SIGINT/SIGUSR1 (passed to the ranks as SIGUSR1: checkpoint and exit "
+                          "85), how long to wait before ending the ranks (default 120)")  # fmt: skip
     p_launch.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command to run on every rank")
     return parser
 
@@ -161,7 +165,7 @@ def _launch(args: argparse.Namespace) -> int:
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     try:
-        return launch(args.ranks, cmd, args.launcher, max_restarts=args.max_restarts)
+        return launch(args.ranks, cmd, args.launcher, max_restarts=args.max_restarts, grace=args.grace)
     except (RuntimeError, ValueError) as exc:
         sys.stderr.write(f"caldera launch: error: {exc}\n")
         return 2

@@ -33,12 +33,16 @@ steps per global batch: lower an Adam learning rate by about W.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import math
+import multiprocessing
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +58,58 @@ from caldera.world import World
 STALENESS_BINS = 256  # the histogram's last bin collects everything staler
 _NEEDS_FIT = ("async-shared runs its own worker processes: the trainer must hand it the run through "
               "strategy.fit(trainer, train_set, val_set) (Trainer.fit does so for strategies that have fit)")  # fmt: skip
+
+
+_UNGUARDED = (
+    "caldera: error: async-shared starts worker processes that import the main script again, and this "
+    'script starts training when imported: put the training code under `if __name__ == "__main__":`'
+)
+
+
+def check_main_is_guarded() -> None:
+    """Refuse (one line, SystemExit) a run started by a script's top-level code outside ``if __name__ ==
+    "__main__":``: each worker would re-run it while importing the script and die of multiprocessing's error."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise SystemExit(_UNGUARDED)  # a worker importing the script: the parent's check below was fooled
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not path:
+        return  # an interactive session or notebook: the workers do not import it
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    if frame is None:
+        return  # not started by the script's own code (a thread, say): nothing to re-run in the workers
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return  # no source to look at (a frozen or compiled main): let multiprocessing speak
+    if not _guarded(tree.body, frame.f_lineno):
+        raise SystemExit(_UNGUARDED)
+
+
+def _guarded(body: list[ast.stmt], line: int) -> bool:
+    """Whether ``line`` of a module lies inside an ``if __name__ == "__main__":`` block."""
+    for node in body:
+        if not node.lineno <= line <= (node.end_lineno or node.lineno):
+            continue
+        if (
+            isinstance(node, ast.If)
+            and _is_main_test(node.test)
+            and any(c.lineno <= line <= (c.end_lineno or c.lineno) for c in node.body)
+        ):
+            return True
+        return any(_guarded(getattr(node, f, []), line) for f in ("body", "orelse", "handlers", "finalbody"))
+    return False
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
+    mains = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
+    return len(names) == 1 and len(mains) == 1
 
 
 @register("async-shared")
@@ -92,6 +148,7 @@ class AsyncShared(Strategy):
         import torch.multiprocessing as mp  # registers torch's shared-memory pickling of tensors
 
         check_trainer(trainer, "async-shared")
+        check_main_is_guarded()
         self._fitting = True
         ckpt = trainer.checkpointer
         if ckpt is not None:

@@ -52,7 +52,7 @@ class OnlineTrainer:
         self.trainer = Trainer(model, optimizer, loss_fn, metrics=metrics, batch_size=batch_size, strategy=strategy,
                                strategy_options=strategy_options, world=self.world, seed=seed, precision=precision,
                                progress=False, plot=False, hang_timeout=0)  # fmt: skip
-        if hasattr(self.trainer.strategy, "fit"):
+        if self.trainer.strategy.runs_own_loop:
             raise ValueError(
                 f"strategy {strategy!r} runs its own training loop over a fixed dataset; online training steps "
                 "with the simulation: use 'single', 'allreduce' or 'local-sgd'"
@@ -158,9 +158,9 @@ class OnlineTrainer:
     def finish(self) -> None:
         """Write the final weights (``model.pt``), ``summary.json`` and ``online.png`` to the run directory
         (rank 0; collective only through the strategy's final synchronisation)."""
-        strategy = self.trainer.strategy
-        if hasattr(strategy, "synchronize"):
-            strategy.synchronize()
+        # The ranks agree before the weights are saved, as before validation (local SGD averages its drifted
+        # models, allreduce its BatchNorm statistics): online training has no final validation to do it.
+        self.trainer.strategy.consolidate("validation")
         if self._watchdog is not None:
             self._watchdog.stop()
             self._watchdog = None

@@ -37,7 +37,7 @@ def train(strategy, w, scheduled=False, accumulate=1):
     trainer = caldera.Trainer(model, opt, nn.CrossEntropyLoss(), max_epochs=3, batch_size=24, world=w,
                               strategy=strategy, progress=False, seed=3, scheduler=schedule,
                               accumulate=accumulate)  # fmt: skip
-    if hasattr(trainer.strategy, "fit"):
+    if trainer.strategy.runs_own_loop:
         trainer.fit(data)
     else:
         trainer.fit(data, None)

@@ -118,6 +118,16 @@ class ParameterServer(Strategy):
         self.items = WorkItems(train_set, ctx.batch_size, self.n_workers, ctx.max_epochs, ctx.seed,
                                ctx.shuffle, ctx.drop_last, device=ctx.world.device)  # fmt: skip
         self._every = self.record_every or self.items.per_epoch
+        # t0 (0 here) is set once every rank is ready, below.
+        job = Job(self.comm, self.rank, self.servers, self.n_workers, self.bounds, self.items, self._every, 0.0,
+                  self.poll_s, self.pipeline)  # fmt: skip
+        if self.is_server:
+            self._role = server = Server(job, ctx, self._params, self._buffers, self._optimizer, self._servers_comm,
+                                         resumed, self.max_staleness, self.dead_timeout, schedule)  # fmt: skip
+            # The same lists the server fills, live.
+            self.applied_log, self.reply_log = server.applied_log, server.reply_log
+        else:
+            self._role = Worker(job, ctx, self._params, self._buffers, resumed, local, self.grad_clip)
         ctx.log(
             f"async-ps: {self.servers} server(s) (ranks 0-{self.servers - 1}, shards of "
             f"{'/'.join(str(b - a) for a, b in self.bounds)} parameters), {self.n_workers} workers; "
@@ -127,18 +137,7 @@ class ParameterServer(Strategy):
         )
         self.comm.Barrier()
         # The clock starts when every rank is ready (a resumed run continues the saved run's clock).
-        self.t0 = time.monotonic() - resumed.get("train_s", 0.0)
-        job = Job(self.comm, self.rank, self.servers, self.n_workers, self.bounds, self.items, self._every, self.t0,
-                  self.poll_s, self.pipeline)  # fmt: skip
-        if self.is_server:
-            self._role = server = Server(job, ctx, self._params, self._buffers, self._optimizer, self._servers_comm,
-                                         resumed, self.max_staleness, self.dead_timeout, schedule)  # fmt: skip
-            self.applied_log, self.reply_log = (
-                server.applied_log,
-                server.reply_log,
-            )  # the same lists, filled live
-        else:
-            self._role = Worker(job, ctx, self._params, self._buffers, resumed, local, self.grad_clip)
+        self.t0 = job.t0 = time.monotonic() - resumed.get("train_s", 0.0)
         if ctx.checkpointer is not None:
             ctx.checkpointer.install_signal_handlers()
         try:

@@ -43,7 +43,7 @@ class Server:
                  max_staleness: int | None, dead_timeout: float, schedule: Schedule | None) -> None:  # fmt: skip
         self.job, self.ctx, self.checkpointer = job, ctx, ctx.checkpointer
         self.comm, self.rank, self.servers, self.n_workers = job.comm, job.rank, job.servers, job.n_workers
-        self.bounds, self.items, self._every, self.t0 = job.bounds, job.items, job.every, job.t0
+        self.bounds, self.items, self._every = job.bounds, job.items, job.every
         self.poll_s, self.pipeline = job.poll_s, job.pipeline
         self.max_staleness, self.dead_timeout, self._schedule = max_staleness, dead_timeout, schedule
         self._params, self._buffers, self._servers_comm = params, buffers, servers_comm
@@ -135,7 +135,7 @@ class Server:
             self._reply(i, stop=True)
         else:
             _, clock, read, item, samples = msg.fields[:5].tolist()
-            self.applied_log.append((i, clock, read, self.version, time.monotonic() - self.t0))
+            self.applied_log.append((i, clock, read, self.version, time.monotonic() - self.job.t0))
             self.clock[i] = clock
             if self.rank == 0:
                 record = min(item // self._every, len(self._losses) - 1)
@@ -163,7 +163,9 @@ class Server:
             self._next_record += self._every
 
     def _snapshot(self) -> None:
-        self.snapshots.append(Snapshot(self.applied, time.monotonic() - self.t0, self.shard.detach().clone()))
+        self.snapshots.append(
+            Snapshot(self.applied, time.monotonic() - self.job.t0, self.shard.detach().clone())
+        )
 
     def _release(self) -> None:
         """Finish a complete synchronous round (k = 0), then reply to every held worker within the bound."""
@@ -208,7 +210,7 @@ class Server:
                 and now - self.owed_since[i] > self.dead_timeout
             ):
                 self.state[i] = "dead"
-                self.dead.append((self.servers + i, now - self.t0))
+                self.dead.append((self.servers + i, now - self.job.t0))
                 if self.rank == 0:
                     sys.stderr.write(f"caldera async-ps: worker rank {self.servers + i} silent for more than "
                                      f"{self.dead_timeout:g} s: training continues without it\n")  # fmt: skip
@@ -284,7 +286,7 @@ class Server:
             "strategy": "async-ps", "servers": self.servers, "workers": self.n_workers, "updates": step,
             "versions": [e["version"] for e in everyone], "clocks": list(self.clock),
             "optimizers": [e["optimizer"] for e in everyone], "losses": self._losses.copy(),
-            "train_s": time.monotonic() - self.t0, **_async.saved_records(snapshots),
+            "train_s": time.monotonic() - self.job.t0, **_async.saved_records(snapshots),
         }  # fmt: skip
 
     def _drain(self) -> None:

@@ -105,3 +105,30 @@ def test_the_ground_floor_and_config_import_nothing_above_them():
         done = {mod for mod, deps in left.items() if not deps}
         left = {mod: deps - done for mod, deps in left.items() if mod not in done}
     assert not left, f"import cycle among {sorted(left)}"
+
+
+def test_parallel_imports_nothing_above_it_and_no_private_name_of_the_run():
+    # parallel/ sits below train/ (docs/design.md): a loop strategy sees the run only through parallel/context.py's
+    # RunContext, so it imports no layer above it (not even inside a function) and uses no private name of it.
+    above = (
+        "caldera.train",
+        "caldera.tune",
+        "caldera.cli",
+        "caldera.serve",
+        "caldera.predict",
+        "caldera.coupling",
+    )
+    files = sorted((ROOT / "src" / "caldera" / "parallel").glob("*.py"))
+    assert len(files) > 5, files
+    upward = {
+        p.name: sorted(m for m in caldera_imports(p) if m == "caldera" or m.startswith(above)) for p in files
+    }
+    assert not {n: m for n, m in upward.items() if m}, f"parallel/ imports from above it: {upward}"
+    private = [
+        f"{p.name}:{node.lineno}: {ast.unparse(node)}"
+        for p in files
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_")
+        and ast.unparse(node.value).split(".")[-1] in ("ctx", "trainer", "run")  # ctx._x, self.ctx._x
+    ]  # fmt: skip
+    assert not private, f"parallel/ uses private names of the run: {private}"

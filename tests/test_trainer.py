@@ -205,3 +205,46 @@ def test_offloaded_activations_leave_the_gpu_and_give_the_same_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]))
     assert held[1] < 0.3 * held[0], held  # the saved activations went to host memory
     assert torch.allclose(grads[0], grads[1], rtol=0, atol=1e-5)
+
+
+def test_the_trainer_is_the_run_context_a_loop_strategy_drives(tmp_path):
+    from caldera.checkpoint import Checkpointer
+    from caldera.comm.buckets import flatten
+    from caldera.parallel.context import RunContext, Snapshot, trainable
+
+    def trainer(resume=False):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        ckpt = Checkpointer(tmp_path / "ckpt", caldera.init(), async_write=False)
+        t = caldera.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.mse_loss,
+                            run_dir=tmp_path / "run", progress=False, plot=False, checkpointer=ckpt, resume=resume)  # fmt: skip
+        ckpt.begin(resume=resume)
+        return t
+
+    ctx = trainer()
+    # Every member of the protocol is there, and every method is a method (Trainer.progress is a bool, not it).
+    members = [n for n in [*RunContext.__annotations__, *vars(RunContext)] if not n.startswith("_")]
+    assert {"model", "save", "restore", "report", "progress_bar", "log"} <= set(members)
+    assert all(hasattr(ctx, n) for n in members), [n for n in members if not hasattr(ctx, n)]
+    assert all(
+        callable(getattr(ctx, n)) for n in vars(RunContext) if callable(vars(RunContext)[n]) and n[0] != "_"
+    )
+    with ctx.progress_bar(7) as bar:  # progress off: no bar, but the total is the run's
+        assert bar is None and ctx.total_steps == 7
+    # A strategy's snapshots become the history, the metrics files, strategy.json and the final weights.
+    w = [torch.full((4,), v) for v in (1.0, 2.0)]
+    val = TensorDataset(torch.zeros(4, 3), torch.ones(4, 1))
+    history = ctx.report([Snapshot(5, 0.5, w[0], 2.0, 4), Snapshot(10, 1.5, w[1], 1.0, 4)], val, per_epoch=5,
+                         stats={"updates": 10}, lr=lambda item: 0.01 * item)  # fmt: skip
+    assert [h["epoch"] for h in history] == [1.0, 2.0] and [h["train_loss"] for h in history] == [0.5, 0.25]
+    assert [h["lr"] for h in history] == [0.04, 0.09] and [h["time_s"] for h in history] == [0.5, 1.0]
+    assert history[1]["val_loss"] == pytest.approx(1.0)  # weights 2, bias 2, inputs 0: predicts 2, target 1
+    assert json.loads((tmp_path / "run" / "strategy.json").read_text()) == {"updates": 10}
+    assert torch.equal(flatten(trainable(ctx.model)), w[1]) and ctx.global_step == 10
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    # save at a loop strategy's cut; restore hands each rank its own part back.
+    ctx.save(10, 2, 0, local={"buffers": [torch.arange(3.0)]})
+    again = trainer(resume=True)
+    local = again.restore()
+    assert torch.equal(local["buffers"][0], torch.arange(3.0)) and (again.global_step, again.epoch) == (10, 2)
+    assert torch.equal(flatten(trainable(again.model)), w[1])

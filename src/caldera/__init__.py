@@ -3,10 +3,10 @@
 from caldera.config import Config as Config
 from caldera.config import ConfigError as ConfigError
 from caldera.config import load_config as load_config
+from caldera.errors import NonFiniteLossError as NonFiniteLossError
 from caldera.train.callbacks import Callback as Callback
 from caldera.train.callbacks import EarlyStopping as EarlyStopping
 from caldera.train.callbacks import TensorBoard as TensorBoard
-from caldera.train.trainer import NonFiniteLossError as NonFiniteLossError
 from caldera.train.trainer import Trainer as Trainer
 from caldera.world import World as World
 from caldera.world import init as init

@@ -20,3 +20,7 @@ class DataError(ValueError):
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that cannot be restored into this run."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step and what to try."""

@@ -59,5 +59,5 @@ REFUSED_PRECISION: dict[str, dict[str, str]] = {
 def unsupported(name: str, precision: str) -> str | None:
     """What strategy ``name`` cannot do with ``precision``, as a message with the fix (None when it can).
 
-    One table for both places that ask: the run file's validation and ``check_trainer`` (the Python API)."""
+    One table for both places that ask: the run file's validation and ``parallel._async.check_run`` (the Python API)."""
     return REFUSED_PRECISION.get(name, {}).get(precision)

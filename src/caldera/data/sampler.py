@@ -9,7 +9,7 @@ averaging their gradients reproduces the single-process step. Every rank runs th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -21,6 +21,13 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> to
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
+
+
+def as_xy(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a batch into (input, target): the last element is the target."""
+    if len(batch) < 2:
+        raise ValueError("each sample must be (input, target); got a single tensor")
+    return (batch[0] if len(batch) == 2 else tuple(batch[:-1])), batch[-1]  # type: ignore[return-value]
 
 
 class ShardedBatches:

@@ -1,29 +1,30 @@
 """What the asynchronous strategies (async-shared, async-ps) share: the run as numbered work items, the model as
-one flat vector, and the weights they recorded turned into the trainer's history and run directory.
+one flat vector, one work item's forward and backward, and their checkpoints as seen through the ``RunContext``.
 
 Asynchronous workers have no common step and no common epoch end, so these strategies drive their own loop (the
-trainer hands them the whole run through ``strategy.fit(trainer, train_set, val_set)``). While training they
-copy the weights every ``record_every`` updates (default: once per epoch of data) with a timestamp; validation
-of those snapshots runs after training, on the main rank, off the clock.
+trainer hands them the whole run through ``strategy.fit(ctx, train_set, val_set)``). While training they copy
+the weights every ``record_every`` updates (default: once per epoch of data) with a timestamp (a ``Snapshot``);
+after training the main rank hands them to ``ctx.report``, which validates them off the clock and writes the run
+directory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from caldera.comm.buckets import unflatten
-from caldera.data.sampler import ShardedBatches, epoch_permutation
-from caldera.errors import ConfigError
+from caldera.data.sampler import ShardedBatches, as_xy, epoch_permutation
+from caldera.errors import ConfigError, NonFiniteLossError
 from caldera.names import LOOP_STRATEGIES as LOOP_STRATEGIES
 from caldera.names import unsupported
-from caldera.world import World
+from caldera.parallel.base import micro_batches
+from caldera.parallel.context import RunContext, Snapshot, trainable
+
+__all__ = ["Snapshot", "WorkItems", "trainable"]  # Snapshot and trainable: re-exported from context
 
 
 class WorkItems:
@@ -54,8 +55,6 @@ class WorkItems:
 
     def batch(self, item: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Return (inputs, targets, samples in this slice, samples in its global batch) for ``item``."""
-        from caldera.train.trainer import as_xy  # here, not at the top: the trainer imports the strategies
-
         epoch, step, part = self.locate(item)
         if self._perm is None or self._perm[0] != epoch:
             self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch, self.shuffle))
@@ -69,36 +68,20 @@ class WorkItems:
         return x, y, len(idx), len(chunk)
 
 
-@dataclass
-class Snapshot:
-    """The weights as they were after ``items`` updates, ``time_s`` seconds into training."""
-
-    items: int
-    time_s: float
-    weights: torch.Tensor  # the trainable parameters, flattened
-    loss_sum: float = 0.0  # sum over the samples of the items since the previous snapshot of their loss
-    samples: int = 0
-
-
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters the asynchronous strategies update, in a fixed order."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def config_error(message: str) -> ValueError:
     """A ConfigError: the CLI prints it as one line with exit code 2."""
     return ConfigError(message)
 
 
-def check_trainer(trainer, name: str) -> None:
+def check_run(ctx: RunContext, name: str) -> None:
     """Refuse, with the fix, what the asynchronous loops do not support yet."""
-    problem = unsupported(name, trainer.precision.mode)
+    problem = unsupported(name, ctx.precision.mode)
     if problem:
         raise config_error(problem)
-    if trainer.scheduler is not None and not hasattr(trainer.scheduler, "lr_lambdas"):
+    if ctx.scheduler is not None and not hasattr(ctx.scheduler, "lr_lambdas"):
         raise config_error(f"{name} follows a learning-rate schedule given as a function of the step "
                              "(torch.optim.lr_scheduler.LambdaLR, what [optim] schedule builds); "
-                             f"{type(trainer.scheduler).__name__} keeps its own step count, which asynchronous "
+                             f"{type(ctx.scheduler).__name__} keeps its own step count, which asynchronous "
                              "workers do not share")  # fmt: skip
 
 
@@ -115,9 +98,9 @@ class Schedule:
         return self.base_lrs[group] * self.factors[group](item // self.workers)
 
 
-def schedule_of(trainer, workers: int) -> Schedule | None:
-    """The trainer's LambdaLR as a ``Schedule`` (None for a constant learning rate)."""
-    scheduler = trainer.scheduler
+def schedule_of(ctx: RunContext, workers: int) -> Schedule | None:
+    """The run's LambdaLR as a ``Schedule`` (None for a constant learning rate)."""
+    scheduler = ctx.scheduler
     if scheduler is None:
         return None
     return Schedule(list(scheduler.base_lrs), list(scheduler.lr_lambdas), workers)
@@ -132,8 +115,6 @@ def compute_item(precision, model: torch.nn.Module, loss_fn, params: list[torch.
     travel to worker processes). An overflow lowers the scale and computes the item again: an asynchronous update
     cannot be skipped the way a synchronous step is, or the item's share of its global batch would be lost.
     Otherwise a NaN/inf loss stops the run (``where`` names the item), before it reaches the shared weights."""
-    from caldera.train.trainer import NonFiniteLossError, micro_batches  # late: the trainer imports us
-
     pieces = micro_batches(x, y, accumulate)
     while True:
         scale = precision.scaler.scale if precision.tolerates_overflow else 1.0
@@ -159,28 +140,27 @@ def compute_item(precision, model: torch.nn.Module, loss_fn, params: list[torch.
             p.grad = None
 
 
-# -- checkpoints: the loops pause at a consistent cut, then save through the trainer's checkpointer ------------------
-def restore(trainer, name: str) -> dict:
-    """Load the newest checkpoint into the trainer when it asks to resume; return the strategy's saved state
-    (empty when starting fresh). Every rank calls this; the weights land in ``trainer.model``."""
-    if not trainer.resume:
-        return {}
-    trainer._restore()  # weights, optimizer, RNG; calls strategy.load_state_dict, which keeps the state
-    state = dict(getattr(trainer.strategy, "resumed", {}) or {})
+# -- checkpoints: the loops pause at a consistent cut, then save through the run's checkpointer ----------------------
+def restore(ctx: RunContext, resumed: Any, name: str) -> tuple[dict, dict | None]:
+    """Load the newest checkpoint when the run asks to resume: return the strategy's saved state (empty when
+    starting fresh; ``resumed()`` reads it from the strategy once ``ctx.restore`` gave it back through
+    ``load_state_dict``) and this rank's own part. Every rank calls this; the weights land in ``ctx.model``."""
+    if not ctx.resume:
+        return {}, None
+    local = ctx.restore()  # weights, optimizer, RNG; calls strategy.load_state_dict, which keeps the state
+    state = dict(resumed() or {})
     if state and state.get("strategy") != name:
         raise config_error(f"the checkpoint was written by strategy {state.get('strategy')!r}, not {name!r}; "
                              "resume with the strategy that wrote it, or start a new run directory")  # fmt: skip
-    trainer.history = []  # the asynchronous loops rebuild the history from the recorded snapshots
-    return state
+    ctx.history = []  # the asynchronous loops rebuild the history from the recorded snapshots
+    return state, local
 
 
-def save(trainer, updates: int, items: WorkItems, local: dict | None = None):
-    """Write a checkpoint after ``updates`` updates (collective over the trainer's world, blocking: the loops
-    pause for it anyway); ``local`` adds to this rank's own file. Return the checkpoint's path."""
-    trainer.global_step = updates
-    trainer.epoch, trainer.step_in_epoch, _ = items.locate(updates)  # where a synchronous run would be
-    shared, mine = trainer._capture()
-    return trainer.checkpointer.save(updates, shared, {**mine, **(local or {})}, block=True)
+def save(ctx: RunContext, updates: int, items: WorkItems, local: dict | None = None) -> Path:
+    """Write a checkpoint after ``updates`` updates (collective over the run's world, blocking: the loops pause
+    for it anyway), positioned where a synchronous run would be; ``local`` adds to this rank's own file."""
+    epoch, step_in_epoch, _ = items.locate(updates)
+    return ctx.save(updates, epoch, step_in_epoch, local)
 
 
 def saved_records(snapshots: list[Snapshot]) -> dict:
@@ -198,45 +178,3 @@ def records_from(state: dict) -> list[Snapshot]:
             for items, time_s, weights, (loss, samples) in zip(
                 state["snapshot_items"], state["snapshot_times"], state["snapshot_weights"],
                 state["snapshot_losses"])]  # fmt: skip
-
-
-@contextlib.contextmanager
-def alone(trainer) -> Iterator[None]:
-    """Let the trainer evaluate on this process alone (rank 0 of 1), whatever the other ranks are doing."""
-    world = trainer.world
-    trainer.world = World(device=world.device)
-    try:
-        yield
-    finally:
-        trainer.world = world
-
-
-def finish_run(trainer, snapshots: list[Snapshot], val_set: Dataset | None, per_epoch: int,
-               stats: dict, schedule: Schedule | None = None) -> list[dict[str, float]]:  # fmt: skip
-    """On the main rank: evaluate each snapshot, log it as the trainer would log an epoch, write the run
-    directory (metrics, plots, final weights = the last snapshot, ``strategy.json`` with ``stats``)."""
-    from caldera.train.trainer import _format
-
-    params = trainable(trainer.model)
-    with alone(trainer):
-        log = trainer._open_run_dir()
-        previous = 0.0
-        for snap in snapshots:
-            unflatten(snap.weights, params)
-            logs = {"epoch": round(snap.items / per_epoch, 4),
-                    "train_loss": snap.loss_sum / snap.samples if snap.samples else math.nan}  # fmt: skip
-            if val_set is not None:
-                logs.update(trainer.evaluate(val_set, prefix="val_"))
-            last_item = max(0, snap.items - 1)
-            logs["lr"] = schedule.lr(0, last_item) if schedule else trainer.optimizer.param_groups[0]["lr"]
-            logs["time_s"], previous = snap.time_s - previous, snap.time_s
-            trainer.history.append(logs)
-            if log is not None:
-                log.append(logs)
-            trainer.log(_format(logs))
-        trainer.global_step = snapshots[-1].items if snapshots else 0
-        trainer.epoch = trainer.max_epochs
-        trainer._write_outputs(val_set)
-        if trainer.run_dir is not None:
-            (trainer.run_dir / "strategy.json").write_text(json.dumps(stats, indent=2, default=str))
-    return trainer.history

@@ -51,13 +51,14 @@ from torch.utils.data import Dataset
 from caldera.checkpoint import Preempted
 from caldera.comm.buckets import flatten
 from caldera.parallel import _async
-from caldera.parallel._async import Snapshot, WorkItems, check_trainer, finish_run, trainable
+from caldera.parallel._async import WorkItems, check_run
 from caldera.parallel.base import Strategy, register
+from caldera.parallel.context import RunContext, Snapshot, trainable
 from caldera.world import World
 
 STALENESS_BINS = 256  # the histogram's last bin collects everything staler
 _NEEDS_FIT = ("async-shared runs its own worker processes: the trainer must hand it the run through "
-              "strategy.fit(trainer, train_set, val_set) (Trainer.fit does so for strategies that have fit)")  # fmt: skip
+              "strategy.fit(ctx, train_set, val_set) (Trainer.fit does so for strategies that run their own loop)")  # fmt: skip
 
 
 _UNGUARDED = (
@@ -143,50 +144,52 @@ class AsyncShared(Strategy):
         self._fitting = False
 
     # -- the run, in the process the user started -------------------------------------------------------------
-    def fit(self, trainer, train_set: Dataset, val_set: Dataset | None) -> list[dict[str, float]]:
-        """Train ``trainer.model`` with ``workers`` processes; record, evaluate and write like the trainer."""
+    def fit(self, ctx: RunContext, train_set: Dataset, val_set: Dataset | None) -> list[dict[str, float]]:
+        """Train ``ctx.model`` with ``workers`` processes; hand the recorded weights to ``ctx.report``."""
         import torch.multiprocessing as mp  # registers torch's shared-memory pickling of tensors
 
-        check_trainer(trainer, "async-shared")
+        check_run(ctx, "async-shared")
         check_main_is_guarded()
         self._fitting = True
-        ckpt = trainer.checkpointer
+        ckpt = ctx.checkpointer
         if ckpt is not None:
             ckpt.install_signal_handlers()
         try:
-            return self._fit(trainer, train_set, val_set, mp)
+            return self._fit(ctx, train_set, val_set, mp)
         finally:
             if ckpt is not None:
                 ckpt.restore_signal_handlers()
             self.close()
 
-    def _fit(self, trainer, train_set: Dataset, val_set: Dataset | None, mp) -> list[dict[str, float]]:
-        self.setup(trainer.model, trainer.optimizer, trainer.world)
-        resumed = _async.restore(trainer, "async-shared")  # the weights land in the shared tensors
+    def _fit(
+        self, ctx: RunContext, train_set: Dataset, val_set: Dataset | None, mp
+    ) -> list[dict[str, float]]:
+        self.setup(ctx.model, ctx.optimizer, ctx.world)
+        resumed, _ = _async.restore(ctx, lambda: self.resumed, "async-shared")  # into the shared tensors
         self.resumed = {}  # the workers get a copy of this object: leave the records out of it
         if resumed and resumed["workers"] != self.workers:
             raise _async.config_error(f"the checkpoint was written by {resumed['workers']} async-shared workers; "
                                       f"resume with [parallel] workers = {resumed['workers']}")  # fmt: skip
-        self.loss_fn, self.precision, self.accumulate = trainer.loss_fn, trainer.precision, trainer.accumulate
-        self._schedule = _async.schedule_of(trainer, self.workers)  # applied per item by the workers
-        self.items = WorkItems(train_set, trainer.batch_size, self.workers, trainer.max_epochs, trainer.seed,
-                               trainer.shuffle, trainer.drop_last)  # fmt: skip
+        self.loss_fn, self.precision, self.accumulate = ctx.loss_fn, ctx.precision, ctx.accumulate
+        self._schedule = _async.schedule_of(ctx, self.workers)  # applied per item by the workers
+        self.items = WorkItems(train_set, ctx.batch_size, self.workers, ctx.max_epochs, ctx.seed,
+                               ctx.shuffle, ctx.drop_last)  # fmt: skip
         self._every = self.record_every or self.items.per_epoch
         n_records = math.ceil(self.items.total / self._every)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._threads = self.threads_per_worker or max(1, cores // self.workers)
 
-        ctx = mp.get_context(self.start_method)
+        mpc = mp.get_context(self.start_method)  # the processes' context (not the run's ctx)
         if self.start_method == "forkserver":  # import torch once in the fork server, not once per worker
-            ctx.set_forkserver_preload(["torch", __name__])
+            mpc.set_forkserver_preload(["torch", __name__])
         start = self._start = resumed.get("updates", 0)
-        self._version = ctx.Value("q", start)  # updates applied so far: the weights' version
-        self._next_item = ctx.Value("q", start)  # the next work item to hand out
-        self._ready = ctx.Value("q", 0)
-        self._pause = ctx.Value("q", 0)  # > 0: the number of the checkpoint the workers should pause for
-        self._go = ctx.Event()
-        self._states = ctx.Queue()  # (worker, pause number or -1 at the end, its optimizer state as bytes)
-        self._locks = [ctx.Lock() for _ in self._params] if self.lock == "tensor" else None
+        self._version = mpc.Value("q", start)  # updates applied so far: the weights' version
+        self._next_item = mpc.Value("q", start)  # the next work item to hand out
+        self._ready = mpc.Value("q", 0)
+        self._pause = mpc.Value("q", 0)  # > 0: the number of the checkpoint the workers should pause for
+        self._go = mpc.Event()
+        self._states = mpc.Queue()  # (worker, pause number or -1 at the end, its optimizer state as bytes)
+        self._locks = [mpc.Lock() for _ in self._params] if self.lock == "tensor" else None
         self._staleness = torch.zeros(self.workers, STALENESS_BINS, dtype=torch.int64).share_memory_()
         self._stale_max = torch.zeros(self.workers, dtype=torch.int64).share_memory_()
         self._losses = torch.zeros(self.workers, n_records, 2, dtype=torch.float64).share_memory_()
@@ -196,11 +199,11 @@ class AsyncShared(Strategy):
         self._worker_optim, self._worker_precision = resumed.get("optimizers"), resumed.get("precisions")
         self._restore_records(resumed)
 
-        trainer.log(f"async-shared: {self.workers} worker processes x {self._threads} thread(s), lock = "
-                    f"{self.lock}; {self.items.total} updates of {trainer.batch_size // self.workers} samples "
-                    f"({trainer.max_epochs} epochs of {len(train_set)} samples)"
-                    + (f"; resuming after update {start}" if start else ""))  # fmt: skip
-        procs = [ctx.Process(target=_worker_main, args=(self, i), daemon=True, name=f"caldera-async-{i}")
+        ctx.log(f"async-shared: {self.workers} worker processes x {self._threads} thread(s), lock = "
+                f"{self.lock}; {self.items.total} updates of {ctx.batch_size // self.workers} samples "
+                f"({ctx.max_epochs} epochs of {len(train_set)} samples)"
+                + (f"; resuming after update {start}" if start else ""))  # fmt: skip
+        procs = [mpc.Process(target=_worker_main, args=(self, i), daemon=True, name=f"caldera-async-{i}")
                  for i in range(self.workers)]  # fmt: skip
         self._optim_states: dict[int, tuple[int, bytes]] = {}  # worker -> (pause number or -1, state)
         self._pauses = 0
@@ -211,7 +214,7 @@ class AsyncShared(Strategy):
             self._watch(procs, lambda: self._ready.value == self.workers)
             self.t0 = time.monotonic()
             self._go.set()  # all workers start together: startup is not training time
-            self._train(procs, trainer)
+            self._train(procs, ctx)
             elapsed = time.monotonic() - self.t0
         finally:
             for p in procs:
@@ -222,28 +225,27 @@ class AsyncShared(Strategy):
                 p.join()
         self.snapshots = self._collect(n_records)
         self.stats = self._summary(elapsed + self._offset, self.t0 - started)
-        trainer.log(f"async-shared: {self.stats['updates']} updates in {elapsed:.2f} s (per worker "
-                    f"{self.stats['updates_per_worker']}); staleness mean {self.stats['staleness_mean']:.2f}, "
-                    f"p99 {self.stats['staleness_p99']}, max {self.stats['staleness_max']}")  # fmt: skip
-        history = finish_run(
-            trainer, self.snapshots, val_set, self.items.per_epoch, self.stats, self._schedule
-        )
-        if trainer.checkpointer is not None:  # the end of the run, like the trainer's final checkpoint
+        ctx.log(f"async-shared: {self.stats['updates']} updates in {elapsed:.2f} s (per worker "
+                f"{self.stats['updates_per_worker']}); staleness mean {self.stats['staleness_mean']:.2f}, "
+                f"p99 {self.stats['staleness_p99']}, max {self.stats['staleness_max']}")  # fmt: skip
+        lr = (lambda item: self._schedule.lr(0, item)) if self._schedule else None
+        history = ctx.report(self.snapshots, val_set, self.items.per_epoch, self.stats, lr)
+        if ctx.checkpointer is not None:  # the end of the run, like the trainer's final checkpoint
             self._keep = self._checkpoint_state(self._version.value, final=True)
-            _async.save(trainer, self._version.value, self.items)
+            _async.save(ctx, self._version.value, self.items)
         return history
 
-    def _train(self, procs: list, trainer) -> None:
+    def _train(self, procs: list, ctx: RunContext) -> None:
         """Wait for the workers to use up the items; pause them for a checkpoint when one is due or asked for."""
-        ckpt, trainer.total_steps = trainer.checkpointer, self.items.total
-        with trainer._progress_bar() as bar:  # rank 0's rich bar, over updates
+        ckpt = ctx.checkpointer
+        with ctx.progress_bar(self.items.total) as bar:  # rank 0's rich bar, over updates
             while not all(p.exitcode == 0 for p in procs):
                 self._check(procs)
                 self._drain_states()
                 if ckpt is not None and self._next_item.value < self.items.total:
                     due, stop = ckpt.poll(self._version.value)
                     if due or stop:
-                        self._checkpoint(procs, trainer, stop)
+                        self._checkpoint(procs, ctx, stop)
                 if bar is not None:
                     bar.show(self._version.value, self.items.per_epoch, self._running_loss())
                 time.sleep(0.01)
@@ -264,14 +266,14 @@ class AsyncShared(Strategy):
         states = self._optim_states.values()
         return len(states) == self.workers and all(g in (number, -1) for g, _ in states)
 
-    def _checkpoint(self, procs: list, trainer, stop: str | None) -> None:
+    def _checkpoint(self, procs: list, ctx: RunContext, stop: str | None) -> None:
         """Pause every worker at an item boundary, save, then resume them (or stop, asking for a requeue)."""
         self._pauses += 1
         number = self._pause.value = self._pauses
         self._drain_states(until=lambda: self._states_for(number), procs=procs)
         updates = self._version.value  # every item handed out has been applied: a consistent cut
         self._keep = self._checkpoint_state(updates)
-        path = _async.save(trainer, updates, self.items)
+        path = _async.save(ctx, updates, self.items)
         if stop:
             raise Preempted(stop, path)
         self._pause.value = 0

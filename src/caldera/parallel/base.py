@@ -7,7 +7,11 @@ has a default that is the single-process behaviour, so the trainer calls each on
 Who calls what, in which order (``Trainer``, on every rank unless said otherwise):
 
 1. ``runs_own_loop``: read once by ``fit``; a strategy that drives its own loop (worker processes, parameter
-   servers) sets it and takes the whole run over in ``fit(trainer, train_set, val_set)``; nothing below runs.
+   servers) sets it and takes the whole run over in ``fit(ctx, train_set, val_set)`` on every rank, where
+   ``ctx`` is the trainer seen as a ``RunContext`` (``parallel/context.py``: settings, ``log``,
+   ``progress_bar``, ``restore``/``save`` for checkpoints, ``report`` of its recorded snapshots on the main
+   rank); nothing below runs, except what the strategy itself calls (``setup``, ``state_dict`` through
+   ``ctx.save``, ``load_state_dict`` through ``ctx.restore``, ``close``).
 2. ``data_shards(world)`` -> (shard, shards): how the data is cut; default one shard per rank.
 3. ``setup(model, optimizer, world)`` once, before training (and before a resume loads its checkpoint) ->
    the module to run forward on.
@@ -31,6 +35,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from caldera.names import STRATEGIES
+from caldera.parallel.context import RunContext
 from caldera.world import World
 
 Purpose = Literal["validation", "checkpoint", "outputs"]
@@ -56,8 +61,8 @@ class Strategy(ABC):
     def step(self) -> None:
         """Finish communication, update the weights, and zero the gradients."""
 
-    def fit(self, trainer: Any, train_set: Any, val_set: Any) -> list[dict[str, float]]:
-        """Run the whole training (only strategies with ``runs_own_loop``)."""
+    def fit(self, ctx: RunContext, train_set: Any, val_set: Any) -> list[dict[str, float]]:
+        """Run the whole training through ``ctx`` and return its history (only strategies with ``runs_own_loop``)."""
         raise NotImplementedError(f"{type(self).__name__} does not run its own loop (runs_own_loop is False)")
 
     def data_shards(self, world: World) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 import warnings
@@ -16,10 +17,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from caldera.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state
+from caldera.comm.buckets import unflatten
 from caldera.data.prefetch import InputMeter, input_advice
 from caldera.data.sampler import ShardedBatches
+from caldera.data.sampler import as_xy as as_xy  # re-exported: callers import it from here
+from caldera.errors import NonFiniteLossError as NonFiniteLossError  # re-exported: caldera.NonFiniteLossError
+from caldera.io import atomic_write_text
 from caldera.parallel import Strategy, make_strategy
 from caldera.parallel.base import micro_batches as micro_batches  # re-exported: callers import it from here
+from caldera.parallel.context import Snapshot, trainable
 from caldera.precision import Precision, make_precision
 from caldera.train.callbacks import Callback
 from caldera.train.evaluate import Scores
@@ -32,10 +38,6 @@ from caldera.watchdog import Watchdog, hang_timeout_for
 from caldera.world import SetupWarning, World, init
 
 DataLike = Dataset | DataLoader | tuple | list
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the message names the step and what to try."""
 
 
 class Trainer:
@@ -126,7 +128,7 @@ class Trainer:
         self.total_steps = len(batches) * self.max_epochs
         self.net = self.strategy.setup(self.model, self.optimizer, self.world)
         if self.resume:
-            self._restore()
+            self.restore()
         log = self._open_run_dir()
         self.log(self._describe(train_set, val_set))
         if self.checkpointer is not None:
@@ -135,7 +137,7 @@ class Trainer:
         try:
             for cb in self.callbacks:
                 cb.on_fit_start(self)
-            with self._progress_bar() as bar:
+            with self.progress_bar(self.total_steps) as bar:
                 for epoch in range(self.epoch, self.max_epochs):
                     self.epoch = epoch
                     t0 = time.perf_counter()
@@ -340,8 +342,9 @@ class Trainer:
         # The running loss of the current epoch is this rank's own: it travels with the rank's file.
         return shared, {"rng": rng_state(), "partial": self._partial}
 
-    def _restore(self) -> None:
-        """Load the newest good checkpoint (or the one ``resume`` names) into this trainer, on every rank."""
+    def restore(self) -> dict[str, Any] | None:
+        """Load the newest good checkpoint (or the one ``resume`` names) into this trainer, on every rank; return
+        this rank's own part of it (None: no checkpoint yet, or one written on another number of ranks)."""
         if self.checkpointer is None:
             raise CheckpointError(
                 "resume asked for, but the trainer has no checkpointer (give checkpointer=...)"
@@ -349,10 +352,9 @@ class Trainer:
         path = None if self.resume is True else self.resume
         if path is None and not self.checkpointer.list():
             self.log(f"no checkpoint in {self.checkpointer.dir} yet: starting from the beginning")
-            return
+            return None
         shared, local, where = self.checkpointer.load(path, validate=_incomplete)
         self._check_fits(shared["model"], where)
-        self._restored_local = local  # strategies that save per-rank state read theirs from here
         self.load_state_dict(shared)
         self.resumed_from = where
         if local is not None:
@@ -363,6 +365,18 @@ class Trainer:
                      "order continues, random streams are re-seeded (not bit-identical to an unbroken run)")  # fmt: skip
         self.log(f"resumed from {where} (epoch {self.epoch + 1}, step {self.step_in_epoch} of it, "
                  f"global step {self.global_step})")  # fmt: skip
+        return local  # loop strategies that save per-rank state read theirs from it
+
+    def save(self, step: int, epoch: int, step_in_epoch: int, local: dict[str, Any] | None = None) -> Path:
+        """Checkpoint the run after ``step`` optimizer steps (or a loop strategy's updates), positioned at
+        (``epoch``, ``step_in_epoch``); ``local`` adds to this rank's own file. Collective, blocking."""
+        if self.checkpointer is None:
+            raise CheckpointError(
+                "save asked for, but the trainer has no checkpointer (give checkpointer=...)"
+            )
+        self.global_step, self.epoch, self.step_in_epoch = step, epoch, step_in_epoch
+        shared, mine = self._capture()
+        return self.checkpointer.save(step, shared, {**mine, **(local or {})}, block=True)
 
     def _check_fits(self, weights: Mapping[str, Any], where: Path) -> None:
         """A checkpoint of another model is one line naming the first parameter that differs, not a traceback."""
@@ -440,10 +454,48 @@ class Trainer:
             self._console = Console(highlight=False, soft_wrap=True)
         self._console.print(message)
 
-    def _progress_bar(self):
+    def progress_bar(self, total: int) -> Any:
+        """Rank 0's progress bar over ``total`` steps (or a loop strategy's updates); None elsewhere or with
+        progress off."""
+        self.total_steps = total
         if not (self.progress and self.world.is_main):
             return nullcontext(None)
         return _Bar(self)
+
+    def report(self, snapshots: Sequence[Snapshot], val_set: Any, per_epoch: int, stats: dict[str, Any],
+               lr: Callable[[int], float] | None = None) -> list[dict[str, float]]:  # fmt: skip
+        """Main rank, alone: a loop strategy's recorded weights become the history and the run directory, as
+        epochs do in ``fit`` (each snapshot evaluated on ``val_set`` and logged; ``per_epoch`` updates make an
+        epoch; ``lr(item)`` the learning rate at a work item; the last snapshot is the final model;
+        ``strategy.json`` holds ``stats``). Return the history."""
+        params = trainable(self.model)
+        world = self.world
+        # Evaluate on this process alone (rank 0 of 1), whatever the other ranks are doing.
+        self.world = World(device=world.device)
+        try:
+            log = self._open_run_dir()
+            previous = 0.0
+            for snap in snapshots:
+                unflatten(snap.weights, params)
+                logs = {"epoch": round(snap.items / per_epoch, 4),
+                        "train_loss": snap.loss_sum / snap.samples if snap.samples else math.nan}  # fmt: skip
+                if val_set is not None:
+                    logs.update(self.evaluate(val_set, prefix="val_"))
+                last_item = max(0, snap.items - 1)
+                logs["lr"] = lr(last_item) if lr else self.optimizer.param_groups[0]["lr"]
+                logs["time_s"], previous = snap.time_s - previous, snap.time_s
+                self.history.append(logs)
+                if log is not None:
+                    log.append(logs)
+                self.log(_format(logs))
+            self.global_step = snapshots[-1].items if snapshots else 0
+            self.epoch = self.max_epochs
+            self._write_outputs(val_set)
+            if self.run_dir is not None:
+                atomic_write_text(self.run_dir / "strategy.json", json.dumps(stats, indent=2, default=str))
+        finally:
+            self.world = world
+        return self.history
 
 
 class _Bar(Bar):
@@ -504,13 +556,6 @@ def _incomplete(shared: Mapping[str, Any], local: Mapping[str, Any] | None) -> s
 
 def _is_array(a: Any) -> bool:
     return torch.is_tensor(a) or isinstance(a, np.ndarray)
-
-
-def as_xy(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a batch into (input, target): the last element is the target."""
-    if len(batch) < 2:
-        raise ValueError("each sample must be (input, target); got a single tensor")
-    return (batch[0] if len(batch) == 2 else tuple(batch[:-1])), batch[-1]  # type: ignore[return-value]
 
 
 def _plain_forward(model: torch.nn.Module, x: Any) -> torch.Tensor:

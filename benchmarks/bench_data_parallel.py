@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-# --smoke: every default row once, on the MLP, a few small steps (each Caldera row passes every strategy option,
-# so the optional rows differ only in values).
+# --smoke: the lockstep bound, DDP and both Caldera reducers once, on the MLP, a few small steps (each Caldera row
+# passes every strategy option, so the optional rows differ only in values).
 SMOKE = {"repeats": 1, "steps": 2, "batch": 16, "models": ["mlp"]}
 
 
@@ -198,6 +198,8 @@ def main() -> None:
     )
     for kind in args.models:
         modes = ["nocomm", "lockstep", "ddp", "caldera", "caldera-mpi"]
+        if args.smoke:  # the peer, both reducers and the lockstep bound the rows are printed against
+            modes = ["lockstep", "ddp", "caldera", "caldera-mpi"]
         if args.unfused:
             modes += ["caldera-unfused", "caldera-mpi-unfused"]
         if args.grad_comm:

@@ -39,13 +39,15 @@ import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch.utils.data import Dataset
 
 from caldera.checkpoint import Preempted
 from caldera.comm.buckets import flatten
+from caldera.config import StrategyOptions
 from caldera.parallel import _async
 from caldera.parallel._async import Snapshot, WorkItems, check_trainer, finish_run, trainable
 from caldera.parallel.base import Strategy, register
@@ -56,21 +58,30 @@ _NEEDS_FIT = ("async-shared runs its own worker processes: the trainer must hand
               "strategy.fit(trainer, train_set, val_set) (Trainer.fit does so for strategies that have fit)")  # fmt: skip
 
 
+class AsyncSharedOptions(StrategyOptions):
+    """``[parallel]`` keys of strategy ``async-shared``."""
+
+    workers: int = Field(2, ge=1, description="worker processes on this node")
+    lock: Literal["none", "tensor"] = Field("none", description="lock-free or per-tensor locks")
+
+
 @register("async-shared")
 class AsyncShared(Strategy):
     """Several processes on one node train one shared model with no barrier (lock-free or per-tensor locks)."""
+
+    Options = AsyncSharedOptions
 
     runs_own_loop = True  # worker processes of its own: fit() drives the run
 
     def __init__(
         self,
+        *,
         workers: int = 2,
         lock: str = "none",
         threads_per_worker: int | None = None,
         start_method: str | None = None,
         record_every: int | None = None,
         grad_clip: float | None = None,
-        **_: Any,
     ) -> None:
         if workers < 1:
             raise ValueError(f"async-shared needs at least 1 worker (got workers = {workers})")

@@ -48,10 +48,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch.utils.data import Dataset
 
 from caldera.checkpoint import Preempted
 from caldera.comm.buckets import flatten, unflatten
+from caldera.config import Seconds, StrategyOptions
 from caldera.parallel import _async
 from caldera.parallel._async import Snapshot, WorkItems, check_trainer, finish_run, trainable
 from caldera.parallel.base import Strategy, register
@@ -128,14 +130,30 @@ def _wait(requests: list, poll_s: float, spin_s: float = 2e-3) -> None:
             time.sleep(poll_s)
 
 
+class ParameterServerOptions(StrategyOptions):
+    """``[parallel]`` keys of strategy ``async-ps``."""
+
+    servers: int = Field(1, ge=1, description="ranks that hold parameter shards")
+    max_staleness: int | None = Field(None, ge=0, description="0 = synchronous, none = unbounded")
+    dead_timeout: Seconds = Field(
+        60.0,
+        gt=0,
+        description="how long a silent worker may stay silent before it is dropped (60, '90s', '5m')",
+    )
+    pipeline: bool = Field(False, description="overlap the next gradient with the push")
+
+
 @register("async-ps")
 class ParameterServer(Strategy):
     """Sharded parameter servers and asynchronous workers over MPI point-to-point, with a staleness bound."""
+
+    Options = ParameterServerOptions
 
     runs_own_loop = True  # server and worker ranks: fit() drives the run
 
     def __init__(
         self,
+        *,
         servers: int = 1,
         max_staleness: int | None = None,
         dead_timeout: float = 60.0,
@@ -143,7 +161,6 @@ class ParameterServer(Strategy):
         grad_clip: float | None = None,
         pipeline: bool = False,
         poll_s: float = 2e-5,
-        **_: Any,
     ) -> None:
         if servers < 1:
             raise ValueError(f"async-ps needs at least 1 server (got servers = {servers})")

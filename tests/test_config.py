@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from caldera.config import ConfigError, load_config
+from caldera.config import ConfigError, load_config, read_run_dir
 from caldera.names import STRATEGIES
 from caldera.parallel import available_strategies, make_strategy
 from caldera.train.run import build_checkpointer, build_loss, build_model
@@ -160,6 +160,21 @@ def test_parallel_keys_are_the_chosen_strategys_options(tmp_path):
                 name,
                 key,
             )
+
+
+def test_a_run_directory_from_before_per_strategy_options_still_reads(tmp_path):
+    """config.resolved.json of an older run records every strategy's keys; predict and serve still read it."""
+    old = {"strategy": "pipeline", "bucket_mb": 25.0, "workers": 2, "schedule": "gpipe", "warmup_steps": 0,
+           "micro_batches": 2, "dead_timeout": 60.0}  # fmt: skip
+    (tmp_path / "config.resolved.json").write_text(json.dumps({**GOOD, "parallel": old}))
+    (tmp_path / "model.pt").write_bytes(b"")
+    cfg = load_config(read_run_dir(tmp_path))
+    assert cfg.parallel.options == {
+        "micro_batches": 2,
+        "balance": None,
+        "pipeline_schedule": "gpipe",
+        "stages": None,
+    }
 
 
 def test_a_users_strategy_brings_its_own_options():

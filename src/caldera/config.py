@@ -565,10 +565,25 @@ def read_run_dir(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (
         ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{resolved}: expected sections such as model and data at the top level")
+    _own_parallel_keys(raw)
     for item in overrides:
         _apply_override(raw, item)
     check_trusted(raw, run_dir, overrides, trust_code, keys)
     return raw
+
+
+def _own_parallel_keys(raw: dict[str, Any]) -> None:
+    """Keep the recorded strategy's own ``[parallel]`` keys, under their current names: a run directory written
+    before ``[parallel]`` was per strategy records every strategy's keys (the others had no effect on it)."""
+    parallel = raw.get("parallel")
+    name = parallel.get("strategy", "single") if isinstance(parallel, dict) else None
+    options = strategy_options_model(name) if isinstance(name, str) else None
+    if options is None or not isinstance(parallel, dict):
+        return
+    for old, new in options.renamed.items():
+        if old in parallel and new not in parallel:
+            parallel[new] = parallel.pop(old)
+    raw["parallel"] = {k: v for k, v in parallel.items() if k == "strategy" or k in options.model_fields}
 
 
 def _check_name(ref: str, table: Builtins, key: str) -> None:

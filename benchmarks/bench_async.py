@@ -95,7 +95,7 @@ def worker(name: str, slow: float, epochs: int, out: str) -> None:
     strategy = make_strategy(name, **options)
     trainer = caldera.Trainer(model, optimizer, SlowLoss(slow, straggler), max_epochs=epochs, batch_size=BATCH,
                               strategy=strategy, progress=False, world=world, seed=0)  # fmt: skip
-    if hasattr(strategy, "fit"):  # asynchronous: the strategy records its own snapshots
+    if strategy.runs_own_loop:  # asynchronous: the strategy records its own snapshots
         strategy.fit(trainer, train, None)
         records = [(s.time_s, s.items, s.weights) for s in strategy.snapshots]
         extra = {k: strategy.stats.get(k) for k in ("updates_per_worker", "staleness_mean", "staleness_max")}

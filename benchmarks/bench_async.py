@@ -87,7 +87,7 @@ def worker(name: str, slow: float, epochs: int, out: str) -> None:
     every = per_epoch // RECORDS_PER_EPOCH
     options = {
         "allreduce": {},
-        "local-sgd": {"sync_every": 4, "warmup_steps": 10},
+        "local-sgd": {"sync_every": 4, "sync_warmup_steps": 10},
         "async-shared": {"workers": WORKERS, "record_every": every},
         "async-ps": {"servers": 1, "record_every": every},
     }[name]

@@ -82,7 +82,7 @@ def worker(mode: str, batch: int, micro: int, steps: int, schedule_name: str) ->
         rank = world.rank
         trainer = caldera.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), loss_fn, world=world,
                                   strategy="pipeline",
-                                  strategy_options={"micro_batches": micro, "schedule": schedule_name},
+                                  strategy_options={"micro_batches": micro, "pipeline_schedule": schedule_name},
                                   progress=False, plot=False)  # fmt: skip
 
         def one_step():

@@ -1,5 +1,7 @@
 """Run files: valid ones load; each kind of mistake gives one message naming the key and the fix."""
 
+import inspect
+import json
 import subprocess
 import sys
 
@@ -7,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from caldera.config import ConfigError, load_config
+from caldera.config import ConfigError, load_config, read_run_dir
+from caldera.names import STRATEGIES
+from caldera.parallel import available_strategies, make_strategy
 from caldera.train.run import build_checkpointer, build_loss, build_model
 
 GOOD = {"model": {"name": "small_cnn"}, "data": {"source": "digits"}}
@@ -82,8 +86,10 @@ def test_unknown_strategy_lists_available():
 
 
 def test_async_strategies_are_configured_and_refuse_what_they_cannot_do():
-    cfg = load_config({**GOOD, "parallel": {"strategy": "local-sgd", "sync_every": 4, "warmup_steps": 10}})
-    assert (cfg.parallel.sync_every, cfg.parallel.warmup_steps) == (4, 10)
+    cfg = load_config(
+        {**GOOD, "parallel": {"strategy": "local-sgd", "sync_every": 4, "sync_warmup_steps": 10}}
+    )
+    assert cfg.parallel.options == {"sync_every": 4, "sync_warmup_steps": 10, "average_state": False}
     with pytest.raises(ConfigError, match="max_staleness.*greater than or equal to 0"):
         load_config({**GOOD, "parallel": {"strategy": "async-ps", "max_staleness": -1}})
     cosine = load_config({**GOOD, "optim": {"schedule": "cosine"}, "parallel": {"strategy": "async-shared"}})
@@ -96,6 +102,116 @@ def test_async_strategies_are_configured_and_refuse_what_they_cannot_do():
     assert mixed.precision.mode == "bf16-mixed"
     with pytest.raises(ConfigError, match="bf16-true.*'bf16-mixed'"):
         load_config({**GOOD, "precision": {"mode": "bf16-true"}, "parallel": {"strategy": "async-shared"}})
+
+
+def test_parallel_keys_are_the_chosen_strategys_options(tmp_path):
+    """[parallel] is strategy plus that strategy's own options: a key of another strategy, a misspelling or an old
+    spelling is one line naming the strategy and its keys; durations are parsed at load; Python keywords too."""
+    cfg = load_config({**GOOD, "optim": {"schedule": "cosine", "warmup_steps": 5},
+                       "parallel": {"strategy": "async-ps", "dead_timeout": "2m", "max_staleness": 1}})  # fmt: skip
+    assert cfg.parallel.options == {
+        "servers": 1,
+        "max_staleness": 1,
+        "dead_timeout": 120.0,
+        "pipeline": False,
+    }
+    assert (cfg.optim.schedule, cfg.optim.warmup_steps) == ("cosine", 5)  # [optim]'s keys no longer clash
+    record = json.loads(
+        json.dumps(cfg.model_dump())
+    )  # config.resolved.json: flat, every option, reloads alike
+    assert record["parallel"] == {"strategy": "async-ps", **cfg.parallel.options}
+    assert load_config(record).parallel.options == cfg.parallel.options
+    path = write(tmp_path, GOOD_TOML + '[parallel]\nstrategy = "allreduce"\nbucket_mb = 25\nstaleness = 3\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "'parallel.staleness' = 3: not an option of strategy 'allreduce'; its options: bucket_mb, overlap, " \
+        "reducer, grad_comm, shard_optimizer, fused_linear_grads" in str(err.value)  # fmt: skip
+    for parallel, expected in [
+        ({"strategy": "async-ps", "dead_timeout": "soon"}, "'parallel.dead_timeout' = 'soon': value error, 'soon' "
+         "is not a duration"),
+        ({"strategy": "allreduce", "bucket_m": 4}, "did you mean 'bucket_mb'? its options: bucket_mb"),
+        ({"bucket_mb": 4}, "not an option of strategy 'single' (it is one of 'allreduce'); its options: none"),
+        ({"strategy": "async-ps", "workers": 4}, "of strategy 'async-ps' (it is one of 'async-shared')"),
+        ({"strategy": "pipeline", "schedule": "gpipe"}, "'parallel.schedule' = 'gpipe': renamed to "
+         "'pipeline_schedule' (write pipeline_schedule = 'gpipe')"),
+        ({"strategy": "local-sgd", "warmup_steps": 9}, "renamed to 'sync_warmup_steps'"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            load_config({**GOOD, "parallel": parallel})
+        assert expected in str(err.value), str(err.value)
+    # The CLI: the problem on its own line, exit 2, no traceback.
+    proc = subprocess.run(
+        [sys.executable, "-m", "caldera.cli", "check", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "not an option of strategy 'allreduce'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # From Python: a keyword the strategy does not take is a TypeError naming the ones it does.
+    with pytest.raises(TypeError, match=r"strategy 'allreduce' has no option 'bucket_m'; did you mean 'bucket_mb'\? "
+                       r"its options: bucket_mb, first_bucket_mb, overlap, grad_clip"):  # fmt: skip
+        make_strategy("allreduce", bucket_m=4)
+    with pytest.raises(TypeError, match="has no option 'schedule'; did you mean 'pipeline_schedule'"):
+        make_strategy("pipeline", schedule="gpipe")
+    # Each Options model holds the constructor's keywords with the same defaults (one source for both doors).
+    for name in available_strategies():
+        cls = STRATEGIES[name]
+        params = inspect.signature(cls).parameters
+        for key, field in cls.Options.model_fields.items():
+            assert params[key].kind is params[key].KEYWORD_ONLY and params[key].default == field.default, (
+                name,
+                key,
+            )
+
+
+def test_a_run_directory_from_before_per_strategy_options_still_reads(tmp_path):
+    """config.resolved.json of an older run records every strategy's keys; predict and serve still read it."""
+    old = {"strategy": "pipeline", "bucket_mb": 25.0, "workers": 2, "schedule": "gpipe", "warmup_steps": 0,
+           "micro_batches": 2, "dead_timeout": 60.0}  # fmt: skip
+    (tmp_path / "config.resolved.json").write_text(json.dumps({**GOOD, "parallel": old}))
+    (tmp_path / "model.pt").write_bytes(b"")
+    cfg = load_config(read_run_dir(tmp_path))
+    assert cfg.parallel.options == {
+        "micro_batches": 2,
+        "balance": None,
+        "pipeline_schedule": "gpipe",
+        "stages": None,
+    }
+
+
+def test_a_users_strategy_brings_its_own_options():
+    code = """
+from pydantic import Field
+from caldera.config import ConfigError, StrategyOptions, load_config
+from caldera.parallel import make_strategy, register
+from caldera.parallel.single import Single
+
+class ToyOptions(StrategyOptions):
+    period: int = Field(3, ge=1, description="toy: every this many steps")
+
+@register("toy")
+class Toy(Single):
+    Options = ToyOptions
+
+    def __init__(self, *, period: int = 3, grad_clip: float | None = None) -> None:
+        super().__init__(grad_clip=grad_clip)
+        self.period = period
+
+good = {"model": {"name": "mlp"}, "data": {"source": "digits"}}
+cfg = load_config({**good, "parallel": {"strategy": "toy", "period": 5}})
+print(make_strategy("toy", **cfg.parallel.options).period)
+for bad in ({"period": 0}, {"bucket_mb": 1}):
+    try:
+        load_config({**good, "parallel": {"strategy": "toy", **bad}})
+    except ConfigError as exc:
+        print(str(exc).splitlines()[1])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.splitlines() == [
+        "5",
+        "  - 'parallel.period' = 0: input should be greater than or equal to 1 (toy: every this many steps; "
+        "default 3)",
+        "  - 'parallel.bucket_mb' = 1: not an option of strategy 'toy' (it is one of 'allreduce'); its options: "
+        "period",
+    ]
 
 
 def test_overrides_apply_and_are_validated():

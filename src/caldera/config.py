@@ -11,10 +11,19 @@ import difflib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from caldera.durations import parse_duration, parse_interval
 from caldera.errors import ConfigError as ConfigError
@@ -119,48 +128,109 @@ class TrainSection(_Section):
     )  # fmt: skip
 
 
+def _seconds(value: Any) -> Any:
+    """A duration as run files write it ('90s', '5m', '2h', 'HH:MM:SS' or seconds) -> seconds."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return value  # the field's own type check names what was wrong
+    return parse_duration(value)  # ValueError: pydantic reports it under the key
+
+
+# Seconds, written in a run file as a number or a duration string; parsed when the config is loaded.
+Seconds = Annotated[float, BeforeValidator(_seconds)]
+
+
+class StrategyOptions(_Section):
+    """A strategy's own ``[parallel]`` keys: subclass it beside the strategy and set it as the class's ``Options``.
+
+    ``renamed`` maps an old spelling to the key that replaced it; a run file that still uses it gets one line
+    naming the new key."""
+
+    renamed: ClassVar[dict[str, str]] = {}
+
+
 class ParallelSection(_Section):
-    strategy: str = "single"
-    bucket_mb: float = Field(25.0, gt=0)
-    overlap: bool = True
-    reducer: Literal["auto", "mpi", "shm"] = Field("auto", description="how allreduce moves gradients")
-    grad_comm: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="allreduce: dtype gradients travel in (bf16/fp16 halve the bytes; sums stay fp32)"
+    """``[parallel]``: ``strategy``, and the options of that strategy (its class's ``Options``), flat beside it.
+
+    The options are validated against the chosen strategy's model, found through names.py's STRATEGIES table when
+    the config is loaded (a lookup, not an import statement: config stays below parallel/)."""
+
+    # extra="allow": the keys beside ``strategy`` are the strategy's; _strategy_options validates them.
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
+
+    strategy: str = Field(
+        "single", description="single | allreduce | local-sgd | pipeline | async-shared | async-ps"
     )
-    shard_optimizer: bool = Field(
-        False, description="allreduce: each rank keeps and steps 1/N of the optimizer state (ZeRO-1)"
-    )
-    fused_linear_grads: bool = Field(
-        True, description="allreduce: nn.Linear weight gradients are added into the gradient buckets by their own "
-        "GEMM (no temporary); false: PyTorch's own accumulation",
-    )  # fmt: skip
-    # async-shared
-    workers: int = Field(2, ge=1, description="async-shared: worker processes on this node")
-    lock: Literal["none", "tensor"] = Field("none", description="async-shared: lock-free or per-tensor locks")
-    # async-ps
-    servers: int = Field(1, ge=1, description="async-ps: ranks that hold parameter shards")
-    max_staleness: int | None = Field(None, ge=0, description="async-ps: 0 = synchronous, none = unbounded")
-    dead_timeout: float = Field(60.0, gt=0, description="async-ps: seconds before a silent worker is dropped")
-    pipeline: bool = Field(False, description="async-ps: overlap the next gradient with the push")
-    # local-sgd
-    sync_every: int = Field(8, ge=1, description="local-sgd: average the models every this many steps")
-    warmup_steps: int = Field(0, ge=0, description="local-sgd: synchronous steps before local ones")
-    average_state: bool = Field(False, description="local-sgd: also average the optimizer state")
-    # pipeline
-    micro_batches: int = Field(
-        4, ge=1, description="pipeline: micro-batches per batch (more: stages idle less)"
-    )
-    balance: list[int] | None = Field(
-        None, description="pipeline: layers per stage, e.g. [3, 2] (default: balanced by parameter count)"
-    )
-    schedule: Literal["1f1b", "gpipe"] = Field(
-        "1f1b", description="pipeline: 1f1b holds activations of <= stages micro-batches, gpipe of all"
-    )
-    stages: int | None = Field(
-        None,
-        ge=1,
-        description="pipeline: ranks per pipeline (none: all); ranks / stages replicas train data parallel",
-    )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _strategy_options(cls, data: Any, handler: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("strategy", "single"), str):
+            return handler(data)
+        name = data.get("strategy", "single")
+        options = strategy_options_model(name)
+        if options is None:  # an unknown name (reported with the available ones later) or no options model
+            return handler(data)
+        given = {k: v for k, v in data.items() if k != "strategy"}
+        errors = [
+            _renamed_error(options, key, value) for key, value in given.items() if key in options.renamed
+        ]
+        try:
+            checked = options.model_validate({k: v for k, v in given.items() if k not in options.renamed})
+        except ValidationError as exc:
+            errors += [_option_error(options, name, err) for err in exc.errors()]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return handler({"strategy": name, **checked.model_dump()})
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The chosen strategy's options (every key, defaults filled in): its constructor's keywords."""
+        return dict(self.__pydantic_extra__ or {})
+
+
+def strategy_options_model(name: str) -> type[StrategyOptions] | None:
+    """The options model of strategy ``name`` (imports its module), or None for an unknown name."""
+    if name not in STRATEGIES:
+        return None
+    options = getattr(STRATEGIES[name], "Options", None)
+    return options if isinstance(options, type) and issubclass(options, BaseModel) else None
+
+
+def _renamed_error(options: type[StrategyOptions], key: str, value: Any) -> Any:
+    new = options.renamed[key]
+    message = f"renamed to '{new}' (write {new} = {value!r})"
+    return {
+        "type": PydanticCustomError("renamed", "{text}", {"text": message}),
+        "loc": (key,),
+        "input": value,
+    }
+
+
+def _option_error(options: type[StrategyOptions], name: str, err: Any) -> Any:
+    """One error of a strategy's options, worded with the strategy's name and its allowed keys or the key's help."""
+    key = str(err["loc"][0]) if err["loc"] else ""
+    allowed = list(options.model_fields)
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, allowed, n=1)
+        owners = [
+            other
+            for other in STRATEGIES
+            if key in (getattr(strategy_options_model(other), "model_fields", {}))
+        ]
+        text = f"not an option of strategy '{name}'"
+        text += f" (it is one of {', '.join(repr(o) for o in owners)})" if owners else ""
+        text += f"; did you mean '{close[0]}'? its" if close else "; its"
+        text += f" options: {', '.join(allowed)}" if allowed else " options: none"
+        return {"type": PydanticCustomError("not_an_option", "{text}", {"text": text}), "loc": err["loc"],
+                "input": err.get("input")}  # fmt: skip
+    text = err["msg"][:1].lower() + err["msg"][1:]
+    field = options.model_fields.get(key)
+    if field is not None:
+        help_ = [field.description] if field.description else []
+        help_ += [f"default {field.default!r}"] if not field.is_required() else []
+        text += f" ({'; '.join(help_)})" if help_ else ""
+    return {"type": PydanticCustomError(err["type"], "{text}", {"text": text}), "loc": err["loc"],
+            "input": err.get("input")}  # fmt: skip
 
 
 class PrecisionSection(_Section):
@@ -212,7 +282,8 @@ class Config(_Section):
     data: DataSection
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
-    parallel: ParallelSection = ParallelSection()
+    # A factory: building the default validates it, which looks up strategy 'single' (imports parallel/).
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
     precision: PrecisionSection = PrecisionSection()
     checkpoint: CheckpointSection = CheckpointSection()
     tune: TuneSection | None = None
@@ -383,7 +454,9 @@ def _explain(exc: ValidationError, where: str) -> str:
         else:
             got = repr(err.get("input"))
             got = got if len(got) <= 80 else got[:77] + "..."  # a megabyte of value would bury the message
-            lines.append(f"  - '{key}' = {got}: {err['msg'].lower()}{_describe(loc)}")
+            # A strategy option's message is worded already (names and values keep their case).
+            msg = err["msg"] if loc[:1] == ["parallel"] else err["msg"].lower()
+            lines.append(f"  - '{key}' = {got}: {msg}{_describe(loc)}")
     return "\n".join(lines)
 
 
@@ -492,10 +565,25 @@ def read_run_dir(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (
         ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{resolved}: expected sections such as model and data at the top level")
+    _own_parallel_keys(raw)
     for item in overrides:
         _apply_override(raw, item)
     check_trusted(raw, run_dir, overrides, trust_code, keys)
     return raw
+
+
+def _own_parallel_keys(raw: dict[str, Any]) -> None:
+    """Keep the recorded strategy's own ``[parallel]`` keys, under their current names: a run directory written
+    before ``[parallel]`` was per strategy records every strategy's keys (the others had no effect on it)."""
+    parallel = raw.get("parallel")
+    name = parallel.get("strategy", "single") if isinstance(parallel, dict) else None
+    options = strategy_options_model(name) if isinstance(name, str) else None
+    if options is None or not isinstance(parallel, dict):
+        return
+    for old, new in options.renamed.items():
+        if old in parallel and new not in parallel:
+            parallel[new] = parallel.pop(old)
+    raw["parallel"] = {k: v for k, v in parallel.items() if k == "strategy" or k in options.model_fields}
 
 
 def _check_name(ref: str, table: Builtins, key: str) -> None:
@@ -538,17 +626,7 @@ def _check_references(cfg: Config, where: str) -> None:
             f"{where}: [parallel] strategy = {cfg.parallel.strategy!r} is not known; {hint}"
             f"available: {', '.join(available)}"
         )
-    if cfg.parallel.grad_comm != "fp32" and cfg.parallel.strategy not in ("allreduce", "single"):
-        raise ConfigError(
-            f"{where}: [parallel] grad_comm = {cfg.parallel.grad_comm!r} applies to strategy 'allreduce' only "
-            f"(strategy here: {cfg.parallel.strategy!r}); remove it or use strategy = 'allreduce'"
-        )
-    if cfg.parallel.shard_optimizer and cfg.parallel.strategy not in ("allreduce", "single"):
-        raise ConfigError(
-            f"{where}: [parallel] shard_optimizer applies to strategy 'allreduce' only (strategy here: "
-            f"{cfg.parallel.strategy!r}); remove it or use strategy = 'allreduce'"
-        )
-    if cfg.parallel.shard_optimizer and cfg.precision.mode == "bf16-true":
+    if cfg.parallel.options.get("shard_optimizer") and cfg.precision.mode == "bf16-true":
         raise ConfigError(
             f"{where}: [parallel] shard_optimizer does not combine with [precision] mode = 'bf16-true' yet (its "
             "optimizer steps fp32 master copies of the weights); use 'bf16-mixed', 'fp16-mixed' or 'fp32', or "

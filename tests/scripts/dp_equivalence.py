@@ -71,8 +71,9 @@ def train(strategy, w, accumulate=1):
                           momentum=0.0 if kind == "gated" else 0.9)  # fmt: skip
     loss = energy_force_loss if kind == "potential" else nn.CrossEntropyLoss()
     trainer = caldera.Trainer(model, opt, loss, max_epochs=epochs, batch_size=batch, world=w,
-                              strategy=strategy, strategy_options={"bucket_mb": bucket_mb, "first_bucket_mb": bucket_mb,
-                              "overlap": overlap, "reducer": reducer, "grad_clip": clip}, progress=False, seed=3,
+                              strategy=strategy, strategy_options={"grad_clip": clip, **({"bucket_mb": bucket_mb, "first_bucket_mb":
+                              bucket_mb, "overlap": overlap, "reducer": reducer} if strategy == "allreduce" else {})},
+                              progress=False, seed=3,
                               accumulate=accumulate)  # fmt: skip
     history = trainer.fit(data, data)
     return torch.cat([p.detach().flatten() for p in model.parameters()]), history, trainer

@@ -61,7 +61,7 @@ def fit(model: nn.Module, world: World, strategy: str, run_dir) -> caldera.Train
     models.append(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     trainer = caldera.Trainer(model, opt, nn.MSELoss(), max_epochs=2, metrics={"held": held_now}, precision=precision(), batch_size=24, strategy=strategy,
-                              strategy_options={"micro_batches": 3, "grad_clip": 0.5, "schedule": SCHEDULE, "stages": STAGES}, world=world, seed=3,
+                              strategy_options={"grad_clip": 0.5, **({"micro_batches": 3, "pipeline_schedule": SCHEDULE, "stages": STAGES} if strategy == "pipeline" else {})}, world=world, seed=3,
                               progress=False, plot=False, run_dir=run_dir,
                               callbacks=[probe] if strategy == "pipeline" else [],
                               # fp16: whether a step overflows depends on the micro-batches' fp16 products, so the

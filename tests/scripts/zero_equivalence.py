@@ -34,7 +34,10 @@ def fit(w, strategy, shard, epochs, ckpt=None, resume=False, precision="fp32"):
                             weight_decay=0.0)  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.05 * s))
     checkpointer = Checkpointer(ckpt, w, keep=3, async_write=False) if ckpt else None
-    options = {"shard_optimizer": shard, "reducer": reducer, "grad_clip": 1.0}
+    options = {
+        "grad_clip": 1.0,
+        **({"shard_optimizer": shard, "reducer": reducer} if strategy == "allreduce" else {}),
+    }
     trainer = caldera.Trainer(model, opt, nn.CrossEntropyLoss(), max_epochs=epochs, batch_size=24, world=w,
                               strategy=strategy, strategy_options=options, scheduler=sched, progress=False, seed=3,
                               checkpointer=checkpointer, resume=resume, precision=precision)  # fmt: skip

@@ -25,9 +25,10 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from caldera.comm.buckets import (
     Bucket,
@@ -39,17 +40,39 @@ from caldera.comm.buckets import (
 )
 from caldera.comm.linear_grads import fuse
 from caldera.comm.lowp import LowPrecisionSum, SumJob, wire_dtype
+from caldera.config import StrategyOptions
 from caldera.parallel.base import Purpose, Strategy, register
 from caldera.parallel.zero import ShardedOptimizer
 from caldera.world import World
+
+
+class AllReduceOptions(StrategyOptions):
+    """``[parallel]`` keys of strategy ``allreduce``."""
+
+    bucket_mb: float = Field(25.0, gt=0, description="gradient bucket size in MiB (one reduction each)")
+    overlap: bool = Field(True, description="reduce buckets while backward still runs")
+    reducer: Literal["auto", "mpi", "shm"] = Field("auto", description="how allreduce moves gradients")
+    grad_comm: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="dtype gradients travel in (bf16/fp16 halve the bytes; sums stay fp32)"
+    )
+    shard_optimizer: bool = Field(
+        False, description="each rank keeps and steps 1/N of the optimizer state (ZeRO-1)"
+    )
+    fused_linear_grads: bool = Field(
+        True, description="nn.Linear weight gradients are added into the gradient buckets by their own GEMM (no "
+        "temporary); false: PyTorch's own accumulation",
+    )  # fmt: skip
 
 
 @register("allreduce")
 class AllReduce(Strategy):
     """Data parallel with bucketed, backward-overlapped gradient reduction over the world communicator."""
 
+    Options = AllReduceOptions
+
     def __init__(
         self,
+        *,
         bucket_mb: float = 25.0,
         first_bucket_mb: float = 1.0,
         overlap: bool = True,
@@ -58,7 +81,6 @@ class AllReduce(Strategy):
         grad_comm: str = "fp32",
         shard_optimizer: bool = False,
         fused_linear_grads: bool = True,
-        **_: Any,
     ) -> None:
         if reducer not in ("auto", "mpi", "shm"):
             raise ValueError(f"unknown reducer {reducer!r}; use 'auto', 'mpi' or 'shm'")

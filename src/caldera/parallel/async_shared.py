@@ -43,13 +43,15 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch.utils.data import Dataset
 
 from caldera.checkpoint import Preempted
 from caldera.comm.buckets import flatten
+from caldera.config import StrategyOptions
 from caldera.parallel import _async
 from caldera.parallel._async import WorkItems, check_run
 from caldera.parallel.base import Strategy, register
@@ -113,21 +115,30 @@ def _is_main_test(test: ast.expr) -> bool:
     return len(names) == 1 and len(mains) == 1
 
 
+class AsyncSharedOptions(StrategyOptions):
+    """``[parallel]`` keys of strategy ``async-shared``."""
+
+    workers: int = Field(2, ge=1, description="worker processes on this node")
+    lock: Literal["none", "tensor"] = Field("none", description="lock-free or per-tensor locks")
+
+
 @register("async-shared")
 class AsyncShared(Strategy):
     """Several processes on one node train one shared model with no barrier (lock-free or per-tensor locks)."""
+
+    Options = AsyncSharedOptions
 
     runs_own_loop = True  # worker processes of its own: fit() drives the run
 
     def __init__(
         self,
+        *,
         workers: int = 2,
         lock: str = "none",
         threads_per_worker: int | None = None,
         start_method: str | None = None,
         record_every: int | None = None,
         grad_clip: float | None = None,
-        **_: Any,
     ) -> None:
         if workers < 1:
             raise ValueError(f"async-shared needs at least 1 worker (got workers = {workers})")

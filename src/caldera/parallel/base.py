@@ -27,6 +27,8 @@ Who calls what, in which order (``Trainer``, on every rank unless said otherwise
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -34,6 +36,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from caldera.config import StrategyOptions
 from caldera.names import STRATEGIES
 from caldera.parallel.context import RunContext
 from caldera.world import World
@@ -46,6 +49,9 @@ class Strategy(ABC):
 
     # True: ``fit`` drives the whole run and the trainer's loop is not used (worker processes, parameter servers).
     runs_own_loop: ClassVar[bool] = False
+    # The strategy's ``[parallel]`` keys (beside ``strategy``), validated when a run file is loaded; each is a
+    # keyword of the constructor. The default has none.
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
 
     @abstractmethod
     def setup(
@@ -152,7 +158,26 @@ def available_strategies() -> list[str]:
 
 
 def make_strategy(name: str, **options: Any) -> Strategy:
-    """Build the strategy registered as ``name`` with its options."""
+    """Build the strategy registered as ``name`` with its options; a keyword it does not take is a TypeError
+    naming the ones it does."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
-    return _REGISTRY[name](**options)
+    factory = _REGISTRY[name]
+    allowed = keywords(factory)
+    unknown = [key for key in options if allowed is not None and key not in allowed]
+    if unknown:
+        renamed = getattr(getattr(factory, "Options", None), "renamed", {})
+        new = renamed.get(unknown[0])
+        close = [new] if new else difflib.get_close_matches(unknown[0], allowed or [], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise TypeError(f"strategy {name!r} has no option {unknown[0]!r}; {hint}its options: "
+                        f"{', '.join(allowed or []) or 'none'}")  # fmt: skip
+    return factory(**options)
+
+
+def keywords(factory: Callable[..., Any]) -> list[str] | None:
+    """The keyword arguments ``factory`` takes (None: any, it has ``**kwargs``)."""
+    params = inspect.signature(factory).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]

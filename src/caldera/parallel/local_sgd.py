@@ -25,32 +25,49 @@ small. ``average_state = True`` averages them together with the weights, which k
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import Field
 
 from caldera.comm.buckets import average_over_ranks
+from caldera.config import StrategyOptions
 from caldera.parallel.base import Purpose, Strategy, register
 from caldera.world import World
+
+
+class LocalSGDOptions(StrategyOptions):
+    """``[parallel]`` keys of strategy ``local-sgd``."""
+
+    # [optim] warmup_steps is the learning-rate warm-up; this one is a different thing, so it has its own name.
+    renamed: ClassVar[dict[str, str]] = {"warmup_steps": "sync_warmup_steps"}
+
+    sync_every: int = Field(8, ge=1, description="average the models every this many steps")
+    sync_warmup_steps: int = Field(
+        0, ge=0, description="synchronous steps (averaging after each) before local ones"
+    )
+    average_state: bool = Field(False, description="also average the optimizer state")
 
 
 @register("local-sgd")
 class LocalSGD(Strategy):
     """Independent local steps; model averaging over the world communicator every ``sync_every`` steps."""
 
+    Options = LocalSGDOptions
+
     def __init__(
         self,
+        *,
         sync_every: int = 8,
-        warmup_steps: int = 0,
+        sync_warmup_steps: int = 0,
         average_state: bool = False,
         grad_clip: float | None = None,
-        **_: Any,
     ) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1 (got {sync_every}); 1 averages after every step")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0 (got {warmup_steps})")
-        self.sync_every, self.warmup_steps = sync_every, warmup_steps
+        if sync_warmup_steps < 0:
+            raise ValueError(f"sync_warmup_steps must be >= 0 (got {sync_warmup_steps})")
+        self.sync_every, self.warmup_steps = sync_every, sync_warmup_steps
         self.average_state, self.grad_clip = average_state, grad_clip
         self.steps = 0  # local steps taken (the same on every rank: the trainer runs every rank equally long)
         self.averages = 0  # model averagings done

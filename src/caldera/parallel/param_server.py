@@ -48,9 +48,11 @@ import time
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch.utils.data import Dataset
 
 from caldera.comm.buckets import unflatten
+from caldera.config import Seconds, StrategyOptions
 from caldera.parallel import _async
 from caldera.parallel._async import WorkItems, check_run
 from caldera.parallel.base import Strategy, register
@@ -65,14 +67,30 @@ _NEEDS_FIT = ("async-ps runs its own loop on servers and workers: the trainer mu
               "strategy.fit(ctx, train_set, val_set) (Trainer.fit does so for strategies that run their own loop)")  # fmt: skip
 
 
+class ParameterServerOptions(StrategyOptions):
+    """``[parallel]`` keys of strategy ``async-ps``."""
+
+    servers: int = Field(1, ge=1, description="ranks that hold parameter shards")
+    max_staleness: int | None = Field(None, ge=0, description="0 = synchronous, none = unbounded")
+    dead_timeout: Seconds = Field(
+        60.0,
+        gt=0,
+        description="how long a silent worker may stay silent before it is dropped (60, '90s', '5m')",
+    )
+    pipeline: bool = Field(False, description="overlap the next gradient with the push")
+
+
 @register("async-ps")
 class ParameterServer(Strategy):
     """Sharded parameter servers and asynchronous workers over MPI point-to-point, with a staleness bound."""
+
+    Options = ParameterServerOptions
 
     runs_own_loop = True  # server and worker ranks: fit() drives the run
 
     def __init__(
         self,
+        *,
         servers: int = 1,
         max_staleness: int | None = None,
         dead_timeout: float = 60.0,
@@ -80,7 +98,6 @@ class ParameterServer(Strategy):
         grad_clip: float | None = None,
         pipeline: bool = False,
         poll_s: float = 2e-5,
-        **_: Any,
     ) -> None:
         if servers < 1:
             raise ValueError(f"async-ps needs at least 1 server (got servers = {servers})")

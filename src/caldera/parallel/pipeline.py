@@ -13,11 +13,13 @@ releases them again.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from caldera.config import StrategyOptions
 from caldera.errors import ConfigError
 from caldera.parallel.base import Purpose, Strategy, register
 from caldera.world import World
@@ -26,18 +28,39 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _HEADER = 10  # dtype code, ndim, up to 8 dimensions
 
 
+class PipelineOptions(StrategyOptions):
+    """``[parallel]`` keys of strategy ``pipeline``."""
+
+    # [optim] schedule is the learning-rate schedule; the order of micro-batches has its own name.
+    renamed: ClassVar[dict[str, str]] = {"schedule": "pipeline_schedule"}
+
+    micro_batches: int = Field(4, ge=1, description="micro-batches per batch (more: stages idle less)")
+    balance: list[int] | None = Field(
+        None, description="layers per stage, e.g. [3, 2] (default: balanced by parameter count)"
+    )
+    pipeline_schedule: Literal["1f1b", "gpipe"] = Field(
+        "1f1b", description="1f1b holds activations of <= stages micro-batches, gpipe of all"
+    )
+    stages: int | None = Field(
+        None, ge=1, description="ranks per pipeline (none: all); ranks / stages replicas train data parallel"
+    )
+
+
 @register("pipeline")
 class Pipeline(Strategy):
     """Stage s (contiguous layers of an ``nn.Sequential``) on rank s of each pipeline; with ``stages`` fewer
     than the ranks, several pipelines (replicas) train data parallel, each on its share of the batch."""
 
-    def __init__(self, micro_batches: int = 4, balance: list[int] | None = None, schedule: str = "1f1b",
-                 stages: int | None = None, grad_clip: float | None = None, **_: Any) -> None:  # fmt: skip
+    Options = PipelineOptions
+
+    def __init__(self, *, micro_batches: int = 4, balance: list[int] | None = None, pipeline_schedule: str = "1f1b",
+                 stages: int | None = None, grad_clip: float | None = None) -> None:  # fmt: skip
         if micro_batches < 1:
             raise ConfigError(f"[parallel] micro_batches must be >= 1 (got {micro_batches})")
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"[parallel] schedule = {schedule!r}; use one of {', '.join(SCHEDULES)}")
-        self.micro_batches, self.schedule = micro_batches, schedule
+        if pipeline_schedule not in SCHEDULES:
+            raise ConfigError(f"[parallel] pipeline_schedule = {pipeline_schedule!r}; use one of "
+                              f"{', '.join(SCHEDULES)}")  # fmt: skip
+        self.micro_batches, self.schedule = micro_batches, pipeline_schedule
         self.balance, self.grad_clip = balance, grad_clip
         self.stages = stages  # ranks per pipeline (None: all of them, one pipeline)
         self.peak_in_flight = 0  # most micro-batches whose activations this rank held at once so far (memory)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from caldera.parallel.base import Strategy, register
@@ -14,7 +12,7 @@ from caldera.world import World
 class Single(Strategy):
     """Train on this process alone; with several ranks, each trains its own independent copy."""
 
-    def __init__(self, grad_clip: float | None = None, **_: Any) -> None:
+    def __init__(self, *, grad_clip: float | None = None) -> None:
         self.grad_clip = grad_clip
 
     def setup(

@@ -177,7 +177,9 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
         metrics={name: resolve(name, METRICS, "[train] metrics") for name in cfg.train.metrics},
         max_epochs=cfg.optim.epochs, run_dir=cfg.run_dir, batch_size=cfg.data.batch_size,
         strategy=cfg.parallel.strategy,
-        strategy_options={"grad_clip": cfg.optim.grad_clip, **cfg.parallel.model_dump(exclude={"strategy"})},
+        # [optim] grad_clip reaches the strategy only when set: a user's strategy need not take it otherwise.
+        strategy_options={**({"grad_clip": cfg.optim.grad_clip} if cfg.optim.grad_clip else {}),
+                          **cfg.parallel.options},  # fmt: skip
         scheduler=build_scheduler(cfg, optimizer, steps_per_epoch * cfg.optim.epochs),
         callbacks=callbacks, world=world, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
         drop_last=cfg.data.drop_last, num_workers=cfg.data.num_workers, progress=cfg.train.progress,

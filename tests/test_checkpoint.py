@@ -324,7 +324,7 @@ def test_fresh_run_sets_an_older_run_aside_and_resume_refuses_a_changed_config(t
     base = ["train", "examples/heat_surrogate.toml", "--set", f"run.dir={run_dir}", "--set", "data.args.n_samples=80",
             "--set", "data.args.grid=16", "--set", "data.args.steps=5", "--set", "model.args.channels=4",
             "--set", "data.batch_size=16", "--set", "optim.epochs=1", "--set", "train.plot=false",
-            "--set", "train.progress=false"]  # fmt: skip
+            "--set", "train.progress=false", "--set", "optim.warmup_steps=0"]  # fmt: skip
     ckpts = run_dir / "checkpoints"
     # An older run with more epochs, checkpointing every step: its step numbers are higher than the next run's.
     assert main([*base, "--set", "optim.epochs=3", "--set", "checkpoint.every=1"]) == 0
@@ -359,4 +359,8 @@ def test_fresh_run_sets_an_older_run_aside_and_resume_refuses_a_changed_config(t
     assert main([*base, "--resume", "--set", "optim.epochs=2"]) == 0
     assert_ran_from(run_dir, 5)
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 10
+    # The cosine decay is laid over the new length: the extra epoch learns (with the saved run's length it would
+    # run at a decayed-to-zero rate and leave the weights as they were).
+    extended = weights(run_dir)
+    assert any(not torch.equal(extended[k], fresh[k]) for k in fresh)
     shutil.rmtree(run_dir)

@@ -100,7 +100,18 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
     o = cfg.optim
     if o.schedule == "constant" and o.warmup_steps == 0:
         return None
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(o.schedule, o.warmup_steps, total_steps))
+    return Schedule(optimizer, LRFactor(o.schedule, o.warmup_steps, total_steps))
+
+
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose factor always comes from the run file, never from a checkpoint.
+
+    LambdaLR saves a callable object's fields and puts them back on load, so a resume that extends
+    ``optim.epochs`` would keep the saved run's length and train its extra epochs at a decayed-to-zero rate; here the
+    position (``last_epoch``) is restored and the decay is laid over the new length."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict({**state_dict, "lr_lambdas": [None] * len(self.lr_lambdas)})
 
 
 @dataclass(frozen=True)

@@ -194,15 +194,21 @@ def test_float64_factorization_and_explicit_tol() -> None:
     assert res.tol == 1e-10 and res.converged and res.backward_error <= 1e-10
 
 
-def test_torch_cpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    factored: list[torch.dtype] = []
+@pytest.fixture
+def factored(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """The dtype of every matrix the torch path hands to its LU factorisation (the real call, recorded)."""
+    seen: list[torch.dtype] = []
     real = torch.linalg.lu_factor_ex
 
     def spy(A, *args, **kwargs):
-        factored.append(A.dtype)
+        seen.append(A.dtype)
         return real(A, *args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "lu_factor_ex", spy)
+    return seen
+
+
+def test_torch_cpu_path(factored: list[torch.dtype]) -> None:
     n = 200
     A = torch.from_numpy(random_matrix(n, seed=11))
     B = torch.from_numpy(np.random.default_rng(6).standard_normal((n, 3)))
@@ -310,18 +316,10 @@ SPELLINGS = {
 
 @pytest.mark.parametrize("name", SPELLINGS)
 def test_factor_dtype_spellings_factor_in_that_dtype(
-    name: str, lapack_typecodes: list[str], monkeypatch: pytest.MonkeyPatch
+    name: str, lapack_typecodes: list[str], factored: list[torch.dtype]
 ) -> None:
     """Every spelling of a dtype reaches the LU routine in that dtype, on the LAPACK and the torch path alike
     (converging proves nothing: a float64 LU converges too)."""
-    factored: list[torch.dtype] = []
-    real = torch.linalg.lu_factor_ex
-
-    def spy(A, *args, **kwargs):
-        factored.append(A.dtype)
-        return real(A, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "lu_factor_ex", spy)
     A, b, prefix = random_matrix(20), np.ones(20), "s" if name == "float32" else "d"
     for dtype in SPELLINGS[name]:
         lapack_typecodes.clear()

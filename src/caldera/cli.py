@@ -18,6 +18,7 @@ import sys
 import threading
 
 from caldera.checkpoint import REQUEUE_EXIT_CODE, Preempted
+from caldera.durations import parse_duration
 from caldera.errors import CheckpointError, ConfigError, DataError
 
 TRUST_HELP = (
@@ -152,8 +153,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_time_limit(text: str | None) -> None:
     """Refuse a bad ``--time-limit`` now, before any data is read or model built."""
-    from caldera.checkpoint import parse_duration
-
     try:
         parse_duration(text)
     except ValueError as exc:

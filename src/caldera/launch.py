@@ -25,7 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-from caldera.checkpoint import REQUEUE_EXIT_CODE, parse_duration
+from caldera.checkpoint import REQUEUE_EXIT_CODE
+from caldera.durations import parse_duration
 
 # The signals a user, a container runtime or a batch system sends to stop a job early.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)

@@ -161,6 +161,7 @@ class OnlineTrainer:
         # The ranks agree before the weights are saved, as before validation (local SGD averages its drifted
         # models, allreduce its BatchNorm statistics): online training has no final validation to do it.
         self.trainer.strategy.consolidate("validation")
+        self.trainer.strategy.consolidate("outputs")  # and as at the end of a fit (pipeline: the whole model)
         if self._watchdog is not None:
             self._watchdog.stop()
             self._watchdog = None

@@ -164,8 +164,8 @@ class ScientificDataset(BatchReads):
             x, y = self.transform(x, y, rng=rng if rng is not None else np.random.default_rng())
         else:
             x, y = self.transform(x, y)
-        # A transform may fill or mask missing values: what it hands on must be finite.
-        for name, out in (("inputs", x), ("targets", y)):
+        # A transform may fill or mask missing values: what it hands on must be finite (checked when asked to).
+        for name, out in (("inputs", x), ("targets", y)) if self.missing == "error" else ():
             if isinstance(out, np.ndarray) and out.dtype.kind == "f" and len(out) == len(first):
                 bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
                 self._check_finite(out, f"the transform's {name}", first[bad], transformed=True)
@@ -187,7 +187,9 @@ class ScientificDataset(BatchReads):
                 a = self.stats[v].apply(a)
             elif not (target and a.dtype.kind in "iub"):
                 a = a.astype(np.float32, copy=False)
-            if a.dtype.kind == "f" and self.missing != "keep":
+            # Filling, or naming missing values here (with a transform, its output is checked instead).
+            fill, check = isinstance(self.missing, float), self.transform is None and recs is not None
+            if a.dtype.kind == "f" and self.missing != "keep" and (fill or check):
                 finite = np.isfinite(a)  # one pass over the batch, next to the normalisation's
                 if isinstance(self.missing, float) and not finite.all():
                     a = np.where(finite, a, a.dtype.type(self.missing))

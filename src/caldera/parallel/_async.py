@@ -19,7 +19,6 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from caldera.data.sampler import ShardedBatches, as_xy, epoch_permutation
 from caldera.errors import ConfigError, NonFiniteLossError
-from caldera.names import LOOP_STRATEGIES as LOOP_STRATEGIES
 from caldera.names import unsupported
 from caldera.parallel.base import micro_batches
 from caldera.parallel.context import RunContext, Snapshot, trainable

@@ -138,31 +138,27 @@ def activations_offloaded(offload: bool) -> AbstractContextManager[Any]:
     return torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else nullcontext()
 
 
-_REGISTRY: dict[str, Callable[..., Strategy]] = {}
-
-
 def register(name: str) -> Callable[[type], type]:
     """Class decorator: make a strategy selectable as ``[parallel] strategy = name``."""
 
     def deco(cls: type) -> type:
-        _REGISTRY[name] = cls
-        STRATEGIES[name] = cls  # the config checks names against the registry, not this module
+        STRATEGIES[name] = cls  # one table of names, built-in and registered, that the config checks too
         return cls
 
     return deco
 
 
 def available_strategies() -> list[str]:
-    """Return the registered strategy names."""
-    return sorted(_REGISTRY)
+    """Return the strategy names: the built-in ones and those registered with ``@register``."""
+    return sorted(STRATEGIES)
 
 
 def make_strategy(name: str, **options: Any) -> Strategy:
     """Build the strategy registered as ``name`` with its options; a keyword it does not take is a TypeError
     naming the ones it does."""
-    if name not in _REGISTRY:
+    if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
-    factory = _REGISTRY[name]
+    factory = STRATEGIES[name]  # a built-in's module is imported here, at its first use
     allowed = keywords(factory)
     unknown = [key for key in options if allowed is not None and key not in allowed]
     if unknown:

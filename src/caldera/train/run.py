@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from caldera.checkpoint import Checkpointer, parse_duration
+from caldera.checkpoint import Checkpointer
 from caldera.comm.base import Communicator
 from caldera.comm.local import LocalComm
 from caldera.config import Config
 from caldera.data import split_dataset
+from caldera.durations import parse_duration
 from caldera.errors import ConfigError
 from caldera.names import LOSSES, METRICS, MODELS, SOURCES
 from caldera.refs import resolve

@@ -88,6 +88,10 @@ def test_a_file_without_targets_is_predicted_and_mistakes_are_named(run, capsys)
         predict(run / "run", out=run / "p.csv")
     assert main(["predict", str(run / "run"), "--set", "data.args.inputs=['nope']"]) == 2
     assert "nope" in capsys.readouterr().err
+    # A model the run's model.pt does not fit: one line naming what differs, not torch's traceback.
+    assert main(["predict", str(run / "run"), "--set", "model.args.channels=8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.pt does not fit this model: missing [], unexpected []" in err
 
 
 def test_netcdf_output_has_one_variable_per_target(run):

@@ -27,7 +27,7 @@ from caldera.names import LOSSES, METRICS, MODELS, SOURCES
 from caldera.refs import resolve
 from caldera.train.callbacks import Callback, EarlyStopping, TensorBoard
 from caldera.train.metrics import mode as metric_mode
-from caldera.train.rundir import RunDir
+from caldera.train.rundir import RunDir, load_weights
 from caldera.train.trainer import Trainer
 from caldera.world import World, init, seed_everything
 
@@ -74,16 +74,7 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
     """Start from an earlier run's weights; a file that does not fit the model names what differs."""
     if not path.is_file():
         raise ConfigError(f"[model] weights = '{path}': no such file (give an earlier run's model.pt)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    own = model.state_dict()
-    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
-    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        raise ConfigError(
-            f"[model] weights = '{path}' does not fit this model: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, other shapes {wrong[:5]}; the [model] name and args must match the run that wrote it"
-        )
-    model.load_state_dict(state)
+    load_weights(model, path, f"[model] weights = '{path}'")
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:

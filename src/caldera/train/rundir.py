@@ -9,13 +9,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from caldera.config import Config, read_run_dir
+from caldera.errors import ConfigError
 from caldera.io import atomic_write, atomic_write_text
 
 
@@ -96,8 +97,31 @@ class RunDir:
 
     def load_weights(self, model: torch.nn.Module) -> torch.nn.Module:
         """Load model.pt into ``model`` (tensors only: nothing in the file executes)."""
-        model.load_state_dict(torch.load(self.weights, map_location="cpu", weights_only=True))
-        return model
+        return load_weights(model, self.weights, str(self.weights))
+
+
+def mismatch(own: Mapping[str, Any], state: Mapping[str, Any]) -> list[str]:
+    """The names where ``state`` does not fit a model's own state_dict (missing, unexpected, other shape), in the
+    model's order, then the file's."""
+    return [n for n in dict.fromkeys([*own, *state])
+            if n not in own or n not in state or tuple(own[n].shape) != tuple(state[n].shape)]  # fmt: skip
+
+
+def load_weights(model: torch.nn.Module, path: Path, what: str) -> torch.nn.Module:
+    """Load a weights file into ``model`` (tensors only); one that does not fit is a ConfigError naming ``what``
+    and the names that differ, not torch's traceback."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    bad = mismatch(own, state)
+    if bad:
+        missing, unexpected = [k for k in bad if k not in state], [k for k in bad if k not in own]
+        wrong = [k for k in bad if k in own and k in state]
+        raise ConfigError(
+            f"{what} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes "
+            f"{wrong[:5]}; the [model] name and args must match the run that wrote it"
+        )
+    model.load_state_dict(state)
+    return model
 
 
 class MetricsLog:

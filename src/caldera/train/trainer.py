@@ -33,7 +33,7 @@ from caldera.train.metrics import Metric
 from caldera.train.output import plot_learning_curve, plot_predictions
 from caldera.train.progress import Bar
 from caldera.train.recompute import checkpoint_activations
-from caldera.train.rundir import MetricsLog, RunDir
+from caldera.train.rundir import MetricsLog, RunDir, mismatch
 from caldera.watchdog import Watchdog, hang_timeout_for
 from caldera.world import SetupWarning, World, init
 
@@ -381,14 +381,14 @@ class Trainer:
     def _check_fits(self, weights: Mapping[str, Any], where: Path) -> None:
         """A checkpoint of another model is one line naming the first parameter that differs, not a traceback."""
         own = self.model.state_dict()
-        for name in [*own, *weights]:
-            mine, theirs = own.get(name), weights.get(name)
-            if mine is None or theirs is None or tuple(mine.shape) != tuple(theirs.shape):
-                raise CheckpointError(
-                    f"checkpoint {where} does not fit this model: parameter {name!r} has {_shape(theirs)} there, "
-                    f"{_shape(mine)} here; the model and its args must match the run that wrote it (or start a "
-                    "new run directory)"
-                )
+        bad = mismatch(own, weights)
+        if bad:
+            name = bad[0]
+            raise CheckpointError(
+                f"checkpoint {where} does not fit this model: parameter {name!r} has {_shape(weights.get(name))} "
+                f"there, {_shape(own.get(name))} here; the model and its args must match the run that wrote it (or "
+                "start a new run directory)"
+            )
 
     # -- output ---------------------------------------------------------------------------------------------------
     def _open_run_dir(self) -> MetricsLog | None:

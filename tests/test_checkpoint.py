@@ -364,3 +364,25 @@ def test_fresh_run_sets_an_older_run_aside_and_resume_refuses_a_changed_config(t
     extended = weights(run_dir)
     assert any(not torch.equal(extended[k], fresh[k]) for k in fresh)
     shutil.rmtree(run_dir)
+
+
+def test_a_set_aside_cut_short_by_a_crash_is_finished_into_the_same_folder(tmp_path):
+    world = caldera.init(seed=0)
+    old = Checkpointer(tmp_path, world, keep=5)
+    old.begin(resume=False)
+    for step in (1, 2):
+        old.save(step, {"model": {"w": torch.full((2,), float(step))}}, {}, block=True)
+    first, second = old.list()
+    # A fresh run was killed after moving the first checkpoint aside.
+    aside = tmp_path / f"previous-{old.run_id}"
+    aside.mkdir()
+    os.replace(first, aside / first.name)
+    Checkpointer(tmp_path, world, keep=5).begin(resume=False)
+    assert sorted(p.name for p in aside.iterdir()) == [first.name, second.name]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("previous-")] == [aside.name]
+    # Set aside again with the same names present: never overwritten, the next free folder.
+    (tmp_path / second.name).mkdir()
+    (tmp_path / second.name / "manifest.json").write_text(json.dumps({"run_id": old.run_id}))
+    Checkpointer(tmp_path, world, keep=5).begin(resume=False)
+    assert (tmp_path / f"previous-{old.run_id}-1" / second.name / "manifest.json").exists()
+    assert sorted(p.name for p in aside.iterdir()) == [first.name, second.name]

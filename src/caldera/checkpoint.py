@@ -196,9 +196,11 @@ class Checkpointer:
         owner = _manifest(found[-1]).get("run_id") or time.strftime("%Y%m%d-%H%M%S")
         target = self.dir / f"previous-{owner}"
         n = 1
-        while target.exists():  # the same old run set aside twice: never overwrite the first copy
+        # A folder of that run already holding none of these names (a set-aside cut short by a crash) takes the
+        # rest; one holding any of them is never overwritten: the next free name instead.
+        while target.exists() and any((target / p.name).exists() for p in found):
             target, n = self.dir / f"previous-{owner}-{n}", n + 1
-        target.mkdir()
+        target.mkdir(exist_ok=True)
         for path in found:
             os.replace(path, target / path.name)
         print(f"caldera: {len(found)} checkpoint(s) of an earlier run in {self.dir} moved to {target} (this is "

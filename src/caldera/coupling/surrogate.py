@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from caldera.config import Config
+from caldera.train.run import load_run_model
+from caldera.train.rundir import RunDir
 from caldera.world import local_rank_hint, pick_device
 
 
@@ -33,10 +36,6 @@ class Surrogate:
                  batch_size: int = 1024, dtype: torch.dtype | None = None,
                  trust_code: bool = False) -> Surrogate:  # fmt: skip
         """Rebuild the model of a finished ``caldera train`` run from its run directory and load its weights."""
-        from caldera.config import Config
-        from caldera.train.run import load_run_model
-        from caldera.train.rundir import RunDir
-
         files = RunDir(run_dir)
         missing = files.missing()
         if missing:

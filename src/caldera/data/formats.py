@@ -163,6 +163,15 @@ class _Reader:
         with _LIBRARY_LOCK:
             return np.dtype(self._array(variable).dtype)
 
+    def units(self, variable: str) -> str | None:
+        """The ``units`` attribute the file records for ``variable`` (NetCDF, HDF5, Zarr), or None."""
+        with _LIBRARY_LOCK, self._reading("reading attributes"):
+            array = self._array(variable)
+            attrs = getattr(array, "attrs", None)  # h5py, zarr, h5netcdf; netCDF4 has them as attributes
+            value = attrs.get("units") if attrs is not None else getattr(array, "units", None)
+        value = value.decode() if isinstance(value, bytes) else value
+        return value if isinstance(value, str) else None
+
     @property
     def chunk_records(self) -> int:
         """Return the records per chunk of the variable with the largest records (it dominates the I/O)."""

@@ -16,6 +16,7 @@ to the device while the model computes on the previous batch.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import itertools
@@ -257,6 +258,18 @@ class ScientificDataset(BatchReads):
         """Each target variable with its channel count and kind ('field', 'channels' or 'value'), in the order
         they are stacked along axis 1 of a target batch."""
         return [(v, self._channels(v), self.kinds[v]) for v in self.targets]
+
+    def input_layout(self) -> list[tuple[str, int, str]]:
+        """Each input variable with its channel count (its window of records stacked) and kind, in the order they
+        are stacked along axis 1 of an input batch."""
+        return [(v, self.window * self._channels(v), self.kinds[v]) for v in self.inputs]
+
+    def physical(self) -> ScientificDataset:
+        """The same samples without the normalisation: inputs and targets in the file's units (an exported model
+        takes and returns those)."""
+        twin = copy.copy(self)
+        twin.stats, twin._cache = {}, {}  # its own batch pipelines: the original's read normalised values
+        return twin
 
     def _channels(self, v: str) -> int:
         """How many channels (axis 1 of a target batch) variable ``v`` takes."""

@@ -1,13 +1,14 @@
-"""The ``caldera`` command: ``train``, ``check``, ``tune``, ``predict``, ``serve``, ``info`` and ``launch``.
+"""The ``caldera`` command: ``train``, ``check``, ``tune``, ``predict``, ``export``, ``serve``, ``info``, ``launch``.
 
 ``caldera train RUN.toml [--set section.key=value ...] [--resume [CKPT]] [--time-limit 2h]`` trains alone or
 under ``mpiexec``/``srun``; ``caldera launch -n N [--max-restarts R] -- cmd`` starts N ranks; ``caldera info``
 (alone or under the launcher) prints what the job sees and the set-up problems it shows; ``caldera tune RUN.toml``
 searches the run file's ``[tune]`` space with every rank; ``caldera serve RUN_DIR...`` answers predictions over
 HTTP with dynamic batching (several run directories: an ensemble); ``caldera predict RUN_DIR [--out pred.npy]``
-applies a finished run's model to a split of its data (or another file) on every rank.
-Exit codes: 0 done, 2 bad config or usage, 85 stopped for the wall time with a checkpoint (requeue me),
-1 anything else.
+applies a finished run's model to a split of its data (or another file) on every rank; ``caldera export RUN_DIR``
+writes it, in physical units, as safetensors/TorchScript/AOTInductor/ONNX files, each verified (docs/export.md).
+Exit codes: 0 done, 2 bad config or usage (export: also a format that cannot be made), 85 stopped for the wall
+time with a checkpoint (requeue me), 1 anything else (export: an artefact beyond tolerance).
 """
 
 from __future__ import annotations
@@ -84,6 +85,24 @@ def _parser() -> argparse.ArgumentParser:
     p_predict.add_argument("--batch-size", type=int, help="samples per forward pass on each rank")
     p_predict.add_argument("--no-score", action="store_true", help="predict only (the data has no targets)")
     p_predict.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+    p_export = sub.add_parser(
+        "export", help="a finished run's model, in physical units, as files that run without Python; verified"
+    )
+    p_export.add_argument("run", metavar="RUN_DIR", help="run directory of a finished `caldera train` run")
+    p_export.add_argument("--format", default="safetensors,torchscript,pt2,onnx",
+                          help="comma-separated: safetensors, torchscript, pt2 (ExportedProgram + AOTInductor "
+                          "package), onnx (default all)")  # fmt: skip
+    p_export.add_argument("--out", help="directory for the artefacts and model.json (default RUN_DIR/export)")
+    p_export.add_argument("--device", default="cpu",
+                          help="cuda: also compile the AOTInductor package for the GPU (model.aoti-cuda.pt2)")  # fmt: skip
+    p_export.add_argument(
+        "--samples", type=int, default=32, help="held-out samples to verify each artefact on"
+    )
+    p_export.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the verification")
+    p_export.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (physical units)")
+    p_export.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                          help="override the run's config (repeatable)")  # fmt: skip
+    p_export.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     sub.add_parser(
         "info", help="what this job sees: software, GPUs, MPI, every rank's place; set-up problems"
     )
@@ -116,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "predict":
         return _predict(args)
+    if args.command == "export":
+        return _export(args)
     from caldera.config import load_config
 
     try:
@@ -219,6 +240,20 @@ def _predict(args: argparse.Namespace) -> int:
     except DataError as exc:
         return _data_error(exc)
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from caldera.export import export
+
+    try:
+        result = export(args.run, [f.strip() for f in args.format.split(",") if f.strip()], args.out, args.device,
+                        args.samples, args.rtol, args.atol, args.set, args.trust_code)  # fmt: skip
+    except ConfigError as exc:
+        _error(str(exc))
+        return 2
+    except DataError as exc:
+        return _data_error(exc)
+    return result.code
 
 
 def _data_error(exc: Exception) -> int:

@@ -100,6 +100,38 @@ class RunDir:
         return load_weights(model, self.weights, str(self.weights))
 
 
+def git_commit(start: str | Path) -> str | None:
+    """The commit checked out in the git repository holding ``start``, read from its .git files (no git process,
+    no network: cheap enough for every run), or None outside a repository. Uncommitted changes are not seen."""
+    try:
+        start = Path(start).resolve()
+        for folder in (start, *start.parents):
+            git = folder / ".git"
+            if git.is_file():  # a worktree or submodule: "gitdir: <its git directory>"
+                text = git.read_text().strip()
+                git = (folder / text.removeprefix("gitdir:").strip()).resolve()
+            if git.is_dir():
+                break
+        else:
+            return None
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head or None  # a detached HEAD names the commit itself
+        ref = head.removeprefix("ref:").strip()
+        common = git / "commondir"  # a worktree keeps its branches in the main repository's git directory
+        common = (git / common.read_text().strip()).resolve() if common.is_file() else git
+        for base in (git, common):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()
+        packed = common / "packed-refs"
+        for line in packed.read_text().splitlines() if packed.is_file() else ():
+            if line.endswith(f" {ref}"):
+                return line.split()[0]
+    except OSError:
+        pass
+    return None
+
+
 def mismatch(own: Mapping[str, Any], state: Mapping[str, Any]) -> list[str]:
     """The names where ``state`` does not fit a model's own state_dict (missing, unexpected, other shape), in the
     model's order, then the file's."""

@@ -33,7 +33,7 @@ from caldera.train.metrics import Metric
 from caldera.train.output import plot_learning_curve, plot_predictions
 from caldera.train.progress import Bar
 from caldera.train.recompute import checkpoint_activations
-from caldera.train.rundir import MetricsLog, RunDir, mismatch
+from caldera.train.rundir import MetricsLog, RunDir, git_commit, mismatch
 from caldera.watchdog import Watchdog, hang_timeout_for
 from caldera.world import SetupWarning, World, init
 
@@ -399,7 +399,8 @@ class Trainer:
         if self.checkpointer is not None:  # who wrote this directory's checkpoints, where this process began
             files.write_identity({"run_id": self.checkpointer.run_id, "config_hash": self.checkpointer.config_hash,
                                   "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-                                  "start_step": self.global_step})  # fmt: skip
+                                  "start_step": self.global_step,
+                                  "git": git_commit(Path.cwd())})  # fmt: skip
         return log
 
     def _write_outputs(self, val_set: Dataset | None) -> None:

@@ -1,0 +1,172 @@
+"""caldera export: every artefact, reloaded on its own, computes what the eager model computes, in physical units."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from caldera.cli import main
+from caldera.config import load_config
+from caldera.export import export
+from caldera.predict import load_run_config, predict
+from caldera.train.run import build_data, build_model, train
+
+h5py = pytest.importorskip("h5py")
+ort = pytest.importorskip("onnxruntime")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+pytest.importorskip("onnxscript")
+
+FILES = {"safetensors": "model.safetensors", "torchscript": "model.ts", "exported": "model.exported.pt2",
+         "aoti": "model.aoti.pt2", "onnx": "model.onnx"}  # fmt: skip
+
+
+def tiny_run(run_dir, model=None, **data_args):
+    """A one-epoch run on the built-in heat simulation (16x16 plates unless told)."""
+    cfg = load_config({
+        "run": {"dir": str(run_dir)},
+        "model": model or {"name": "unet_small", "args": {"in_channels": 2, "out_channels": 1, "channels": 4}},
+        "data": {"source": "heat", "args": {"n_samples": 300, "grid": 16, "steps": 10, **data_args},
+                 "batch_size": 32, "val_fraction": 0.2},
+        "optim": {"epochs": 1}, "train": {"progress": False, "plot": False},
+    })  # fmt: skip
+    train(cfg)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def heat(tmp_path_factory):
+    """A heat run exported once in every format (the AOTInductor compile is the slow part: once per session)."""
+    run = tiny_run(tmp_path_factory.mktemp("export") / "run")
+    result = export(run, out=run / "export")
+    return run, result
+
+
+def test_every_artefact_reloaded_on_its_own_equals_the_eager_model_at_any_batch_size(heat):
+    run, result = heat
+    out = run / "export"
+    assert result.code == 0 and not result.failed, result.failed
+    # Every file, and no partial ones.
+    assert sorted(p.name for p in out.iterdir()) == sorted([*FILES.values(), "model.json"])
+    cfg = load_run_config(run)
+    eager = build_model(cfg, weights=False)
+    eager.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    eager.eval()
+    _, val = build_data(cfg)
+    x = torch.stack([val[i][0] for i in range(7)])
+    # Each artefact through its own runtime, nothing of caldera's in between.
+    state = safetensors_torch.load_file(out / "model.safetensors")  # tensors only, no pickle
+    fresh = build_model(cfg, weights=False)
+    fresh.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    aoti = torch._inductor.aoti_load_package(str(out / "model.aoti.pt2"))
+    runners = {
+        "safetensors": fresh.eval(),
+        "torchscript": torch.jit.load(str(out / "model.ts")),
+        "exported": torch.export.load(str(out / "model.exported.pt2")).module(),
+        "aoti": lambda b: aoti(b),
+        "onnx": lambda b: torch.from_numpy(session.run(None, {"x": b.numpy()})[0]),
+    }
+    with torch.no_grad():
+        for batch in (1, 7):  # the batch axis is dynamic: the example batch was 2
+            want = eager(x[:batch])
+            for name, run_it in runners.items():
+                got = run_it(x[:batch])
+                got = got[0] if isinstance(got, (list, tuple)) else got
+                assert got.shape == (batch, 1, 16, 16), name
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=f"{name} at batch {batch}")
+    # The package carries the contract's metadata for the C API.
+    meta = aoti.get_metadata()
+    assert meta["caldera.inputs"] == "x:float32:-1,2,16,16"
+    assert meta["caldera.outputs"] == "y:float32:-1,1,16,16"
+    assert meta["caldera.device"] == "cpu" and meta["caldera.format"] == "1"
+
+    card = json.loads((out / "model.json").read_text())
+    identity, summary = (json.loads((run / f).read_text()) for f in ("run.json", "summary.json"))
+    assert card["inputs"][0]["shape"] == [-1, 2, 16, 16] and card["inputs"][0]["dtype"] == "float32"
+    assert card["outputs"][0]["name"] == "y" and card["outputs"][0]["shape"] == [-1, 1, 16, 16]
+    assert card["normalization"] is None  # the heat source trains on physical values
+    assert set(card["artefacts"]) == set(FILES)
+    for key, entry in card["artefacts"].items():
+        check = entry["verification"]
+        assert entry["file"] == FILES[key] and check["ok"] and check["split"] == "val", (key, entry)
+        assert check["max_abs_error"] == result.checks[key].max_abs_error < 1e-5
+        assert check["batch_sizes"] == [32, 1] and len(entry["sha256"]) == 64
+    assert card["config_hash"] == identity["config_hash"] == card["training_config_hash"]
+    assert card["config"]["data"]["source"] == "heat" and len(card["data_fingerprint"]["sha256"]) == 64
+    assert card["metrics"] == summary["final"] and card["git"] == identity["git"]
+    assert card["versions"]["torch"] == torch.__version__
+
+
+def test_scientific_data_exports_with_its_normalisation_inside_and_matches_caldera_predict(tmp_path):
+    n = 40
+    rng = np.random.default_rng(0)
+    x = (50 + 10 * rng.normal(size=(n, 2, 8, 8))).astype(np.float32)
+    a = (300 + 0.5 * x[:, 0] + rng.normal(scale=0.5, size=(n, 8, 8))).astype(np.float32)  # kelvin-like
+    with h5py.File(tmp_path / "fields.h5", "w") as f:
+        f["x"], f["a"] = x, a
+        f["a"].attrs["units"] = "K"
+    cfg = load_config({
+        "run": {"dir": str(tmp_path / "run")},
+        "model": {"name": "unet_small", "args": {"in_channels": 2, "out_channels": 1, "channels": 4}},
+        "data": {"source": "scientific", "batch_size": 8, "val_fraction": 0.25,
+                 "args": {"path": str(tmp_path / "fields.h5"), "inputs": ["x"], "targets": ["a"]}},
+        "optim": {"epochs": 1}, "train": {"progress": False, "plot": False},
+    })  # fmt: skip
+    train(cfg)
+    run = tmp_path / "run"
+    assert main(["export", str(run), "--format", "torchscript,onnx", "--out", str(tmp_path / "out")]) == 0
+    predict(run, "val", out=tmp_path / "pred.npy", progress=False)
+    want = np.load(tmp_path / "pred.npy")  # caldera predict: physical units
+    physical = torch.from_numpy(x[30:])  # the file's own values, no normalisation by hand
+    ts = torch.jit.load(str(tmp_path / "out" / "model.ts"))
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(ts(physical).numpy(), want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(session.run(None, {"x": x[30:]})[0], want, rtol=1e-5, atol=1e-4)
+    assert abs(want.mean() - 325) < 10  # kelvin, not the normalised units the model works in
+    card = json.loads((tmp_path / "out" / "model.json").read_text())
+    norm = card["normalization"]
+    assert norm["inputs"][0]["mean"] == pytest.approx(float(x[:30].astype(np.float64).mean()), rel=1e-6)
+    assert norm["targets"][0]["std"] == pytest.approx(float(a[:30].astype(np.float64).std()), rel=1e-5)
+    target = {"variable": "a", "channels": 1, "kind": "field", "units": "K"}  # units: the file's attribute
+    assert card["outputs"][0]["variables"] == [target]
+    assert card["data_fingerprint"]["files"][0]["size"] == (tmp_path / "fields.h5").stat().st_size
+
+
+class Branchy(torch.nn.Module):
+    """A model with data-dependent control flow: a Python branch on a tensor's value (never taken here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.abs().max() > 1e6:
+            y = y / y.abs().max()
+        return y
+
+
+def test_bad_requests_are_one_line_and_an_unexportable_model_still_exports_others(tmp_path, capsys):
+    run = tiny_run(tmp_path / "run", model={"name": "tests.test_export:Branchy"}, n_samples=40, grid=8)
+    for argv, fix in [(["export", str(tmp_path / "nowhere")], "give the run directory of a finished"),
+                      (["export", str(run), "--format", "pt2,tflite"], "choose from safetensors,torchscript"),
+                      (["export", str(run)], "--trust-code")]:  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fix in err, err
+    assert not (run / "export").exists()  # refused before anything was written
+
+    code = main(["export", str(run), "--trust-code", "--format", "safetensors,torchscript,pt2,onnx"])
+    err = capsys.readouterr().err
+    assert code == 2, err  # the request (every format) cannot be met
+    blocked = [line for line in err.splitlines() if "cannot export" in line]
+    assert {line.split(":")[1].strip() for line in blocked} == {"exported", "aoti", "onnx"}, err
+    for line in blocked:  # the operation that blocks it, where it is in the user's code
+        assert "data-dependent control flow" in line and "if y.abs().max() > 1e6" in line, line
+    files = sorted(p.name for p in (run / "export").iterdir())
+    assert files == ["model.json", "model.safetensors", "model.ts"]  # the failed formats left nothing behind
+    card = json.loads((run / "export" / "model.json").read_text())
+    assert card["artefacts"]["torchscript"]["verification"]["ok"]
+    assert "data-dependent" in card["artefacts"]["onnx"]["error"]

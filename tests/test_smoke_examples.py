@@ -34,6 +34,7 @@ CHAINS = {
     "materials": ["materials_potential.toml", "materials_md.py"],
     "materials_active": ["materials_active.py"],
     "linalg": ["linalg_refinement.py"],
+    "export": ["export_heat.py"],
 }
 SMOKE_LINE = re.compile(r"^[#\s]*Smoke run \(seconds[^)]*\):[ \t]*(?:\n#[ \t]*)?(.+)$", re.MULTILINE)
 
@@ -68,7 +69,8 @@ def test_example_runs_in_smoke_mode(chain, tmp_path):
     # Each run wrote its results into its own run directory under the scratch directory, none into the checkout.
     runs = {p.name for p in (tmp_path / "runs").iterdir()} if (tmp_path / "runs").exists() else set()
     expected = {"climate": {"climate-forecast", "climate-finetune"}, "imaging": {"imaging-denoise"},
-                "materials": {"materials-potential"}, "materials_active": {"materials-active"}, "linalg": set()}  # fmt: skip
+                "materials": {"materials-potential"}, "materials_active": {"materials-active"}, "linalg": set(),
+                "export": {"heat-surrogate"}}  # fmt: skip
     assert runs == expected[chain], runs
     for run in runs:
         assert any((tmp_path / "runs" / run).glob("*.json")), sorted((tmp_path / "runs" / run).iterdir())

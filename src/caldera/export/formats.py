@@ -54,10 +54,16 @@ class Job:
 
     def program(self) -> torch.export.ExportedProgram:
         """The module through torch.export (once; the ExportedProgram and the AOTInductor package share it)."""
+        if isinstance(self._program, BaseException):  # the AOTInductor package needs what already failed
+            raise self._program
         if self._program is None:
-            with torch.no_grad():
-                self._program = torch.export.export(self.module, (self.example,),
-                                                    dynamic_shapes=self.dynamic_shapes())  # fmt: skip
+            try:
+                with torch.no_grad():
+                    self._program = torch.export.export(self.module, (self.example,),
+                                                        dynamic_shapes=self.dynamic_shapes())  # fmt: skip
+            except Exception as exc:
+                self._program = exc
+                raise
         return self._program
 
 

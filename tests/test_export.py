@@ -148,11 +148,22 @@ class Branchy(torch.nn.Module):
         return y
 
 
+class Pair(Branchy):
+    """The same weights, two outputs: the field and its sum over the plate."""
+
+    output_names = ("field", "total")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        return y, y.sum(dim=(1, 2, 3))
+
+
 def test_bad_requests_are_one_line_and_an_unexportable_model_still_exports_others(tmp_path, capsys):
     run = tiny_run(tmp_path / "run", model={"name": "tests.test_export:Branchy"}, n_samples=40, grid=8)
     for argv, fix in [(["export", str(tmp_path / "nowhere")], "give the run directory of a finished"),
                       (["export", str(run), "--format", "pt2,tflite"], "choose from safetensors,torchscript"),
-                      (["export", str(run)], "--trust-code")]:  # fmt: skip
+                      (["export", str(run)], "--trust-code"),
+                      (["export", str(run), "--samples", "0"], "at least 1 sample")]:  # fmt: skip
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fix in err, err
@@ -170,3 +181,19 @@ def test_bad_requests_are_one_line_and_an_unexportable_model_still_exports_other
     card = json.loads((run / "export" / "model.json").read_text())
     assert card["artefacts"]["torchscript"]["verification"]["ok"]
     assert "data-dependent" in card["artefacts"]["onnx"]["error"]
+
+    # A model returning a tuple (given by the user, so trusted): every output, named, through each runtime.
+    pair = ["--set", "model.name=tests.test_export:Pair", "--out", str(tmp_path / "pair")]
+    assert main(["export", str(run), "--format", "torchscript,onnx", *pair]) == 0
+    card = json.loads((tmp_path / "pair" / "model.json").read_text())
+    assert [(o["name"], o["shape"]) for o in card["outputs"]] == [("field", [-1, 1, 8, 8]), ("total", [-1])]
+    session = ort.InferenceSession(str(tmp_path / "pair" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.rand(3, 2, 8, 8)
+    model = Pair()
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    with torch.no_grad():
+        want = model(x)
+        ts = torch.jit.load(str(tmp_path / "pair" / "model.ts"))
+        for got in (ts(x), session.run(None, {"x": x.numpy()})):
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(torch.as_tensor(g), w, rtol=1e-5, atol=1e-5)

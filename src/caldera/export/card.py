@@ -33,7 +33,7 @@ def output_names(module: torch.nn.Module, out: Any) -> list[str]:
     """``y`` for one output; the model's own ``output_names`` or y0, y1... for a tuple."""
     if torch.is_tensor(out):
         return ["y"]
-    own = getattr(module, "output_names", None)
+    own = getattr(getattr(module, "model", module), "output_names", None)  # the model's, inside the wrapper
     return list(own) if own and len(own) == len(out) else [f"y{i}" for i in range(len(out))]
 
 

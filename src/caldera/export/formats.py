@@ -155,8 +155,8 @@ class AOTInductor:
     name = "pt2"
 
     def __init__(self, device: str = "cpu") -> None:
-        self.device = device
-        self.key = "aoti" if device == "cpu" else f"aoti-{device}"
+        self.device = device  # cpu, cuda, cuda:1: where it is compiled and verified
+        self.key = "aoti" if device == "cpu" else "aoti-cuda"  # the package runs on any GPU of the kind
         self.file_name = f"model.{self.key}.pt2"
 
     def export(self, job: Job, path: Path) -> Path:
@@ -169,7 +169,7 @@ class AOTInductor:
                                               dynamic_shapes=job.dynamic_shapes())  # fmt: skip
             job.module.to("cpu")
         configs = {"aot_inductor.package_constants_in_so": True,
-                   "aot_inductor.metadata": {**job.metadata, "caldera.device": self.device}}  # fmt: skip
+                   "aot_inductor.metadata": {**job.metadata, "caldera.device": self.device.split(":")[0]}}  # fmt: skip
         return _atomically(path, lambda tmp: aoti_compile_and_package(program, package_path=str(tmp),
                                                                       inductor_configs=configs))  # fmt: skip
 

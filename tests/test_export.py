@@ -158,20 +158,21 @@ class Pair(Branchy):
         return y, y.sum(dim=(1, 2, 3))
 
 
-def test_bad_requests_are_one_line_and_an_unexportable_model_still_exports_others(tmp_path, capsys):
+def test_bad_requests_are_one_line_and_an_unexportable_model_still_exports_others(tmp_path, capfd):
     run = tiny_run(tmp_path / "run", model={"name": "tests.test_export:Branchy"}, n_samples=40, grid=8)
     for argv, fix in [(["export", str(tmp_path / "nowhere")], "give the run directory of a finished"),
                       (["export", str(run), "--format", "pt2,tflite"], "choose from safetensors,torchscript"),
                       (["export", str(run)], "--trust-code"),
                       (["export", str(run), "--samples", "0"], "at least 1 sample")]:  # fmt: skip
         assert main(argv) == 2
-        err = capsys.readouterr().err
+        err = capfd.readouterr().err
         assert err.count("\n") == 1 and fix in err, err
     assert not (run / "export").exists()  # refused before anything was written
 
     code = main(["export", str(run), "--trust-code", "--format", "safetensors,torchscript,pt2,onnx"])
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert code == 2, err  # the request (every format) cannot be met
+    assert all(line.startswith("caldera export: ") for line in err.splitlines()), err  # no graph dumps
     blocked = [line for line in err.splitlines() if "cannot export" in line]
     assert {line.split(":")[1].strip() for line in blocked} == {"exported", "aoti", "onnx"}, err
     for line in blocked:  # the operation that blocks it, where it is in the user's code
@@ -197,3 +198,13 @@ def test_bad_requests_are_one_line_and_an_unexportable_model_still_exports_other
         for got in (ts(x), session.run(None, {"x": x.numpy()})):
             for g, w in zip(got, want, strict=True):
                 torch.testing.assert_close(torch.as_tensor(g), w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the CPU package is tested above)")
+def test_the_cuda_package_is_compiled_and_verified_on_the_gpu(heat, tmp_path):
+    run, _ = heat
+    result = export(run, ["pt2"], out=tmp_path, device="cuda", echo=False)
+    check = result.checks["aoti-cuda"]
+    assert result.code == 0 and check.ok and check.max_abs_error < 1e-4
+    package = torch._inductor.aoti_load_package(str(tmp_path / "model.aoti-cuda.pt2"))
+    assert package.get_metadata()["caldera.device"] == "cuda"

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
-import logging
+import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -118,8 +120,9 @@ def export(run_dir: str | Path, formats: list[str] | tuple[str, ...] = FORMATS, 
                        f"{verdict.max_abs_error:.3g} on {held.split} samples in physical units", err=True)  # fmt: skip
     body = cards.card(cfg, run_dir, dataset, inputs, outputs, normalization(dataset), listed)
     atomic_write_text(out / cards.CARD, json.dumps(body, indent=2, default=str))
-    _say(echo, f"caldera export: wrote {out / cards.CARD} ({len(result.checks)} artefacts verified, "
-               f"{len(result.failed)} failed)")  # fmt: skip
+    made = ", ".join(result.checks) or "none"
+    _say(echo, f"caldera export: wrote {out / cards.CARD}; verified: {made}"
+               + (f"; not exported: {', '.join(result.failed)}" if result.failed else ""))  # fmt: skip
     for ds in (train, val):
         if hasattr(ds, "close"):
             ds.close()
@@ -167,16 +170,32 @@ def _differentiates(module: torch.nn.Module, example: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The exporters' warnings and log lines (tracer warnings, symbolic-shape notes) stay out of the one line."""
-    logger = logging.getLogger("torch")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Keep the exporters' own output out of the one line per format: tracer warnings, graph dumps that torch prints
+    or logs on a failed export, the C++ compiler's. They go at the file-descriptor level (torch's log handlers and
+    the compiler write to fd 2 directly); what matters reaches us as the exception."""
+    streams = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    for stream in streams:
+        if stream is not None:
+            stream.flush()
+    saved = [os.dup(1), os.dup(2)]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                        contextlib.redirect_stderr(io.StringIO()):  # fmt: skip
+                    warnings.simplefilter("ignore")
+                    yield
+            finally:
+                for stream in streams:
+                    if stream is not None:
+                        stream.flush()
     finally:
-        logger.setLevel(level)
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
 
 
 def _sha256(path: Path) -> str:

@@ -1,6 +1,8 @@
 """caldera export: every artefact, reloaded on its own, computes what the eager model computes, in physical units."""
 
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from caldera.config import load_config
 from caldera.export import export
 from caldera.predict import load_run_config, predict
 from caldera.train.run import build_data, build_model, train
+from caldera.train.rundir import git_commit
 
 h5py = pytest.importorskip("h5py")
 ort = pytest.importorskip("onnxruntime")
@@ -208,3 +211,27 @@ def test_the_cuda_package_is_compiled_and_verified_on_the_gpu(heat, tmp_path):
     assert result.code == 0 and check.ok and check.max_abs_error < 1e-4
     package = torch._inductor.aoti_load_package(str(tmp_path / "model.aoti-cuda.pt2"))
     assert package.get_metadata()["caldera.device"] == "cuda"
+
+
+def test_the_git_commit_a_run_records_is_the_one_git_names(tmp_path):
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git is not installed")
+
+    def sh(*args, cwd=tmp_path / "repo"):
+        return subprocess.run(
+            [git, *args], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    (tmp_path / "repo" / "sub").mkdir(parents=True)
+    sh("init", "-q", "-b", "main")
+    (tmp_path / "repo" / "f").write_text("1")
+    sh("add", "f")
+    sh("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    assert git_commit(tmp_path / "repo" / "sub") == sh("rev-parse", "HEAD")  # a loose ref, from a subfolder
+    sh("pack-refs", "--all")
+    assert git_commit(tmp_path / "repo") == sh("rev-parse", "HEAD")  # packed-refs
+    sh("worktree", "add", "-q", "-b", "other", str(tmp_path / "wt"))
+    assert git_commit(tmp_path / "wt") == sh("rev-parse", "HEAD", cwd=tmp_path / "wt")  # a worktree
+    sh("checkout", "-q", "--detach")
+    assert git_commit(tmp_path / "repo") == sh("rev-parse", "HEAD")  # detached

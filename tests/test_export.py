@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -135,6 +136,23 @@ def test_scientific_data_exports_with_its_normalisation_inside_and_matches_calde
     target = {"variable": "a", "channels": 1, "kind": "field", "units": "K"}  # units: the file's attribute
     assert card["outputs"][0]["variables"] == [target]
     assert card["data_fingerprint"]["files"][0]["size"] == (tmp_path / "fields.h5").stat().st_size
+
+
+def test_a_missing_package_names_its_install_and_beyond_tolerance_exits_1(heat, tmp_path, monkeypatch, capfd):
+    run, _ = heat
+    # ONNX Runtime computes in its own order: not bit for bit torch's, so zero tolerance must fail and say so.
+    assert (
+        main(["export", str(run), "--format", "onnx", "--rtol", "0", "--atol", "0", "--out", str(tmp_path)])
+        == 1
+    )
+    err = capfd.readouterr().err
+    assert err.startswith("caldera export: onnx: verification failed: max abs error") and err.count("\n") == 1
+    assert not json.loads((tmp_path / "model.json").read_text())["artefacts"]["onnx"]["verification"]["ok"]
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
+    result = export(run, ["safetensors", "onnx"], out=tmp_path / "without", echo=False)
+    assert result.code == 2 and result.checks["safetensors"].ok
+    assert "needs the onnxscript package: pip install 'caldera[export]'" in result.failed["onnx"]
+    assert not (tmp_path / "without" / "model.onnx").exists()
 
 
 class Branchy(torch.nn.Module):

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import caldera.world
+from caldera.config import load_config
+from caldera.train.run import train
 
 # pytest-xdist runs test files side by side: each worker gets its share of the cores, or in-process training
 # tests oversubscribe them (two workers x all cores each made some steps many times slower).
@@ -49,3 +51,16 @@ def run_ranks(
     cmd = [mpiexec(), "--allow-run-as-root", "--oversubscribe", "-n", str(n), sys.executable, *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+def tiny_run(run_dir, model=None, **data_args):
+    """A one-epoch run on the built-in heat simulation (16x16 plates unless told)."""
+    cfg = load_config({
+        "run": {"dir": str(run_dir)},
+        "model": model or {"name": "unet_small", "args": {"in_channels": 2, "out_channels": 1, "channels": 4}},
+        "data": {"source": "heat", "args": {"n_samples": 300, "grid": 16, "steps": 10, **data_args},
+                 "batch_size": 32, "val_fraction": 0.2},
+        "optim": {"epochs": 1}, "train": {"progress": False, "plot": False},
+    })  # fmt: skip
+    train(cfg)
+    return run_dir

@@ -15,6 +15,7 @@ from caldera.export import export
 from caldera.predict import load_run_config, predict
 from caldera.train.run import build_data, build_model, train
 from caldera.train.rundir import git_commit
+from tests.conftest import tiny_run
 
 h5py = pytest.importorskip("h5py")
 ort = pytest.importorskip("onnxruntime")
@@ -23,19 +24,6 @@ pytest.importorskip("onnxscript")
 
 FILES = {"safetensors": "model.safetensors", "torchscript": "model.ts", "exported": "model.exported.pt2",
          "aoti": "model.aoti.pt2", "onnx": "model.onnx"}  # fmt: skip
-
-
-def tiny_run(run_dir, model=None, **data_args):
-    """A one-epoch run on the built-in heat simulation (16x16 plates unless told)."""
-    cfg = load_config({
-        "run": {"dir": str(run_dir)},
-        "model": model or {"name": "unet_small", "args": {"in_channels": 2, "out_channels": 1, "channels": 4}},
-        "data": {"source": "heat", "args": {"n_samples": 300, "grid": 16, "steps": 10, **data_args},
-                 "batch_size": 32, "val_fraction": 0.2},
-        "optim": {"epochs": 1}, "train": {"progress": False, "plot": False},
-    })  # fmt: skip
-    train(cfg)
-    return run_dir
 
 
 @pytest.fixture(scope="module")

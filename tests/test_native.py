@@ -17,8 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from caldera.models import MLP, UNetSmall
-from tests.conftest import ROOT
+from caldera.export import export
+from caldera.models import MLP
+from caldera.predict import load_run_config
+from caldera.train.run import load_run_model
+from caldera.train.rundir import RunDir
+from tests.conftest import ROOT, tiny_run
 
 CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 SYSTEM_MPIEXEC = "/usr/bin/mpiexec"  # the Debian Open MPI that has Fortran bindings (pip's has none)
@@ -68,19 +72,16 @@ def native(tmp_path_factory):
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     torch.manual_seed(0)
     mlp = MLP([8, 64, 64, 4]).eval()
-    unet = UNetSmall(in_channels=2, out_channels=1, channels=8).eval()
+    # The U-Net comes the way a user's does: a (short) training run, then `caldera export`; the native side loads
+    # the export directory, so the metadata contract between the two is what is tested.
+    run = tiny_run(work / "run", model={"name": "unet_small", "args": {"in_channels": 2, "out_channels": 1,
+                                                                         "channels": 8}})  # fmt: skip
+    exported = export(run, ["pt2"], out=run / "export")
+    assert exported.code == 0, exported.checks
+    unet = load_run_model(RunDir(run), load_run_config(run)).eval()
     models = {
         "mlp": (mlp, package(mlp, torch.randn(2, 8), work / "mlp.pt2", "x:float32:-1,8", "y:float32:-1,4")),
-        "unet": (
-            unet,
-            package(
-                unet,
-                torch.randn(2, 2, 16, 16),
-                work / "unet.pt2",
-                "x:float32:-1,2,16,16",
-                "y:float32:-1,1,16,16",
-            ),
-        ),  # fmt: skip
+        "unet": (unet, run / "export"),
     }
     script = work / "mlp.ts"
     torch.jit.trace(mlp, torch.randn(2, 8)).save(str(script))

@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     p_export.add_argument(
         "--samples", type=int, default=32, help="held-out samples to verify each artefact on"
     )
+    p_export.add_argument("--threads", type=int, metavar="N",
+                          help="compile the CPU AOTInductor package for N threads per call (1 when each MPI rank "
+                          "owns one core: fastest for small models; default: the caller's thread pool)")  # fmt: skip
     p_export.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the verification")
     p_export.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (physical units)")
     p_export.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -247,7 +250,8 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         result = export(args.run, [f.strip() for f in args.format.split(",") if f.strip()], args.out, args.device,
-                        args.samples, args.rtol, args.atol, args.set, args.trust_code)  # fmt: skip
+                        args.samples, args.rtol, args.atol, args.set, args.trust_code,
+                        threads=args.threads)  # fmt: skip
     except ConfigError as exc:
         _error(str(exc))
         return 2

@@ -28,7 +28,7 @@ import torch
 
 from caldera.errors import ConfigError
 from caldera.export import card as cards
-from caldera.export.formats import FORMATS, Job, artefacts, blocker
+from caldera.export.formats import FORMATS, AOTInductor, Job, artefacts, blocker
 from caldera.export.physical import PhysicalModel, normalization, physical_model
 from caldera.export.verify import Check, check, held_out, reference
 from caldera.io import atomic_write_text
@@ -58,10 +58,16 @@ class Result:
 def export(run_dir: str | Path, formats: list[str] | tuple[str, ...] = FORMATS, out: str | Path | None = None,
            device: str = "cpu", samples: int = 32, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
            overrides: list[str] | tuple[str, ...] = (), trust_code: bool = False,
-           echo: bool = True) -> Result:  # fmt: skip
+           echo: bool = True, threads: int | None = None) -> Result:  # fmt: skip
     """Export a finished run's model in ``formats`` to ``out`` (default RUN_DIR/export), verify each, write the
-    card. Bad input (no such run, an unknown format, untrusted code) is a ConfigError before anything is written."""
-    planned = artefacts(list(formats), _device(device))
+    card. ``threads`` compiles the CPU AOTInductor package for that many threads per call (1: an MPI rank per core;
+    fastest for small models). Bad input (no such run, an unknown format, untrusted code) is a ConfigError before
+    anything is written."""
+    if threads is not None and threads < 1:
+        raise ConfigError(
+            f"--threads {threads}: give 1 or more threads per call (or leave it out: the caller's pool)"
+        )
+    planned = artefacts(list(formats), _device(device), threads)
     if samples < 1:
         raise ConfigError(f"--samples {samples}: verify on at least 1 sample")
     run_dir = Path(run_dir)
@@ -90,6 +96,8 @@ def export(run_dir: str | Path, formats: list[str] | tuple[str, ...] = FORMATS, 
     for fmt in planned:
         path = out / fmt.file_name
         entry: dict[str, Any] = {"format": fmt.name, "file": fmt.file_name, "device": fmt.device}
+        if isinstance(fmt, AOTInductor):  # compiled for a thread count (--threads) or for the caller's pool
+            entry["threads_per_call"] = fmt.threads
         listed[fmt.key] = entry
         try:
             with _quiet():

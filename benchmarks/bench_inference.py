@@ -58,6 +58,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from caldera.export.formats import aoti_configs
 from caldera.io import atomic_write_text
 from caldera.models import MLP, NeuralPotential, UNetSmall
 
@@ -411,11 +412,13 @@ def run_capi(exe: Path, model: Path, batch: int, estimate_us: float, args) -> di
     if proc.returncode or not lines:
         return {"skip": f"failed: {(proc.stderr.strip().splitlines() or ['no JSON line'])[-1][:160]}"}
     r = json.loads(lines[-1])
-    pick = {
-        k: next((v for key, v in r.items() if k.split("_")[0] in key), float("nan"))
-        for k in ("p50_us", "p99_us")
-    }
-    return r | pick | {"samples_per_s": batch * 1e6 / pick["p50_us"]}
+    # native/bench prints {"caldera_us": {"p50", "p99", "mean"}, "bare_us": {...}}: the C API, and (C++ only) the
+    # bare AOTIModelPackageLoader::run it wraps, timed in the same process on the same inputs.
+    call, bare = r.get("caldera_us", {}), r.get("bare_us", {})
+    row = {"p50_us": call.get("p50", float("nan")), "p99_us": call.get("p99", float("nan")), "calls": iters}
+    if bare:
+        row |= {"bare_p50_us": bare["p50"], "overhead_us": row["p50_us"] - bare["p50"]}
+    return row | {"samples_per_s": batch * 1e6 / row["p50_us"]}
 
 
 # ------------------------------------------------------------------------------------------------ compute limit
@@ -561,6 +564,9 @@ def main() -> None:
         "--seconds", type=float, default=2.0, help="timed seconds per model, runtime and batch"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--torch-defaults", action="store_true",
+                        help="compile the AOTInductor packages with torch's defaults, not what `caldera export "
+                        "--threads N` uses (the untuned row)")  # fmt: skip
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="an inductor option for the AOTInductor packages, e.g. freezing=True (repeatable)")  # fmt: skip
     parser.add_argument("--results", type=Path, default=BUILD / "results")
@@ -579,8 +585,10 @@ def main() -> None:
     if args.smoke:
         vars(args).update(SMOKE)
         args.results = Path.cwd() / "bench-inference-smoke"  # never over a full run's results
-    inductor = {k: json.loads(v.lower()) if v.lower() in ("true", "false") or v[:1].isdigit() else v
-                for k, v in (opt.split("=", 1) for opt in args.inductor)}  # fmt: skip
+    # The packages are what `caldera export --threads <threads>` writes (the C API's users get them), unless asked.
+    inductor = {} if args.torch_defaults else aoti_configs(args.threads)
+    inductor |= {k: json.loads(v.lower()) if v.lower() in ("true", "false") or v[:1].isdigit() else v
+                 for k, v in (opt.split("=", 1) for opt in args.inductor)}  # fmt: skip
     torch.set_num_threads(args.threads)
     command = " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]])
     print(f"{command}\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "

@@ -28,19 +28,10 @@ module caldera
     type(c_ptr) :: handle = c_null_ptr
   end type caldera_model
 
-  !> Run a model on one input array and write its first output (real32 or real64, rank 1 to 5).
+  !> Run a model on one input array and write its first output: real32 or real64 arrays of any rank (the input and
+  !> output ranks may differ: atoms(3, n, nb) -> energy(nb)). Assumed-rank dummies (Fortran 2018) take them all.
   interface caldera_run
-    module procedure &
-      caldera_run_r32_1d, &
-      caldera_run_r32_2d, &
-      caldera_run_r32_3d, &
-      caldera_run_r32_4d, &
-      caldera_run_r32_5d, &
-      caldera_run_r64_1d, &
-      caldera_run_r64_2d, &
-      caldera_run_r64_3d, &
-      caldera_run_r64_4d, &
-      caldera_run_r64_5d
+    module procedure caldera_run_r32, caldera_run_r64
   end interface caldera_run
 
   interface
@@ -169,84 +160,20 @@ contains
                    int(y_dtype, c_int))
   end function run_raw
 
-  function caldera_run_r32_1d(model, x, y) result(status)
+  function caldera_run_r32(model, x, y) result(status)
     type(caldera_model), intent(in) :: model
-    real(c_float), intent(in), target, contiguous :: x(:)
-    real(c_float), intent(inout), target, contiguous :: y(:)
+    real(c_float), intent(in), target, contiguous :: x(..)
+    real(c_float), intent(inout), target, contiguous :: y(..)
     integer :: status
     status = run_raw(model, c_loc(x), shape(x, kind=c_int64_t), 0, c_loc(y), shape(y, kind=c_int64_t), 0)
-  end function caldera_run_r32_1d
+  end function caldera_run_r32
 
-  function caldera_run_r32_2d(model, x, y) result(status)
+  function caldera_run_r64(model, x, y) result(status)
     type(caldera_model), intent(in) :: model
-    real(c_float), intent(in), target, contiguous :: x(:,:)
-    real(c_float), intent(inout), target, contiguous :: y(:,:)
-    integer :: status
-    status = run_raw(model, c_loc(x), shape(x, kind=c_int64_t), 0, c_loc(y), shape(y, kind=c_int64_t), 0)
-  end function caldera_run_r32_2d
-
-  function caldera_run_r32_3d(model, x, y) result(status)
-    type(caldera_model), intent(in) :: model
-    real(c_float), intent(in), target, contiguous :: x(:,:,:)
-    real(c_float), intent(inout), target, contiguous :: y(:,:,:)
-    integer :: status
-    status = run_raw(model, c_loc(x), shape(x, kind=c_int64_t), 0, c_loc(y), shape(y, kind=c_int64_t), 0)
-  end function caldera_run_r32_3d
-
-  function caldera_run_r32_4d(model, x, y) result(status)
-    type(caldera_model), intent(in) :: model
-    real(c_float), intent(in), target, contiguous :: x(:,:,:,:)
-    real(c_float), intent(inout), target, contiguous :: y(:,:,:,:)
-    integer :: status
-    status = run_raw(model, c_loc(x), shape(x, kind=c_int64_t), 0, c_loc(y), shape(y, kind=c_int64_t), 0)
-  end function caldera_run_r32_4d
-
-  function caldera_run_r32_5d(model, x, y) result(status)
-    type(caldera_model), intent(in) :: model
-    real(c_float), intent(in), target, contiguous :: x(:,:,:,:,:)
-    real(c_float), intent(inout), target, contiguous :: y(:,:,:,:,:)
-    integer :: status
-    status = run_raw(model, c_loc(x), shape(x, kind=c_int64_t), 0, c_loc(y), shape(y, kind=c_int64_t), 0)
-  end function caldera_run_r32_5d
-
-  function caldera_run_r64_1d(model, x, y) result(status)
-    type(caldera_model), intent(in) :: model
-    real(c_double), intent(in), target, contiguous :: x(:)
-    real(c_double), intent(inout), target, contiguous :: y(:)
+    real(c_double), intent(in), target, contiguous :: x(..)
+    real(c_double), intent(inout), target, contiguous :: y(..)
     integer :: status
     status = run_raw(model, c_loc(x), shape(x, kind=c_int64_t), 1, c_loc(y), shape(y, kind=c_int64_t), 1)
-  end function caldera_run_r64_1d
-
-  function caldera_run_r64_2d(model, x, y) result(status)
-    type(caldera_model), intent(in) :: model
-    real(c_double), intent(in), target, contiguous :: x(:,:)
-    real(c_double), intent(inout), target, contiguous :: y(:,:)
-    integer :: status
-    status = run_raw(model, c_loc(x), shape(x, kind=c_int64_t), 1, c_loc(y), shape(y, kind=c_int64_t), 1)
-  end function caldera_run_r64_2d
-
-  function caldera_run_r64_3d(model, x, y) result(status)
-    type(caldera_model), intent(in) :: model
-    real(c_double), intent(in), target, contiguous :: x(:,:,:)
-    real(c_double), intent(inout), target, contiguous :: y(:,:,:)
-    integer :: status
-    status = run_raw(model, c_loc(x), shape(x, kind=c_int64_t), 1, c_loc(y), shape(y, kind=c_int64_t), 1)
-  end function caldera_run_r64_3d
-
-  function caldera_run_r64_4d(model, x, y) result(status)
-    type(caldera_model), intent(in) :: model
-    real(c_double), intent(in), target, contiguous :: x(:,:,:,:)
-    real(c_double), intent(inout), target, contiguous :: y(:,:,:,:)
-    integer :: status
-    status = run_raw(model, c_loc(x), shape(x, kind=c_int64_t), 1, c_loc(y), shape(y, kind=c_int64_t), 1)
-  end function caldera_run_r64_4d
-
-  function caldera_run_r64_5d(model, x, y) result(status)
-    type(caldera_model), intent(in) :: model
-    real(c_double), intent(in), target, contiguous :: x(:,:,:,:,:)
-    real(c_double), intent(inout), target, contiguous :: y(:,:,:,:,:)
-    integer :: status
-    status = run_raw(model, c_loc(x), shape(x, kind=c_int64_t), 1, c_loc(y), shape(y, kind=c_int64_t), 1)
-  end function caldera_run_r64_5d
+  end function caldera_run_r64
 
 end module caldera

@@ -200,7 +200,7 @@ def measure(cmd: list[str], port: int, body: bytes, levels: list[int], requests:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(port, proc)
-        load(port, body, 2, 3)  # warm-up
+        load(port, body, 8, 5)  # warm-up: the first passes of a model, and a peer's worker processes
         return [load(port, body, c, requests) for c in levels]
     finally:
         proc.terminate()

@@ -281,8 +281,8 @@ class Metrics:
             h[-2] += seconds
             h[-1] += 1
 
-    def render(self, models: Mapping[str, Model], max_batch: int) -> str:
-        """The exposition text: these counters, and per model its batch sizes and queue depth."""
+    def render(self, models: Mapping[str, Model], max_batch: int, in_progress: int) -> str:
+        """The exposition text: these counters, per model its batch sizes and queue depth, requests under way."""
         out = ["# HELP caldera_requests_total Requests answered, by model, route and HTTP status.",
                "# TYPE caldera_requests_total counter"]  # fmt: skip
         with self._lock:
@@ -323,6 +323,8 @@ class Metrics:
         out += ["# HELP caldera_model_ready Whether the model's batching thread runs (1) or has stopped (0).",
                 "# TYPE caldera_model_ready gauge"]  # fmt: skip
         out += [f'caldera_model_ready{{model="{name}"}} {int(m.batcher.alive)}' for name, m in models.items()]
+        out += ["# HELP caldera_requests_in_progress Requests received and not yet answered (this one included).",
+                "# TYPE caldera_requests_in_progress gauge", f"caldera_requests_in_progress {in_progress}"]  # fmt: skip
         return "\n".join(out) + "\n"
 
 
@@ -404,7 +406,7 @@ class _Handler(BaseHTTPRequestHandler):
         models, parts = self.server.models, path.split("/")
         if path == "/metrics":
             self._route = "/metrics"
-            text = self.server.metrics.render(models, self.server.max_batch)
+            text = self.server.metrics.render(models, self.server.max_batch, self.server.in_progress)
             return self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
         if path == "/health":
             self._route, b = "/health", self.server.batcher
@@ -804,6 +806,11 @@ class _Server(ThreadingHTTPServer):
             return "the server is draining (SIGTERM): it answers the requests under way, then stops"
         dead = [m for m in self.models.values() if not m.batcher.alive]
         return "; ".join(f"{m.name}: {m.batcher._stopped()}" for m in dead)
+
+    @property
+    def in_progress(self) -> int:
+        """Requests whose line has arrived and whose reply has not been sent."""
+        return len(self._answering)
 
     def begin(self, handler: _Handler) -> None:
         """A request line has arrived on ``handler``: drain() waits for its reply."""

@@ -52,9 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     p_serve = sub.add_parser(
         "serve", help="serve finished runs over HTTP: dynamic batching; several = an ensemble"
     )
-    p_serve.add_argument(
-        "runs", nargs="+", metavar="RUN_DIR", help="run directories of finished `caldera train` runs"
-    )
+    p_serve.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                         help="run directories of finished `caldera train` runs: one model (several: an ensemble)")  # fmt: skip
+    p_serve.add_argument("--model", action="append", default=[], metavar="NAME=RUN_DIR[,RUN_DIR...]",
+                         help="a named model (repeatable; several run directories: an ensemble)")  # fmt: skip
+    p_serve.add_argument("--token-file", metavar="PATH",
+                         help="require 'Authorization: Bearer <the file's token>' on every route but --open-routes")  # fmt: skip
+    p_serve.add_argument("--open-routes", default=",".join(("/v2/health/live", "/v2/health/ready")),
+                         metavar="ROUTE,...", help="routes answered without the token (default: liveness, readiness)")  # fmt: skip
     p_serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
     )
@@ -197,37 +202,67 @@ def _launch(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import signal
 
-    from caldera.serve import Ensemble, make_server
+    from caldera.serve import Ensemble, make_server, model_name, model_version
 
-    try:
-        ensemble = Ensemble.from_runs(args.runs, device=args.device, trust_code=args.trust_code)
-    except (FileNotFoundError, ConfigError) as exc:
-        _error(str(exc))
+    # Positional run directories are one model (an ensemble if several) named after the first; --model names more.
+    specs = [(model_name(args.runs[0]), args.runs)] if args.runs else []
+    for spec in args.model:
+        name, sep, dirs = spec.partition("=")
+        if not sep or not name or not dirs:
+            _error(f"serve: --model {spec!r}: write NAME=RUN_DIR (several run directories: NAME=DIR1,DIR2)")
+            return 2
+        specs.append((name, dirs.split(",")))
+    if not specs:
+        _error("serve: give a run directory (caldera serve RUN_DIR) or --model NAME=RUN_DIR")
         return 2
+    if len({name for name, _ in specs}) < len(specs):
+        _error(f"serve: model names {[n for n, _ in specs]} repeat; give each --model its own NAME")
+        return 2
+    token = None
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            _error(f"serve: cannot read --token-file {args.token_file}: {exc}")
+            return 2
     try:
-        server = make_server(ensemble, args.host, args.port, args.max_batch, args.max_wait_ms / 1e3,
-                             args.max_body_mb, args.max_json_mb, args.timeout_s, args.max_connections)  # fmt: skip
-    except ValueError as exc:
+        models = {
+            name: Ensemble.from_runs(dirs, device=args.device, trust_code=args.trust_code)
+            for name, dirs in specs
+        }
+        server = make_server(models, args.host, args.port, args.max_batch, args.max_wait_ms / 1e3,
+                             args.max_body_mb, args.max_json_mb, args.timeout_s, args.max_connections, token,
+                             [r for r in args.open_routes.split(",") if r],
+                             {name: model_version(dirs[0]) for name, dirs in specs})  # fmt: skip
+    except (FileNotFoundError, ConfigError, ValueError) as exc:
         _error(str(exc))
         return 2
     except OSError as exc:  # the port is taken, the address is not this host's
         _error(f"serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; pick another --port")
         return 2
     host, port = server.server_address[:2]
-    kind = f"an ensemble of {len(args.runs)} models" if len(args.runs) > 1 else "1 model"
-    print(f"caldera serve: {kind} on {ensemble.members[0].device} at http://{host}:{port} "
-          "(POST /predict, GET /health; Ctrl-C stops)", flush=True)  # fmt: skip
-    # SIGTERM (Slurm, a container, kill) stops like Ctrl-C: the requests in progress are answered first.
+    first = next(iter(models.values()))
+    kinds = [
+        f"{name} ({len(e.members)} members)" if len(e.members) > 1 else name for name, e in models.items()
+    ]
+    what = (f"an ensemble of {len(first.members)} models" if len(first.members) > 1 else "1 model") \
+        if len(models) == 1 else f"{len(models)} models: {', '.join(kinds)}"  # fmt: skip
+    auth = ", bearer token required" if token else ""
+    print(f"caldera serve: {what} on {first.members[0].device} at http://{host}:{port} "
+          f"(POST /predict, /v2/models/NAME/infer; GET /health, /metrics{auth}; Ctrl-C stops)", flush=True)  # fmt: skip
+    # SIGTERM (Slurm, Kubernetes, kill) drains like Ctrl-C: stop accepting, answer the requests under way, exit 0.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        cut = server.drain()
         server.server_close()
-        server.batcher.close()
     b = server.batcher
-    print(f"caldera serve: stopped after {b.requests} requests in {b.batches} forward passes", flush=True)
+    print(f"caldera serve: stopped after {b.requests} requests in {b.batches} forward passes"
+          + (f"; {cut} requests cut off by the drain limit" if cut else ""), flush=True)  # fmt: skip
     return 0
 
 

@@ -41,7 +41,7 @@ LATEST = "latest"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 TAG_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 VERSION_RE = re.compile(r"v([0-9]+)")
-FIX = f"export {ENV}=/shared/models (or pass --registry DIR)"
+FIX = f"export {ENV}=/shared/models (caldera publish and caldera models also take --registry DIR)"
 
 
 def is_ref(text: str | os.PathLike) -> bool:
@@ -283,12 +283,8 @@ class Registry:
         os.chmod(version.path, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
         os.rename(version.path / MANIFEST, version.path / REMOVED)
         for entry in version.path.iterdir():
-            if entry.name == REMOVED:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, onerror=_writable_then_retry)
-            else:
-                entry.unlink()
+            if entry.name != REMOVED:
+                _delete(entry)
         removed = []
         for tag, number in self.tags(version.name).items():
             if number == version.number:
@@ -321,6 +317,11 @@ class Registry:
             cleaned.append(entry.name)
         for entry in list(trash.iterdir()) if trash.is_dir() else ():
             shutil.rmtree(entry, onerror=_writable_then_retry)
+        # An interrupted `models rm`: the version is already invisible (REMOVED, no MANIFEST); finish deleting.
+        for removed in self.root.glob(f"*/v*/{REMOVED}"):
+            for entry in removed.parent.iterdir():
+                if entry.name != REMOVED:
+                    _delete(entry)
         return cleaned
 
 
@@ -332,6 +333,13 @@ def _read_only(path: Path) -> None:
         elif p.is_dir():
             p.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     path.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+
+
+def _delete(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, onerror=_writable_then_retry)
+    else:
+        entry.unlink(missing_ok=True)
 
 
 def _writable_then_retry(func: Any, path: str, _exc: Any) -> None:

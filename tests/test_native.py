@@ -220,3 +220,31 @@ def test_devices_cuda_on_a_cpu_build_is_an_error_and_cuda_runs_where_present(nat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with torch.no_grad():
         np.testing.assert_allclose(y, mlp(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_c_api_loads_a_registry_model_by_name(native, tmp_path, monkeypatch):
+    # A registry version holding the fixture's export (what `caldera publish --format pt2` puts there), committed by
+    # the registry's own code; the C API finds it as NAME@N, NAME@latest and NAME@TAG through $CALDERA_REGISTRY.
+    # (Imported here so that this test stays one hunk at the end of a file others edit.)
+    from caldera.registry import Registry, write_manifest
+
+    registry = Registry(tmp_path / "reg")
+    module, export_dir = native["models"]["unet"]
+    staged = registry.staging("unet")
+    shutil.copytree(export_dir, staged, dirs_exist_ok=True)
+    write_manifest(staged)
+    registry.tag("unet", "prod", registry.commit("unet", staged).number)
+    monkeypatch.setenv("CALDERA_REGISTRY", str(registry.root))
+    x = np.random.default_rng(1).normal(size=(2, 2, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    for ref in ("unet@1", "unet@latest", "unet@prod"):
+        proc, y = run_driver(
+            native["build"] / "caldera_check_cpp", Path(ref), x, expected.shape, native["work"]
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5, err_msg=ref)
+    proc, _ = run_driver(
+        native["build"] / "caldera_check_cpp", Path("unet@7"), x, expected.shape, native["work"]
+    )
+    assert proc.returncode == 1 and "unet has no version '7'" in proc.stdout, proc.stdout

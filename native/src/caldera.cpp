@@ -10,7 +10,9 @@
 #include <torch/cuda.h>
 #include <torch/script.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <filesystem>
 #include <memory>
 #include <mutex>
@@ -176,8 +178,47 @@ c10::Device parse_device(const char* device) {
   return d;
 }
 
-fs::path resolve(const std::string& path, const c10::Device& device) {
-  fs::path p(path);
+// NAME@VERSION (VERSION: 3, v3, latest or a tag) in the registry at $CALDERA_REGISTRY (docs/registry.md): the
+// version directory REGISTRY/NAME/vN, a tag being a text file REGISTRY/NAME/tags/TAG holding N. A version is
+// complete only once its MANIFEST exists (it is written last, and removal takes it away first). The hashes are
+// checked by the Python side (caldera models show); here only directory calls, no JSON.
+fs::path registry_version(const std::string& ref) {
+  const char* root = std::getenv("CALDERA_REGISTRY");
+  if (!root || !*root)
+    fail(CALDERA_ERR_LOAD,
+         "no such file or directory: " + ref + " (for a registry model NAME@VERSION, set CALDERA_REGISTRY)");
+  std::string name = ref.substr(0, ref.rfind('@')), which = ref.substr(ref.rfind('@') + 1);
+  fs::path dir = fs::path(root) / name;
+  if (name.empty() || !fs::is_directory(dir))
+    fail(CALDERA_ERR_LOAD, "no model '" + name + "' in registry " + root + ": `caldera models list` shows them");
+  auto number = [](const std::string& s) {
+    std::string d = (!s.empty() && s[0] == 'v') ? s.substr(1) : s;
+    return !d.empty() && d.find_first_not_of("0123456789") == std::string::npos ? std::stol(d) : -1L;
+  };
+  long n = -1;
+  if (which.empty() || which == "latest") {
+    for (const auto& e : fs::directory_iterator(dir)) {
+      long k = e.path().filename().string()[0] == 'v' ? number(e.path().filename().string()) : -1;
+      if (k > n && fs::exists(e.path() / "MANIFEST")) n = k;
+    }
+  } else if ((n = number(which)) < 0) {
+    std::ifstream tag(dir / "tags" / which);
+    std::string text;
+    if (tag >> text) n = number(text);
+  }
+  fs::path version = dir / ("v" + std::to_string(n));
+  if (n < 0 || !fs::exists(version / "MANIFEST"))
+    fail(CALDERA_ERR_LOAD, name + " has no version '" + which + "' in registry " + root +
+                               " (removed, or never published): `caldera models list " + name + "`");
+  return version;
+}
+
+fs::path resolve(const std::string& given, const c10::Device& device) {
+  fs::path p(given);
+  if (!fs::exists(p) && given.find('@') != std::string::npos &&
+      given.substr(0, given.rfind('@')).find('/') == std::string::npos)
+    p = registry_version(given);
+  const std::string path = p.string();
   if (!fs::exists(p)) fail(CALDERA_ERR_LOAD, "no such file or directory: " + path);
   if (fs::is_directory(p)) {
     const char* name = device.is_cuda() ? "model.aoti-cuda.pt2" : "model.aoti.pt2";

@@ -1,4 +1,5 @@
-"""The ``caldera`` command: ``train``, ``check``, ``tune``, ``predict``, ``export``, ``serve``, ``info``, ``launch``.
+"""The ``caldera`` command: ``train``, ``check``, ``tune``, ``predict``, ``export``, ``publish``, ``models``,
+``serve``, ``info``, ``launch``.
 
 ``caldera train RUN.toml [--set section.key=value ...] [--resume [CKPT]] [--time-limit 2h]`` trains alone or
 under ``mpiexec``/``srun``; ``caldera launch -n N [--max-restarts R] -- cmd`` starts N ranks; ``caldera info``
@@ -6,7 +7,9 @@ under ``mpiexec``/``srun``; ``caldera launch -n N [--max-restarts R] -- cmd`` st
 searches the run file's ``[tune]`` space with every rank; ``caldera serve RUN_DIR...`` answers predictions over
 HTTP with dynamic batching (several run directories: an ensemble); ``caldera predict RUN_DIR [--out pred.npy]``
 applies a finished run's model to a split of its data (or another file) on every rank; ``caldera export RUN_DIR``
-writes it, in physical units, as safetensors/TorchScript/AOTInductor/ONNX files, each verified (docs/export.md).
+writes it, in physical units, as safetensors/TorchScript/AOTInductor/ONNX files, each verified (docs/export.md);
+``caldera publish RUN_DIR [--name N] [--tag T]`` makes it a version of the model registry on the shared filesystem
+and ``caldera models list|show|diff|rm`` reads it; RUN_DIR may then be ``NAME@VERSION`` (docs/registry.md).
 Exit codes: 0 done, 2 bad config or usage (export: also a format that cannot be made), 85 stopped for the wall
 time with a checkpoint (requeue me), 1 anything else (export: an artefact beyond tolerance).
 """
@@ -53,9 +56,10 @@ def _parser() -> argparse.ArgumentParser:
         "serve", help="serve finished runs over HTTP: dynamic batching; several = an ensemble"
     )
     p_serve.add_argument("runs", nargs="*", metavar="RUN_DIR",
-                         help="run directories of finished `caldera train` runs: one model (several: an ensemble)")  # fmt: skip
-    p_serve.add_argument("--model", action="append", default=[], metavar="NAME=RUN_DIR[,RUN_DIR...]",
-                         help="a named model (repeatable; several run directories: an ensemble)")  # fmt: skip
+                         help="run directories of finished `caldera train` runs, or registry models NAME@VERSION: one model "
+                         "(several: an ensemble)")  # fmt: skip
+    p_serve.add_argument("--model", action="append", default=[], metavar="NAME=RUN[,RUN...]",
+                         help="a named model: run directories or NAME@VERSION (repeatable; several: an ensemble)")  # fmt: skip
     p_serve.add_argument("--token-file", metavar="PATH",
                          help="require 'Authorization: Bearer <the file's token>' on every route but --open-routes")  # fmt: skip
     p_serve.add_argument("--open-routes", default=",".join(("/v2/health/live", "/v2/health/ready")),
@@ -79,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     p_predict = sub.add_parser(
         "predict", help="apply a finished run's model to a dataset on every rank: predictions and scores"
     )
-    p_predict.add_argument("run", metavar="RUN_DIR", help="run directory of a finished `caldera train` run")
+    p_predict.add_argument("run", metavar="RUN_DIR",
+                           help="run directory of a finished `caldera train` run, or a registry model NAME@VERSION")  # fmt: skip
     p_predict.add_argument("--split", choices=["val", "train", "all"], default="val",
                            help="which part of the run's data (default val)")  # fmt: skip
     p_predict.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -111,6 +116,27 @@ def _parser() -> argparse.ArgumentParser:
     p_export.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                           help="override the run's config (repeatable)")  # fmt: skip
     p_export.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+    p_publish = sub.add_parser(
+        "publish", help="publish a finished run to the model registry as a new immutable version (NAME@N)"
+    )
+    p_publish.add_argument("run", metavar="RUN_DIR", help="run directory of a finished `caldera train` run")
+    p_publish.add_argument("--name", help="model name (default: the run directory's name)")
+    p_publish.add_argument(
+        "--tag", action="append", default=[], help="point this tag at the new version (repeatable)"
+    )
+    p_publish.add_argument(
+        "--registry", metavar="DIR", help="registry directory (default: $CALDERA_REGISTRY)"
+    )
+    p_publish.add_argument("--format", default="safetensors",
+                           help="what caldera export writes into the version: safetensors (always) plus e.g. pt2 "
+                           "(the C API's AOTInductor package), torchscript, onnx")  # fmt: skip
+    p_publish.add_argument("--threads", type=int, metavar="N", help="as caldera export --threads (pt2)")
+    p_publish.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+    p_models = sub.add_parser("models", help="the model registry: list, show, diff, rm")
+    p_models.add_argument("action", choices=["list", "show", "diff", "rm"])
+    p_models.add_argument("ref", nargs="?", metavar="NAME[@VERSION]", help="NAME@3, NAME@latest, NAME@TAG")
+    p_models.add_argument("other", nargs="?", metavar="NAME@VERSION", help="diff: the second version")
+    p_models.add_argument("--registry", metavar="DIR", help="registry directory (default: $CALDERA_REGISTRY)")
     sub.add_parser(
         "info", help="what this job sees: software, GPUs, MPI, every rank's place; set-up problems"
     )
@@ -145,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return _predict(args)
     if args.command == "export":
         return _export(args)
+    if args.command in ("publish", "models"):
+        return _registry(args)
     from caldera.config import load_config
 
     try:
@@ -293,6 +321,24 @@ def _export(args: argparse.Namespace) -> int:
     except DataError as exc:
         return _data_error(exc)
     return result.code
+
+
+def _registry(args: argparse.Namespace) -> int:
+    from caldera.registry.commands import models_command, publish_command
+
+    if args.command == "models" and args.action != "list" and not args.ref:
+        _error(f"models {args.action} needs a model: caldera models {args.action} NAME@VERSION")
+        return 2
+    if args.command == "models" and args.action == "diff" and not args.other:
+        _error("models diff needs two versions: caldera models diff NAME@1 NAME@2")
+        return 2
+    try:
+        return (publish_command if args.command == "publish" else models_command)(args)
+    except ConfigError as exc:
+        _error(str(exc))
+        return 2
+    except DataError as exc:
+        return _data_error(exc)
 
 
 def _data_error(exc: Exception) -> int:

@@ -25,6 +25,7 @@ from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
 from caldera.names import METRICS
 from caldera.refs import resolve
+from caldera.registry import resolve as resolve_run
 from caldera.train.evaluate import Scores
 from caldera.train.progress import progress_bar
 from caldera.train.rundir import RunDir
@@ -44,7 +45,8 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
             out: str | Path | None = None, batch_size: int | None = None, score: bool = True,
             world: World | None = None, progress: bool = True,
             trust_code: bool = False) -> dict[str, float]:  # fmt: skip
-    """Predict ``split`` of the run's data on every rank (collective); write ``out``; return the scores."""
+    """Predict ``split`` of the run's data on every rank (collective); write ``out``; return the scores.
+    ``run_dir`` may be a registry model, ``NAME@VERSION`` (its hashes are checked first)."""
     from caldera.precision import make_precision
     from caldera.train.run import build_data, build_loss, load_run_model
 
@@ -53,6 +55,7 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
     suffix = Path(out).suffix if out is not None else ".npy"
     if suffix not in WRITERS:
         raise ConfigError(f"--out {out}: write .npy, .h5 or .nc (got {suffix!r})")
+    source, run_dir = str(run_dir), resolve_run(run_dir)
     cfg = load_run_config(run_dir, overrides, trust_code)
     world = world or init(device=cfg.run.device, seed=cfg.run.seed)
     dataset = _choose(build_data(cfg, world.comm), split)
@@ -81,7 +84,7 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
             bar.update(advance=len(y) * world.size, total=n)
     scores = {**sums.reduce(world.comm, f"{split}_"), "samples": n}
     if out is not None:
-        attrs = {"run_dir": str(run_dir), "split": split, **scores}
+        attrs = {"run_dir": source, "split": split, **scores}
         WRITERS[suffix](Path(out), blocks, lo, n, world, attrs, _describe(dataset))
     if world.is_main:
         print("  ".join(f"{k} {v:.6g}" for k, v in scores.items()), flush=True)

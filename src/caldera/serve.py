@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from caldera.coupling.surrogate import Surrogate
+from caldera.registry import resolve
 
 NPY = "application/x-npy"
 
@@ -74,8 +75,9 @@ class Ensemble:
 def model_dir(ref: str | Path) -> Path:
     """The directory a model argument names: the one place where ``caldera serve``'s arguments become directories.
 
-    Today a run directory; a registry reference (``NAME@VERSION``) resolves here too once the registry exists."""
-    return Path(ref)
+    A run directory as given; a registry reference (``NAME@VERSION``) is resolved in $CALDERA_REGISTRY, its files'
+    hashes checked."""
+    return resolve(ref)
 
 
 def model_name(ref: str | Path) -> str:

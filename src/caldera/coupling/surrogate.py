@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from caldera.config import Config
+from caldera.registry import resolve
 from caldera.train.run import load_run_model
 from caldera.train.rundir import RunDir
 from caldera.world import local_rank_hint, pick_device
@@ -35,8 +36,9 @@ class Surrogate:
     def from_run(cls, run_dir: str | Path, device: str | torch.device | None = None,
                  batch_size: int = 1024, dtype: torch.dtype | None = None,
                  trust_code: bool = False) -> Surrogate:  # fmt: skip
-        """Rebuild the model of a finished ``caldera train`` run from its run directory and load its weights."""
-        files = RunDir(run_dir)
+        """Rebuild the model of a finished ``caldera train`` run from its run directory, or of a registry model
+        ``NAME@VERSION`` ($CALDERA_REGISTRY; its hashes checked), and load its weights."""
+        files = RunDir(resolve(run_dir))
         missing = files.missing()
         if missing:
             raise FileNotFoundError(

@@ -8,7 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -19,7 +22,7 @@ from caldera.coupling import Surrogate
 from caldera.predict import predict
 from caldera.registry import MANIFEST, REMOVED, STAGING, Registry, write_manifest
 from caldera.registry.publish import publish
-from caldera.serve import Ensemble
+from caldera.serve import Ensemble, make_server, model_version
 from tests.conftest import ROOT, tiny_run
 
 pytest.importorskip("safetensors.torch")
@@ -145,6 +148,33 @@ def test_predict_and_surrogate_by_name_equal_the_run_directory(published, tmp_pa
     np.testing.assert_allclose(mean, direct(x), rtol=1e-6)
     with torch.no_grad():
         assert np.abs(std).max() < 1e-6  # the same weights twice
+
+    # Served by name: the OIP v2 metadata comes from the version's card (names and every size), the version is the
+    # number NAME@latest resolved to, and a request of the wrong shape is a 400 naming both shapes.
+    server = make_server({"heat": Ensemble.from_runs(["heat@latest"], device="cpu")}, port=0,
+                         versions={"heat": model_version("heat@latest")})  # fmt: skip
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v2/models/heat"
+        meta = json.load(urllib.request.urlopen(url, timeout=30))
+        assert meta["versions"] == ["2"], meta
+        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 2, 16, 16]}], meta
+        assert meta["outputs"][0]["name"] == "y" and meta["outputs"][0]["shape"] == [-1, 1, 16, 16], meta
+        body = {"inputs": [{"name": "x", "shape": [1, 2, 8, 8], "datatype": "FP32", "data": [0.0] * 128}]}
+        request = urllib.request.Request(url + "/infer", json.dumps(body).encode(), method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=30)
+        assert (
+            err.value.code == 400 and "does not fit the model's [-1, 2, 16, 16]" in err.value.read().decode()
+        )
+        body["inputs"][0].update(shape=[1, 2, 16, 16], data=x[0].ravel().tolist())
+        request = urllib.request.Request(url + "/infer", json.dumps(body).encode(), method="POST")
+        reply = json.load(urllib.request.urlopen(request, timeout=30))
+        np.testing.assert_allclose(np.reshape(reply["outputs"][0]["data"], (1, 1, 16, 16)), direct(x[:1]), rtol=1e-5,
+                                   atol=1e-6)  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _publisher(reg: str, i: int, start, out) -> None:

@@ -122,7 +122,7 @@ def test_v2_routes_metrics_two_named_models_and_the_token(tmp_path):
             "data is not INT32 numbers": (400, "/v2/models/solo/infer", tensor(x, "INT32")),
             "takes exactly one input tensor": (400, "/v2/models/solo/infer", {"inputs": []}),
             "the body is not JSON": (400, "/v2/models/solo/infer", b"{nope"),
-            "could not take inputs of shape [1, 5]": (400, "/v2/models/solo/infer", tensor(np.ones((1, 5)))),
+            "shape [1, 5] does not fit the model's [-1, 3]": (400, "/v2/models/solo/infer", tensor(np.ones((1, 5)))),
             "exceeds the server's limit": (413, "/v2/models/solo/infer", tensor(np.ones((1000, 3)))),
         }  # fmt: skip
         for words, (code, path, body) in bad.items():

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from caldera.coupling.surrogate import Surrogate
-from caldera.registry import resolve
+from caldera.registry import is_ref, resolve
 
 NPY = "application/x-npy"
 
@@ -56,16 +56,21 @@ NPY = "application/x-npy"
 class Ensemble:
     """The mean (and, for several members, the standard deviation) of surrogates' predictions."""
 
-    def __init__(self, members: Sequence[Surrogate]) -> None:
+    def __init__(self, members: Sequence[Surrogate], card: Mapping[str, Any] | None = None) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one model")
         self.members = list(members)
+        self.card = (
+            card  # the first member's export card (model.json), when it has one: tensor names and shapes
+        )
 
     @classmethod
     def from_runs(cls, run_dirs: Sequence[str | Path], device: str | None = None,
                   trust_code: bool = False) -> Ensemble:  # fmt: skip
         """One member per finished ``caldera train`` run directory or model reference (see ``model_dir``)."""
-        return cls([Surrogate.from_run(model_dir(d), device=device, trust_code=trust_code) for d in run_dirs])
+        dirs = [model_dir(d) for d in run_dirs]
+        members = [Surrogate.from_run(d, device=device, trust_code=trust_code) for d in dirs]
+        return cls(members, model_card(dirs[0]))
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outs = np.stack([np.asarray(m(x)) for m in self.members])
@@ -80,6 +85,22 @@ def model_dir(ref: str | Path) -> Path:
     return resolve(ref)
 
 
+def model_card(directory: Path) -> dict[str, Any] | None:
+    """The export card of a registry version (``model.json``) or an exported run (``export/model.json``), if any."""
+    for path in (directory / "model.json", directory / "export" / "model.json"):
+        try:
+            card = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (
+            isinstance(card, dict)
+            and isinstance(card.get("inputs"), list)
+            and isinstance(card.get("outputs"), list)
+        ):
+            return card
+    return None
+
+
 def model_name(ref: str | Path) -> str:
     """The name a model argument is served under when none is given: its directory's (or reference's) name."""
     text = str(ref).rstrip("/")
@@ -87,9 +108,10 @@ def model_name(ref: str | Path) -> str:
 
 
 def model_version(ref: str | Path) -> str:
-    """The version reported in metadata: the reference's (``NAME@3``: "3"), else "1" for a run directory."""
-    text = str(ref)
-    return text.split("@", 1)[1] if "@" in text else "1"
+    """The version reported in metadata: a registry reference's number (``NAME@latest`` -> "3"), else "1"."""
+    if not is_ref(ref):
+        return "1"
+    return resolve(ref, verify=False).name.removeprefix("v")
 
 
 class BatcherStopped(RuntimeError):
@@ -239,8 +261,16 @@ class Model:
 
 
 def _tensors(ensemble: Ensemble) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Input and output metadata read off the first and last layers with weights (-1 where they cannot tell)."""
+    """Input and output metadata: the export card's names and shapes where the model has one, else read off the
+    first and last layers with weights (-1 where they cannot tell)."""
     member = ensemble.members[0]
+    if ensemble.card is not None:  # what `caldera export` recorded from the run's data: every size known
+        names = {"float32": "FP32", "float64": "FP64", "float16": "FP16", "int64": "INT64", "int32": "INT32"}
+        inputs, outputs = ([{"name": t["name"], "datatype": names.get(t.get("dtype"), "FP32"), "shape": t["shape"]}
+                            for t in ensemble.card[side]] for side in ("inputs", "outputs"))  # fmt: skip
+        if len(ensemble.members) > 1:
+            outputs.append({**outputs[0], "name": "std"})
+        return inputs, outputs
     layers = [m for m in member.model.modules() if getattr(m, "weight", None) is not None]
     dtype = _OIP_NAMES.get(np.dtype(str(member.dtype).removeprefix("torch.")).str, "FP32")
 
@@ -662,6 +692,13 @@ def _parse_infer(body: np.ndarray, model: Model) -> tuple[np.ndarray, Any, list[
         )
     if shape[0] == 0:
         raise ValueError(f"input {name!r}: the batch (first dimension) is empty")
+    declared = model.inputs[0][
+        "shape"
+    ]  # -1 where any size goes (the batch; every size the card does not fix)
+    if len(declared) > 1 and (
+        len(shape) != len(declared) or any(d not in (-1, n) for d, n in zip(declared, shape))
+    ):
+        raise ValueError(f"input {name!r}: shape {shape} does not fit the model's {declared} (-1: any size)")
     wanted = request.get("outputs")
     names = [o["name"] for o in model.outputs]
     if wanted is not None:

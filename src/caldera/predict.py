@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -130,9 +131,10 @@ def predict(run_dir: str | Path | Sequence[str | Path], split: str = "val",
         writer.close({**attrs, **scores, **({"models": len(members)} if ensemble else {})})
     if world.is_main:
         print("  ".join(f"{k} {v:.6g}" for k, v in scores.items()), flush=True)
+        # On stderr: stdout keeps only the scores, the same from one run to the next.
         print(f"{rates['samples_per_s_per_rank']:.1f} samples/s per rank, {rates['samples_per_s']:.1f} samples/s "
               f"on {world.size} rank{'s' if world.size > 1 else ''}"
-              + (f" ({len(members)} models)" if ensemble else ""), flush=True)  # fmt: skip
+              + (f" ({len(members)} models)" if ensemble else ""), file=sys.stderr, flush=True)  # fmt: skip
         if out is not None:
             report = {**scores, **rates, **({"models": len(members)} if ensemble else {})}
             atomic_write_text(Path(out).with_suffix(".json"), json.dumps(report, indent=2))

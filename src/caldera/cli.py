@@ -5,7 +5,7 @@
 under ``mpiexec``/``srun``; ``caldera launch -n N [--max-restarts R] -- cmd`` starts N ranks; ``caldera info``
 (alone or under the launcher) prints what the job sees and the set-up problems it shows; ``caldera tune RUN.toml``
 searches the run file's ``[tune]`` space with every rank; ``caldera serve RUN_DIR...`` answers predictions over
-HTTP with dynamic batching (several run directories: an ensemble); ``caldera predict RUN_DIR [--out pred.npy]``
+HTTP with dynamic batching (several run directories: an ensemble); ``caldera predict RUN_DIR... [--out pred.npy]``
 applies a finished run's model to a split of its data (or another file) on every rank; ``caldera export RUN_DIR``
 writes it, in physical units, as safetensors/TorchScript/AOTInductor/ONNX files, each verified (docs/export.md);
 ``caldera publish RUN_DIR [--name N] [--tag T]`` makes it a version of the model registry on the shared filesystem
@@ -83,8 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     p_predict = sub.add_parser(
         "predict", help="apply a finished run's model to a dataset on every rank: predictions and scores"
     )
-    p_predict.add_argument("run", metavar="RUN_DIR",
-                           help="run directory of a finished `caldera train` run, or a registry model NAME@VERSION")  # fmt: skip
+    p_predict.add_argument("run", metavar="RUN_DIR", nargs="+",
+                           help="run directory of a finished `caldera train` run, or a registry model NAME@VERSION "
+                           "(several: an ensemble, written as mean and spread)")  # fmt: skip
     p_predict.add_argument("--split", choices=["val", "train", "all"], default="val",
                            help="which part of the run's data (default val)")  # fmt: skip
     p_predict.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -298,7 +299,7 @@ def _predict(args: argparse.Namespace) -> int:
     from caldera.predict import predict
 
     try:
-        predict(args.run, args.split, args.set, args.out, args.batch_size, score=not args.no_score,
+        predict(args.run[0] if len(args.run) == 1 else args.run, args.split, args.set, args.out, args.batch_size, score=not args.no_score,
                 trust_code=args.trust_code)  # fmt: skip
     except ConfigError as exc:
         _error(str(exc))

@@ -4,15 +4,22 @@
 the run's data pipeline from its resolved config (any key can be overridden: another file, whole images instead
 of patches), gives each rank a contiguous block of the samples, runs the model in evaluation mode and reduces the
 loss and metrics over the ranks. Predictions keep the dataset's sample order whatever the number of ranks; targets
-that training normalised come back in physical units. ``.npy`` outputs are written by every rank at once into
-one preallocated file; ``.h5`` and ``.nc`` outputs by the ranks in turn (no parallel HDF5 build needed); NetCDF
-keeps the input's time axis, grid coordinates and units. Each appears under its final name only when complete.
+that training normalised come back in physical units. Several models (``caldera predict RUN_A NAME@2 ...``) are an
+ensemble: each batch is read once and fed to every member; the mean is scored and written with the spread (std).
+Every rank streams its rows batch by batch into one preallocated file (memory stays a few batches whatever the
+data's size); ``.h5`` and ``.nc`` outputs are then copied from it by rank 0 in bounded chunks (no parallel HDF5
+build needed); NetCDF keeps the input's time axis, grid coordinates and units. Each appears under its final name
+only when complete.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from caldera.config import Config, load_config
+from caldera.data.normalize import STATS_FILE, load_stats
 from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
 from caldera.names import METRICS
@@ -41,12 +49,13 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     return load_config(RunDir(run_dir).read_config([f"run.dir={run_dir}", *overrides], trust_code))
 
 
-def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tuple[str, ...] = (),
-            out: str | Path | None = None, batch_size: int | None = None, score: bool = True,
-            world: World | None = None, progress: bool = True,
+def predict(run_dir: str | Path | Sequence[str | Path], split: str = "val",
+            overrides: list[str] | tuple[str, ...] = (), out: str | Path | None = None,
+            batch_size: int | None = None, score: bool = True, world: World | None = None, progress: bool = True,
             trust_code: bool = False) -> dict[str, float]:  # fmt: skip
     """Predict ``split`` of the run's data on every rank (collective); write ``out``; return the scores.
-    ``run_dir`` may be a registry model, ``NAME@VERSION`` (its hashes are checked first)."""
+    ``run_dir`` may be a registry model, ``NAME@VERSION`` (its hashes are checked first), or a list of them: an
+    ensemble, whose mean is written and scored and whose spread (standard deviation) is written beside it."""
     from caldera.precision import make_precision
     from caldera.train.run import build_data, build_loss, load_run_model
 
@@ -55,15 +64,22 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
     suffix = Path(out).suffix if out is not None else ".npy"
     if suffix not in WRITERS:
         raise ConfigError(f"--out {out}: write .npy, .h5 or .nc (got {suffix!r})")
-    source, run_dir = str(run_dir), resolve_run(run_dir)
-    cfg = load_run_config(run_dir, overrides, trust_code)
+    sources = [str(run_dir)] if isinstance(run_dir, (str, os.PathLike)) else [str(r) for r in run_dir]
+    if not sources:
+        raise ConfigError("no model to predict with: give a run directory or NAME@VERSION")
+    dirs = [resolve_run(s) for s in sources]
+    cfgs = [load_run_config(d, overrides, trust_code) for d in dirs]
+    same_data_pipeline(sources, dirs, cfgs)
+    cfg = cfgs[
+        0
+    ]  # the members agree on the data: it is read once, with the first member's batch size and loss
     world = world or init(device=cfg.run.device, seed=cfg.run.seed)
     dataset = _choose(build_data(cfg, world.comm), split)
     for part in getattr(dataset, "datasets", [dataset]):
         if getattr(part, "transform", None) is not None:
             part.transform = None  # augmentation is for training: predictions keep the stored orientation
-    model = load_run_model(RunDir(run_dir), cfg).to(world.device).eval()
-    precision = make_precision(cfg.precision.mode, world.device)
+    members = [(load_run_model(RunDir(d), c).to(world.device).eval(), make_precision(c.precision.mode, world.device))
+               for d, c in zip(dirs, cfgs)]  # fmt: skip
     score = score and _has_targets(dataset)
     loss_fn = build_loss(cfg) if score else None
     metrics = {m: resolve(m, METRICS, "[train] metrics") for m in cfg.train.metrics} if score else {}
@@ -71,28 +87,115 @@ def predict(run_dir: str | Path, split: str = "val", overrides: list[str] | tupl
     lo, hi = n * world.rank // world.size, n * (world.rank + 1) // world.size
     loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size or cfg.data.batch_size)
     sums = Scores(loss_fn, metrics)
-    blocks: list[np.ndarray] = []
-    # Rank 0's block times the ranks: an estimate of all.
-    bar = progress_bar(progress and world.is_main, "predicting", transient=True, terminal_only=True)
-    with torch.no_grad(), bar:
+    ensemble = len(members) > 1
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Each batch read once and fed to every member: the mean and spread in physical units."""
         for x, y in loader:
             x, y = _to(x, world.device), _to(y, world.device)
-            with precision.autocast():
-                pred = model(x)
-                sums.add(pred, y, len(y))
-            blocks.append(_physical(dataset, pred.float().cpu().numpy()))
-            bar.update(advance=len(y) * world.size, total=n)
+            preds = []
+            for model, precision in members:
+                with precision.autocast():
+                    preds.append(model(x).float())
+            mean = torch.stack(preds).mean(0) if ensemble else preds[0]
+            sums.add(mean, y, len(y))  # the scores are the ensemble mean's
+            # Denormalisation is affine per channel: undone member by member, the spread comes out in physical
+            # units too.
+            phys = np.stack([_physical(dataset, p.cpu().numpy()) for p in preds])
+            yield (phys.mean(0), phys.std(0)) if ensemble else (phys[0], None)
+
+    attrs = {"run_dir": sources[0] if not ensemble else ", ".join(sources), "split": split}
+    writer = (
+        WRITERS[suffix](Path(out), n, lo, world, ensemble, _describe(dataset)) if out is not None else None
+    )
+    # Rank 0's block times the ranks: an estimate of all.
+    bar = progress_bar(progress and world.is_main, "predicting", transient=True, terminal_only=True)
+    start = time.perf_counter()
+    with torch.no_grad(), bar:
+        stream = batches()
+        first = next(stream, None)  # its shape sizes the output file, agreed by all ranks (collective)
+        if writer is not None:
+            writer.open(first[0].shape[1:] if first is not None else None)
+        done = 0
+        for mean, std in itertools.chain([first] if first is not None else [], stream):
+            if writer is not None:
+                writer.write(
+                    lo + done, mean, std
+                )  # each batch as it comes: a rank holds a few batches at most
+            done += len(mean)
+            bar.update(advance=len(mean) * world.size, total=n)
+    seconds = time.perf_counter() - start
     scores = {**sums.reduce(world.comm, f"{split}_"), "samples": n}
-    if out is not None:
-        attrs = {"run_dir": source, "split": split, **scores}
-        WRITERS[suffix](Path(out), blocks, lo, n, world, attrs, _describe(dataset))
+    rates = _throughput(world, hi - lo, seconds)
+    if writer is not None:
+        writer.close({**attrs, **scores, **({"models": len(members)} if ensemble else {})})
     if world.is_main:
         print("  ".join(f"{k} {v:.6g}" for k, v in scores.items()), flush=True)
+        # On stderr: stdout keeps only the scores, the same from one run to the next.
+        print(f"{rates['samples_per_s_per_rank']:.1f} samples/s per rank, {rates['samples_per_s']:.1f} samples/s "
+              f"on {world.size} rank{'s' if world.size > 1 else ''}"
+              + (f" ({len(members)} models)" if ensemble else ""), file=sys.stderr, flush=True)  # fmt: skip
         if out is not None:
-            atomic_write_text(Path(out).with_suffix(".json"), json.dumps(scores, indent=2))
+            report = {**scores, **rates, **({"models": len(members)} if ensemble else {})}
+            atomic_write_text(Path(out).with_suffix(".json"), json.dumps(report, indent=2))
     if hasattr(dataset, "close"):
         dataset.close()
     return scores
+
+
+DATA_KEYS = ("source", "args", "val_fraction")  # what decides the samples and their values (not batch size)
+
+
+def same_data_pipeline(sources: list[str], dirs: list[Path], cfgs: list[Config]) -> None:
+    """Refuse an ensemble whose members disagree on the data (resolved [data] or normalisation statistics): one
+    ConfigError naming the first difference."""
+    first = _flat({k: cfgs[0].data.model_dump()[k] for k in DATA_KEYS}, "data")
+    first_stats = _stats(dirs[0])
+    for source, d, c in zip(sources[1:], dirs[1:], cfgs[1:]):
+        other = _flat({k: c.data.model_dump()[k] for k in DATA_KEYS}, "data")
+        for key in sorted(set(first) | set(other)):
+            if first.get(key, "(unset)") != other.get(key, "(unset)"):
+                raise ConfigError(
+                    f"ensemble members read different data: {key} = {first.get(key, '(unset)')!r} in {sources[0]} "
+                    f"but {other.get(key, '(unset)')!r} in {source}; an ensemble reads each batch once for every "
+                    "member: use members trained on the same data pipeline (or --set it the same for all)"
+                )
+        stats = _stats(d)
+        if stats != first_stats:
+            name = next(
+                v for v in sorted(set(first_stats) | set(stats)) if first_stats.get(v) != stats.get(v)
+            )
+            raise ConfigError(
+                f"ensemble members normalise differently: {STATS_FILE} of {sources[0]} and {source} differ at "
+                f"variable {name!r}; use members trained on the same file and records"
+            )
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    """``{"data.args.path": ...}``: nested settings as dotted keys, to name the first that differs."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+def _stats(run_dir: Path) -> dict[str, Any]:
+    """The normalisation statistics a run saved (its variables' values; {} when it normalised nothing)."""
+    path = run_dir / STATS_FILE
+    return load_stats(path)[0] if path.is_file() else {}
+
+
+def _throughput(world: World, samples: int, seconds: float) -> dict[str, float]:
+    """Samples/s: the mean over ranks of each rank's own rate, and the whole job's (all samples / slowest rank)."""
+    per_rank = world.comm.allgather((samples, seconds))
+    slowest = max(s for _, s in per_rank) or float("inf")
+    return {
+        "samples_per_s_per_rank": float(np.mean([k / s if s > 0 else 0.0 for k, s in per_rank])),
+        "samples_per_s": sum(k for k, _ in per_rank) / slowest,
+        "ranks": world.size,
+    }
 
 
 def _choose(data: tuple[Dataset, Dataset | None], split: str) -> Dataset:
@@ -149,13 +252,8 @@ def _physical(dataset: Dataset, pred: np.ndarray) -> np.ndarray:
     return undo(pred) if undo is not None else pred
 
 
-# -- writers: every rank holds its block [lo, lo + len) of the n predictions -------------------------------------
-def _shape(blocks: list[np.ndarray], world: World) -> tuple[int, ...]:
-    """The shape of one prediction, agreed by all ranks (a rank without samples has none to offer)."""
-    shapes = [s for s in world.comm.allgather(blocks[0].shape[1:] if blocks else None) if s is not None]
-    if not shapes:
-        raise ConfigError("no samples to predict in this split")
-    return tuple(shapes[0])
+# -- writers: every rank streams its rows [lo, hi) of the n predictions, batch by batch ---------------------------
+CHUNK_BYTES = 64 << 20  # rows copied at a time from the staged arrays into an .h5/.nc file
 
 
 def _describe(dataset: Dataset) -> dict[str, Any]:
@@ -173,81 +271,135 @@ def _describe(dataset: Dataset) -> dict[str, Any]:
     }
 
 
-def _write_npy(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: World, attrs: dict,
-               meta: dict) -> None:  # fmt: skip
-    shape = _shape(blocks, world)
-    tmp = path.with_name(f".{path.name}.partial")
-    if world.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *shape)).flush()
-    world.barrier()  # the file exists at its full size: every rank writes its own rows at once
-    if blocks:
-        rows = np.lib.format.open_memmap(tmp, mode="r+")
-        rows[lo : lo + sum(len(b) for b in blocks)] = np.concatenate(blocks)
-        rows.flush()
-        del rows
-    world.barrier()
-    if world.is_main:
-        os.replace(tmp, path)
+class _Writer:
+    """Stream predictions into preallocated ``.npy`` files that every rank writes its own rows of, a batch at a
+    time, with plain positioned writes (no memory map: a rank's memory stays a few batches whatever the file's
+    size). ``.npy`` outputs are these files renamed; ``.h5``/``.nc`` are copied from them by rank 0 in bounded
+    chunks (no parallel HDF5/NetCDF build needed). Ensembles stage the spread beside the mean."""
+
+    def __init__(self, path: Path, n: int, lo: int, world: World, ensemble: bool, meta: dict) -> None:
+        self.path, self.n, self.lo, self.world, self.ensemble, self.meta = path, n, lo, world, ensemble, meta
+        self.shape: tuple[int, ...] = ()
+        self.files: list[Any] = []
+        self.offset = 0
+
+    def staged(self) -> list[Path]:
+        """The hidden files the ranks write: the mean (or the single model's predictions), then the spread."""
+        names = ["mean", "std"] if self.ensemble else ["mean"]
+        return [self.path.with_name(f".{self.path.name}.{k}.partial.npy") for k in names]
+
+    def open(self, shape: tuple[int, ...] | None) -> None:
+        """Agree on the shape of one prediction (collective: a rank without samples offers none); rank 0 makes
+        the files at full size; then every rank opens them to write its rows."""
+        shapes = [s for s in self.world.comm.allgather(shape) if s is not None]
+        if not shapes:
+            raise ConfigError("no samples to predict in this split")
+        self.shape = tuple(shapes[0])
+        offset = None
+        if self.world.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            for tmp in self.staged():
+                offset = _create_npy(tmp, (self.n, *self.shape))
+        self.offset = self.world.comm.bcast(offset)
+        self.world.barrier()  # the files exist at their full size: every rank writes its own rows at once
+        # Open across batches (a with-block per batch would reopen the file for every write); close() shuts them.
+        self.files = [open(tmp, "r+b") for tmp in self.staged()]  # noqa: SIM115
+
+    def write(self, row: int, mean: np.ndarray, std: np.ndarray | None) -> None:
+        """Rows ``row, row + 1, ...`` of the output (and of the spread), written now."""
+        row_bytes = 4 * int(np.prod(self.shape, dtype=np.int64))
+        for f, rows in zip(self.files, (mean, std)):
+            f.seek(self.offset + row * row_bytes)
+            f.write(np.ascontiguousarray(rows, dtype=np.float32).data)
+
+    def close(self, attrs: dict) -> None:
+        """Flush every rank's rows (collective); rank 0 makes the output from them and names it."""
+        for f in self.files:
+            f.close()
+        self.world.barrier()
+        if self.world.is_main:
+            self.finish(attrs)
+        self.world.barrier()
+
+    def finish(self, attrs: dict) -> None:
+        """``.npy``: the staged files are the output (the spread as ``NAME.std.npy``)."""
+        targets = [self.path, self.path.with_suffix(".std.npy")]
+        for tmp, final in zip(self.staged(), targets):
+            os.replace(tmp, final)
+
+    def chunks(self, tmp: Path) -> Iterator[tuple[int, np.ndarray]]:
+        """The staged rows, at most CHUNK_BYTES at a time (read, not mapped: memory stays bounded)."""
+        row_floats = int(np.prod(self.shape, dtype=np.int64))
+        step = max(1, CHUNK_BYTES // (4 * max(row_floats, 1)))
+        for start in range(0, self.n, step):
+            k = min(step, self.n - start)
+            rows = np.fromfile(tmp, np.float32, k * row_floats, offset=self.offset + 4 * start * row_floats)
+            yield start, rows.reshape(k, *self.shape)
 
 
-def _in_turns(path: Path, world: World, blocks: list[np.ndarray], create: Any, write: Any) -> None:
-    """Rank 0 ``create(tmp)``s the file; then the ranks take turns to ``write(tmp, their rows)`` (no parallel
-    HDF5/NetCDF build needed); rank 0 moves it to ``path`` once complete."""
-    tmp = path.with_name(f".{path.name}.partial")
-    if world.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        create(tmp)
-    for turn in range(world.size):
-        world.barrier()
-        if turn == world.rank and blocks:
-            write(tmp, np.concatenate(blocks))
-    world.barrier()
-    if world.is_main:
-        os.replace(tmp, path)
+def _create_npy(path: Path, shape: tuple[int, ...]) -> int:
+    """An ``.npy`` file of float32 zeros of ``shape`` (sparse where the filesystem allows); its data's offset."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f,
+            {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                "fortran_order": False,
+                "shape": shape,
+            },
+        )
+        offset = f.tell()
+        f.truncate(offset + 4 * int(np.prod(shape, dtype=np.int64)))
+    return offset
 
 
-def _write_h5(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: World, attrs: dict,
-              meta: dict) -> None:  # fmt: skip
-    from caldera.data.formats import require
+class _H5Writer(_Writer):
+    """``.h5``: dataset ``prediction`` (and ``prediction_std`` for ensembles), ``record``, the scores as attributes."""
 
-    h5py = require("h5py", "HDF5 output")
-    shape = _shape(blocks, world)
+    def finish(self, attrs: dict) -> None:
+        from caldera.data.formats import require
 
-    def create(tmp: Path) -> None:
+        h5py = require("h5py", "HDF5 output")
+        tmp = self.path.with_name(f".{self.path.name}.partial")
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("prediction", shape=(n, *shape), dtype="f4", chunks=True)
-            if meta.get("records") is not None:  # which record of the input file each target belongs to
-                f["record"] = meta["records"]
+            for name, staged in zip(("prediction", "prediction_std"), self.staged()):
+                ds = f.create_dataset(name, shape=(self.n, *self.shape), dtype="f4", chunks=True)
+                for start, rows in self.chunks(staged):
+                    ds[start : start + len(rows)] = rows
+            if self.meta.get("records") is not None:  # which record of the input file each target belongs to
+                f["record"] = self.meta["records"]
             f.attrs.update({k: v for k, v in attrs.items() if v is not None})
-
-    def write(tmp: Path, rows: np.ndarray) -> None:
-        with h5py.File(tmp, "r+") as f:
-            f["prediction"][lo : lo + len(rows)] = rows
-
-    _in_turns(path, world, blocks, create, write)
+        os.replace(tmp, self.path)
+        for staged in self.staged():
+            staged.unlink()
 
 
-def _write_nc(path: Path, blocks: list[np.ndarray], lo: int, n: int, world: World, attrs: dict,
-              meta: dict) -> None:  # fmt: skip
+class _NcWriter(_Writer):
     """NetCDF: one variable per target (T, u, v...) with the input file's units, grid coordinates and time axis
-    where the data came from a NetCDF file; otherwise one ``prediction`` variable. The ranks write in turn."""
-    from caldera.data.formats import require
+    where the data came from a NetCDF file, otherwise one ``prediction`` variable; ensembles add ``T_std``..."""
 
-    netCDF4 = require("netCDF4", "NetCDF output")
-    plan = _nc_plan(_shape(blocks, world), meta)
+    def finish(self, attrs: dict) -> None:
+        from caldera.data.formats import require
 
-    def create(tmp: Path) -> None:
+        netCDF4 = require("netCDF4", "NetCDF output")
+        plan = _nc_plan(self.shape, self.meta)
+        spread = [(f"{name}_std", *rest) for name, *rest in plan] if self.ensemble else []
+        tmp = self.path.with_name(f".{self.path.name}.partial")
         with netCDF4.Dataset(tmp, "w") as nc:
-            _nc_define(nc, n, plan, meta, attrs)
-
-    def write(tmp: Path, rows: np.ndarray) -> None:
-        rows = rows[:, None] if rows.ndim == 1 else rows  # one scalar target: a channel axis to slice
-        with netCDF4.Dataset(tmp, "a") as nc:
-            for name, channels, *_ in plan:
-                nc[name][lo : lo + len(rows)] = rows[:, channels].reshape(len(rows), *nc[name].shape[1:])
-
-    _in_turns(path, world, blocks, create, write)
+            _nc_define(nc, self.n, plan + spread, self.meta, attrs)
+            for name, *_ in spread:
+                nc[name].long_name = f"ensemble spread (standard deviation) of {name.removesuffix('_std')}"
+            for variables, staged in zip((plan, spread), self.staged()):
+                for start, rows in self.chunks(staged):
+                    rows = (
+                        rows[:, None] if rows.ndim == 1 else rows
+                    )  # one scalar target: a channel axis to slice
+                    for name, channels, *_ in variables:
+                        var = nc[name]
+                        var[start : start + len(rows)] = rows[:, channels].reshape(len(rows), *var.shape[1:])
+        os.replace(tmp, self.path)
+        for staged in self.staged():
+            staged.unlink()
 
 
 def _nc_plan(
@@ -344,4 +496,4 @@ def _copy_coordinates(src: Any, nc: Any, sizes: dict[str, int], records: np.ndar
         var.setncatts({k: src[record_dim].getncattr(k) for k in src[record_dim].ncattrs()})
 
 
-WRITERS = {".npy": _write_npy, ".h5": _write_h5, ".nc": _write_nc}
+WRITERS = {".npy": _Writer, ".h5": _H5Writer, ".nc": _NcWriter}

@@ -147,3 +147,24 @@ def test_netcdf_input_gives_a_cf_style_forecast_file(tmp_path):
         assert out["time"].calendar == "noleap"
         np.testing.assert_array_equal(out["T"][:], np.load(tmp_path / "out.npy")[:, 0])
         assert abs(float(out["T"][:].mean()) - T[records].mean()) < 0.1 * T.std()  # kelvin, like the input
+
+
+def test_a_new_file_is_normalised_with_the_runs_statistics_which_stay_as_they_were(run):
+    """Predicting on another file uses the training statistics (the model's units), and never rewrites them."""
+    saved = (run / "run" / "normalization.json").read_bytes()
+    with h5py.File(run / "fields.h5") as f:
+        x, a, b = f["x"][:], f["a"][:], f["b"][:]
+    with h5py.File(run / "shifted.h5", "w") as f:  # another period: other means, same variables
+        f["x"], f["a"], f["b"] = x + 3.0, a + 50.0, b
+    predict(
+        run / "run", "all", [f"data.args.path={run / 'shifted.h5'}"], out=run / "shifted.npy", progress=False
+    )
+    assert (run / "run" / "normalization.json").read_bytes() == saved
+    model = build_model(load_config(json.loads((run / "run" / "config.resolved.json").read_text())))
+    model.load_state_dict(torch.load(run / "run" / "model.pt"))
+    with torch.no_grad():  # the training records' statistics applied to the new inputs
+        out = model(torch.from_numpy((x + 3.0 - x[:30].mean()) / x[:30].std())).numpy()
+    want = np.concatenate(
+        [out[:, :1] * a[:30].std() + a[:30].mean(), out[:, 1:] * b[:30].std() + b[:30].mean()], 1
+    )
+    np.testing.assert_allclose(np.load(run / "shifted.npy"), want, rtol=1e-4, atol=1e-3)

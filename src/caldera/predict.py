@@ -74,7 +74,7 @@ def predict(run_dir: str | Path | Sequence[str | Path], split: str = "val",
         0
     ]  # the members agree on the data: it is read once, with the first member's batch size and loss
     world = world or init(device=cfg.run.device, seed=cfg.run.seed)
-    dataset = _choose(build_data(cfg, world.comm), split)
+    dataset = _choose(build_data(cfg, world.comm, frozen_stats=True), split)
     for part in getattr(dataset, "datasets", [dataset]):
         if getattr(part, "transform", None) is not None:
             part.transform = None  # augmentation is for training: predictions keep the stored orientation

@@ -132,9 +132,26 @@ def load_or_compute(
     path: str | os.PathLike | None,
     comm: Communicator | None = None,
     records: tuple[int, int] | None = None,
+    frozen: bool = False,
 ) -> dict[str, VarStats]:
-    """Reuse the statistics at ``path`` when they match this source, else compute them; rank 0 writes them."""
+    """Reuse the statistics at ``path`` when they match this source, else compute them; rank 0 writes them.
+
+    ``frozen``: a trained model's statistics, applied to whatever file is read now (predict, export): read from
+    ``path`` whatever file they came from, never recomputed, never written."""
     comm = comm or LocalComm()
+    if frozen:
+        # A model learned in the training file's units: another file's own mean/std would shift every input,
+        # and overwriting the run's file would change what later loads (and a published version's hash).
+        if path is None or not Path(path).exists():
+            raise DataError(f"this run has no {STATS_FILE} to normalise with (looked for {path}); predict with "
+                            "the run directory it was trained in")  # fmt: skip
+        stats, _ = load_stats(path)
+        absent = [v for v in variables if v not in stats]
+        if absent:
+            raise DataError(
+                f"{path} has no statistics for {absent}: the model was not trained on these variables"
+            )
+        return {v: stats[v] for v in variables}
     source = {"path": str(Path(reader.path).resolve()), "records": list(records or (0, len(reader)))}
     found = None
     if comm.rank == 0 and path is not None and Path(path).exists():

@@ -441,6 +441,7 @@ def dataset(
     buffer: int | None = None,
     run_dir: str | os.PathLike | None = None,
     stats_file: str | os.PathLike | None = None,
+    frozen_stats: bool = False,
     options: dict[str, Any] | None = None,
     missing: str | float = "error",
     comm: Communicator | None = None,
@@ -450,7 +451,8 @@ def dataset(
     ``missing``: what NaN/Inf in the data does: 'error' (a DataError naming the variable, the default), a number
     put in their place after normalisation, or 'keep' (for a transform that fills or masks them). ``comm``: the
     ranks that compute the normalisation statistics together (default this process alone; ``caldera train``
-    passes the run's ranks)."""
+    passes the run's ranks). ``frozen_stats``: normalise with the run's saved statistics whatever file is read
+    (predict and export apply a trained model to new files)."""
 
     inputs, targets = _names(inputs), _names(targets)
     reader = open_reader(path, format, list(dict.fromkeys([*inputs, *targets])), **(options or {}))
@@ -460,9 +462,9 @@ def dataset(
     if stats_file is None and run_dir is not None:
         stats_file = Path(run_dir) / STATS_FILE
     # Statistics come from the training records only, so validation stays unseen.
-    stats = load_or_compute(reader, names, stats_file, comm, (0, n_train)) if names else {}
+    stats = load_or_compute(reader, names, stats_file, comm, (0, n_train), frozen_stats) if names else {}
     missing = _missing_policy(missing)
-    if missing == "error" and transform is None:
+    if missing == "error" and transform is None and not frozen_stats:
         # The statistics pass counted the finite values of the training records: the rest are NaN/Inf, known
         # now at no extra read instead of as a NaN loss steps later. Other values are checked as batches are read.
         for v in names:

@@ -73,7 +73,7 @@ def export(run_dir: str | Path, formats: list[str] | tuple[str, ...] = FORMATS, 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides, trust_code)
     out = Path(out) if out is not None else run_dir / "export"
-    train, val = build_data(cfg)
+    train, val = build_data(cfg, frozen_stats=True)
     for part in (train, val):
         for ds in getattr(part, "datasets", [part]) if part is not None else ():
             if getattr(ds, "transform", None) is not None:

@@ -32,12 +32,14 @@ from caldera.train.trainer import Trainer
 from caldera.world import World, init, seed_everything
 
 
-def build_data(cfg: Config, comm: Communicator | None = None) -> tuple[Dataset, Dataset | None]:
+def build_data(cfg: Config, comm: Communicator | None = None,
+               frozen_stats: bool = False) -> tuple[Dataset, Dataset | None]:  # fmt: skip
     """Call the data source; split off validation data unless the source returned its own.
 
     ``comm``: the ranks that build this data together (default this process alone), handed to a source that
     takes a ``comm`` argument, as ``run_dir`` is: rank 0 of it writes shared files (a generated data set,
-    normalisation statistics) while the others wait, so it must be exactly the ranks that call this."""
+    normalisation statistics) while the others wait, so it must be exactly the ranks that call this.
+    ``frozen_stats``: a trained model is applied (predict, export): normalise with the run's saved statistics."""
     source = resolve(cfg.data.source, SOURCES, "[data] source")
     if "comm" in cfg.data.args:
         raise ConfigError(
@@ -45,7 +47,8 @@ def build_data(cfg: Config, comm: Communicator | None = None) -> tuple[Dataset, 
         )
     # Sources that keep files with the run (normalisation statistics), share work over the ranks or split by
     # themselves get what they take.
-    wanted = {"run_dir": cfg.run_dir, "val_fraction": cfg.data.val_fraction, "comm": comm or LocalComm()}
+    wanted = {"run_dir": cfg.run_dir, "val_fraction": cfg.data.val_fraction, "comm": comm or LocalComm(),
+              "frozen_stats": frozen_stats}  # fmt: skip
     takes = _parameters(source)
     out = _call(source, {**{k: v for k, v in wanted.items() if k in takes}, **cfg.data.args}, "[data] args")
     if isinstance(out, dict):

@@ -219,6 +219,8 @@ def test_the_fortran_heat_example_runs_on_two_mpi_ranks(native):
         proc.stdout,
         re.M,
     )
+    assert re.search(r"^CPU time per window \(slowest rank\): physics\s+[\d.]+ ms, surrogate\s+[\d.]+ ms;", proc.stdout,
+                     re.M)  # fmt: skip
 
 
 def test_devices_cuda_on_a_cpu_build_is_an_error_and_cuda_runs_where_present(native):

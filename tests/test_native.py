@@ -130,6 +130,16 @@ def test_cpp_and_fortran_callers_match_python_eager_and_survive_bad_calls(native
             ), out
             np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5, err_msg=f"{exe} {name} {shape}")
             assert exe.endswith("f90") or "error c-path 2 no such file" in out, out  # the C API called from C
+            # The package metadata: what export recorded (the tiny run's data.args.steps = 10), a missing key is a
+            # status and one line; from C++, a buffer too small says the length it needs.
+            assert re.search(r"^metadata caldera.format 0 1$", out, re.M), out
+            if name == "unet":
+                assert re.search(r"^metadata caldera.data.steps 0 10$", out, re.M), out
+            else:  # the test's own package records no data
+                assert "error metadata 1 no metadata 'caldera.data.steps' in this model (re-export" in out, (
+                    out
+                )
+            assert exe.endswith("f90") or re.search(r"^metadata size 1 1$", out, re.M), out
 
     # TorchScript (libtorch eager) through the same C API: no recorded shapes, the outputs still match.
     module, _ = native["models"]["mlp"]
@@ -141,6 +151,10 @@ def test_cpp_and_fortran_callers_match_python_eager_and_survive_bad_calls(native
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    assert (
+        "error metadata 1 no metadata 'caldera.format' in this model (TorchScript files carry none"
+        in proc.stdout
+    )
 
 
 def test_the_timing_programs_print_one_json_line_each(native):
@@ -157,12 +171,22 @@ def test_the_timing_programs_print_one_json_line_each(native):
 
 def test_the_cpp_heat_example_reports_a_residual_and_both_timings(native):
     _, path = native["models"]["unet"]
-    proc = subprocess.run([str(native["build"] / "heat_surrogate_cpp"), str(path), "3", "2"], capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    exe = str(native["build"] / "heat_surrogate_cpp")
+    proc = subprocess.run([exe, str(path), "3", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The span comes from the export (the tiny run's data.args.steps), so physics and surrogate cover the same one.
+    assert "window: 10 explicit steps (from the package's caldera.data.steps)" in proc.stdout, proc.stdout
     residuals = [float(r) for r in re.findall(r"residual (\S+) \(relative L2\)", proc.stdout)]
     assert len(residuals) == 2 and all(math.isfinite(r) and r > 0 for r in residuals), proc.stdout
-    assert re.search(r"total: physics [\d.]+ ms, surrogate [\d.]+ ms for 3 plates of 16x16", proc.stdout)
+    assert re.search(r"total: physics [\d.]+ ms, surrogate [\d.]+ ms for 3 plates of 16x16, 2 windows of 10 steps",
+                     proc.stdout)  # fmt: skip
+    assert re.search(r"^fastest window: physics [\d.]+ ms, surrogate [\d.]+ ms; surrogate / physics time: [\d.]+ "
+                     r"\(cross-over at about \d+ steps", proc.stdout, re.M)  # fmt: skip
+    # A span given on the command line wins, and one the surrogate was not trained for is said to be so.
+    proc = subprocess.run([exe, str(path), "1", "1", "12"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "warning: the surrogate was trained for 10 steps, not 12" in proc.stdout, proc.stdout
+    assert "window: 12 explicit steps (from the command line)" in proc.stdout, proc.stdout
 
 
 @pytest.mark.mpi
@@ -180,12 +204,23 @@ def test_the_fortran_heat_example_runs_on_two_mpi_ranks(native):
         cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "window: 10 explicit steps (from the package's caldera.data.steps)" in proc.stdout, proc.stdout
     for rank in (0, 1):
         found = re.findall(rf"^window \d+ rank {rank}: residual\s+(\S+)$", proc.stdout, re.M)
-        assert len(found) == 2 and all(math.isfinite(float(r)) for r in found), proc.stdout
+        assert len(found) == 2 and all(math.isfinite(float(r)) and float(r) > 0 for r in found), proc.stdout
     assert re.search(
-        r"physics\s+[\d.]+ ms, surrogate\s+[\d.]+ ms for 2 plates of 16x16 per rank on 2 ranks", proc.stdout
+        r"physics\s+[\d.]+ ms, surrogate\s+[\d.]+ ms for 2 plates of 16x16 per rank on 2 ranks, 2 windows of 10 "
+        r"steps",
+        proc.stdout,
     )
+    assert re.search(
+        r"^fastest window \(slowest rank\): physics\s+[\d.]+ ms, surrogate\s+[\d.]+ ms; surrogate / physics time:"
+        r"\s+[\d.]+ \(cross-over at about \d+ steps",
+        proc.stdout,
+        re.M,
+    )
+    assert re.search(r"^CPU time per window \(slowest rank\): physics\s+[\d.]+ ms, surrogate\s+[\d.]+ ms;", proc.stdout,
+                     re.M)  # fmt: skip
 
 
 def test_devices_cuda_on_a_cpu_build_is_an_error_and_cuda_runs_where_present(native):

@@ -35,6 +35,7 @@ CHAINS = {
     "materials_active": ["materials_active.py"],
     "linalg": ["linalg_refinement.py"],
     "export": ["export_heat.py"],
+    "heat_long": ["heat_surrogate_long.toml"],
 }
 SMOKE_LINE = re.compile(r"^[#\s]*Smoke run \(seconds[^)]*\):[ \t]*(?:\n#[ \t]*)?(.+)$", re.MULTILINE)
 
@@ -70,7 +71,7 @@ def test_example_runs_in_smoke_mode(chain, tmp_path):
     runs = {p.name for p in (tmp_path / "runs").iterdir()} if (tmp_path / "runs").exists() else set()
     expected = {"climate": {"climate-forecast", "climate-finetune"}, "imaging": {"imaging-denoise"},
                 "materials": {"materials-potential"}, "materials_active": {"materials-active"}, "linalg": set(),
-                "export": {"heat-surrogate"}}  # fmt: skip
+                "export": {"heat-surrogate"}, "heat_long": {"heat-surrogate-long"}}  # fmt: skip
     assert runs == expected[chain], runs
     for run in runs:
         assert any((tmp_path / "runs" / run).glob("*.json")), sorted((tmp_path / "runs" / run).iterdir())

@@ -5,6 +5,7 @@
 !   real(real32) :: x(32, 32, 2, nb), y(32, 32, 1, nb)
 !   if (caldera_load(model, "runs/heat/export", "cpu") /= CALDERA_OK) error stop caldera_last_error()
 !   if (caldera_run(model, x, y) /= CALDERA_OK) print *, caldera_last_error()
+!   if (caldera_metadata(model, "caldera.data.steps", text) == CALDERA_OK) read(text, *) steps
 !   call caldera_free(model)
 !
 ! A Fortran array is column-major: x(32,32,2,nb) has the same memory as the C array (nb,2,32,32), so the shape
@@ -15,7 +16,7 @@ module caldera
   private
 
   public :: caldera_model, caldera_load, caldera_run, caldera_last_error, caldera_free, caldera_input_shape, &
-            caldera_output_shape
+            caldera_output_shape, caldera_metadata
   public :: CALDERA_OK, CALDERA_ERR_ARG, CALDERA_ERR_LOAD, CALDERA_ERR_SHAPE, CALDERA_ERR_DTYPE, CALDERA_ERR_DEVICE, &
             CALDERA_ERR_RUN
 
@@ -65,6 +66,13 @@ module caldera
       integer(c_int), intent(out) :: ndim
       integer(c_int) :: status
     end function c_output_shape
+    function c_metadata(m, key, buf, len) bind(c, name="caldera_metadata") result(status)
+      import :: c_ptr, c_char, c_int, c_int64_t
+      type(c_ptr), value :: m, buf
+      character(kind=c_char), intent(in) :: key(*)
+      integer(c_int64_t), intent(inout) :: len
+      integer(c_int) :: status
+    end function c_metadata
     function c_last_error() bind(c, name="caldera_last_error") result(message)
       import :: c_ptr
       type(c_ptr) :: message
@@ -142,6 +150,31 @@ contains
     status = c_output_shape(model%handle, int(i - 1, c_int), s, n)
     shape = s(n:1:-1)
   end function caldera_output_shape
+
+  !> The package metadata value of key, e.g. "caldera.data.steps" (what `caldera export` recorded); a key the
+  !> package lacks is CALDERA_ERR_ARG and value is "".
+  function caldera_metadata(model, key, value) result(status)
+    type(caldera_model), intent(in) :: model
+    character(len=*), intent(in) :: key
+    character(len=:), allocatable, intent(out) :: value
+    integer :: status
+    character(kind=c_char), allocatable, target :: buf(:)
+    integer(c_int64_t) :: n
+    integer :: i
+    value = ""
+    n = 0
+    ! The first call asks the value's length, the second copies it.
+    status = c_metadata(model%handle, trim(key) // c_null_char, c_null_ptr, n)
+    if (n < 0) return
+    allocate(buf(n + 1))
+    n = n + 1
+    status = c_metadata(model%handle, trim(key) // c_null_char, c_loc(buf), n)
+    if (status /= CALDERA_OK) return
+    value = repeat(" ", int(n))
+    do i = 1, int(n)
+      value(i:i) = buf(i)
+    end do
+  end function caldera_metadata
 
   function run_raw(model, x, x_shape, x_dtype, y, y_shape, y_dtype) result(status)
     type(caldera_model), intent(in) :: model

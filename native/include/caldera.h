@@ -53,6 +53,14 @@ CALDERA_API int caldera_n_outputs(const caldera_model *m);
 CALDERA_API caldera_status caldera_input_shape(const caldera_model *m, int i, int64_t *shape, int *ndim);
 CALDERA_API caldera_status caldera_output_shape(const caldera_model *m, int i, int64_t *shape, int *ndim);
 
+/* The package metadata value of `key`: what `caldera export` recorded, e.g. "caldera.data.steps" (the data
+ * source's arguments, here the span of explicit steps the heat surrogate replaces), "caldera.config_hash",
+ * "caldera.inputs". On entry *len is buf's size in bytes; on return it is the value's length without the NUL.
+ * The value is copied NUL-terminated when it fits; when it does not (or buf is NULL) the call returns
+ * CALDERA_ERR_ARG with *len set, so a second call with *len + 1 bytes gets it. A key the package lacks is
+ * CALDERA_ERR_ARG with *len = -1. TorchScript files carry no metadata (every key is missing). */
+CALDERA_API caldera_status caldera_metadata(const caldera_model *m, const char *key, char *buf, int64_t *len);
+
 /* The message of the last failure on this thread ("" when none). */
 CALDERA_API const char *caldera_last_error(void);
 

@@ -62,6 +62,17 @@ class Model {
   /// The recorded shape of input i (-1 = dynamic).
   std::vector<int64_t> input_shape(int i) const { return shape(caldera_input_shape, i); }
   std::vector<int64_t> output_shape(int i) const { return shape(caldera_output_shape, i); }
+  /// The package metadata value of key (e.g. "caldera.data.steps"); throws caldera::Error when it is missing.
+  std::string metadata(const std::string& key) const {
+    int64_t len = 0;
+    caldera_status status = caldera_metadata(m_, key.c_str(), nullptr, &len);
+    if (len < 0) throw Error(status, caldera_last_error());
+    std::string value(static_cast<size_t>(len) + 1, '\0');
+    len = static_cast<int64_t>(value.size());
+    check(caldera_metadata(m_, key.c_str(), value.data(), &len));
+    value.resize(static_cast<size_t>(len));
+    return value;
+  }
   caldera_model* get() const noexcept { return m_; }
 
  private:

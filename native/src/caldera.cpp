@@ -19,6 +19,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace fs = std::filesystem;
@@ -147,6 +148,7 @@ struct caldera_model {
   std::optional<torch::jit::script::Module> script;
   bool has_specs = false;
   std::vector<Spec> inputs, outputs;
+  std::unordered_map<std::string, std::string> meta;  // the package metadata (caldera_metadata)
   int n_inputs = -1, n_outputs = -1;
   AOTInductorModelContainerHandle container = nullptr;
   decltype(&AOTInductorModelContainerRun) run_func = nullptr;
@@ -260,6 +262,7 @@ void load_package(caldera_model& m, const std::string& path) {
     m.has_specs = true;
     m.n_inputs = static_cast<int>(m.inputs.size());
   }
+  m.meta = std::move(meta);
   size_t n_out = 0;
   auto num_outputs = RunnerAccess::num_outputs(runner);
   if (num_outputs && num_outputs(m.container, &n_out) == 0) m.n_outputs = static_cast<int>(n_out);
@@ -463,6 +466,26 @@ caldera_status caldera_input_shape(const caldera_model* m, int i, int64_t* shape
 
 caldera_status caldera_output_shape(const caldera_model* m, int i, int64_t* shape, int* ndim) {
   return shape_of(m, m ? &m->outputs : nullptr, "output", i, shape, ndim);
+}
+
+caldera_status caldera_metadata(const caldera_model* m, const char* key, char* buf, int64_t* len) {
+  return guarded(CALDERA_ERR_ARG, [&] {
+    if (!m || !key || !len) fail(CALDERA_ERR_ARG, "caldera_metadata needs a model, a key and a length (not NULL)");
+    int64_t size = *len;
+    auto found = m->meta.find(key);
+    if (found == m->meta.end()) {
+      *len = -1;
+      fail(CALDERA_ERR_ARG, std::string("no metadata '") + key + "' in this model" +
+                                (m->script ? " (TorchScript files carry none: load the .pt2 package)"
+                                           : " (re-export it with this caldera: `caldera export RUN_DIR`)"));
+    }
+    const std::string& value = found->second;
+    *len = static_cast<int64_t>(value.size());
+    if (!buf || size < *len + 1)
+      fail(CALDERA_ERR_ARG, std::string("metadata '") + key + "' has " + std::to_string(value.size()) +
+                                " bytes: pass a buffer of at least " + std::to_string(value.size() + 1));
+    std::memcpy(buf, value.c_str(), value.size() + 1);
+  });
 }
 
 const char* caldera_last_error(void) { return last_error.c_str(); }

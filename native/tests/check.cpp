@@ -53,6 +53,17 @@ int main(int argc, char** argv) {
   try {
     caldera::Model model(path, device);
     std::cout << "inputs " << model.n_inputs() << " outputs " << model.n_outputs() << std::endl;
+    // The package metadata: a buffer too small says the size it needs; a key export records; the heat run's span, or
+    // a status and one line when the package has none (the caller goes on).
+    int64_t len = 0;
+    caldera_status s = caldera_metadata(model.get(), "caldera.format", nullptr, &len);
+    std::cout << "metadata size " << s << " " << len << std::endl;
+    for (const char* key : {"caldera.format", "caldera.data.steps"}) try {
+        std::string value = model.metadata(key);
+        std::cout << "metadata " << key << " 0 " << value << std::endl;
+      } catch (const caldera::Error& e) {
+        std::cout << "error metadata " << e.status() << " " << e.what() << std::endl;
+      }
     // A wrong shape: the last dimension one too large (the buffer is big enough, the model must refuse anyway).
     std::vector<float> big(x.size() * 2 + 64);
     auto wrong = xs;

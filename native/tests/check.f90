@@ -10,6 +10,7 @@ program check
   integer :: xs(8), ys(8), nx, ny, status, u
   real(real32), allocatable :: x2(:,:), y2(:,:), x4(:,:,:,:), y4(:,:,:,:), bad4(:,:,:,:), bad2(:,:)
   real(real64), allocatable :: d2(:,:), d4(:,:,:,:), e2(:,:), e4(:,:,:,:)
+  character(len=:), allocatable :: text
 
   call get_command_argument(1, path)
   call get_command_argument(2, device)
@@ -26,6 +27,15 @@ program check
   if (status /= CALDERA_OK) then
     print '(a, i0, 1x, a)', 'failed ', status, caldera_last_error()
     error stop 1
+  end if
+  ! The package metadata: what export recorded (caldera.format, and the heat run's span), or a status and a line.
+  status = caldera_metadata(model, "caldera.format", text)
+  print '(a, i0, 1x, a)', 'metadata caldera.format ', status, text
+  status = caldera_metadata(model, "caldera.data.steps", text)
+  if (status == CALDERA_OK) then
+    print '(a, i0, 1x, a)', 'metadata caldera.data.steps ', status, text
+  else
+    print '(a, i0, 1x, a)', 'error metadata ', status, caldera_last_error()
   end if
 
   ! Fortran arrays are the C shapes reversed.

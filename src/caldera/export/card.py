@@ -43,6 +43,17 @@ def io_specs(module: torch.nn.Module, example: torch.Tensor, out: Any) -> tuple[
     return [tensor_spec("x", example)], [tensor_spec(n, o) for n, o in zip(output_names(module, out), outs)]
 
 
+def provenance(cfg: Config) -> dict[str, str]:
+    """String metadata for the artefacts (AOTInductor, safetensors, ONNX): the config hash, the data source and
+    each scalar argument of it as ``caldera.data.<name>`` (e.g. ``caldera.data.steps``, the span a heat surrogate
+    replaces), so a native caller reads what the model was trained on without parsing the card."""
+    meta = {"caldera.config_hash": config_hash(cfg), "caldera.data.source": str(cfg.data.source)}
+    for key, value in (cfg.data.args or {}).items():
+        if isinstance(value, (str, int, float, bool)):
+            meta[f"caldera.data.{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return meta
+
+
 def _spec_dict(spec: str, variables: list[dict[str, Any]] | None) -> dict[str, Any]:
     name, dtype, dims = spec.split(":")
     return {"name": name, "dtype": dtype, "shape": [int(d) for d in dims.split(",")], "dynamic_axes": [0],

@@ -88,7 +88,7 @@ def export(run_dir: str | Path, formats: list[str] | tuple[str, ...] = FORMATS, 
         example_out = module(example)
     inputs, outputs = cards.io_specs(module, example, example_out)
     metadata = {"caldera.inputs": ";".join(inputs), "caldera.outputs": ";".join(outputs), "caldera.device": "cpu",
-                "caldera.format": "1"}  # fmt: skip
+                "caldera.format": "1", **cards.provenance(cfg)}  # fmt: skip
     job = Job(module, example, metadata, blank=lambda: _blank(cfg, module))
     result = Result(out)
     listed: dict[str, dict[str, Any]] = {}

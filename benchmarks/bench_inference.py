@@ -212,7 +212,8 @@ def artefacts(name: str, inductor: dict, need: set[str]) -> Path:
                         "caldera.device": "cpu", "caldera.format": "1"}  # fmt: skip
             configs = {**inductor, "aot_inductor.metadata": metadata}
             tmp = tmp.with_suffix(".pt2")  # the packager insists on the suffix
-            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=configs)
+            with torch.no_grad():  # inductor ignores freezing (aoti_configs) while grad mode is on
+                torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=configs)
         else:
             program = torch.onnx.export(graph_module(name, model), (x,), dynamo=True, dynamic_shapes=({0: batch},),
                                         input_names=["x"], output_names=["y"], verbose=False)  # fmt: skip

@@ -172,8 +172,11 @@ class AOTInductor:
         configs = {"aot_inductor.package_constants_in_so": True, **aoti_configs(self.threads),
                    "aot_inductor.metadata": {**job.metadata, "caldera.device": self.device.split(":")[0],
                                              "caldera.threads": str(self.threads or 0)}}  # fmt: skip
-        return _atomically(path, lambda tmp: aoti_compile_and_package(program, package_path=str(tmp),
-                                                                      inductor_configs=configs))  # fmt: skip
+        # Under no_grad: inductor applies `freezing` only when grad mode is off at compile time, and silently
+        # ignores it otherwise (torch 2.13 compile_fx); with it off the convolutions stay ATen's.
+        with torch.no_grad():
+            return _atomically(path, lambda tmp: aoti_compile_and_package(program, package_path=str(tmp),
+                                                                          inductor_configs=configs))  # fmt: skip
 
     def load(self, path: Path, job: Job) -> Callable[[torch.Tensor], Any]:
         from torch._inductor import aoti_load_package
@@ -221,10 +224,16 @@ FORMATS = ("safetensors", "torchscript", "pt2", "onnx")
 def aoti_configs(threads: int | None) -> dict[str, Any]:
     """Inductor options for a CPU package compiled for ``threads`` threads per call (None: the caller's pool).
 
-    Measured here (8-64-64-4 MLP, batch 1, 1 thread, through the C API): 4.4 us with the defaults, 1.3 us with
-    these. Each ATen GEMM costs a dispatcher trip; inductor's own C++ GEMM templates avoid it, but open an OpenMP
-    region per kernel (a futex each) unless the thread count is fixed at compile time. freezing alone, without the
-    C++ GEMM, made it 31 us (mkldnn's packed linear), so the three go together. The U-Net: 753 -> 577 us."""
+    Compile with them under ``torch.no_grad()`` (AOTInductor.export does): inductor ignores ``freezing`` when grad
+    mode is on. Measured here, batch 1, 1 thread, from C++ (docs/benchmarks.md, "CPU inference: what helps"):
+    - max_autotune + CPP GEMM backend: inductor's own C++ GEMM where it beats ATen's addmm (no dispatcher trip per
+      layer); closure MLP 4.4 -> 1.3 us with cpp.threads;
+    - cpp.threads: OpenMP thread count fixed at compile time, so no parallel region (a futex) per kernel;
+    - freezing: weights become constants, so convolutions are packed for oneDNN (mkldnn._convolution_pointwise,
+      channels-last, GELU fused) instead of ATen's im2col path: heat U-Net 723 -> 569 us (1.27x) from C++.
+    Tried and not kept (within 2 %, U-Net): an explicit channels-last input (layout_optimization already does it),
+    memory_planning, aot_inductor.allow_stack_allocation, rewriting 2x2/stride-2 transposed convolutions as a 1x1
+    convolution + pixel_shuffle (4 % slower: the transposed ones stay ATen either way, dynamic batch)."""
     if threads is None:
         return {}
     return {

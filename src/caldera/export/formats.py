@@ -169,7 +169,8 @@ class AOTInductor:
                 program = torch.export.export(job.module.to(self.device), (job.example.to(self.device),),
                                               dynamic_shapes=job.dynamic_shapes())  # fmt: skip
             job.module.to("cpu")
-        configs = {"aot_inductor.package_constants_in_so": True, **aoti_configs(self.threads),
+        configs = {"aot_inductor.package_constants_in_so": True,
+                   **(aoti_configs(self.threads) if self.device == "cpu" else {}),
                    "aot_inductor.metadata": {**job.metadata, "caldera.device": self.device.split(":")[0],
                                              "caldera.threads": str(self.threads or 0)}}  # fmt: skip
         # Under no_grad: inductor applies `freezing` only when grad mode is off at compile time, and silently
@@ -222,7 +223,8 @@ FORMATS = ("safetensors", "torchscript", "pt2", "onnx")
 
 
 def aoti_configs(threads: int | None) -> dict[str, Any]:
-    """Inductor options for a CPU package compiled for ``threads`` threads per call (None: the caller's pool).
+    """Inductor options for a CPU package compiled for ``threads`` threads per call (None: the caller's pool, and
+    only freezing).
 
     Compile with them under ``torch.no_grad()`` (AOTInductor.export does): inductor ignores ``freezing`` when grad
     mode is on. Measured here, batch 1, 1 thread, from C++ (docs/benchmarks.md, "CPU inference: what helps"):
@@ -234,8 +236,8 @@ def aoti_configs(threads: int | None) -> dict[str, Any]:
     Tried and not kept (within 2 %, U-Net): an explicit channels-last input (layout_optimization already does it),
     memory_planning, aot_inductor.allow_stack_allocation, rewriting 2x2/stride-2 transposed convolutions as a 1x1
     convolution + pixel_shuffle (4 % slower: the transposed ones stay ATen either way, dynamic batch)."""
-    if threads is None:
-        return {}
+    if threads is None:  # the caller's thread pool; freezing still packs the weights for oneDNN
+        return {"freezing": True}
     return {
         "freezing": True,
         "max_autotune": True,

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from caldera.config import flatten
 from caldera.durations import parse_duration as parse_duration
 from caldera.durations import parse_interval as parse_interval
 from caldera.errors import CheckpointError as CheckpointError
@@ -470,7 +471,7 @@ class Checkpointer:
                 return
             differ = ["(not recorded: the checkpoint's config hash differs)"]
         else:
-            mine, old = _flatten(self.config), _flatten(theirs)
+            mine, old = flatten(self.config), flatten(theirs)
             differ = sorted(k for k in mine.keys() | old.keys()
                             if mine.get(k) != old.get(k) and not _may_change(k, self.may_change))  # fmt: skip
             differ = [f"{k} ({old.get(k, 'unset')!r} -> {mine.get(k, 'unset')!r})" for k in differ]
@@ -514,16 +515,6 @@ def _load_file(file: Path) -> Any:
     if problem:
         raise CheckpointError(problem)
     return obj
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _may_change(key: str, allowed: tuple[str, ...]) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -635,3 +636,16 @@ def _check_references(cfg: Config, where: str) -> None:
     problem = unsupported(cfg.parallel.strategy, cfg.precision.mode)
     if problem:
         raise ConfigError(f"{where}: [parallel] {problem}")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys (``{"data.args.path": ...}``), to name the keys that differ between two
+    configs; an empty table is a value of its own."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from caldera.config import Config, load_config
+from caldera.config import Config, flatten, load_config
 from caldera.data.normalize import STATS_FILE, load_stats
 from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
@@ -149,10 +149,10 @@ DATA_KEYS = ("source", "args", "val_fraction")  # what decides the samples and t
 def same_data_pipeline(sources: list[str], dirs: list[Path], cfgs: list[Config]) -> None:
     """Refuse an ensemble whose members disagree on the data (resolved [data] or normalisation statistics): one
     ConfigError naming the first difference."""
-    first = _flat({k: cfgs[0].data.model_dump()[k] for k in DATA_KEYS}, "data")
+    first = flatten({k: cfgs[0].data.model_dump()[k] for k in DATA_KEYS}, "data")
     first_stats = _stats(dirs[0])
     for source, d, c in zip(sources[1:], dirs[1:], cfgs[1:]):
-        other = _flat({k: c.data.model_dump()[k] for k in DATA_KEYS}, "data")
+        other = flatten({k: c.data.model_dump()[k] for k in DATA_KEYS}, "data")
         for key in sorted(set(first) | set(other)):
             if first.get(key, "(unset)") != other.get(key, "(unset)"):
                 raise ConfigError(
@@ -169,16 +169,6 @@ def same_data_pipeline(sources: list[str], dirs: list[Path], cfgs: list[Config])
                 f"ensemble members normalise differently: {STATS_FILE} of {sources[0]} and {source} differ at "
                 f"variable {name!r}; use members trained on the same file and records"
             )
-
-
-def _flat(value: Any, prefix: str) -> dict[str, Any]:
-    """``{"data.args.path": ...}``: nested settings as dotted keys, to name the first that differs."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-        return out
-    return {prefix: value}
 
 
 def _stats(run_dir: Path) -> dict[str, Any]:

@@ -12,7 +12,6 @@ model beyond tolerance; 2 a format could not be exported (the request cannot be 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -31,7 +30,7 @@ from caldera.export import card as cards
 from caldera.export.formats import FORMATS, AOTInductor, Job, artefacts, blocker
 from caldera.export.physical import PhysicalModel, normalization, physical_model
 from caldera.export.verify import Check, check, held_out, reference
-from caldera.io import atomic_write_text
+from caldera.io import atomic_write_text, sha256_file
 from caldera.predict import load_run_config
 from caldera.train.run import build_data, build_model, load_run_model
 from caldera.train.rundir import RunDir
@@ -111,7 +110,7 @@ def export(run_dir: str | Path, formats: list[str] | tuple[str, ...] = FORMATS, 
             result.failed[fmt.key] = entry["error"] = f"cannot export: {why}"
             _say(echo, f"caldera export: {fmt.key}: cannot export: {why}", err=True)
             continue
-        entry.update(sha256=_sha256(path), bytes=path.stat().st_size)
+        entry.update(sha256=sha256_file(path), bytes=path.stat().st_size)
         try:
             with _quiet():
                 verdict = check(fmt.load(path, job), held, expected, rtol, atol)
@@ -204,14 +203,6 @@ def _quiet() -> Iterator[None]:
         os.dup2(saved[1], 2)
         for fd in saved:
             os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _say(echo: bool, line: str, err: bool = False) -> None:

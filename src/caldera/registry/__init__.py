@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from caldera.errors import ConfigError
-from caldera.io import atomic_write_text
+from caldera.io import atomic_write_text, sha256_file
 
 ENV = "CALDERA_REGISTRY"
 MANIFEST = "MANIFEST"  # "<sha256>  <file>" per line: `sha256sum -c MANIFEST` checks a version by hand
@@ -73,19 +73,10 @@ def check_tag(tag: str) -> str:
     return tag
 
 
-def sha256(path: Path) -> str:
-    """The sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> str:
     """Hash every file under ``folder`` into its MANIFEST (written atomically, last); return the version's content
     hash (the sha256 of the MANIFEST)."""
-    lines = [f"{sha256(p)}  {p.relative_to(folder).as_posix()}" for p in sorted(_files(folder))]
+    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}" for p in sorted(_files(folder))]
     text = "".join(line + "\n" for line in lines)
     atomic_write_text(folder / MANIFEST, text)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -130,7 +121,7 @@ class Version:
             if not path.is_file():
                 raise ConfigError(f"{self.ref}: {name} is missing from {self.path} (listed in its MANIFEST): the "
                                   "published files were changed; publish the run again")  # fmt: skip
-            if sha256(path) != digest:
+            if sha256_file(path) != digest:
                 raise ConfigError(f"{self.ref}: {name} does not match its MANIFEST (sha256 differs): the published "
                                   "files were changed; publish the run again")  # fmt: skip
         extra = sorted(p.relative_to(self.path).as_posix() for p in _files(self.path))

@@ -7,6 +7,7 @@ import argparse
 import json
 from typing import Any
 
+from caldera.config import flatten
 from caldera.registry import PROVENANCE, Registry, Version
 from caldera.registry.publish import publish
 
@@ -64,7 +65,7 @@ def diff(a: Version, b: Version) -> list[str]:
     """What differs between two versions: config keys, metrics, data fingerprint, content."""
     ca, cb = a.json("model.json"), b.json("model.json")
     lines = [f"--- {a.ref}", f"+++ {b.ref}"]
-    fa, fb = _flat(ca.get("config") or {}), _flat(cb.get("config") or {})
+    fa, fb = flatten(ca.get("config") or {}), flatten(cb.get("config") or {})
     changed = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k) and not k.startswith("run.dir")]
     lines.append("config: identical" if not changed else f"config: {len(changed)} keys differ")
     lines += [f"  {k}: {json.dumps(fa.get(k))} -> {json.dumps(fb.get(k))}" for k in changed]
@@ -80,16 +81,6 @@ def diff(a: Version, b: Version) -> list[str]:
     same = a.manifest().get("model.pt") == b.manifest().get("model.pt")
     lines.append(f"weights: {'same' if same else 'differ'}")
     return lines
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _num(v: Any) -> str:

@@ -1,5 +1,6 @@
 """The main job, as a user runs it: `caldera train examples/heat_surrogate.toml`."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -7,7 +8,8 @@ import sys
 
 import pytest
 
-from tests.conftest import run_ranks
+from caldera.version import __version__
+from tests.conftest import ROOT, run_ranks
 
 
 def test_main_job_trains_and_writes_the_run_directory(tmp_path):
@@ -53,3 +55,16 @@ def test_info_flags_ranks_sharing_a_gpu():
     assert any("share cuda:0 on n1" in p for p in problems(shared))
     own = [{**rank, "rank": 0, "device": "cuda:0"}, {**rank, "rank": 1, "device": "cuda:1"}]
     assert not any("share" in p for p in problems(own))
+
+
+def test_python_m_caldera_and_version_come_from_one_place():
+    """``python -m caldera`` is the command (mpiexec without the venv's bin on PATH); the version is written once."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "caldera", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == f"caldera {__version__}", proc.stdout + proc.stderr
+    assert (
+        importlib.metadata.version("caldera") == __version__
+    )  # pyproject.toml reads it from caldera.version
+    assert (ROOT / "src" / "caldera" / "py.typed").exists() and (ROOT / "LICENSE").exists()
+    assert f'version: "{__version__}"' in (ROOT / "CITATION.cff").read_text()

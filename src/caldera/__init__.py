@@ -8,10 +8,9 @@ from caldera.train.callbacks import Callback as Callback
 from caldera.train.callbacks import EarlyStopping as EarlyStopping
 from caldera.train.callbacks import TensorBoard as TensorBoard
 from caldera.train.trainer import Trainer as Trainer
+from caldera.version import __version__ as __version__
 from caldera.world import World as World
 from caldera.world import init as init
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Callback", "Config", "ConfigError", "EarlyStopping", "NonFiniteLossError", "TensorBoard", "Trainer",

@@ -53,6 +53,7 @@ from caldera.durations import parse_duration as parse_duration
 from caldera.durations import parse_interval as parse_interval
 from caldera.errors import CheckpointError as CheckpointError
 from caldera.io import atomic_write_text
+from caldera.version import __version__
 from caldera.world import World
 
 REQUEUE_EXIT_CODE = 85  # a job script tests for this to requeue (see docs/checkpoint.md)
@@ -111,8 +112,6 @@ def snapshot(obj: Any) -> Any:
 
 def versions() -> dict[str, str]:
     """Library versions recorded with every checkpoint."""
-    from caldera import __version__
-
     return {"caldera": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version()}  # fmt: skip
 

@@ -24,6 +24,7 @@ import threading
 from caldera.checkpoint import REQUEUE_EXIT_CODE, Preempted
 from caldera.durations import parse_duration
 from caldera.errors import CheckpointError, ConfigError, DataError
+from caldera.version import __version__
 
 TRUST_HELP = (
     "import the code the run directory names by import path (model, data source, loss, metrics); "
@@ -34,6 +35,7 @@ TRUST_HELP = (
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="caldera", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"caldera {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train from a run file (alone, or under mpiexec/srun)")
     p_train.add_argument("config", help="run file (.toml or .yaml)")

@@ -218,3 +218,29 @@ def test_async_shared_from_a_script_without_the_main_guard_is_one_line(tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr[-3000:]  # no worker was started: no traceback, no leaked semaphores
     assert 'put the training code under `if __name__ == "__main__":`' in lines[0]
+
+
+def test_torchrun_is_refused_in_one_line_instead_of_two_lone_runs_into_one_directory(tmp_path):
+    """torchrun from the torch wheel starts 2 processes: each stops with one line naming the launch to use; no run
+    directory is written (before, both trained alone into the same directory)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc-per-node", "2", "-m", "caldera.cli", "train", str(ROOT / "examples" / "heat_surrogate.toml"),
+           "--set", "optim.epochs=1", "--set", f"run.dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode != 0
+    refusals = [
+        line for line in proc.stderr.splitlines() if line.startswith("caldera: error: started by torchrun")
+    ]
+    assert len(refusals) == 2 and "caldera launch -n 2" in refusals[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_launcher_announcing_more_ranks_than_mpi_sees_is_stopped():
+    """mpiexec from another MPI (or srun without PMI for this one): the launcher says 2, MPI says 1."""
+    code = "import caldera; caldera.init()"
+    env = {**os.environ, "OMPI_COMM_WORLD_SIZE": "2"}  # what a foreign launcher announces; MPI starts alone
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0 and "the launcher started 2 ranks but MPI sees 1" in proc.stderr, proc.stderr[
+        -2000:
+    ]

@@ -21,6 +21,7 @@ import torch
 from caldera.comm.base import Communicator
 from caldera.comm.base import shared_gpus as shared_gpus
 from caldera.comm.local import LocalComm
+from caldera.errors import ConfigError
 
 # Variables that MPI launchers (Open MPI, MPICH/Hydra, PMIx, Slurm's srun) set in every rank they start.
 _LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
@@ -148,7 +149,11 @@ def init(
         use_mpi = comm is not None or backend == "mpi" or (backend == "auto" and launched_size() > 1)
         if backend not in ("auto", "mpi", "local"):
             raise ValueError(f"unknown backend {backend!r}; use 'auto', 'mpi' or 'local'")
+        if backend == "auto" and not use_mpi:
+            _refuse_torchrun()
         _WORLD = _mpi_world(device, comm) if use_mpi else World(device=pick_device(0, device))
+        if comm is None and use_mpi:
+            _check_size(_WORLD.size)
         if _WORLD.size > 1:
             abort_on_uncaught_exception(_WORLD)
             if _WORLD.rank != 0:  # advice that every rank would give alike is printed once, by rank 0
@@ -158,6 +163,34 @@ def init(
     elif deterministic:
         make_deterministic()
     return _WORLD
+
+
+def _refuse_torchrun() -> None:
+    """torchrun (or another torch.distributed launcher) started several processes, and no MPI launcher: each would
+    train alone into the same run directory, so stop and say how to start ranks Caldera sees."""
+    size = os.environ.get("WORLD_SIZE", "")
+    if size.isdigit() and int(size) > 1 and "LOCAL_RANK" in os.environ:
+        raise ConfigError(
+            f"started by torchrun (WORLD_SIZE={size}), but Caldera's ranks come from MPI: each process would train "
+            f"alone into the same run directory. Start the ranks with `caldera launch -n {size} -- ...` or "
+            f"`mpiexec -n {size} ...` instead"
+        )
+
+
+# Per-launch variables: set for the ranks of one mpiexec/PMI job step only (SLURM_NTASKS is also set in a batch
+# script's single process, so it cannot say how many ranks MPI should see).
+_STEP_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+
+
+def _check_size(mpi_size: int) -> None:
+    """The launcher announced N ranks but MPI sees a different number: N independent jobs, or a hang later."""
+    announced = _launcher_value(_STEP_SIZE_VARS, 0)
+    if announced and announced != mpi_size:
+        raise ConfigError(
+            f"the launcher started {announced} ranks but MPI sees {mpi_size}: mpi4py's MPI is not the one that "
+            "launched this job (mpiexec from another MPI installation, or srun without PMI support for it). Use "
+            "the mpiexec of the MPI mpi4py was built with (`caldera launch` finds it), or srun --mpi=pmix"
+        )
 
 
 def _mpi_world(device: str | None, comm: Any = None) -> World:

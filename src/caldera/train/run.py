@@ -207,6 +207,8 @@ def train(cfg: Config, config_path: str | Path | None = None, world: World | Non
     """
     try:
         world = world or init(device=cfg.run.device, seed=cfg.run.seed, deterministic=cfg.run.deterministic)
+    except ConfigError:  # the launch itself (torchrun, a launcher/MPI mismatch): its own line
+        raise
     except ValueError as exc:  # e.g. device = "cuda" without a GPU: one line naming the fix, no traceback
         raise ConfigError(f"run.device: {exc}") from exc
     train_set, val_set = build_data(cfg, world.comm)

@@ -39,8 +39,8 @@ def make_console(**kwargs: Any) -> Any:
     from rich.console import Console
 
     if plain_output():
-        # force_terminal=False alone is not enough when stdout is Open MPI's pseudo-terminal: no_color and no
-        # colour system keep styles ("[bold]") from turning into escape codes, too.
+        # force_terminal=False overrides Open MPI's pseudo-terminal (rich 15 then writes no escape code; its bar
+        # would show only once, at the end); no colour system keeps styles plain should a rich version differ.
         kwargs.update(force_terminal=False, no_color=True, color_system=None, legacy_windows=False)
     return Console(**kwargs)
 

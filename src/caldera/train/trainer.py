@@ -31,7 +31,7 @@ from caldera.train.callbacks import Callback
 from caldera.train.evaluate import Scores
 from caldera.train.metrics import Metric
 from caldera.train.output import plot_learning_curve, plot_predictions
-from caldera.train.progress import Bar
+from caldera.train.progress import Bar, make_console
 from caldera.train.recompute import checkpoint_activations
 from caldera.train.rundir import MetricsLog, RunDir, git_commit, mismatch
 from caldera.watchdog import Watchdog, hang_timeout_for
@@ -450,9 +450,7 @@ class Trainer:
 
     def _print(self, message: str) -> None:
         if self._console is None:
-            from rich.console import Console
-
-            self._console = Console(highlight=False, soft_wrap=True)
+            self._console = make_console(highlight=False, soft_wrap=True)
         self._console.print(message)
 
     def progress_bar(self, total: int) -> Any:

@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import threading
+from collections.abc import Callable
 
 from caldera.checkpoint import REQUEUE_EXIT_CODE, Preempted
 from caldera.durations import parse_duration
@@ -300,30 +301,21 @@ def _serve(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from caldera.predict import predict
 
-    try:
-        predict(args.run[0] if len(args.run) == 1 else args.run, args.split, args.set, args.out, args.batch_size, score=not args.no_score,
+    def run() -> int:
+        runs = args.run[0] if len(args.run) == 1 else args.run  # several: an ensemble
+        predict(runs, args.split, args.set, args.out, args.batch_size, score=not args.no_score,
                 trust_code=args.trust_code)  # fmt: skip
-    except ConfigError as exc:
-        _error(str(exc))
-        return 2
-    except DataError as exc:
-        return _data_error(exc)
-    return 0
+        return 0
+
+    return _guarded(run)
 
 
 def _export(args: argparse.Namespace) -> int:
     from caldera.export import export
 
-    try:
-        result = export(args.run, [f.strip() for f in args.format.split(",") if f.strip()], args.out, args.device,
-                        args.samples, args.rtol, args.atol, args.set, args.trust_code,
-                        threads=args.threads)  # fmt: skip
-    except ConfigError as exc:
-        _error(str(exc))
-        return 2
-    except DataError as exc:
-        return _data_error(exc)
-    return result.code
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    return _guarded(lambda: export(args.run, formats, args.out, args.device, args.samples, args.rtol, args.atol,
+                                   args.set, args.trust_code, threads=args.threads).code)  # fmt: skip
 
 
 def _registry(args: argparse.Namespace) -> int:
@@ -335,8 +327,13 @@ def _registry(args: argparse.Namespace) -> int:
     if args.command == "models" and args.action == "diff" and not args.other:
         _error("models diff needs two versions: caldera models diff NAME@1 NAME@2")
         return 2
+    return _guarded(lambda: (publish_command if args.command == "publish" else models_command)(args))
+
+
+def _guarded(command: Callable[[], int]) -> int:
+    """Run a command; bad input (a ConfigError) is one line and exit 2, bad data goes through ``_data_error``."""
     try:
-        return (publish_command if args.command == "publish" else models_command)(args)
+        return command()
     except ConfigError as exc:
         _error(str(exc))
         return 2

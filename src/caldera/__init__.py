@@ -4,6 +4,7 @@ from caldera.config import Config as Config
 from caldera.config import ConfigError as ConfigError
 from caldera.config import load_config as load_config
 from caldera.errors import NonFiniteLossError as NonFiniteLossError
+from caldera.log import setup as _setup_logging
 from caldera.train.callbacks import Callback as Callback
 from caldera.train.callbacks import EarlyStopping as EarlyStopping
 from caldera.train.callbacks import TensorBoard as TensorBoard
@@ -11,6 +12,8 @@ from caldera.train.trainer import Trainer as Trainer
 from caldera.version import __version__ as __version__
 from caldera.world import World as World
 from caldera.world import init as init
+
+_setup_logging()  # library messages reach stderr unless the program set up logging itself
 
 __all__ = [
     "Callback", "Config", "ConfigError", "EarlyStopping", "NonFiniteLossError", "TensorBoard", "Trainer",

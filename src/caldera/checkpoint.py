@@ -53,8 +53,11 @@ from caldera.durations import parse_duration as parse_duration
 from caldera.durations import parse_interval as parse_interval
 from caldera.errors import CheckpointError as CheckpointError
 from caldera.io import atomic_write_text
+from caldera.log import get_logger
 from caldera.version import __version__
 from caldera.world import World
+
+_log = get_logger(__name__)
 
 REQUEUE_EXIT_CODE = 85  # a job script tests for this to requeue (see docs/checkpoint.md)
 # every = "auto": checkpoint at the first epoch end at least this many seconds after the last checkpoint.
@@ -203,8 +206,8 @@ class Checkpointer:
         target.mkdir(exist_ok=True)
         for path in found:
             os.replace(path, target / path.name)
-        print(f"caldera: {len(found)} checkpoint(s) of an earlier run in {self.dir} moved to {target} (this is "
-              "a fresh run; --resume continues the earlier one)", flush=True)  # fmt: skip
+        _log.info(f"{len(found)} checkpoint(s) of an earlier run in {self.dir} moved to {target} (this is a fresh "
+                  "run; --resume continues the earlier one)")  # fmt: skip
         return target
 
     # -- signals --------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from caldera.checkpoint import REQUEUE_EXIT_CODE, Preempted
 from caldera.durations import parse_duration
 from caldera.errors import CheckpointError, ConfigError, DataError
+from caldera.log import level_from_env
+from caldera.train.progress import progress_interval
 from caldera.version import __version__
 
 TRUST_HELP = (
@@ -163,6 +165,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``caldera`` command."""
     args = _parser().parse_args(argv)
+    try:  # a wrong setting in the environment stops now, not after the data is built
+        level_from_env()
+        progress_interval()
+    except ConfigError as exc:
+        _error(str(exc))
+        return 2
     if args.command == "launch":
         return _launch(args)
     if args.command == "info":

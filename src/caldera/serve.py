@@ -48,7 +48,10 @@ import numpy as np
 import torch
 
 from caldera.coupling.surrogate import Surrogate
+from caldera.log import get_logger
 from caldera.registry import is_ref, resolve
+
+_log = get_logger(__name__)
 
 NPY = "application/x-npy"
 
@@ -935,7 +938,7 @@ class _Server(ThreadingHTTPServer):
         exc = sys.exc_info()[1]
         if isinstance(exc, (ConnectionError, TimeoutError)):  # a client that went away: nothing to report
             return
-        print(f"caldera serve: {client_address[0]}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        _log.error(f"serve: {client_address[0]}: {type(exc).__name__}: {exc}")
 
 
 # Routes answered without a token by default: orchestrators probe liveness and readiness without credentials.

@@ -22,6 +22,7 @@ from caldera.comm.base import Communicator
 from caldera.comm.base import shared_gpus as shared_gpus
 from caldera.comm.local import LocalComm
 from caldera.errors import ConfigError
+from caldera.log import set_rank
 
 # Variables that MPI launchers (Open MPI, MPICH/Hydra, PMIx, Slurm's srun) set in every rank they start.
 _LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
@@ -154,6 +155,7 @@ def init(
         _WORLD = _mpi_world(device, comm) if use_mpi else World(device=pick_device(0, device))
         if comm is None and use_mpi:
             _check_size(_WORLD.size)
+        set_rank(_WORLD.rank, _WORLD.size)
         if _WORLD.size > 1:
             abort_on_uncaught_exception(_WORLD)
             if _WORLD.rank != 0:  # advice that every rank would give alike is printed once, by rank 0
@@ -235,3 +237,4 @@ def reset() -> None:
     """Forget the cached World (for tests that switch backends in one process)."""
     global _WORLD
     _WORLD = None
+    set_rank(None)

@@ -6,7 +6,6 @@ See ``param_server`` for the protocol as a whole, ``ps_wire`` for the messages.
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -16,6 +15,7 @@ from torch.utils.data import Dataset
 
 from caldera.checkpoint import Preempted
 from caldera.comm.buckets import flatten, unflatten
+from caldera.log import get_logger
 from caldera.parallel import _async
 from caldera.parallel._async import Schedule
 from caldera.parallel.context import RunContext, Snapshot, UpdateBar
@@ -33,6 +33,8 @@ from caldera.parallel.ps_wire import (
     Packet,
     mpi,
 )
+
+_log = get_logger(__name__)
 
 
 class Server:
@@ -212,8 +214,8 @@ class Server:
                 self.state[i] = "dead"
                 self.dead.append((self.servers + i, now - self.job.t0))
                 if self.rank == 0:
-                    sys.stderr.write(f"caldera async-ps: worker rank {self.servers + i} silent for more than "
-                                     f"{self.dead_timeout:g} s: training continues without it\n")  # fmt: skip
+                    _log.warning(f"async-ps: worker rank {self.servers + i} silent for more than "
+                                 f"{self.dead_timeout:g} s: training continues without it")  # fmt: skip
         return len(self.dead) > before
 
     def _finished(self) -> bool:

@@ -30,8 +30,11 @@ from torch import nn
 from caldera.comm.base import Communicator
 from caldera.data.formats import require
 from caldera.data.scientific import BatchReads
+from caldera.log import get_logger
 from caldera.models.climate import ClimateNet as ClimateNet
 from caldera.sims import write_once  # re-exported: the model of this application
+
+_log = get_logger(__name__)
 
 RADIUS = 6.371e6  # m
 DAY = 86400.0  # s
@@ -415,7 +418,7 @@ def dataset(
     made_with = {"days": float(days), "nlat": nlat, "nlon": nlon, "seed": seed}
 
     def write() -> None:
-        print(f"climate: simulating {days:g} days on a {nlat}x{nlon} grid into {file}", flush=True)
+        _log.info(f"climate: simulating {days:g} days on a {nlat}x{nlon} grid into {file}")
         write_netcdf(
             file, simulate(nlat, nlon, days, seed=seed), {f"caldera_{k}": v for k, v in made_with.items()}
         )

@@ -7,12 +7,15 @@ no terminal control sequence: a day-long job's output file holds a few lines per
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import IO, Any
+
+from caldera.errors import ConfigError
 
 DEFAULT_INTERVAL = 30.0  # seconds between plain progress lines in a batch log
 
@@ -47,13 +50,18 @@ def make_console(**kwargs: Any) -> Any:
 
 def progress_interval() -> float:
     """Seconds between plain progress lines: ``CALDERA_PROGRESS_INTERVAL``, else 30."""
-    raw = os.environ.get("CALDERA_PROGRESS_INTERVAL", "")
+    raw = os.environ.get("CALDERA_PROGRESS_INTERVAL", "").strip()
+    if not raw:
+        return DEFAULT_INTERVAL
     try:
-        return float(raw) if raw else DEFAULT_INTERVAL
+        seconds = float(raw)
     except ValueError:
-        raise ValueError(
-            f"CALDERA_PROGRESS_INTERVAL={raw!r} is not a number of seconds; set it to e.g. 30"
-        ) from None
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ConfigError(
+            f"CALDERA_PROGRESS_INTERVAL={raw!r} is not a number of seconds >= 0; set it to e.g. 30"
+        )
+    return seconds
 
 
 def _clock(seconds: float) -> str:

@@ -31,7 +31,7 @@ from caldera.train.callbacks import Callback
 from caldera.train.evaluate import Scores
 from caldera.train.metrics import Metric
 from caldera.train.output import plot_learning_curve, plot_predictions
-from caldera.train.progress import Bar, make_console
+from caldera.train.progress import Bar, make_console, progress_interval
 from caldera.train.recompute import checkpoint_activations
 from caldera.train.rundir import MetricsLog, RunDir, git_commit, mismatch
 from caldera.watchdog import Watchdog, hang_timeout_for
@@ -88,6 +88,8 @@ class Trainer:
         self.scheduler, self.callbacks = scheduler, list(callbacks)
         self.seed, self.shuffle, self.drop_last, self.num_workers = seed, shuffle, drop_last, num_workers
         self.progress, self.plot = progress, plot
+        if progress:
+            progress_interval()  # a wrong CALDERA_PROGRESS_INTERVAL stops here, before any data or step
         self.input_warning = input_warning  # warn when more than this fraction of step time waits for data
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1 micro-batches per step (got {accumulate})")

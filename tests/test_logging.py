@@ -34,7 +34,9 @@ def test_two_ranks_rank0_informs_every_rank_warns_each_named():
     assert err.count("caldera: before init: said by rank 0 only") == 1, proc.stderr
     assert err.count("caldera: after init: said by rank 0 only") == 1, proc.stderr
     # Warnings from every rank; other ranks than 0 say who they are.
-    assert "caldera: every rank warns (rank 0)" in err and "caldera[rank 1/2]: every rank warns (rank 1)" in err
+    assert (
+        "caldera: every rank warns (rank 0)" in err and "caldera[rank 1/2]: every rank warns (rank 1)" in err
+    )
     assert not any("hidden" in line for line in err) and "caldera" not in proc.stdout
 
 
@@ -46,7 +48,9 @@ def test_a_program_that_configures_logging_gets_the_records_with_their_rank():
         "from caldera.log import get_logger\n"
         "get_logger('caldera.demo').info('hello')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     # The program's own handler (on stdout) shows it once with the rank; Caldera adds no second handler.
     assert proc.stdout.splitlines() == ["caldera.demo 0 INFO hello"] and "hello" not in proc.stderr

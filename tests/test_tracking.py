@@ -14,6 +14,7 @@ BASE = ["train", "examples/heat_surrogate.toml", "--set", "data.args.n_samples=8
         "--set", "data.args.steps=10", "--set", "data.batch_size=16", "--set", "data.val_fraction=0.2",
         "--set", "model.args.channels=4", "--set", "optim.warmup_steps=4", "--set", "parallel.strategy=allreduce",
         "--set", "train.plot=false", "--set", "train.progress=false", "--set", "log.every_steps=1"]  # fmt: skip
+# W&B is in the tracking extra, not the test one (its wheel is large and starts a service): checked when installed.
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
 
 
@@ -23,22 +24,16 @@ def rows(run_dir):
 
 @pytest.mark.mpi
 def test_two_ranks_resumed_log_one_run_with_per_step_curves(tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
-    pytest.importorskip("tensorboard")
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    # The same run in this process: allreduce on 2 ranks takes the same steps as one process.
+    # The same run in this process, logged every 2nd step: allreduce on 2 ranks takes the same steps as one process.
     ref = tmp_path / "one"
-    backends = "[wandb]" if HAS_WANDB else "[]"  # W&B is checked when it is installed (an optional extra)
-    assert (
-        main(
-            [*BASE, "--set", f"run.dir={ref}", "--set", "optim.epochs=1", "--set", f"log.backends={backends}"]
-        )
-        == 0
-    )
+    backends = "[wandb]" if HAS_WANDB else "[]"
+    alone = ["--set", f"run.dir={ref}", "--set", "optim.epochs=1", "--set", f"log.backends={backends}"]
+    assert main([*BASE, *alone, "--set", "log.every_steps=2"]) == 0
     one = {r["step"]: r for r in rows(ref)}
-    assert sorted(one) == [1, 2, 3, 4]
+    assert sorted(one) == [2, 4]
 
     run_dir = tmp_path / "two"
     args = [
@@ -56,14 +51,13 @@ def test_two_ranks_resumed_log_one_run_with_per_step_curves(tmp_path, monkeypatc
     second = run_ranks(2, [*args, "--set", "optim.epochs=2", "--resume"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "global step 4" in second.stdout
-    assert (
-        json.loads((run_dir / "tracking.json").read_text())["mlflow"] == state["mlflow"]
-    )  # kept over the resume
+    kept = json.loads((run_dir / "tracking.json").read_text())
+    assert kept["mlflow"] == state["mlflow"] and kept["tensorboard"] == state["tensorboard"]
 
     # steps.jsonl: every step once, over both legs; the first epoch's numbers as one process's (loss, lr, norm).
     two = rows(run_dir)
     assert [r["step"] for r in two] == list(range(1, 9))
-    for r in two[:4]:
+    for r in (two[1], two[3]):
         ref_row = one[r["step"]]
         assert r["epoch"] == ref_row["epoch"] == 1 and r["train/lr"] == pytest.approx(ref_row["train/lr"])
         assert r["train/loss"] == pytest.approx(ref_row["train/loss"], rel=1e-4)

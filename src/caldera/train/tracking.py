@@ -48,8 +48,11 @@ class Backend(Protocol):
     def log(self, values: Mapping[str, float], step: int) -> None:
         """Record scalars at the global optimizer step ``step``."""
 
-    def close(self) -> None:
-        """Flush and finish."""
+    def flush(self) -> None:
+        """Make what was logged readable now (at each epoch end)."""
+
+    def close(self, finished: bool) -> None:
+        """Flush and end the run: ``finished``, or stopped early (a time limit, a signal, an error)."""
 
 
 class TensorBoardBackend:
@@ -70,7 +73,11 @@ class TensorBoardBackend:
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
 
-    def close(self) -> None:
+    def flush(self) -> None:
+        """Write the buffered events (the writer otherwise waits up to two minutes)."""
+        self.writer.flush()
+
+    def close(self, finished: bool) -> None:
         """Flush and close the event file."""
         self.writer.close()
 
@@ -117,9 +124,12 @@ class MLflowBackend:
             self.run_id, metrics=[Metric(_mlflow_key(k), v, now, step) for k, v in values.items()]
         )
 
-    def close(self) -> None:
-        """Mark the run finished (a killed run stays RUNNING until resumed)."""
-        self.client.set_terminated(self.run_id, "FINISHED")
+    def flush(self) -> None:
+        """Nothing: every point is written when logged."""
+
+    def close(self, finished: bool) -> None:
+        """Mark the run FINISHED, or KILLED when stopped early (a resume sets it RUNNING again)."""
+        self.client.set_terminated(self.run_id, "FINISHED" if finished else "KILLED")
 
 
 class WandbBackend:
@@ -144,9 +154,12 @@ class WandbBackend:
         """One row of scalars at ``step``."""
         self.run.log(dict(values), step=step)
 
-    def close(self) -> None:
-        """Finish the run (offline: its files are complete)."""
-        self.run.finish()
+    def flush(self) -> None:
+        """Nothing: W&B's own process writes as it goes."""
+
+    def close(self, finished: bool) -> None:
+        """Finish the run (offline: its files are complete); a stopped one with a non-zero exit code."""
+        self.run.finish(exit_code=0 if finished else 1)
 
 
 class Tracker(Callback):
@@ -201,7 +214,7 @@ class Tracker(Callback):
         for backend in self.backends:
             state[backend.name] = backend.open(run_dir, state.get(backend.name))
             self._open.append(backend)
-        atomic_write_text(state_file, json.dumps(state, indent=2))
+            atomic_write_text(state_file, json.dumps(state, indent=2))  # each id as soon as it exists
         atexit.register(self._close)  # a time-limit stop or an error ends fit without on_fit_end
 
     def on_step_end(self, trainer: Trainer) -> None:
@@ -219,14 +232,12 @@ class Tracker(Callback):
         """The epoch's metrics, at the epoch's last global step, under ``epoch/``."""
         self._send({f"epoch/{k}": v for k, v in logs.items() if k != "epoch"}, trainer.global_step)
         for backend in self._open:
-            flush = getattr(getattr(backend, "writer", None), "flush", None)
-            if flush is not None:
-                flush()
+            backend.flush()
 
     def on_fit_end(self, trainer: Trainer) -> None:
         """Close the file and finish the backends' runs."""
-        self._close()
         atexit.unregister(self._close)
+        self._close(finished=True)
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _arm(self, trainer: Trainer) -> None:
@@ -240,12 +251,12 @@ class Tracker(Callback):
         for backend in self._open:
             backend.log(finite, step)
 
-    def _close(self) -> None:
+    def _close(self, finished: bool = False) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
         while self._open:
-            self._open.pop().close()
+            self._open.pop().close(finished)
 
 
 class _Window:

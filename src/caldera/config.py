@@ -113,7 +113,7 @@ class TrainSection(_Section):
     early_stopping_patience: int | None = Field(None, gt=0)
     monitor: str = "val_loss"
     progress: bool = True
-    tensorboard: bool = False
+    tensorboard: bool = Field(False, description='same as [log] backends = ["tensorboard"]')
     plot: bool = True
     activation_checkpointing: bool = Field(
         False, description="recompute each parameter-holding block's activations in backward instead of keeping "
@@ -127,6 +127,35 @@ class TrainSection(_Section):
         1, ge=1, description="micro-batches per optimizer step: each rank's share of a batch runs in this many "
         "pieces (activation memory / accumulate), gradients summed, one reduction; the update is unchanged",
     )  # fmt: skip
+
+
+class LogSection(_Section):
+    """``[log]``: per-step scalars and the experiment trackers they go to (``caldera.train.tracking``)."""
+
+    every_steps: int = Field(
+        0, ge=0, description="log loss, lr, throughput, data wait and grad norm every this many optimizer steps "
+        "(to <run dir>/steps.jsonl and the backends); 0 = per epoch only",
+    )  # fmt: skip
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        [], description="experiment trackers written by rank 0 beside metrics.jsonl: tensorboard, mlflow, wandb "
+        "(pip install 'caldera[tracking]')",
+    )  # fmt: skip
+    system: bool = Field(
+        True, description="with every_steps: also memory (process RSS and peak, host), CPU and GPU use"
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow store; default the file store <run dir>/mlruns (works offline)"
+    )
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment; default [run] name")
+    wandb_project: str | None = Field(None, description="W&B project; default [run] name")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files under <run dir>/wandb for `wandb sync` (no internet needed)"
+    )
+
+    @field_validator("backends")
+    @classmethod
+    def _once(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
 
 def _seconds(value: Any) -> Any:
@@ -287,6 +316,7 @@ class Config(_Section):
     parallel: ParallelSection = Field(default_factory=ParallelSection)
     precision: PrecisionSection = PrecisionSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    log: LogSection = LogSection()
     tune: TuneSection | None = None
 
     @property

@@ -41,7 +41,7 @@ from caldera.comm.buckets import (
 from caldera.comm.linear_grads import fuse
 from caldera.comm.lowp import LowPrecisionSum, SumJob, wire_dtype
 from caldera.config import StrategyOptions
-from caldera.parallel.base import Purpose, Strategy, register
+from caldera.parallel.base import Purpose, Strategy, clip_and_measure, register
 from caldera.parallel.zero import ShardedOptimizer
 from caldera.world import World
 
@@ -255,10 +255,13 @@ class AllReduce(Strategy):
                     point_grads(b, self.node.result[b.start : b.start + b.flat.numel()])
             if self.wire == torch.float16 and getattr(self.optimizer, "scaler", None) is None:
                 self._check_fp16_range()
-        if self.grad_clip and self.node is not None:
-            self.node.clip_(self.grad_clip, [(b.start, b.start + b.flat.numel()) for b in self.buckets])
-        elif self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        # Every rank holds the whole reduced gradient here: its norm is the global one (before clipping).
+        clip, measure = self.grad_clip, self.measure_grad_norm
+        if clip and self.node is not None:
+            norm = self.node.clip_(clip, [(b.start, b.start + b.flat.numel()) for b in self.buckets])
+            self._grad_norm = norm if measure else None
+        else:
+            self._grad_norm = clip_and_measure(list(self.model.parameters()), clip, measure)
         if self.shards is not None:
             if self.shards.step():
                 self._gather_params()

@@ -52,6 +52,10 @@ class Strategy(ABC):
     # The strategy's ``[parallel]`` keys (beside ``strategy``), validated when a run file is loaded; each is a
     # keyword of the constructor. The default has none.
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    # Set by the trainer before a step whose gradient norm it logs; a strategy that measures it keeps the norm
+    # of that step in ``_grad_norm`` (a tensor: reading it is a device sync, left to whoever asks).
+    measure_grad_norm: bool = False
+    _grad_norm: torch.Tensor | float | None = None
 
     @abstractmethod
     def setup(
@@ -102,6 +106,12 @@ class Strategy(ABC):
             total += loss.detach().double().cpu() * len(yi)
         return total / len(y), finite
 
+    def grad_norm(self) -> float | None:
+        """The global 2-norm of the gradients the last measured step applied, before clipping (see
+        ``measure_grad_norm``); None where the strategy does not measure it (the default) or no step was measured."""
+        norm, self._grad_norm = self._grad_norm, None
+        return None if norm is None else float(norm)
+
     def forward_batch(self, model: torch.nn.Module, x: Any) -> torch.Tensor | None:
         """Validation forward of ``model`` (the whole model the trainer holds): the output where the batch is
         scored, None on ranks that do not score it."""
@@ -131,6 +141,18 @@ def micro_batches(x: Any, y: torch.Tensor, k: int) -> list[tuple[Any, torch.Tens
         return [(x, y)]
     xs = list(zip(*(t.tensor_split(k) for t in x))) if isinstance(x, tuple) else list(x.tensor_split(k))
     return [(a, b) for a, b in zip(xs, y.tensor_split(k)) if len(b)] or [(x, y)]
+
+
+def clip_and_measure(params: Any, clip: float | None, measure: bool) -> torch.Tensor | None:
+    """Clip the gradients of ``params`` to the 2-norm ``clip`` (if set); return their norm before clipping when
+    ``measure`` (a tensor, not read: no device sync here), else None."""
+    if clip:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)  # computes the norm anyway
+        return norm if measure else None
+    if not measure:
+        return None
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
 
 
 def activations_offloaded(offload: bool) -> AbstractContextManager[Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from caldera.parallel.base import Strategy, register
+from caldera.parallel.base import Strategy, clip_and_measure, register
 from caldera.world import World
 
 
@@ -28,7 +28,7 @@ class Single(Strategy):
 
     def step(self) -> None:
         """Clip (if asked), step and zero the gradients."""
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        params = list(self.model.parameters())
+        self._grad_norm = clip_and_measure(params, self.grad_clip, self.measure_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -25,9 +25,10 @@ from caldera.durations import parse_duration
 from caldera.errors import ConfigError
 from caldera.names import LOSSES, METRICS, MODELS, SOURCES
 from caldera.refs import resolve
-from caldera.train.callbacks import Callback, EarlyStopping, TensorBoard
+from caldera.train.callbacks import Callback, EarlyStopping
 from caldera.train.metrics import mode as metric_mode
 from caldera.train.rundir import RunDir, load_weights
+from caldera.train.tracking import Tracker
 from caldera.train.trainer import Trainer
 from caldera.world import World, init, seed_everything
 
@@ -138,7 +139,7 @@ def config_hash(cfg: Config) -> str:
 # strategy, precision, seed) would silently mix two runs.
 RESUME_MAY_CHANGE = ("optim.epochs", "checkpoint.", "run.name", "run.dir", "run.device", "run.hang_timeout",
                      "train.progress", "train.plot", "train.tensorboard", "data.num_workers", "parallel.bucket_mb",
-                     "parallel.overlap", "parallel.reducer", "parallel.fused_linear_grads", "tune.")  # fmt: skip
+                     "parallel.overlap", "parallel.reducer", "parallel.fused_linear_grads", "tune.", "log.")  # fmt: skip
 
 
 def build_checkpointer(cfg: Config, world: World, time_limit: str | float | None = None,
@@ -176,8 +177,9 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStopping(cfg.train.monitor, cfg.train.early_stopping_patience,
                                        mode=metric_mode(cfg.train.monitor)))  # fmt: skip
-    if cfg.train.tensorboard:
-        callbacks.append(TensorBoard())
+    if cfg.log.every_steps or cfg.log.backends or cfg.train.tensorboard:
+        alias = ("tensorboard",) if cfg.train.tensorboard else ()  # [train] tensorboard: the same backend
+        callbacks.append(Tracker(cfg.log, cfg.run.name, cfg.model_dump(), alias))
     return Trainer(
         model, optimizer, loss_fn,
         metrics={name: resolve(name, METRICS, "[train] metrics") for name in cfg.train.metrics},

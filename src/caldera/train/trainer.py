@@ -108,6 +108,8 @@ class Trainer:
         self.total_steps = 0
         self._step_now = 0  # the step being trained (named by a non-finite loss's message)
         self.steps_run = 0  # optimizer steps taken by this process (a resumed run: after the checkpoint)
+        # The last step's (loss tensor, this rank's samples, all ranks' samples), for callbacks (tracking).
+        self.last_step: tuple[torch.Tensor, int, int] = (torch.zeros(()), 0, 0)
         self.resumed_from: Path | None = None  # the checkpoint this process started from
         self.history: list[dict[str, float]] = []
         self.checkpointer, self.resume = checkpointer, resume
@@ -234,6 +236,7 @@ class Trainer:
             self._mark("training step")
             # Ranks may hold unequal slices of the last batch: weight so the rank average is the global mean.
             loss, finite = self.train_step(x, y, n_local * self._data_ranks()[1] / n_global, step)
+            self.last_step = (loss if finite else torch.tensor(math.nan), n_local, n_global)
             if finite:  # an fp16 overflow step is skipped by the loss scaler: keep it out of the mean too
                 loss_sum += loss.detach().double().cpu() * n_local
                 seen += n_local

@@ -220,19 +220,21 @@ def test_async_shared_from_a_script_without_the_main_guard_is_one_line(tmp_path)
     assert 'put the training code under `if __name__ == "__main__":`' in lines[0]
 
 
-def test_torchrun_is_refused_in_one_line_instead_of_two_lone_runs_into_one_directory(tmp_path):
-    """torchrun from the torch wheel starts 2 processes: each stops with one line naming the launch to use; no run
-    directory is written (before, both trained alone into the same directory)."""
+@pytest.mark.mpi
+def test_torchrun_refuses_a_strategy_that_needs_mpi_in_one_line(tmp_path):
+    """torchrun from the torch wheel starts 2 processes; async-ps calls MPI itself: each process stops with one
+    line naming the launch to use (exit code 2), before anything is written."""
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc-per-node", "2", "-m", "caldera.cli", "train", str(ROOT / "examples" / "heat_surrogate.toml"),
-           "--set", "optim.epochs=1", "--set", f"run.dir={tmp_path / 'run'}"]  # fmt: skip
+           "--set", "parallel.strategy=async-ps", "--set", f"run.dir={tmp_path / 'run'}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert proc.returncode != 0
     refusals = [
-        line for line in proc.stderr.splitlines() if line.startswith("caldera: error: started by torchrun")
+        line for line in proc.stderr.splitlines() if line.startswith("caldera: error: strategy 'async-ps'")
     ]
     assert len(refusals) == 2 and "caldera launch -n 2" in refusals[0], proc.stderr[-2000:]
+    assert "exitcode  : 2" in proc.stderr  # torchrun's report: the process's own exit code
     assert not (tmp_path / "run").exists()
 
 

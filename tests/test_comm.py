@@ -24,7 +24,7 @@ def test_mpi_collectives_on_real_ranks(ranks):
 @pytest.mark.mpi
 def test_torch_distributed_collectives_under_torchrun():
     """The same calls over torch.distributed (gloo), on 3 processes that torchrun from the torch wheel starts."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"]
     proc = subprocess.run([*torchrun, "tests/scripts/comm_ops.py"], capture_output=True, text=True, timeout=180,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

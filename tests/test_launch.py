@@ -228,8 +228,9 @@ def test_async_shared_from_a_script_without_the_main_guard_is_one_line(tmp_path)
 def test_torchrun_refuses_a_strategy_that_needs_mpi_in_one_line(tmp_path):
     """torchrun from the torch wheel starts 2 processes; async-ps calls MPI itself: each process stops with one
     line naming the launch to use (exit code 2), before anything is written."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "caldera.cli", "train", str(ROOT / "examples" / "heat_surrogate.toml"),
+    torchrun = Path(sys.executable).parent / "torchrun"  # the console entry, as users type it
+    (tmp_path / "same.toml").write_text(SAME_RUN)
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "caldera", "train", "same.toml",
            "--set", "parallel.strategy=async-ps", "--set", f"run.dir={tmp_path / 'run'}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip

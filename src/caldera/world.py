@@ -200,17 +200,18 @@ def started_by_torchrun() -> bool:
 
 def _torchrun_world(device: str | None) -> World:
     """The World of torchrun's processes, talking through torch.distributed's default process group."""
-    size = os.environ.get("WORLD_SIZE", "?")
+    size = os.environ.get("WORLD_SIZE") or "N"
     if not dist.is_available():
         raise ConfigError(
             f"started by torchrun (WORLD_SIZE={size}), but this torch build has no torch.distributed: start the "
             f"ranks with `caldera launch -n {size} -- ...` or `mpiexec -n {size} ...` (MPI) instead"
         )
-    missing = [var for var in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(var)]
+    missing = [var for var in (*_TORCHRUN_VARS, "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(var)]
     if missing:
         raise ConfigError(
-            f"RANK/WORLD_SIZE/LOCAL_RANK are set but {' and '.join(missing)} not: start the processes with torchrun "
-            f"(it sets all of them), set {' and '.join(missing)}, or use `caldera launch -n {size} -- ...` (MPI)"
+            f"torch.distributed's {', '.join(missing)} not set: start the processes with torchrun (it sets RANK, "
+            "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), set them, or start MPI ranks with "
+            f"`caldera launch -n {size} -- ...`"
         )
     local_rank = int(os.environ["LOCAL_RANK"])
     dev = pick_device(local_rank, device)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from caldera.comm import Communicator, LocalComm
-from tests.conftest import run_ranks
+from tests.conftest import ROOT, run_ranks
 
 
 @pytest.mark.mpi
@@ -18,6 +18,20 @@ def test_mpi_collectives_on_real_ranks(ranks):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(line for line in proc.stdout.splitlines() if line.startswith("OK")) == [
         f"OK {r}" for r in range(ranks)
+    ]
+
+
+@pytest.mark.mpi
+def test_torch_distributed_collectives_under_torchrun():
+    """The same calls over torch.distributed (gloo), on 3 processes that torchrun from the torch wheel starts."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"]
+    proc = subprocess.run([*torchrun, "tests/scripts/comm_ops.py"], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("OK")) == [
+        "OK 0",
+        "OK 1",
+        "OK 2",
     ]
 
 

@@ -10,10 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import caldera
 from caldera.checkpoint import REQUEUE_EXIT_CODE, Checkpointer, verify
+from caldera.config import load_config
+from caldera.durations import job_time_left
 from caldera.launch import with_remaining_time
+from caldera.train.run import train
 from tests.conftest import ROOT, mpiexec
 
 RUN_FILE = """\
@@ -220,19 +224,22 @@ def test_async_shared_from_a_script_without_the_main_guard_is_one_line(tmp_path)
     assert 'put the training code under `if __name__ == "__main__":`' in lines[0]
 
 
-def test_torchrun_is_refused_in_one_line_instead_of_two_lone_runs_into_one_directory(tmp_path):
-    """torchrun from the torch wheel starts 2 processes: each stops with one line naming the launch to use; no run
-    directory is written (before, both trained alone into the same directory)."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc-per-node", "2", "-m", "caldera.cli", "train", str(ROOT / "examples" / "heat_surrogate.toml"),
-           "--set", "optim.epochs=1", "--set", f"run.dir={tmp_path / 'run'}"]  # fmt: skip
+@pytest.mark.mpi
+def test_torchrun_refuses_a_strategy_that_needs_mpi_in_one_line(tmp_path):
+    """torchrun from the torch wheel starts 2 processes; async-ps calls MPI itself: each process stops with one
+    line naming the launch to use (exit code 2), before anything is written."""
+    torchrun = Path(sys.executable).parent / "torchrun"  # the console entry, as users type it
+    (tmp_path / "same.toml").write_text(SAME_RUN)
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "caldera", "train", "same.toml",
+           "--set", "parallel.strategy=async-ps", "--set", f"run.dir={tmp_path / 'run'}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert proc.returncode != 0
     refusals = [
-        line for line in proc.stderr.splitlines() if line.startswith("caldera: error: started by torchrun")
+        line for line in proc.stderr.splitlines() if line.startswith("caldera: error: strategy 'async-ps'")
     ]
     assert len(refusals) == 2 and "caldera launch -n 2" in refusals[0], proc.stderr[-2000:]
+    assert "exitcode  : 2" in proc.stderr  # torchrun's report: the process's own exit code
     assert not (tmp_path / "run").exists()
 
 
@@ -244,3 +251,113 @@ def test_a_launcher_announcing_more_ranks_than_mpi_sees_is_stopped():
     assert proc.returncode != 0 and "the launcher started 2 ranks but MPI sees 1" in proc.stderr, proc.stderr[
         -2000:
     ]
+
+
+SAME_RUN = """\
+[run]
+name = "same"
+seed = 0
+[model]
+name = "mlp"
+args = { sizes = [64, 32, 10] }
+[data]
+source = "digits"
+batch_size = 64
+val_fraction = 0.2
+[optim]
+name = "sgd"
+lr = 0.05
+epochs = 2
+[train]
+loss = "cross_entropy"
+plot = false
+progress = false
+[parallel]
+strategy = "allreduce"
+"""
+# What srun sets in each task (and no Open MPI variable): the ranks must still come from MPI, not one run each.
+SRUN_LIKE = (
+    "env -u OMPI_COMM_WORLD_SIZE -u OMPI_COMM_WORLD_RANK -u OMPI_COMM_WORLD_LOCAL_RANK -u OMPI_COMM_WORLD_LOCAL_SIZE "
+    "-u OMPI_COMM_WORLD_NODE_RANK SLURM_JOB_ID=4242 SLURM_NTASKS=2 SLURM_NPROCS=2 SLURM_STEP_NUM_TASKS=2 "
+    "SLURM_NNODES=1 SLURM_NODEID=0 SLURM_PROCID=$OMPI_COMM_WORLD_RANK SLURM_LOCALID=$OMPI_COMM_WORLD_LOCAL_RANK "
+    '"$@"'
+)
+
+
+@pytest.mark.mpi
+def test_the_same_run_file_gives_the_same_weights_alone_under_mpiexec_srun_and_torchrun(tmp_path):
+    """Data parallel with the same global batch is the same math: one process (in this one), mpiexec -n 2,
+    mpiexec -n 2 with only srun's variables (through the `caldera` console entry), torchrun --nproc-per-node 2."""
+    run_file = tmp_path / "same.toml"
+    run_file.write_text(SAME_RUN)
+    train_args = ["train", str(run_file), "--set"]
+    mpi = [mpiexec(), "--allow-run-as-root", "--oversubscribe", "-n", "2"]
+    console = str(Path(sys.executable).parent / "caldera")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    commands = {
+        "mpiexec": [*mpi, sys.executable, "-m", "caldera", *train_args],
+        "srun": [*mpi, "sh", "-c", SRUN_LIKE, "sh", console, *train_args],
+        "torchrun": [*torchrun, "-m", "caldera", *train_args],
+    }
+    # Side by side: each launch mostly waits for its processes to start (seconds on a busy machine).
+    started = {name: subprocess.Popen([*cmd, f"run.dir={tmp_path / name}"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env())
+               for name, cmd in commands.items()}  # fmt: skip
+    try:
+        train(load_config(run_file, [f"run.dir={tmp_path / 'one'}"]))
+        runs = {name: (proc, *proc.communicate(timeout=240)) for name, proc in started.items()}
+    finally:
+        for proc in started.values():
+            proc.kill()
+    reference = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    for name, (proc, out, err) in runs.items():
+        assert proc.returncode == 0, f"{name}: {err[-3000:]}"
+        assert "2 rank(s), global batch 64 = 2 x 32" in out, f"{name}: {out[-2000:]}"
+        weights = torch.load(tmp_path / name / "model.pt", weights_only=True)
+        assert weights.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
+def test_time_limit_auto_reads_the_slurm_job_end_and_checkpoints_before_it(tmp_path, monkeypatch):
+    """SLURM_JOB_END_TIME 62 s away and the usual 60 s margin: a real run stops at its first step boundary with a
+    checkpoint and exit code 85. squeue's %L is read when the variable is missing; outside Slurm: no limit."""
+    run_file = tmp_path / "same.toml"
+    run_file.write_text(SAME_RUN)
+    job = {**env(), "SLURM_JOB_END_TIME": str(int(time.time()) + 62)}
+    cmd = [sys.executable, "-m", "caldera", "train", str(run_file), "--time-limit", "auto", "--set",
+           "optim.epochs=1000", "--set", f"run.dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT, env=job)
+    assert proc.returncode == REQUEUE_EXIT_CODE, proc.stderr[-3000:]
+    assert (
+        "min left in the job (SLURM_JOB_END_TIME); stopping with a checkpoint 60 s before it" in proc.stdout
+    )
+    stop = Checkpointer(tmp_path / "run" / "checkpoints", caldera.init()).latest()
+    assert stop is not None and verify(stop) is None and stop.name in proc.stderr
+    # Without the variable: squeue (a stand-in printing what Slurm's %L prints) for this job, or nothing at all.
+    (tmp_path / "squeue").write_text('#!/bin/sh\n[ "$*" = "-h -j 77 -o %L" ] && echo 1-02:03:04\n')
+    (tmp_path / "squeue").chmod(0o755)
+    monkeypatch.delenv("SLURM_JOB_END_TIME", raising=False)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert job_time_left() == (93784.0, "squeue -j 77 -o %L")
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert job_time_left()[0] is None and "not inside a Slurm job" in job_time_left()[1]
+
+
+@pytest.mark.mpi
+def test_plain_ddp_under_mpiexec_gets_its_process_group_from_mpi_and_the_hang_watchdog(tmp_path):
+    """examples/ddp_from_mpi.py on 2 ranks, no MASTER_ADDR/MASTER_PORT given: DDP trains (the loss falls), then
+    rank 1 stops in the last epoch and the watchdog ends the job naming it (exit code 124)."""
+    bare = {k: v for k, v in env().items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    cmd = [mpiexec(), "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable,
+           str(ROOT / "examples" / "ddp_from_mpi.py"), "--smoke", "--hang-timeout", "2", "--stall-rank", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path, env=bare)
+    assert proc.returncode == 124, proc.stderr[-3000:]
+    assert "2 rank(s), gloo on cpu; rendezvous at " in proc.stdout, proc.stdout
+    losses = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(losses) == 2 and losses[1] < 0.5 * losses[0], proc.stdout  # the last epoch never ends
+    assert "The others wait for rank(s) 1 (epoch 3, step 32, loading a batch)" in proc.stderr, proc.stderr[
+        -3000:
+    ]
+    assert "in main\n    time.sleep(3600)" in proc.stderr  # rank 1's own stack

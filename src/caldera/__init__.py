@@ -10,12 +10,14 @@ from caldera.train.callbacks import EarlyStopping as EarlyStopping
 from caldera.train.callbacks import TensorBoard as TensorBoard
 from caldera.train.trainer import Trainer as Trainer
 from caldera.version import __version__ as __version__
+from caldera.watchdog import Watchdog as Watchdog
 from caldera.world import World as World
 from caldera.world import init as init
+from caldera.world import init_process_group as init_process_group
 
 _setup_logging()  # library messages reach stderr unless the program set up logging itself
 
 __all__ = [
     "Callback", "Config", "ConfigError", "EarlyStopping", "NonFiniteLossError", "TensorBoard", "Trainer",
-    "World", "init", "load_config",
+    "Watchdog", "World", "init", "init_process_group", "load_config",
 ]  # fmt: skip

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from caldera.config import flatten
+from caldera.durations import job_time_left
 from caldera.durations import parse_duration as parse_duration
 from caldera.durations import parse_interval as parse_interval
 from caldera.errors import CheckpointError as CheckpointError
@@ -158,8 +159,8 @@ class Checkpointer:
         self.epoch_seconds = auto_interval if isinstance(every, str) and every.strip() == "auto" else None
         self.keep, self.keep_best, self.best_mode = keep, keep_best, best_mode
         self.async_write = async_write
-        self.time_limit = parse_duration(time_limit)
         self.time_margin = time_margin
+        self.time_limit = self._job_limit() if time_limit == "auto" else parse_duration(time_limit)
         self.config_hash = config_hash
         # The run's config (JSON-normalised), compared with a checkpoint's at resume; keys (or "section." prefixes)
         # in ``may_change`` may differ without ``force``.
@@ -174,6 +175,19 @@ class Checkpointer:
         self.stop_reason: str | None = None
         self._old_handlers: dict[int, Any] = {}
         self.save_seconds: list[float] = []  # time the training thread spent per checkpoint (snapshot)
+
+    def _job_limit(self) -> float | None:
+        """``time_limit = "auto"``: the time left in the Slurm job, read once by rank 0 (collective); outside a job
+        (or one without a limit) one line says so and the run trains without a limit."""
+        left, source = self.world.comm.bcast(job_time_left() if self.world.is_main else None)
+        if self.world.is_main:
+            if left is None:
+                print(f"caldera: time limit 'auto': no job time limit to read ({source}); training without one",
+                      flush=True)  # fmt: skip
+            else:
+                print(f"caldera: time limit 'auto': {max(left, 0) / 60:.1f} min left in the job ({source}); "
+                      f"stopping with a checkpoint {self.time_margin:g} s before it", flush=True)  # fmt: skip
+        return None if left is None else max(left, 0.0)
 
     # -- identity -------------------------------------------------------------------------------------------------
     def begin(self, resume: bool) -> Path | None:

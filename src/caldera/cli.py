@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 
 from caldera.checkpoint import REQUEUE_EXIT_CODE, Preempted
-from caldera.durations import parse_duration
+from caldera.durations import check_time_limit
 from caldera.errors import CheckpointError, ConfigError, DataError
 from caldera.log import level_from_env
 from caldera.train.progress import progress_interval
@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p_train.add_argument("--force", action="store_true",
                          help="with --resume: continue even though the run file differs from the checkpoint's")  # fmt: skip
     p_train.add_argument("--time-limit", metavar="DURATION",
-                         help="stop with a checkpoint before this wall time ('2h', '01:59:00'); exit code 85")  # fmt: skip
+                         help="stop with a checkpoint before this wall time ('2h', '01:59:00', or 'auto': the "
+                              "Slurm job's end); exit code 85")  # fmt: skip
     p_check = sub.add_parser("check", help="validate a run file and print the resolved config")
     p_check.add_argument("config")
     p_check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 def _check_time_limit(text: str | None) -> None:
     """Refuse a bad ``--time-limit`` now, before any data is read or model built."""
     try:
-        parse_duration(text)
+        check_time_limit(text)
     except ValueError as exc:
         raise ConfigError(f"--time-limit {exc}") from None
 

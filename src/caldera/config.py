@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from caldera.durations import parse_duration, parse_interval
+from caldera.durations import check_time_limit, parse_duration, parse_interval
 from caldera.errors import ConfigError as ConfigError
 from caldera.errors import UntrustedCode as UntrustedCode
 from caldera.names import LOSSES, METRICS, MODELS, SOURCES, STRATEGIES, unsupported
@@ -278,7 +278,7 @@ class CheckpointSection(_Section):
     )
     async_write: bool = True
     time_limit: str | float | None = Field(
-        None, description="wall time ('2h', '01:59:00'): stop with a checkpoint"
+        None, description="wall time ('2h', '01:59:00'; 'auto': the Slurm job's end): stop with a checkpoint"
     )
 
 
@@ -637,7 +637,7 @@ def _check_references(cfg: Config, where: str) -> None:
     except ValueError as exc:
         raise ConfigError(f"{where}: [checkpoint] {exc}") from None
     try:
-        parse_duration(cfg.checkpoint.time_limit)
+        check_time_limit(cfg.checkpoint.time_limit)
     except ValueError as exc:
         raise ConfigError(f"{where}: [checkpoint] time_limit: {exc}") from None
     try:

@@ -5,7 +5,11 @@ importing the checkpoint machinery (torch, the World)."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import time
 
 _WORDS = ("auto", "end")  # the interval policies that are not a number of steps or a time
 
@@ -54,3 +58,35 @@ def parse_duration(text: str | float | None) -> float | None:
     if not 0 <= seconds < float("inf"):  # also NaN
         raise ValueError(f"{text!r}: a duration must be a finite number of seconds, 0 or more")
     return seconds
+
+
+def check_time_limit(text: str | float | None) -> None:
+    """Refuse a time limit that is neither a duration nor "auto" (a ValueError saying what is accepted)."""
+    if not (isinstance(text, str) and text.strip() == "auto"):
+        try:
+            parse_duration(text)
+        except ValueError as exc:
+            raise ValueError(f"{exc}, or 'auto' (the Slurm job's end)") from None
+
+
+def job_time_left() -> tuple[float | None, str]:
+    """Seconds left in this Slurm job, with where that was read; (None, why not) outside one or without a limit.
+
+    SLURM_JOB_END_TIME (epoch seconds; set by newer Slurm) first, else ``squeue -h -j $SLURM_JOB_ID -o %L`` (the
+    time left as Slurm prints it, e.g. '1-02:03:04' or '45:00') when squeue is on PATH."""
+    end = os.environ.get("SLURM_JOB_END_TIME", "")
+    if end.strip().isdigit():
+        return int(end) - time.time(), "SLURM_JOB_END_TIME"
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None, "no SLURM_JOB_END_TIME or SLURM_JOB_ID: not inside a Slurm job"
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        return None, f"Slurm job {job} sets no SLURM_JOB_END_TIME and squeue is not on PATH"
+    try:
+        out = subprocess.run(
+            [squeue, "-h", "-j", job, "-o", "%L"], capture_output=True, text=True, timeout=60
+        )
+        return parse_duration(out.stdout.strip()), f"squeue -j {job} -o %L"
+    except (OSError, subprocess.TimeoutExpired, ValueError):  # UNLIMITED, NOT_SET, or squeue failed
+        return None, f"squeue gave no time left for job {job}"

@@ -6,12 +6,14 @@ the scheduler kills it with no word of where. Here the training loop marks its p
 thread on every rank sends that mark to rank 0 every few seconds over a communicator of its own. When no rank
 has moved for ``timeout`` seconds, rank 0 prints where every rank is and names the ranks the others wait for,
 every rank prints its Python stack, and the job ends (exit code 124, so ``caldera launch --max-restarts``
-relaunches it from the last checkpoint).
+relaunches it from the last checkpoint). Plain PyTorch loops use it too: ``with caldera.Watchdog(timeout="5m")``
+and ``mark(phase, step)`` in the loop.
 
 A rank stuck in native code that holds Python's lock cannot run its thread: rank 0 names it as not answering and
 ``faulthandler`` (a C-level timer that needs no lock) prints its stack. Should rank 0 itself be stuck that way,
 every other rank ends the job on its own a little later. Without a thread-safe MPI (``MPI_THREAD_MULTIPLE``),
-or in one process, each rank watches only itself.
+or in one process, or under torchrun (no MPI: the ranks talk through torch.distributed), each rank watches only
+itself: a stuck rank ends the job with its own report, and the ranks waiting for it end theirs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from caldera.world import World
+from caldera.durations import parse_duration
+from caldera.world import World, init
 
 # In the order a step passes through them: at equal steps, a rank in an earlier phase is behind one in a later.
 PHASES = (
@@ -60,9 +63,20 @@ def hang_timeout_for(world: World, hang_timeout: float | None) -> float:
 
 
 class Watchdog:
-    """End the job with a report naming the stuck ranks when none has progressed for ``timeout`` seconds."""
+    """End the job with a report naming the stuck ranks when none has progressed for ``timeout`` seconds.
 
-    def __init__(self, world: World, timeout: float, beat: float | None = None) -> None:
+    Around a plain loop (a DDP script, say)::
+
+        with caldera.Watchdog(timeout="5m") as dog:  # every rank, after caldera.init_process_group()
+            for step, batch in enumerate(loader):
+                dog.mark("training step", step)
+                ...
+    """
+
+    def __init__(self, world: World | None = None, timeout: float | str = DEFAULT_TIMEOUT,
+                 beat: float | None = None) -> None:  # fmt: skip
+        world = world if world is not None else init()
+        timeout = parse_duration(timeout) or 0.0
         if timeout <= 0:
             raise ValueError(
                 f"hang timeout must be > 0 seconds (got {timeout}); use 0 in the config to turn it off"

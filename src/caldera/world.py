@@ -1,8 +1,11 @@
-"""Who am I: detect MPI (mpi4py, under mpiexec or srun) or a lone process, pick a device, abort together.
+"""Who am I: detect MPI (mpi4py, under mpiexec or srun), torchrun or a lone process, pick a device, abort together.
 
 ``init()`` returns a ``World``: this process's rank, the number of ranks, its rank on its node, the device it
 should compute on (one GPU per local rank when GPUs exist, else the CPU) and the communicator to the others.
-Without an MPI launcher nothing imports mpi4py: a lone process needs no MPI at all.
+Without an MPI launcher nothing imports mpi4py: a lone process needs no MPI at all. Under torchrun the ranks
+talk through torch.distributed (gloo, NCCL on GPUs; ``comm/torchdist.py``) and strategies that call MPI
+themselves refuse to start (``Strategy.needs_mpi``). ``init_process_group()`` gives a plain PyTorch script
+(DDP, FSDP) its process group from MPI's ranks.
 """
 
 from __future__ import annotations
@@ -17,15 +20,22 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from caldera.comm.base import Communicator
 from caldera.comm.base import shared_gpus as shared_gpus
 from caldera.comm.local import LocalComm
+from caldera.comm.torchdist import TorchDistComm, group_from, init_group
 from caldera.errors import ConfigError
 from caldera.log import set_rank
 
 # Variables that MPI launchers (Open MPI, MPICH/Hydra, PMIx, Slurm's srun) set in every rank they start.
 _LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
+# Per-launch variables: set for the ranks of one mpiexec/PMI job step only (SLURM_NTASKS is also set in a batch
+# script's single process, so it cannot say how many ranks MPI should see).
+_STEP_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+# What torchrun (and torch.distributed's other launchers) set in every process they start.
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 @dataclass
@@ -38,6 +48,9 @@ class World:
     local_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     comm: Communicator = field(default_factory=LocalComm)
+    # Who started the ranks, hence what ``comm`` is: "local" (one process), "mpi" (MPIComm) or "torchrun"
+    # (torch.distributed's group: no MPI underneath, so strategies that call MPI themselves cannot run).
+    launcher: str = "local"
 
     @property
     def is_main(self) -> bool:
@@ -134,8 +147,9 @@ def init(
 ) -> World:  # fmt: skip
     """Detect the ranks of this job and return this process's ``World`` (idempotent).
 
-    ``backend``: "auto" uses MPI when an MPI launcher started more than one rank, "mpi" forces it, "local"
-    never uses it. ``device``: "auto"/None picks a GPU per local rank when present. ``seed`` seeds every RNG;
+    ``backend``: "auto" uses torch.distributed when torchrun started several processes (and no MPI launcher did
+    the same), else MPI when an MPI launcher started more than one rank; "mpi" and "torch" force one, "local"
+    uses neither. ``device``: "auto"/None picks a GPU per local rank when present. ``seed`` seeds every RNG;
     ``deterministic`` picks deterministic GPU kernels so that GPU runs repeat bit for bit too. ``comm``: an
     mpi4py communicator holding only some of the job's processes (the trainer ranks of a job coupled with a
     simulation, ``caldera.coupling.connect``) to train among instead of all of them.
@@ -147,12 +161,18 @@ def init(
             "anything else that initialises Caldera (Trainer, OnlineTrainer, caldera.init)"
         )
     if _WORLD is None:
-        use_mpi = comm is not None or backend == "mpi" or (backend == "auto" and launched_size() > 1)
-        if backend not in ("auto", "mpi", "local"):
-            raise ValueError(f"unknown backend {backend!r}; use 'auto', 'mpi' or 'local'")
-        if backend == "auto" and not use_mpi:
-            _refuse_torchrun()
-        _WORLD = _mpi_world(device, comm) if use_mpi else World(device=pick_device(0, device))
+        if backend not in ("auto", "mpi", "torch", "local"):
+            raise ValueError(f"unknown backend {backend!r}; use 'auto', 'mpi', 'torch' or 'local'")
+        use_torch = comm is None and (backend == "torch" or (backend == "auto" and started_by_torchrun()))
+        use_mpi = (
+            comm is not None
+            or backend == "mpi"
+            or (backend == "auto" and not use_torch and launched_size() > 1)
+        )
+        if use_torch:
+            _WORLD = _torchrun_world(device)
+        else:
+            _WORLD = _mpi_world(device, comm) if use_mpi else World(device=pick_device(0, device))
         if comm is None and use_mpi:
             _check_size(_WORLD.size)
         set_rank(_WORLD.rank, _WORLD.size)
@@ -167,21 +187,55 @@ def init(
     return _WORLD
 
 
-def _refuse_torchrun() -> None:
-    """torchrun (or another torch.distributed launcher) started several processes, and no MPI launcher: each would
-    train alone into the same run directory, so stop and say how to start ranks Caldera sees."""
-    size = os.environ.get("WORLD_SIZE", "")
-    if size.isdigit() and int(size) > 1 and "LOCAL_RANK" in os.environ:
+def started_by_torchrun() -> bool:
+    """True when torchrun (or another torch.distributed launcher) started several processes and no MPI launcher
+    started the same ones: RANK/WORLD_SIZE/LOCAL_RANK are set, with a WORLD_SIZE other than MPI's own count.
+
+    Under srun or mpiexec running torchrun per node, torchrun's world is the larger one and is meant; under
+    ``caldera.init_process_group()``, which sets the same variables from MPI, the counts agree and MPI is kept.
+    """
+    values = [os.environ.get(var, "") for var in _TORCHRUN_VARS]
+    if not all(v.isdigit() for v in values) or int(values[1]) < 2:
+        return False
+    return int(values[1]) != _launcher_value(_STEP_SIZE_VARS, 0)
+
+
+def _torchrun_world(device: str | None) -> World:
+    """The World of torchrun's processes, talking through torch.distributed's default process group."""
+    size = os.environ.get("WORLD_SIZE") or "N"
+    if not dist.is_available():
         raise ConfigError(
-            f"started by torchrun (WORLD_SIZE={size}), but Caldera's ranks come from MPI: each process would train "
-            f"alone into the same run directory. Start the ranks with `caldera launch -n {size} -- ...` or "
-            f"`mpiexec -n {size} ...` instead"
+            f"started by torchrun (WORLD_SIZE={size}), but this torch build has no torch.distributed: start the "
+            f"ranks with `caldera launch -n {size} -- ...` or `mpiexec -n {size} ...` (MPI) instead"
         )
+    missing = [var for var in (*_TORCHRUN_VARS, "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(var)]
+    if missing:
+        raise ConfigError(
+            f"torch.distributed's {', '.join(missing)} not set: start the processes with torchrun (it sets RANK, "
+            "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), set them, or start MPI ranks with "
+            f"`caldera launch -n {size} -- ...`"
+        )
+    local_rank = int(os.environ["LOCAL_RANK"])
+    dev = pick_device(local_rank, device)
+    init_group(dev)
+    return World(
+        rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank,
+        local_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), device=dev, comm=TorchDistComm(),
+        launcher="torchrun",
+    )  # fmt: skip
 
 
-# Per-launch variables: set for the ranks of one mpiexec/PMI job step only (SLURM_NTASKS is also set in a batch
-# script's single process, so it cannot say how many ranks MPI should see).
-_STEP_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+def init_process_group(device: str | None = None, timeout: float | None = None) -> World:
+    """Create torch.distributed's default process group from this job's ranks (MPI's, torchrun's or one process),
+    for plain PyTorch DDP/FSDP code: no MASTER_ADDR or MASTER_PORT to set; gloo on CPUs, NCCL beside it on GPUs.
+
+    Collective and idempotent; returns the ``World`` (``world.device`` is this rank's GPU or the CPU). Sets RANK,
+    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT as torchrun would. ``timeout``: seconds
+    a collective may wait before it fails (torch's default otherwise).
+    """
+    world = init(device=device)
+    group_from(world.comm, world.device, world.local_rank, world.local_size, timeout)
+    return world
 
 
 def _check_size(mpi_size: int) -> None:
@@ -216,6 +270,7 @@ def _mpi_world(device: str | None, comm: Any = None) -> World:
         local_size=local_size,
         device=pick_device(local_rank, device),
         comm=MPIComm(world_comm),
+        launcher="mpi",
     )
 
 

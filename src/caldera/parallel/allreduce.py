@@ -41,6 +41,7 @@ from caldera.comm.buckets import (
 from caldera.comm.linear_grads import fuse
 from caldera.comm.lowp import LowPrecisionSum, SumJob, wire_dtype
 from caldera.config import StrategyOptions
+from caldera.errors import ConfigError
 from caldera.parallel.base import Purpose, Strategy, clip_and_measure, register
 from caldera.parallel.zero import ShardedOptimizer
 from caldera.world import World
@@ -173,6 +174,11 @@ class AllReduce(Strategy):
             self.shards.gather_state(self._shard_comm, self._shard_comm.rank)
 
     def _use_shm(self, params: list[torch.nn.Parameter]) -> bool:
+        if self.reducer_name == "shm" and self.world.launcher == "torchrun":
+            raise ConfigError(
+                "reducer 'shm' sums through an MPI shared-memory window, but torchrun started these ranks: start "
+                f"them with `caldera launch -n {self.world.size} -- ...` or mpiexec, or set reducer = 'auto'"
+            )
         if self.world.size == 1 or self.reducer_name == "mpi" or not hasattr(self.comm, "comm"):
             return False
         cpu_fp32 = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)

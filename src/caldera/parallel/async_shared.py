@@ -383,7 +383,7 @@ class AsyncShared(Strategy):
             raise RuntimeError(_NEEDS_FIT)
         if world.size > 1:
             raise _async.config_error("async-shared runs on one node from one process (it starts its own workers); "
-                             "start it without mpiexec, or use strategy = 'async-ps' across ranks")  # fmt: skip
+                             "start it without mpiexec or torchrun, or use strategy = 'async-ps' across ranks")  # fmt: skip
         self._params = trainable(model)
         if any(p.device.type != "cpu" for p in self._params):
             raise _async.config_error(

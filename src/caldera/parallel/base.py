@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from caldera.config import StrategyOptions
+from caldera.errors import ConfigError
 from caldera.names import STRATEGIES
 from caldera.parallel.context import RunContext
 from caldera.world import World
@@ -49,6 +50,9 @@ class Strategy(ABC):
 
     # True: ``fit`` drives the whole run and the trainer's loop is not used (worker processes, parameter servers).
     runs_own_loop: ClassVar[bool] = False
+    # True: the strategy calls MPI itself (mpi4py communicators, windows, requests) beyond the ``Communicator``
+    # protocol, so it cannot run where the ranks talk through torch.distributed (torchrun); see ``check_launcher``.
+    needs_mpi: ClassVar[bool] = False
     # The strategy's ``[parallel]`` keys (beside ``strategy``), validated when a run file is loaded; each is a
     # keyword of the constructor. The default has none.
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
@@ -132,6 +136,17 @@ class Strategy(ABC):
     def close(self) -> None:
         """Release hooks, buffers and background work."""
         return None  # nothing held by default
+
+
+def check_launcher(strategy: Strategy, world: World, name: str | None = None) -> None:
+    """Refuse, in one line naming the launch to use, a strategy that needs MPI on ranks that torchrun started."""
+    if strategy.needs_mpi and world.launcher == "torchrun":
+        label = name or type(strategy).__name__
+        raise ConfigError(
+            f"strategy {label!r} needs MPI (it calls MPI itself, beyond collectives), but torchrun started these "
+            f"{world.size} processes: start them with `caldera launch -n {world.size} -- ...` or "
+            f"`mpiexec -n {world.size} ...` instead, or use strategy 'allreduce', 'local-sgd' or 'pipeline'"
+        )
 
 
 def micro_batches(x: Any, y: torch.Tensor, k: int) -> list[tuple[Any, torch.Tensor]]:

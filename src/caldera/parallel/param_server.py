@@ -87,6 +87,7 @@ class ParameterServer(Strategy):
     Options = ParameterServerOptions
 
     runs_own_loop = True  # server and worker ranks: fit() drives the run
+    needs_mpi = True  # its own mpi4py communicators and requests (ps_server, ps_worker)
 
     def __init__(
         self,

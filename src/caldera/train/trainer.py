@@ -24,6 +24,7 @@ from caldera.data.sampler import as_xy as as_xy  # re-exported: callers import i
 from caldera.errors import NonFiniteLossError as NonFiniteLossError  # re-exported: caldera.NonFiniteLossError
 from caldera.io import atomic_write_text
 from caldera.parallel import Strategy, make_strategy
+from caldera.parallel.base import check_launcher
 from caldera.parallel.base import micro_batches as micro_batches  # re-exported: callers import it from here
 from caldera.parallel.context import Snapshot, trainable
 from caldera.precision import Precision, make_precision
@@ -85,6 +86,7 @@ class Trainer:
         if not isinstance(self.strategy, Strategy):
             raise TypeError(f"strategy {type(self.strategy).__name__} is not a caldera.parallel.Strategy: subclass it "
                             "(its defaults are the single-process behaviour) or name a registered strategy")  # fmt: skip
+        check_launcher(self.strategy, self.world, strategy if isinstance(strategy, str) else None)
         self.scheduler, self.callbacks = scheduler, list(callbacks)
         self.seed, self.shuffle, self.drop_last, self.num_workers = seed, shuffle, drop_last, num_workers
         self.progress, self.plot = progress, plot

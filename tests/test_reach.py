@@ -1,0 +1,122 @@
+"""Reach: optimizers and learning-rate schedulers by name or import path with their arguments (resumed exactly from a
+checkpoint); a user's training step in place of loss_fn(model(x), y), under every strategy that computes the loss
+itself, precision modes, gradient accumulation and resume."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from caldera.config import ConfigError, load_config
+from caldera.data.sampler import ShardedBatches
+from caldera.train.callbacks import Callback
+from caldera.train.run import Stepped, build_data, build_model, build_optimizer, build_trainer, train
+from caldera.world import init, seed_everything
+
+
+def regression(n: int = 96, seed: int = 0) -> TensorDataset:
+    """y = a fixed linear map of x plus noise: 4 inputs, 2 outputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    return TensorDataset(x, x @ torch.randn(4, 2, generator=g) + 0.05 * torch.randn(n, 2, generator=g))
+
+
+def config(run_dir, optim=None, train_=None, **extra):
+    return load_config({
+        "run": {"dir": str(run_dir)}, "model": {"name": "mlp", "args": {"sizes": [4, 8, 2]}},
+        "data": {"source": "tests.test_reach:regression", "batch_size": 20, "val_fraction": 0.25},
+        "optim": {"epochs": 3, **(optim or {})},
+        "train": {"progress": False, "plot": False, **(train_ or {})},
+        "checkpoint": {"every": 1, "keep": 50, "async_write": False}, **extra,
+    })  # fmt: skip
+
+
+class Crash(Callback):
+    """Stop the process's training after ``at`` optimizer steps, as a kill would (the checkpoint of step ``at``
+    is written after the step's callbacks, so the newest one on disk is of step ``at - 1``)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def fit(cfg, resume=False, crash_at=None):
+    """What caldera.train.run.train does, with a crash inserted; return the trainer."""
+    world = init(seed=cfg.run.seed)
+    train_set, val_set = build_data(cfg, world.comm)
+    seed_everything(cfg.run.seed)
+    model = build_model(cfg)
+    steps = len(ShardedBatches(train_set, cfg.data.batch_size, 0, 1))
+    trainer = build_trainer(cfg, model, steps, world, resume=resume)
+    if crash_at is not None:
+        trainer.callbacks.append(Crash(crash_at))
+    with contextlib.suppress(KeyboardInterrupt):
+        trainer.fit(train_set, val_set)
+    return trainer
+
+
+def test_optimizers_and_schedulers_by_path_resume_exactly(tmp_path):
+    # torch.optim's classes by built-in name or import path, with their own arguments.
+    model = torch.nn.Linear(2, 2)
+    radam = build_optimizer(config(tmp_path, {"name": "torch.optim:RAdam", "lr": 0.01,
+                                              "args": {"betas": [0.8, 0.9]}}), model)  # fmt: skip
+    assert type(radam) is torch.optim.RAdam and radam.defaults["betas"] == [0.8, 0.9]
+    assert radam.defaults["lr"] == 0.01
+    sgd = build_optimizer(config(tmp_path, {"name": "sgd"}), model)  # the built-in keeps its momentum
+    assert sgd.defaults["momentum"] == 0.9
+    assert type(build_optimizer(config(tmp_path, {"name": "rmsprop"}), model)) is torch.optim.RMSprop
+
+    # A misspelt argument is one line naming the valid ones; so is a misspelt class and a scheduler needing a metric.
+    with pytest.raises(ConfigError, match=r"\[optim\] args = \{'betaz'.*accepts: params, lr, betas"):
+        build_optimizer(config(tmp_path, {"name": "torch.optim:RAdam", "args": {"betaz": [0.8, 0.9]}}), model)
+    with pytest.raises(ConfigError, match="has no 'RAdm'. Did you mean 'torch.optim:RAdam'"):
+        config(tmp_path, {"name": "torch.optim:RAdm"})
+    with pytest.raises(ConfigError, match=r"step\(\) needs metrics"):
+        fit(config(tmp_path, {"scheduler": "torch.optim.lr_scheduler:ReduceLROnPlateau"}))
+    with pytest.raises(
+        ConfigError, match=r"scheduler_args = .*'pct_strat'.*accepts: optimizer, max_lr, total_steps"
+    ):
+        fit(config(tmp_path, {"scheduler": "onecycle", "scheduler_args": {"pct_strat": 0.3}}))
+    with pytest.raises(ConfigError, match="replaces schedule and warmup_steps"):
+        config(tmp_path, {"scheduler": "onecycle", "schedule": "cosine"})
+    with pytest.raises(ConfigError, match="async-ps's workers share no step count"):
+        fit(config(tmp_path, {"scheduler": "onecycle"}, parallel={"strategy": "async-ps"}))
+
+    # OneCycleLR: total_steps and max_lr filled in; 72 samples in batches of 20 are 4 steps an epoch (the last one
+    # short), 12 in all, and the rates at the epochs' ends are OneCycleLR's after 4, 8 and 12 steps.
+    onecycle = {"name": "torch.optim:RAdam", "lr": 0.05, "scheduler": "torch.optim.lr_scheduler:OneCycleLR",
+                "scheduler_args": {"pct_start": 0.25}}  # fmt: skip
+    whole = fit(config(tmp_path / "whole", onecycle))
+    inner = whole.scheduler.scheduler
+    assert isinstance(whole.scheduler, Stepped) and type(inner) is torch.optim.lr_scheduler.OneCycleLR
+    assert inner.total_steps == 12 and inner.last_epoch == 12 and whole.global_step == 12
+    lrs = [h["lr"] for h in whole.history]
+    ref = torch.optim.lr_scheduler.OneCycleLR(torch.optim.SGD([torch.zeros(1)]), 0.05, 12, pct_start=0.25)
+    expected = [
+        [(ref.optimizer.step(), ref.step()) for _ in range(4)] and ref.get_last_lr()[0] for _ in range(3)
+    ]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+
+    # Killed after step 7 and resumed: the same weights and rates as the unbroken run.
+    fit(config(tmp_path / "broken", onecycle), crash_at=7)
+    resumed = fit(config(tmp_path / "broken", onecycle), resume=True)
+    assert resumed.resumed_from is not None and resumed.steps_run == 6  # from the checkpoint of step 6
+    assert [h["lr"] for h in resumed.history] == lrs
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+    # Per epoch: CosineAnnealingLR's T_max is the run's 3 epochs, stepped at each epoch's end (the history shows the rate each epoch ran at).
+    cosine = fit(
+        config(tmp_path / "cosine", {"scheduler": "cosine_annealing", "scheduler_interval": "epoch"})
+    )
+    assert cosine.scheduler.scheduler.T_max == 3
+    assert [h["lr"] for h in cosine.history] == pytest.approx([1e-3, 7.5e-4, 2.5e-4], abs=1e-12)
+
+    # The built-in schedule is built as before.
+    train(config(tmp_path / "builtin", {"schedule": "cosine", "warmup_steps": 2}))

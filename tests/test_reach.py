@@ -5,16 +5,21 @@ itself, precision modes, gradient accumulation and resume."""
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
 
 from caldera.config import ConfigError, load_config
 from caldera.data.sampler import ShardedBatches
 from caldera.train.callbacks import Callback
 from caldera.train.run import Stepped, build_data, build_model, build_optimizer, build_trainer, train
-from caldera.world import init, seed_everything
+from caldera.train.trainer import Trainer
+from caldera.world import SetupWarning, init, seed_everything
+from tests.conftest import run_ranks
 
 
 def regression(n: int = 96, seed: int = 0) -> TensorDataset:
@@ -120,3 +125,122 @@ def test_optimizers_and_schedulers_by_path_resume_exactly(tmp_path):
 
     # The built-in schedule is built as before.
     train(config(tmp_path / "builtin", {"schedule": "cosine", "warmup_steps": 2}))
+
+
+# -- a user's training step -----------------------------------------------------------------------------------------
+def mse_step(model, batch):
+    """What [train] loss = "mse" computes, written as a step, with the mean absolute error as a metric."""
+    x, y = batch
+    pred = model(x)
+    return F.mse_loss(pred, y), {"mae": (pred - y).abs().mean()}
+
+
+class FieldAndParameter(Dataset):
+    """Samples as dicts: a field (4 values) and a scalar parameter per sample; the target is their product."""
+
+    def __init__(self, n: int = 96) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.field, self.param = torch.randn(n, 4, generator=g), torch.rand(n, 1, generator=g)
+        self.target = self.field.sum(1, keepdim=True) * self.param
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"field": self.field[i], "param": self.param[i], "target": self.target[i]}
+
+
+class TwoInputs(nn.Module):
+    """A model of two inputs: a field and a parameter."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.field, self.param, self.out = nn.Linear(4, hidden), nn.Linear(1, hidden), nn.Linear(hidden, 1)
+
+    def forward(self, field: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.field(field) * self.param(param)))
+
+
+def physics_step(model, batch):
+    """Data misfit plus a penalty (the prediction must vanish where the parameter does), with both as metrics."""
+    pred = model(batch["field"], batch["param"])
+    misfit = F.mse_loss(pred, batch["target"])
+    penalty = model(batch["field"], torch.zeros_like(batch["param"])).pow(2).mean()
+    return misfit + 0.1 * penalty, {"misfit": misfit, "penalty": penalty}
+
+
+def test_a_users_step_equals_the_builtin_loss_and_trains_dicts_with_resume(tmp_path):
+    # The same weights, losses and validation metric as [train] loss = "mse" (with gradient accumulation too).
+    runs = {}
+    for name, train_ in (("loss", {"metrics": ["mae"]}), ("step", {"step": "tests.test_reach:mse_step"})):
+        runs[name] = train(config(tmp_path / name, {"epochs": 2}, {"accumulate": 2, **train_}))
+    a, b = (torch.load(tmp_path / name / "model.pt") for name in ("loss", "step"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for keys in ("train_loss", "val_loss", "val_mae"):
+        assert [h[keys] for h in runs["loss"]] == [h[keys] for h in runs["step"]]
+    assert all(0 < h["train_mae"] < 10 for h in runs["step"])  # the step's metric, over the training samples
+
+    # A 2-input model on dict samples: the step's metrics are logged (train_ and val_ prefixed); killed after step 6
+    # and resumed, it ends with the unbroken run's weights and history (the epoch's running metric sums included).
+    two = {"model": {"name": "tests.test_reach:TwoInputs"},
+           "data": {"source": "tests.test_reach:FieldAndParameter", "batch_size": 20, "val_fraction": 0.25}}  # fmt: skip
+    cfg = config(
+        tmp_path / "whole", {"lr": 0.01}, {"step": "tests.test_reach:physics_step", "accumulate": 2}, **two
+    )
+    whole = fit(cfg)
+    assert [set(h) >= {"train_misfit", "train_penalty", "val_loss", "val_misfit", "val_penalty"}
+            for h in whole.history] == [True] * 3  # fmt: skip
+    assert whole.history[-1]["val_misfit"] < whole.history[0]["val_misfit"]
+    cfg = config(
+        tmp_path / "broken", {"lr": 0.01}, {"step": "tests.test_reach:physics_step", "accumulate": 2}, **two
+    )
+    fit(cfg, crash_at=6)
+    resumed = fit(cfg, resume=True)
+    assert resumed.steps_run == 7 and len(resumed.history) == 3
+    for h, r in zip(whole.history, resumed.history):
+        assert h.keys() == r.keys()
+        assert [r[k] for k in h if k not in ("data_wait", "time_s")] == pytest.approx(
+            [h[k] for k in h if k not in ("data_wait", "time_s")], rel=1e-12
+        )
+    for p, q in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    assert json.loads((tmp_path / "broken" / "summary.json").read_text())["epochs"] == 3
+
+    # bf16-mixed: autocast around the step.
+    with pytest.warns(SetupWarning, match="bfloat16 autocast on CPU"):
+        bf16 = train(config(tmp_path / "bf16", {"lr": 0.01}, {"step": "tests.test_reach:physics_step"},
+                            precision={"mode": "bf16-mixed"}, **two))  # fmt: skip
+    assert all(torch.isfinite(torch.tensor(h["val_loss"])) for h in bf16) and bf16[-1]["val_loss"] < 1
+
+    # From Python: Trainer(step=...) without a loss; a step returning something else is one line.
+    data = FieldAndParameter(40)
+    Trainer(TwoInputs(), torch.optim.Adam(TwoInputs().parameters()), step=physics_step, max_epochs=1, batch_size=8,
+            progress=False, plot=False).fit(data)  # fmt: skip
+    with pytest.raises(TypeError, match="returned str; return the loss"):
+        Trainer(TwoInputs(), torch.optim.SGD(TwoInputs().parameters()), step=lambda m, b: "oops", max_epochs=1,
+                progress=False).fit(data)  # fmt: skip
+    # Where a step cannot run, one line, before training.
+    with pytest.raises(ConfigError, match="strategy Pipeline does not take a training step"):
+        fit(
+            config(
+                tmp_path / "pipe",
+                None,
+                {"step": "tests.test_reach:mse_step"},
+                parallel={"strategy": "pipeline"},
+            )
+        )
+    with pytest.raises(ConfigError, match="give your step function by import path"):
+        config(tmp_path, None, {"step": "mse_step"})
+    # Without a step, dict samples are named with the fix.
+    with pytest.raises(ValueError, match=r"samples are dicts \(field, param, target\).*\[train\] step"):
+        fit(config(tmp_path / "nostep", **two))
+
+
+@pytest.mark.mpi
+def test_a_users_step_equals_the_builtin_loss_on_two_ranks(tmp_path):
+    result = run_ranks(2, ["tests/scripts/step_equivalence.py", str(tmp_path), "allreduce", "2"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (
+        out["same_weights"] and out["loss"] == out["step"] and all(0 < m < 10 for m in out["step_train_mae"])
+    )

@@ -128,6 +128,10 @@ class OptimSection(_Section):
 class TrainSection(_Section):
     loss: str = Field("mse", description="mse | l1 | huber | cross_entropy | 'package.module:callable'")
     loss_args: dict[str, Any] = Field({}, description="keyword arguments of the loss, e.g. {delta = 0.5}")
+    step: str | None = Field(
+        None, description="your training step by import path, 'my_pkg.mod:step': step(model, batch) -> loss or "
+        "(loss, {name: value}), in place of loss(model(x), y) in training and validation",
+    )  # fmt: skip
     metrics: list[str] = []
     early_stopping_patience: int | None = Field(None, gt=0)
     monitor: str = "val_loss"
@@ -620,6 +624,11 @@ def _check_references(cfg: Config, where: str) -> None:
         _check_name(cfg.train.loss, LOSSES, "[train] loss")
         for name in cfg.train.metrics:
             _check_name(name, METRICS, "[train] metrics")
+        if cfg.train.step is not None:
+            if ":" not in cfg.train.step:
+                raise ConfigError(f"[train] step = {cfg.train.step!r}: give your step function by import path, "
+                                  "such as 'my_pkg.steps:step'")  # fmt: skip
+            _check_name(cfg.train.step, {}, "[train] step")  # type: ignore[arg-type]
         _check_name(cfg.optim.name, OPTIMIZERS, "[optim] name")
         if cfg.optim.scheduler is not None:
             _check_name(cfg.optim.scheduler, SCHEDULERS, "[optim] scheduler")

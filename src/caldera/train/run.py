@@ -276,7 +276,8 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
                   force: bool = False) -> Trainer:  # fmt: skip
     """Assemble the Trainer for ``model`` from the config's loss, metrics, optimizer, schedule and strategy."""
     optimizer = build_optimizer(cfg, model)
-    loss_fn = build_loss(cfg)
+    step = resolve(cfg.train.step, {}, "[train] step") if cfg.train.step is not None else None
+    loss_fn = build_loss(cfg) if step is None else None  # a step computes its own loss
     if cfg.optim.scheduler is not None and cfg.parallel.strategy in LOOP_STRATEGIES:
         raise ConfigError(f"[optim] scheduler: {cfg.parallel.strategy}'s workers share no step count for it to "
                           "follow; use [optim] schedule (cosine, warmup_steps), which they apply per work item, or "
@@ -303,6 +304,7 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
         checkpointer=build_checkpointer(cfg, world, time_limit, force), resume=resume, accumulate=cfg.train.accumulate,
         activation_checkpointing=cfg.train.activation_checkpointing,
         offload_activations=cfg.train.offload_activations, hang_timeout=parse_duration(cfg.run.hang_timeout),
+        step=step,
     )  # fmt: skip
 
 
@@ -346,8 +348,8 @@ _SHAPE_ERROR = re.compile(r"shape|size|channel|dimension|dtype|must match")
 def _check_model_fits(cfg: Config, model: torch.nn.Module, train_set: Dataset) -> None:
     """One sample through the model before training: a model whose input size does not fit the data is named
     with both shapes as a ConfigError, not a torch error from the first step."""
-    if len(train_set) == 0:  # type: ignore[arg-type]
-        return
+    if len(train_set) == 0 or cfg.train.step is not None:  # type: ignore[arg-type]
+        return  # (a training step calls the model its own way)
     sample = train_set[0]
     x = sample[0] if isinstance(sample, (tuple, list)) and len(sample) == 2 else sample
     if not torch.is_tensor(x):

@@ -94,10 +94,9 @@ class Trainer:
         self.step = StepFn(step) if step is not None else None
         if step is None and loss_fn is None:
             raise TypeError("give the Trainer a loss_fn(output, target) or a step(model, batch) -> loss")
-        if step is not None and (self.strategy.runs_own_loop or not self.strategy.supports_step):
+        if step is not None and not self.strategy.supports_step:
             raise ConfigError(f"[train] step: strategy {type(self.strategy).__name__} does not take a training step "
-                              "(it runs the model in stages or in its own worker loop); use [train] loss, or "
-                              "strategy 'single', 'allreduce' or 'local-sgd'")  # fmt: skip
+                              "(it runs the model in stages); use [train] loss, or another strategy")  # fmt: skip
         self.seed, self.shuffle, self.drop_last, self.num_workers = seed, shuffle, drop_last, num_workers
         self.progress, self.plot = progress, plot
         self.input_warning = input_warning  # warn when more than this fraction of step time waits for data

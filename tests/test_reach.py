@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from caldera.config import ConfigError, load_config
+from caldera.config import ConfigError, UntrustedCode, check_trusted, load_config
 from caldera.data.sampler import ShardedBatches
 from caldera.train.callbacks import Callback
 from caldera.train.run import Stepped, build_data, build_model, build_optimizer, build_trainer, train
@@ -124,6 +124,17 @@ def test_optimizers_and_schedulers_by_path_resume_exactly(tmp_path):
     )
     assert cosine.scheduler.scheduler.T_max == 3
     assert [h["lr"] for h in cosine.history] == pytest.approx([1e-3, 7.5e-4, 2.5e-4], abs=1e-12)
+
+    # A run directory's import paths here are code to import: refused unless vouched for (docs/security.md).
+    for key, raw in (("optim.name", {"optim": {"name": "torch.optim:RAdam"}}),
+                     ("optim.scheduler", {"optim": {"name": "adam", "scheduler": "my_pkg:Sched"}}),
+                     ("train.step", {"train": {"step": "my_pkg:step"}})):  # fmt: skip
+        with pytest.raises(UntrustedCode, match=f"{key} = .* is code to import"):
+            check_trusted(raw, tmp_path)
+        check_trusted(raw, tmp_path, trust_code=True)
+    check_trusted(
+        {"optim": {"name": "radam", "scheduler": "onecycle"}}, tmp_path
+    )  # built-in names need no trust
 
     # The built-in schedule is built as before.
     train(config(tmp_path / "builtin", {"schedule": "cosine", "warmup_steps": 2}))

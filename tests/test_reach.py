@@ -118,6 +118,10 @@ def test_optimizers_and_schedulers_by_path_resume_exactly(tmp_path):
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
 
+    # A resume that lengthens the run would step the scheduler past its end: one line instead.
+    with pytest.raises(ConfigError, match="built with total_steps = 12, the run file now gives 16"):
+        fit(config(tmp_path / "broken", {**onecycle, "epochs": 4}), resume=True)
+
     # Per epoch: CosineAnnealingLR's T_max is the run's 3 epochs, stepped at each epoch's end (the history shows the rate each epoch ran at).
     cosine = fit(
         config(tmp_path / "cosine", {"scheduler": "cosine_annealing", "scheduler_interval": "epoch"})

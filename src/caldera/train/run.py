@@ -157,7 +157,8 @@ def _user_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
     if missing:
         raise ConfigError(f"[optim] scheduler_args: {cls.__name__} needs {', '.join(missing)}; add it, e.g. "
                           f"scheduler_args = {{{missing[0]} = ...}}")  # fmt: skip
-    return Stepped(cls(optimizer, **args), o.scheduler_interval, length)
+    filled = {k: v for k, v in args.items() if k not in o.scheduler_args and k != "max_lr"}
+    return Stepped(cls(optimizer, **args), o.scheduler_interval, length, filled)
 
 
 class Stepped:
@@ -166,8 +167,13 @@ class Stepped:
     epoch with a short tail would otherwise exceed OneCycleLR's total_steps and raise. Checkpoints hold the
     scheduler's own state_dict."""
 
-    def __init__(self, scheduler: Any, interval: str, length: int) -> None:
+    def __init__(
+        self, scheduler: Any, interval: str, length: int, filled: dict[str, Any] | None = None
+    ) -> None:
         self.scheduler, self.interval, self.length = scheduler, interval, length
+        self.filled = dict(
+            filled or {}
+        )  # the run's length as given to the scheduler (total_steps, T_max, ...)
 
     def step(self) -> None:
         """After an optimizer step (the trainer calls it)."""
@@ -188,7 +194,14 @@ class Stepped:
         return self.scheduler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``."""
+        """Restore ``state_dict()``; a checkpoint built for another length (a resume that changed optim.epochs) is
+        refused: the scheduler's state is its own, derived from that length, and it would step past its end."""
+        changed = {k: (state[k], v) for k, v in self.filled.items() if k in state and state[k] != v}
+        if changed:
+            key, (then, now) = next(iter(changed.items()))
+            raise ConfigError(f"[optim] scheduler: the checkpoint's {type(self.scheduler).__name__} was built with "
+                              f"{key} = {then}, the run file now gives {now}; resume with the optim.epochs it was "
+                              "started with (a scheduler keeps its length), or start a new run directory")  # fmt: skip
         self.scheduler.load_state_dict(state)
 
 

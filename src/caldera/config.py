@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 from caldera.durations import check_time_limit, parse_duration, parse_interval
 from caldera.errors import ConfigError as ConfigError
 from caldera.errors import UntrustedCode as UntrustedCode
-from caldera.names import LOSSES, METRICS, MODELS, SOURCES, STRATEGIES, unsupported
+from caldera.names import LOSSES, METRICS, MODELS, OPTIMIZERS, SCHEDULERS, SOURCES, STRATEGIES, unsupported
 from caldera.refs import Builtins
 from caldera.refs import resolve as resolve
 
@@ -96,7 +96,14 @@ class DataSection(_Section):
 
 
 class OptimSection(_Section):
-    name: Literal["sgd", "adam", "adamw"] = "adam"
+    name: str = Field(
+        "adam", description="sgd | adam | adamw | radam | nadam | adamax | adagrad | adadelta | rmsprop | an "
+        "optimizer class by import path ('torch.optim:RAdam', 'my_pkg.optim:Lion')",
+    )  # fmt: skip
+    args: dict[str, Any] = Field(
+        {}, description="more keyword arguments of the optimizer, e.g. {betas = [0.9, 0.95]} (lr and "
+        "weight_decay are [optim] keys)",
+    )  # fmt: skip
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -104,11 +111,27 @@ class OptimSection(_Section):
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
+    scheduler: str | None = Field(
+        None, description="a learning-rate scheduler instead of schedule: onecycle | cosine_annealing | step | "
+        "multistep | exponential | linear | polynomial | cosine_warm_restarts | a class by import path "
+        "('torch.optim.lr_scheduler:OneCycleLR')",
+    )  # fmt: skip
+    scheduler_args: dict[str, Any] = Field(
+        {}, description="its keyword arguments; total_steps, T_max (the run's length) and max_lr ([optim] lr) are "
+        "filled in when it takes them and they are not given",
+    )  # fmt: skip
+    scheduler_interval: Literal["step", "epoch"] = Field(
+        "step", description="step the scheduler after every optimizer step or after every epoch"
+    )
 
 
 class TrainSection(_Section):
     loss: str = Field("mse", description="mse | l1 | huber | cross_entropy | 'package.module:callable'")
     loss_args: dict[str, Any] = Field({}, description="keyword arguments of the loss, e.g. {delta = 0.5}")
+    step: str | None = Field(
+        None, description="your training step by import path, 'my_pkg.mod:step': step(model, batch) -> loss or "
+        "(loss, {name: value}), in place of loss(model(x), y) in training and validation",
+    )  # fmt: skip
     metrics: list[str] = []
     early_stopping_patience: int | None = Field(None, gt=0)
     monitor: str = "val_loss"
@@ -549,7 +572,8 @@ def code_refs(raw: dict[str, Any]) -> list[tuple[str, str]]:
         return node
 
     refs = []
-    for key in ("model.name", "data.source", "data.args.transform", "train.loss", "train.metrics"):
+    for key in ("model.name", "data.source", "data.args.transform", "train.loss", "train.metrics", "train.step",
+                "optim.name", "optim.scheduler"):  # fmt: skip
         value = get(key)
         for item in value if isinstance(value, list) else [value]:
             # A name without ':' is a built-in or an error in resolve(); it never reaches importlib.
@@ -630,8 +654,21 @@ def _check_references(cfg: Config, where: str) -> None:
         _check_name(cfg.train.loss, LOSSES, "[train] loss")
         for name in cfg.train.metrics:
             _check_name(name, METRICS, "[train] metrics")
+        if cfg.train.step is not None:
+            if ":" not in cfg.train.step:
+                raise ConfigError(f"[train] step = {cfg.train.step!r}: give your step function by import path, "
+                                  "such as 'my_pkg.steps:step'")  # fmt: skip
+            _check_name(cfg.train.step, {}, "[train] step")  # type: ignore[arg-type]
+        _check_name(cfg.optim.name, OPTIMIZERS, "[optim] name")
+        if cfg.optim.scheduler is not None:
+            _check_name(cfg.optim.scheduler, SCHEDULERS, "[optim] scheduler")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    if cfg.optim.scheduler is not None and (cfg.optim.schedule != "constant" or cfg.optim.warmup_steps):
+        raise ConfigError(
+            f"{where}: [optim] scheduler = {cfg.optim.scheduler!r} replaces schedule and warmup_steps; remove "
+            "those two (or the scheduler)"
+        )
     try:
         parse_interval(cfg.checkpoint.every)
     except ValueError as exc:

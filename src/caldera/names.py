@@ -30,6 +30,20 @@ LOSSES = Builtins({
     "huber": "torch.nn:HuberLoss", "energy_force": "caldera.models.potential:energy_force_loss",
 })  # fmt: skip
 
+# [optim] name: torch.optim's optimizers by their lower-case names (``sgd`` also takes [optim] momentum).
+OPTIMIZERS = Builtins({
+    name.lower(): f"torch.optim:{name}"
+    for name in ("SGD", "Adam", "AdamW", "RAdam", "NAdam", "Adamax", "Adagrad", "Adadelta", "RMSprop")
+})  # fmt: skip
+
+# [optim] scheduler: torch's learning-rate schedulers that need no metric (ReduceLROnPlateau does).
+SCHEDULERS = Builtins({
+    name: f"torch.optim.lr_scheduler:{cls}" for name, cls in (
+        ("onecycle", "OneCycleLR"), ("cosine_annealing", "CosineAnnealingLR"), ("step", "StepLR"),
+        ("multistep", "MultiStepLR"), ("exponential", "ExponentialLR"), ("linear", "LinearLR"),
+        ("polynomial", "PolynomialLR"), ("cosine_warm_restarts", "CosineAnnealingWarmRestarts"))
+})  # fmt: skip
+
 # [train] metrics
 METRICS = Builtins({
     **{name: f"caldera.train.metrics:{name}" for name in ("accuracy", "mae", "rmse", "rel_l2", "psnr")},

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from caldera.config import Config, flatten, load_config
 from caldera.data.normalize import STATS_FILE, load_stats
+from caldera.data.sampler import as_xy
 from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
 from caldera.names import METRICS
@@ -91,8 +92,9 @@ def predict(run_dir: str | Path | Sequence[str | Path], split: str = "val",
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """Each batch read once and fed to every member: the mean and spread in physical units."""
-        for x, y in loader:
-            x, y = _to(x, world.device), _to(y, world.device)
+        for batch in loader:
+            # The model takes the sample without its last element (one tensor, or a tuple of several inputs).
+            x, y = (_to(t, world.device) for t in as_xy(batch))
             preds = []
             for model, precision in members:
                 with precision.autocast():

@@ -9,7 +9,8 @@ averaging their gradients reproduces the single-process step. Every rank runs th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -25,9 +26,48 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> to
 
 def as_xy(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a batch into (input, target): the last element is the target."""
+    if isinstance(batch, Mapping):
+        raise ValueError(f"samples are dicts ({', '.join(map(str, batch))}): a loss takes (input, target); give a "
+                         "training step that takes the batch as it is ([train] step, Trainer(step=...))")  # fmt: skip
     if len(batch) < 2:
         raise ValueError("each sample must be (input, target); got a single tensor")
     return (batch[0] if len(batch) == 2 else tuple(batch[:-1])), batch[-1]  # type: ignore[return-value]
+
+
+def batch_len(batch: Any) -> int:
+    """The samples in a batch: the first dimension of its first tensor (a batch is a tensor, or a tuple, list or
+    dict of them)."""
+    if torch.is_tensor(batch):
+        return len(batch)
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    return next(len(t) for t in items if torch.is_tensor(t))
+
+
+def split_batch(batch: Any, k: int) -> list[Any]:
+    """Cut every tensor of a batch into ``k`` pieces along the first dimension (fewer when the batch has fewer
+    samples); other values go to every piece as they are."""
+    n = batch_len(batch)
+    if torch.is_tensor(batch):
+        return [p for p in batch.tensor_split(k) if len(p)]
+    sizes = [len(c) for c in torch.arange(n).tensor_split(k) if len(c)]
+
+    def cut(t: Any) -> list[Any]:
+        return list(t.split(sizes)) if torch.is_tensor(t) else [t] * len(sizes)
+
+    if isinstance(batch, Mapping):
+        columns = {key: cut(t) for key, t in batch.items()}
+        return [{key: parts[i] for key, parts in columns.items()} for i in range(len(sizes))]
+    return [type(batch)(parts) for parts in zip(*(cut(t) for t in batch))]
+
+
+def batch_to(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """A collated batch on ``device``: a tuple of tensors (one tensor becomes a 1-tuple, as before), or a dict."""
+    if isinstance(batch, Mapping):
+        return {
+            k: t.to(device, non_blocking=non_blocking) if torch.is_tensor(t) else t for k, t in batch.items()
+        }
+    batch = batch if isinstance(batch, (tuple, list)) else (batch,)
+    return tuple(t.to(device, non_blocking=non_blocking) for t in batch)
 
 
 class ShardedBatches:
@@ -109,8 +149,7 @@ class ShardedBatches:
             multiprocessing_context=_worker_context() if self.num_workers else None,
         )
         for batch, (idx, n_global) in zip(loader, plan):
-            batch = batch if isinstance(batch, (tuple, list)) else (batch,)
-            yield tuple(t.to(self.device, non_blocking=non_blocking) for t in batch), len(idx), n_global
+            yield batch_to(batch, self.device, non_blocking), len(idx), n_global
 
     def resident_tensors(self) -> tuple[torch.Tensor, ...]:
         """The in-memory dataset copied to the GPU once, if it takes at most 1/8 of the free GPU memory; else ().

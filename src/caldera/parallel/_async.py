@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from caldera.data.sampler import ShardedBatches, as_xy, epoch_permutation
+from caldera.data.sampler import ShardedBatches, as_xy, batch_len, batch_to, epoch_permutation
 from caldera.errors import ConfigError, NonFiniteLossError
 from caldera.names import unsupported
 from caldera.parallel.base import micro_batches
@@ -36,8 +36,10 @@ class WorkItems:
     """
 
     def __init__(self, dataset: Dataset, global_batch: int, workers: int, epochs: int, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = False, device: torch.device | None = None) -> None:  # fmt: skip
+                 shuffle: bool = True, drop_last: bool = False, device: torch.device | None = None,
+                 whole: bool = False) -> None:  # fmt: skip
         self.dataset, self.global_batch, self.workers = dataset, global_batch, workers
+        self.whole = whole  # batches as the data gives them, for a user's training step (targets None)
         self.seed, self.shuffle = seed, shuffle
         self.device = device or torch.device("cpu")
         self.steps_per_epoch = len(ShardedBatches(dataset, global_batch, 0, workers, drop_last=drop_last))
@@ -52,8 +54,9 @@ class WorkItems:
         step, part = divmod(rest, self.workers)
         return epoch, step, part
 
-    def batch(self, item: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """Return (inputs, targets, samples in this slice, samples in its global batch) for ``item``."""
+    def batch(self, item: int) -> tuple[Any, torch.Tensor | None, int, int]:
+        """Return (inputs, targets, samples in this slice, samples in its global batch) for ``item``; with
+        ``whole``, (the batch, None, ...)."""
         epoch, step, part = self.locate(item)
         if self._perm is None or self._perm[0] != epoch:
             self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch, self.shuffle))
@@ -63,6 +66,8 @@ class WorkItems:
             samples = tuple(t[idx] for t in self.dataset.tensors)
         else:
             samples = default_collate([self.dataset[i] for i in idx.tolist()])
+        if self.whole:
+            return batch_to(samples, self.device), None, len(idx), len(chunk)
         x, y = as_xy([t.to(self.device) for t in samples])
         return x, y, len(idx), len(chunk)
 
@@ -105,8 +110,8 @@ def schedule_of(ctx: RunContext, workers: int) -> Schedule | None:
     return Schedule(list(scheduler.base_lrs), list(scheduler.lr_lambdas), workers)
 
 
-def compute_item(precision, model: torch.nn.Module, loss_fn, params: list[torch.nn.Parameter], x: torch.Tensor,
-                 y: torch.Tensor, weight: float, backward, accumulate: int = 1, where: str = "") -> torch.Tensor:  # fmt: skip
+def compute_item(precision, model: torch.nn.Module, loss_fn, params: list[torch.nn.Parameter], x: Any,
+                 y: torch.Tensor | None, weight: float, backward, accumulate: int = 1, where: str = "") -> torch.Tensor:  # fmt: skip
     """Forward, loss and ``backward`` of one work item under the run's precision, in ``accumulate`` micro-batches
     whose gradients add up to the item's; return the item's mean loss.
 
@@ -115,19 +120,21 @@ def compute_item(precision, model: torch.nn.Module, loss_fn, params: list[torch.
     cannot be skipped the way a synchronous step is, or the item's share of its global batch would be lost.
     Otherwise a NaN/inf loss stops the run (``where`` names the item), before it reaches the shared weights."""
     pieces = micro_batches(x, y, accumulate)
+    n = len(y) if y is not None else batch_len(x)  # y None: x is a whole batch for a user's step (a StepFn)
     while True:
         scale = precision.scaler.scale if precision.tolerates_overflow else 1.0
         loss = torch.zeros(())
         for xi, yi in pieces:
             with precision.autocast():
-                part = loss_fn(model(xi), yi)
+                part = loss_fn(model(xi), yi) if yi is not None else loss_fn(model, xi)
             if not precision.tolerates_overflow and not bool(torch.isfinite(part)):
                 raise NonFiniteLossError(
                     f"loss is {part.item()} in {where or 'a work item'}; lower [optim] lr, set [optim] grad_clip, or "
                     "check the data for NaN/inf. Checkpoints and files already written are kept."
                 )
-            backward(part * (weight * scale * (len(yi) / len(y))))
-            loss = loss + part.detach().float() * (len(yi) / len(y))
+            share = (len(yi) if yi is not None else batch_len(xi)) / n
+            backward(part * (weight * scale * share))
+            loss = loss + part.detach().float() * share
         if not precision.tolerates_overflow:
             return loss
         grads = [p.grad for p in params if p.grad is not None]

@@ -181,10 +181,11 @@ class AsyncShared(Strategy):
         if resumed and resumed["workers"] != self.workers:
             raise _async.config_error(f"the checkpoint was written by {resumed['workers']} async-shared workers; "
                                       f"resume with [parallel] workers = {resumed['workers']}")  # fmt: skip
-        self.loss_fn, self.precision, self.accumulate = ctx.loss_fn, ctx.precision, ctx.accumulate
+        # A user's step (a StepFn, picklable when its function is importable) takes the batch whole.
+        self.loss_fn, self.precision, self.accumulate = ctx.step or ctx.loss_fn, ctx.precision, ctx.accumulate
         self._schedule = _async.schedule_of(ctx, self.workers)  # applied per item by the workers
         self.items = WorkItems(train_set, ctx.batch_size, self.workers, ctx.max_epochs, ctx.seed,
-                               ctx.shuffle, ctx.drop_last)  # fmt: skip
+                               ctx.shuffle, ctx.drop_last, whole=ctx.step is not None)  # fmt: skip
         self._every = self.record_every or self.items.per_epoch
         n_records = math.ceil(self.items.total / self._every)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

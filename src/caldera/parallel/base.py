@@ -17,7 +17,9 @@ Who calls what, in which order (``Trainer``, on every rank unless said otherwise
    the module to run forward on.
 4. Per optimizer step: ``train_batch(net, x, y, loss_fn, scale, precision, ...)`` (default: forward and
    ``backward(loss)`` per micro-batch, all but the last inside ``no_sync()``), then ``step()`` (finish the
-   communication, update, zero the gradients).
+   communication, update, zero the gradients). Under a user's training step ``y`` is None, ``x`` the whole
+   batch (a tuple or dict of tensors) and ``loss_fn`` a ``StepFn``: the loss is ``loss_fn(net, x)``; a strategy
+   that overrides ``train_batch`` and cannot do that sets ``supports_step = False``.
 5. ``consolidate(purpose)`` (collective) where the ranks must agree: ``"validation"`` after each epoch,
    ``"checkpoint"`` before rank 0 captures the whole state, ``"outputs"`` once at the end before rank 0 writes
    the model; then ``forward_batch(model, x)`` for each validation batch (None where a batch is not scored).
@@ -37,6 +39,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from caldera.config import StrategyOptions
+from caldera.data.sampler import batch_len, split_batch
 from caldera.errors import ConfigError
 from caldera.names import STRATEGIES
 from caldera.parallel.context import RunContext
@@ -60,6 +63,8 @@ class Strategy(ABC):
     # of that step in ``_grad_norm`` (a tensor: reading it is a device sync, left to whoever asks).
     measure_grad_norm: bool = False
     _grad_norm: torch.Tensor | float | None = None
+    # False: a user's training step ([train] step) is refused (the strategy calls the model in pieces).
+    supports_step: ClassVar[bool] = True
 
     @abstractmethod
     def setup(
@@ -95,20 +100,22 @@ class Strategy(ABC):
         the whole batch's; only the last one communicates. Return the batch's mean loss and whether it is finite
         (a NaN/inf loss raises ``non_finite(loss)`` unless the precision skips overflowing steps)."""
         pieces = micro_batches(x, y, accumulate)
+        n = len(y) if y is not None else batch_len(x)
         total, finite = torch.zeros((), dtype=torch.float64), True
         for i, (xi, yi) in enumerate(pieces):
             with precision.autocast(), activations_offloaded(offload):
-                loss = loss_fn(net(xi), yi)
+                loss = loss_fn(net(xi), yi) if yi is not None else loss_fn(net, xi)
             if not bool(torch.isfinite(loss)):
                 finite = False
                 if not precision.tolerates_overflow and non_finite is not None:
                     raise non_finite(loss)
-            weight = scale * (len(yi) / len(y))
+            ni = len(yi) if yi is not None else batch_len(xi)
+            weight = scale * (ni / n)
             # Gradients of all but the last micro-batch just accumulate, locally.
             with self.no_sync() if i < len(pieces) - 1 else nullcontext():
                 self.backward(precision.scale_loss(loss * weight if weight != 1 else loss))
-            total += loss.detach().double().cpu() * len(yi)
-        return total / len(y), finite
+            total += loss.detach().double().cpu() * ni
+        return total / n, finite
 
     def grad_norm(self) -> float | None:
         """The global 2-norm of the gradients the last measured step applied, before clipping (see
@@ -149,11 +156,14 @@ def check_launcher(strategy: Strategy, world: World, name: str | None = None) ->
         )
 
 
-def micro_batches(x: Any, y: torch.Tensor, k: int) -> list[tuple[Any, torch.Tensor]]:
+def micro_batches(x: Any, y: torch.Tensor | None, k: int) -> list[tuple[Any, torch.Tensor | None]]:
     """Cut a batch (input: a tensor or a tuple of tensors) into at most ``k`` non-empty (input, target) pieces
-    along the first dimension (a batch smaller than ``k`` gives fewer)."""
+    along the first dimension (a batch smaller than ``k`` gives fewer); ``y`` None: ``x`` is a whole batch for a
+    training step (a tuple, list or dict of tensors), each of its tensors cut alike."""
     if k == 1:
         return [(x, y)]
+    if y is None:
+        return [(piece, None) for piece in split_batch(x, k)]
     xs = list(zip(*(t.tensor_split(k) for t in x))) if isinstance(x, tuple) else list(x.tensor_split(k))
     return [(a, b) for a, b in zip(xs, y.tensor_split(k)) if len(b)] or [(x, y)]
 
@@ -168,6 +178,32 @@ def clip_and_measure(params: Any, clip: float | None, measure: bool) -> torch.Te
         return None
     norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+
+class StepFn:
+    """A user's training step ``fn(model, batch) -> loss`` or ``-> (loss, {name: value})``, called by the strategies
+    where the loss would be ``loss_fn(net(x), y)``. The metrics it returns are added, weighted by the batch's
+    samples, to ``sums`` ({name: [sum, samples]}) for the trainer to average; ``sums`` is swapped for validation."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.sums: dict[str, list[float]] = {}
+
+    def __call__(self, net: torch.nn.Module, batch: Any) -> torch.Tensor:
+        out = self.fn(net, batch)
+        loss, metrics = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
+        if not (torch.is_tensor(loss) and loss.numel() == 1):
+            raise TypeError(f"the training step {getattr(self.fn, '__name__', self.fn)} returned "
+                            f"{type(out).__name__}; return the loss (a one-element tensor) or (loss, "
+                            "{name: value, ...})")  # fmt: skip
+        if metrics:
+            n = batch_len(batch)
+            for name, value in metrics.items():
+                value = float(value.detach().double()) if torch.is_tensor(value) else float(value)
+                entry = self.sums.setdefault(name, [0.0, 0])
+                entry[0] += value * n
+                entry[1] += n
+        return loss.reshape(())
 
 
 def activations_offloaded(offload: bool) -> AbstractContextManager[Any]:

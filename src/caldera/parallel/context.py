@@ -57,7 +57,8 @@ class RunContext(Protocol):
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None
+    step: Any  # None, or the user's training step (``base.StepFn``) taking the model and the whole batch
     precision: Precision
     scheduler: Any
     world: World

@@ -134,7 +134,8 @@ class ParameterServer(Strategy):
         self._resumed_state = resumed
         schedule = _async.schedule_of(ctx, self.n_workers)  # the servers apply it per item
         self.items = WorkItems(train_set, ctx.batch_size, self.n_workers, ctx.max_epochs, ctx.seed,
-                               ctx.shuffle, ctx.drop_last, device=ctx.world.device)  # fmt: skip
+                               ctx.shuffle, ctx.drop_last, device=ctx.world.device,
+                               whole=ctx.step is not None)  # fmt: skip
         self._every = self.record_every or self.items.per_epoch
         # t0 (0 here) is set once every rank is ready, below.
         job = Job(self.comm, self.rank, self.servers, self.n_workers, self.bounds, self.items, self._every, 0.0,

@@ -52,6 +52,7 @@ class Pipeline(Strategy):
     than the ranks, several pipelines (replicas) train data parallel, each on its share of the batch."""
 
     Options = PipelineOptions
+    supports_step = False  # a training step calls the whole model; here each rank holds one stage of it
 
     def __init__(self, *, micro_batches: int = 4, balance: list[int] | None = None, pipeline_schedule: str = "1f1b",
                  stages: int | None = None, grad_clip: float | None = None) -> None:  # fmt: skip

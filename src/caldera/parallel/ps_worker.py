@@ -60,7 +60,7 @@ class Worker:
                 continue
             self.item = self.queue.popleft()
             x, y, n_local, n_global = self.items.batch(self.item)
-            loss = _async.compute_item(ctx.precision, self.model, ctx.loss_fn, self._params, x, y,
+            loss = _async.compute_item(ctx.precision, self.model, ctx.step or ctx.loss_fn, self._params, x, y,
                                        n_local / n_global, self.backward, ctx.accumulate,
                                        where=f"work item {self.item} on worker rank {self.rank}")  # fmt: skip
             self._loss, self._samples = float(loss.detach()), n_local

@@ -21,9 +21,10 @@ from caldera.comm.base import Communicator
 from caldera.comm.local import LocalComm
 from caldera.config import Config
 from caldera.data import split_dataset
+from caldera.data.sampler import ShardedBatches
 from caldera.durations import parse_duration
 from caldera.errors import ConfigError
-from caldera.names import LOSSES, METRICS, MODELS, SOURCES
+from caldera.names import LOOP_STRATEGIES, LOSSES, METRICS, MODELS, OPTIMIZERS, SCHEDULERS, SOURCES
 from caldera.refs import resolve
 from caldera.train.callbacks import Callback, EarlyStopping
 from caldera.train.metrics import mode as metric_mode
@@ -82,21 +83,138 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Build SGD (with momentum), Adam or AdamW."""
+    """The optimizer ``[optim] name`` names (a built-in or a class by import path) over the model's parameters,
+    with ``[optim] lr`` and ``weight_decay`` where it takes them (``momentum`` for sgd) and ``[optim] args``."""
     o = cfg.optim
-    params = model.parameters()
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+    cls = resolve(o.name, OPTIMIZERS, "[optim] name")
+    if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"[optim] name = {o.name!r} is not a torch.optim.Optimizer class; name one, such as "
+                          "'torch.optim:RAdam'")  # fmt: skip
+    own = [k for k in ("params", "lr", "weight_decay") if k in o.args]
+    if own:
+        raise ConfigError(f"[optim] args.{own[0]}: set it as [optim] {own[0]} (params: the model's, always)"
+                          if own[0] != "params" else "[optim] args.params: the optimizer always gets the model's "
+                          "parameters; remove it")  # fmt: skip
+    _bind(cls, o.args, "[optim] args", partial=True)  # a misspelt argument is named now, with the valid ones
+    takes = _parameters(cls)
+    # Unchanged for the three original built-ins: SGD(lr, momentum, weight_decay), Adam/AdamW(lr, weight_decay).
+    ours = {
+        "lr": o.lr,
+        "weight_decay": o.weight_decay,
+        **({"momentum": o.momentum} if o.name == "sgd" else {}),
+    }
+    if o.weight_decay and "weight_decay" not in takes:
+        raise ConfigError(
+            f"[optim] weight_decay = {o.weight_decay}: {cls.__name__} takes no weight_decay; remove it"
+        )
+    return cls(model.parameters(), **{k: v for k, v in ours.items() if k in takes}, **o.args)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
-    """Linear warm-up, then constant or cosine decay, stepped once per optimizer step (None if constant)."""
+    """Linear warm-up, then constant or cosine decay, stepped once per optimizer step (None if constant); or the
+    ``[optim] scheduler`` class with its ``scheduler_args``."""
     o = cfg.optim
+    if o.scheduler is not None:
+        return _user_scheduler(cfg, optimizer, total_steps)
     if o.schedule == "constant" and o.warmup_steps == 0:
         return None
     return Schedule(optimizer, LRFactor(o.schedule, o.warmup_steps, total_steps))
+
+
+def _user_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> Stepped:
+    """Build ``[optim] scheduler``, filling in the run's length and peak rate where the class takes them."""
+    o = cfg.optim
+    cls = resolve(o.scheduler, SCHEDULERS, "[optim] scheduler")  # type: ignore[arg-type]
+    step = getattr(cls, "step", None)
+    if not inspect.isclass(cls) or not callable(step) or not hasattr(cls, "state_dict"):
+        raise ConfigError(f"[optim] scheduler = {o.scheduler!r} is not a learning-rate scheduler class (one with "
+                          "step and state_dict, such as 'torch.optim.lr_scheduler:OneCycleLR')")  # fmt: skip
+    needs = [p.name for p in list(inspect.signature(step).parameters.values())[1:]
+             if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]  # fmt: skip
+    if needs:  # ReduceLROnPlateau: step(metrics)
+        raise ConfigError(f"[optim] scheduler = {o.scheduler!r}: its step() needs {', '.join(needs)}, which the "
+                          "trainer does not pass; use a scheduler driven by the step count")  # fmt: skip
+    args = dict(o.scheduler_args)
+    if "optimizer" in args:
+        raise ConfigError(
+            "[optim] scheduler_args.optimizer: the scheduler always gets the run's optimizer; remove it"
+        )
+    per_epoch = max(1, total_steps // o.epochs)
+    length = total_steps if o.scheduler_interval == "step" else o.epochs
+    takes = _parameters(cls)
+    if "total_steps" in takes and not {"total_steps", "epochs", "steps_per_epoch"} & args.keys():
+        args["total_steps"] = length
+    elif {"epochs", "steps_per_epoch"} <= takes and not {"epochs", "steps_per_epoch"} & args.keys():
+        args.update(epochs=o.epochs, steps_per_epoch=per_epoch if o.scheduler_interval == "step" else 1)
+    if "T_max" in takes and "T_max" not in args:
+        args["T_max"] = length
+    if "max_lr" in takes and "max_lr" not in args:
+        args["max_lr"] = o.lr
+    # A misspelt argument is named with the valid ones; a missing one (StepLR's step_size) is named too.
+    _bind(cls, o.scheduler_args, "[optim] scheduler_args", partial=True)
+    params = list(inspect.signature(cls).parameters.values())[1:]  # after the optimizer
+    missing = [p.name for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD
+               and p.kind is not p.VAR_POSITIONAL and p.name not in args]  # fmt: skip
+    if missing:
+        raise ConfigError(f"[optim] scheduler_args: {cls.__name__} needs {', '.join(missing)}; add it, e.g. "
+                          f"scheduler_args = {{{missing[0]} = ...}}")  # fmt: skip
+    filled = {k: v for k, v in args.items() if k not in o.scheduler_args and k != "max_lr"}
+    return Stepped(cls(optimizer, **args), o.scheduler_interval, length, filled)
+
+
+class Stepped:
+    """A user's learning-rate scheduler, stepped after each optimizer step (``interval`` "step") or each epoch
+    (``epoch_end``, called by ``EpochSteps``), never beyond the ``length`` it was built for: the last step of an
+    epoch with a short tail would otherwise exceed OneCycleLR's total_steps and raise. Checkpoints hold the
+    scheduler's own state_dict."""
+
+    def __init__(
+        self, scheduler: Any, interval: str, length: int, filled: dict[str, Any] | None = None
+    ) -> None:
+        self.scheduler, self.interval, self.length = scheduler, interval, length
+        self.filled = dict(
+            filled or {}
+        )  # the run's length as given to the scheduler (total_steps, T_max, ...)
+
+    def step(self) -> None:
+        """After an optimizer step (the trainer calls it)."""
+        if self.interval == "step":
+            self._advance()
+
+    def epoch_end(self) -> None:
+        """After an epoch."""
+        if self.interval == "epoch":
+            self._advance()
+
+    def _advance(self) -> None:
+        if getattr(self.scheduler, "last_epoch", -1) < self.length:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's own state."""
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; a checkpoint built for another length (a resume that changed optim.epochs) is
+        refused: the scheduler's state is its own, derived from that length, and it would step past its end."""
+        changed = {k: (state[k], v) for k, v in self.filled.items() if k in state and state[k] != v}
+        if changed:
+            key, (then, now) = next(iter(changed.items()))
+            raise ConfigError(f"[optim] scheduler: the checkpoint's {type(self.scheduler).__name__} was built with "
+                              f"{key} = {then}, the run file now gives {now}; resume with the optim.epochs it was "
+                              "started with (a scheduler keeps its length), or start a new run directory")  # fmt: skip
+        self.scheduler.load_state_dict(state)
+
+
+class EpochSteps(Callback):
+    """Step an epoch-interval ``Stepped`` scheduler at each epoch's end (before that epoch's checkpoint)."""
+
+    def __init__(self, scheduler: Stepped) -> None:
+        self.scheduler = scheduler
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
+        """Advance the scheduler by one epoch."""
+        self.scheduler.epoch_end()
 
 
 class Schedule(torch.optim.lr_scheduler.LambdaLR):
@@ -172,8 +290,14 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
                   force: bool = False) -> Trainer:  # fmt: skip
     """Assemble the Trainer for ``model`` from the config's loss, metrics, optimizer, schedule and strategy."""
     optimizer = build_optimizer(cfg, model)
-    loss_fn = build_loss(cfg)
-    callbacks: list[Callback] = []
+    step = resolve(cfg.train.step, {}, "[train] step") if cfg.train.step is not None else None
+    loss_fn = build_loss(cfg) if step is None else None  # a step computes its own loss
+    if cfg.optim.scheduler is not None and cfg.parallel.strategy in LOOP_STRATEGIES:
+        raise ConfigError(f"[optim] scheduler: {cfg.parallel.strategy}'s workers share no step count for it to "
+                          "follow; use [optim] schedule (cosine, warmup_steps), which they apply per work item, or "
+                          "strategy = 'allreduce'")  # fmt: skip
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch * cfg.optim.epochs)
+    callbacks: list[Callback] = [EpochSteps(scheduler)] if isinstance(scheduler, Stepped) else []
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStopping(cfg.train.monitor, cfg.train.early_stopping_patience,
                                        mode=metric_mode(cfg.train.monitor)))  # fmt: skip
@@ -188,13 +312,14 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
         # [optim] grad_clip reaches the strategy only when set: a user's strategy need not take it otherwise.
         strategy_options={**({"grad_clip": cfg.optim.grad_clip} if cfg.optim.grad_clip else {}),
                           **cfg.parallel.options},  # fmt: skip
-        scheduler=build_scheduler(cfg, optimizer, steps_per_epoch * cfg.optim.epochs),
+        scheduler=scheduler,
         callbacks=callbacks, world=world, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
         drop_last=cfg.data.drop_last, num_workers=cfg.data.num_workers, progress=cfg.train.progress,
         plot=cfg.train.plot, precision=cfg.precision.mode,
         checkpointer=build_checkpointer(cfg, world, time_limit, force), resume=resume, accumulate=cfg.train.accumulate,
         activation_checkpointing=cfg.train.activation_checkpointing,
         offload_activations=cfg.train.offload_activations, hang_timeout=parse_duration(cfg.run.hang_timeout),
+        step=step,
     )  # fmt: skip
 
 
@@ -219,6 +344,11 @@ def train(cfg: Config, config_path: str | Path | None = None, world: World | Non
     model = build_model(cfg)
     _check_model_fits(cfg, model, train_set)
     steps = max(1, len(train_set) // cfg.data.batch_size)
+    if cfg.optim.scheduler is not None and cfg.data.batch_size >= world.size:
+        # A user's scheduler is built for the run's exact length (the built-in schedule keeps its old count).
+        steps = len(
+            ShardedBatches(train_set, cfg.data.batch_size, 0, world.size, drop_last=cfg.data.drop_last)
+        )
     trainer = build_trainer(cfg, model, steps, world, resume, time_limit, force)
     if world.is_main:
         RunDir(cfg.run_dir).save_config(cfg, config_path)
@@ -233,8 +363,8 @@ _SHAPE_ERROR = re.compile(r"shape|size|channel|dimension|dtype|must match")
 def _check_model_fits(cfg: Config, model: torch.nn.Module, train_set: Dataset) -> None:
     """One sample through the model before training: a model whose input size does not fit the data is named
     with both shapes as a ConfigError, not a torch error from the first step."""
-    if len(train_set) == 0:  # type: ignore[arg-type]
-        return
+    if len(train_set) == 0 or cfg.train.step is not None:  # type: ignore[arg-type]
+        return  # (a training step calls the model its own way)
     sample = train_set[0]
     x = sample[0] if isinstance(sample, (tuple, list)) and len(sample) == 2 else sample
     if not torch.is_tensor(x):

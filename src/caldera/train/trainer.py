@@ -21,10 +21,11 @@ from caldera.comm.buckets import unflatten
 from caldera.data.prefetch import InputMeter, input_advice
 from caldera.data.sampler import ShardedBatches
 from caldera.data.sampler import as_xy as as_xy  # re-exported: callers import it from here
+from caldera.errors import ConfigError
 from caldera.errors import NonFiniteLossError as NonFiniteLossError  # re-exported: caldera.NonFiniteLossError
 from caldera.io import atomic_write_text
 from caldera.parallel import Strategy, make_strategy
-from caldera.parallel.base import check_launcher
+from caldera.parallel.base import StepFn, check_launcher
 from caldera.parallel.base import micro_batches as micro_batches  # re-exported: callers import it from here
 from caldera.parallel.context import Snapshot, trainable
 from caldera.precision import Precision, make_precision
@@ -48,7 +49,7 @@ class Trainer:
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         metrics: Mapping[str, Metric] | None = None,
         max_epochs: int = 10,
         run_dir: str | Path | None = None,
@@ -72,6 +73,7 @@ class Trainer:
         activation_checkpointing: bool = False,
         offload_activations: bool = False,
         hang_timeout: float | None = None,
+        step: Callable[[torch.nn.Module, Any], Any] | None = None,
     ) -> None:
         self.world = world or init()
         self.precision = make_precision(precision, self.world.device)
@@ -88,6 +90,14 @@ class Trainer:
                             "(its defaults are the single-process behaviour) or name a registered strategy")  # fmt: skip
         check_launcher(self.strategy, self.world, strategy if isinstance(strategy, str) else None)
         self.scheduler, self.callbacks = scheduler, list(callbacks)
+        # A user's step(model, batch) -> loss or (loss, metrics) replaces loss_fn(model(x), y) (training and
+        # validation); the batch is the data's own, whole (a tuple or dict of tensors).
+        self.step = StepFn(step) if step is not None else None
+        if step is None and loss_fn is None:
+            raise TypeError("give the Trainer a loss_fn(output, target) or a step(model, batch) -> loss")
+        if step is not None and not self.strategy.supports_step:
+            raise ConfigError(f"[train] step: strategy {type(self.strategy).__name__} does not take a training step "
+                              "(it runs the model in stages); use [train] loss, or another strategy")  # fmt: skip
         self.seed, self.shuffle, self.drop_last, self.num_workers = seed, shuffle, drop_last, num_workers
         self.progress, self.plot = progress, plot
         if progress:
@@ -148,6 +158,8 @@ class Trainer:
                     self.epoch = epoch
                     t0 = time.perf_counter()
                     logs = {"epoch": self.epoch + 1, "train_loss": self._train_epoch(batches, bar)}
+                    if self.step is not None:  # the step's own metrics, averaged over the epoch's samples
+                        logs.update(self._step_means(self.step.sums, "train_"))
                     self.strategy.consolidate("validation")  # drifted ranks agree before validation
                     logs["data_wait"] = self._input_report(batches)
                     if val_set is not None:
@@ -191,7 +203,7 @@ class Trainer:
     def evaluate(self, data: DataLike, prefix: str = "") -> dict[str, float]:
         """Return the loss and metrics over the whole ``data``, reduced over all ranks."""
         batches = self._batches(as_dataset(data), shuffle=False, evaluation=True)
-        return self.evaluate_batches(((xy, n) for xy, n, _ in _xy(batches)), prefix)
+        return self.evaluate_batches(((xy, n) for xy, n, _ in _xy(batches, self.step is not None)), prefix)
 
     @torch.no_grad()
     def evaluate_batches(self, batches: Iterable[tuple[tuple[Any, torch.Tensor], int]],
@@ -200,6 +212,10 @@ class Trainer:
         (collective: every rank calls it, with or without batches)."""
         was_training = self.model.training
         self.model.eval()
+        if self.step is not None:
+            result = self._evaluate_step(batches, prefix)
+            self.model.train(was_training)
+            return result
         # Once set up, the strategy runs the forward pass (it may score a batch on one rank only); before, the model.
         forward = self.strategy.forward_batch if self.net is not None else _plain_forward
         scores = Scores(self.loss_fn, self.metrics)
@@ -214,6 +230,40 @@ class Trainer:
         result = scores.reduce(self.world.comm, prefix)
         self.model.train(was_training)
         return result
+
+    def _evaluate_step(
+        self, batches: Iterable[tuple[tuple[Any, None], int]], prefix: str
+    ) -> dict[str, float]:
+        """Validation through the user's step: its loss and metrics over this rank's ``((batch, None), n)``,
+        averaged over all ranks' samples (collective)."""
+        step = self.step
+        assert step is not None
+        train_sums, step.sums = step.sums, {}  # the epoch's training sums stay aside
+        loss_sum, seen = 0.0, 0
+        try:
+            for (batch, _), n_local in batches:
+                self._mark("validation")
+                with self.precision.autocast():
+                    loss = step(self.model, batch)
+                loss_sum += float(loss.detach().double()) * n_local
+                seen += n_local
+            sums = {**step.sums, "loss": [loss_sum, seen]}
+        finally:
+            step.sums = train_sums
+        self._mark("validation")
+        return self._step_means(sums, prefix)
+
+    def _step_means(self, sums: dict[str, list[float]], prefix: str) -> dict[str, float]:
+        """Each of ``sums``'s {name: [sum, samples]} as its mean over every rank's samples, then cleared
+        (collective: the ranks first agree on the names, since a rank may have had no batch)."""
+        names = sorted({name for names in self.world.comm.allgather(sorted(sums)) for name in names})
+        totals = torch.tensor([sums.get(k, [0.0, 0])[i] for k in names for i in (0, 1)], dtype=torch.float64)
+        if len(totals):
+            self.world.comm.Allreduce(totals)
+        sums.clear()
+        means = {prefix + k: float(totals[2 * i] / totals[2 * i + 1]) if totals[2 * i + 1] else math.nan
+                 for i, k in enumerate(names)}  # fmt: skip
+        return means
 
     def log(self, message: str) -> None:
         """Print on rank 0 only."""
@@ -233,7 +283,7 @@ class Trainer:
         seen = self._partial[1]
         self._mark("loading a batch")
         for step, ((x, y), n_local, n_global) in enumerate(
-            _xy(self._meter.wrap(batches)), start=self.step_in_epoch
+            _xy(self._meter.wrap(batches), self.step is not None), start=self.step_in_epoch
         ):
             self._mark("training step")
             # Ranks may hold unequal slices of the last batch: weight so the rank average is the global mean.
@@ -264,7 +314,9 @@ class Trainer:
         if self.net is None:
             self.net = self.strategy.setup(self.model, self.optimizer, self.world)
         self._step_now = self.global_step if step is None else step  # for the message of a non-finite loss
-        loss, finite = self.strategy.train_batch(self.net, x, y, self.loss_fn, scale, self.precision,
+        # y None: x is the whole batch, for the user's step (see Strategy.train_batch).
+        loss_fn = self.loss_fn if y is not None else self.step
+        loss, finite = self.strategy.train_batch(self.net, x, y, loss_fn, scale, self.precision,
                                                  self.accumulate, self.offload_activations, self._non_finite)  # fmt: skip
         self.strategy.step()
         if self.scheduler is not None:
@@ -346,8 +398,12 @@ class Trainer:
 
     def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:
         shared = self.shared_state()
-        # The running loss of the current epoch is this rank's own: it travels with the rank's file.
-        return shared, {"rng": rng_state(), "partial": self._partial}
+        # The running loss of the current epoch is this rank's own: it travels with the rank's file (so do the
+        # running sums of a user step's metrics).
+        mine = {"rng": rng_state(), "partial": self._partial}
+        if self.step is not None:
+            mine["step_sums"] = {k: list(v) for k, v in self.step.sums.items()}
+        return shared, mine
 
     def restore(self) -> dict[str, Any] | None:
         """Load the newest good checkpoint (or the one ``resume`` names) into this trainer, on every rank; return
@@ -367,6 +423,8 @@ class Trainer:
         if local is not None:
             set_rng_state(local["rng"])
             self._partial = tuple(local["partial"])
+            if self.step is not None:
+                self.step.sums = {k: list(v) for k, v in local.get("step_sums", {}).items()}
         elif self.world.is_main:
             self.log(f"checkpoint written by {shared['world_size']} rank(s), resuming on {self.world.size}: the data "
                      "order continues, random streams are re-seeded (not bit-identical to an unbroken run)")  # fmt: skip
@@ -423,7 +481,7 @@ class Trainer:
         files.write_summary(summary)
         if self.plot:
             plot_learning_curve(self.history, files.plot("learning_curve"))
-            if val_set is not None:
+            if val_set is not None and self.step is None:  # a step's data need not be (input, target)
                 self._plot_predictions(val_set)
         self.log(f"run directory: {self.run_dir}")
 
@@ -568,7 +626,13 @@ def _plain_forward(model: torch.nn.Module, x: Any) -> torch.Tensor:
     return model(x)
 
 
-def _xy(batches: Iterable) -> Iterable:
+def _xy(batches: Iterable, whole: bool = False) -> Iterable:
+    """Each ``(batch, n_local, n_global)`` with the batch as ``(input, target)``; ``whole``: as ``(batch, None)``,
+    for a user's training step."""
+    if whole:
+        for batch, n_local, n_global in batches:
+            yield (batch, None), n_local, n_global
+        return
     for batch, n_local, n_global in batches:
         yield as_xy(batch), n_local, n_global
 

@@ -77,7 +77,7 @@ def finish(out: Path, rows: list[dict[str, Any]], spec, config, requeued: int = 
 
 def _finish_pareto(out, rows, counted, spec, config, head) -> dict[str, Any]:
     front = sorted(pareto(counted, spec), key=lambda r: r[spec.metrics[0]])
-    entries = [{"trial": r["trial"], **{m: r[m] for m in spec.metrics}, "params": {k: r[k] for k in spec.space},
+    entries = [{"trial": r["trial"], "scores": {m: r[m] for m in spec.metrics}, "params": {k: r[k] for k in spec.space},
                 "command": _command(config, {k: r[k] for k in spec.space})} for r in front]  # fmt: skip
     summary = {
         "pareto": entries,
@@ -89,7 +89,7 @@ def _finish_pareto(out, rows, counted, spec, config, head) -> dict[str, Any]:
     _plot_pareto(out / "pareto.png", counted, front, spec)
     print(f"Pareto front of {head}: {len(front)} trials")
     for e in entries:
-        scores = ", ".join(f"{m} {e[m]:.4g}" for m in spec.metrics)
+        scores = ", ".join(f"{m} {v:.4g}" for m, v in e["scores"].items())
         print(f"  trial {e['trial']}: {scores}; {_params_text(e['params'])}")
     print(f"  record: {out}/trials.csv, best.json (the front, with train commands), pareto.png")
     return summary

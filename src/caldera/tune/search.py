@@ -89,7 +89,8 @@ def tune(config: str | Path, overrides: list[str] | None = None, trials: int | N
             t0 = time.perf_counter()
             try:
                 result = run_trial(config, overrides, values, base, number, world, group, trial,
-                                   stop.remaining() + TIME_MARGIN_S if stop.deadline else None)  # fmt: skip
+                                   stop.remaining() + TIME_MARGIN_S if stop.deadline else None,
+                                   lambda: stop.reason)  # fmt: skip
             except Preempted as exc:
                 stop.reason = stop.reason or exc.reason
                 if group.is_main:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from caldera.config import Config, load_config
@@ -19,14 +20,20 @@ class Report(Callback):
     """Each epoch's score to the study's pruner (on the group's rank 0, which holds the Optuna trial); a pruned
     trial stops its trainer. The decision is broadcast, so every rank of a data-parallel trial stops together."""
 
-    def __init__(self, trial: Any, metric: str, prune: bool) -> None:
-        self.trial, self.metric, self.prune = trial, metric, prune
+    def __init__(self, trial: Any, metric: str, prune: bool, stop_reason: Callable[[], str | None]) -> None:
+        self.trial, self.metric, self.prune, self.stop_reason = trial, metric, prune, stop_reason
         self.pruned_at: int | None = None
         self.params = 0
 
     def on_fit_start(self, trainer) -> None:
-        """Count the model's parameters (the 'params' objective)."""
+        """Count the model's parameters (the 'params' objective); pass on a stop request that came while the
+        trial was still building its data and model (the trainer's own signal handlers were not in place yet)."""
         self.params = sum(p.numel() for p in trainer.model.parameters())
+        reason = self.stop_reason()
+        if reason and trainer.checkpointer is not None and trainer.checkpointer.stop_reason is None:
+            trainer.checkpointer.stop_reason = (
+                reason  # the first step boundary stops the trial (all its ranks)
+            )
 
     def on_epoch_end(self, trainer, epoch: int, logs: dict[str, float]) -> None:
         """Report the epoch's score; stop the trainer when the pruner says so."""
@@ -46,7 +53,8 @@ class Report(Callback):
 
 
 def run_trial(config, overrides, params: dict[str, Any], base: Config, number: int, world: World,
-              group: World, trial: Any, time_limit: float | None) -> dict[str, Any]:  # fmt: skip
+              group: World, trial: Any, time_limit: float | None,
+              stop_reason: Callable[[], str | None]) -> dict[str, Any]:  # fmt: skip
     """Train trial ``number`` on ``group`` (this rank alone, or its trial group); return its outcome.
 
     ``trial``: the Optuna trial on the group's rank 0 (None elsewhere). Whatever the run raises fails this trial
@@ -57,7 +65,7 @@ def run_trial(config, overrides, params: dict[str, Any], base: Config, number: i
     start = time.perf_counter()
     trial_dir.mkdir(parents=True, exist_ok=True)
     log = io.StringIO()
-    report = Report(trial, spec.metrics[0], prune=spec.pruner != "none")
+    report = Report(trial, spec.metrics[0], spec.pruner != "none", stop_reason)
     history: list[dict[str, float]] = []
     try:
         cfg = load_config(config, overrides, {**params, **fixed})

@@ -1,4 +1,5 @@
-"""caldera tune: trials handed out to real ranks as they come, failures recorded, mistakes caught before any training."""
+"""caldera tune: trials handed out to real ranks as they come, failures recorded, mistakes caught before any
+training."""
 
 import csv
 import json
@@ -122,3 +123,24 @@ def test_trials_on_a_generated_source_meet_no_other_rank(tmp_path):
     for r in table:  # every trial made its own stack in its own directory
         assert (tmp_path / "trials" / f"trial-000{r['trial']}" / "phantoms.h5").stat().st_size > 0
     assert proc.stdout.count("best of 3 trials (0 failed, 0 pruned)") == 1
+
+
+def test_objectives_and_pruner_settings_that_cannot_work_are_named():
+    from caldera.config import ConfigError, load_config
+    from caldera.tune.study import pruner
+
+    def problem(*sets):
+        with pytest.raises(ConfigError) as err:
+            cfg = load_config("examples/digits_tune.toml", list(sets))
+            pruner(cfg.tune, cfg.optim.epochs)
+        return str(err.value)
+
+    assert "2 metrics but 1 directions" in problem(
+        "tune.metric=[val_loss, params]", "tune.direction=[minimize]"
+    )
+    assert "pruning needs a single metric" in problem("tune.metric=[val_loss, params]", "tune.pruner=median")
+    assert "tune.pruner_args = {'bogus': 1}" in problem("tune.pruner=asha", "tune.pruner_args={bogus: 1}")
+    cfg = load_config("examples/digits_tune.toml", ["tune.pruner=hyperband"])
+    assert (
+        pruner(cfg.tune, cfg.optim.epochs)._max_resource == cfg.optim.epochs
+    )  # a trial's epochs are its resource

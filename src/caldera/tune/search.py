@@ -75,7 +75,6 @@ def tune(config: str | Path, overrides: list[str] | None = None, trials: int | N
         print(f"resuming the study in {out}: {requeued} interrupted trial(s) queued again")
     # Bound to the real stdout now: trials redirect sys.stdout into their own logs while the bar refreshes.
     bar = progress_bar(world.is_main, "trials", {"best": "-"}, file=sys.stdout, clock="elapsed").start()
-    busy = 0.0
     try:
         stop.install()
         while True:
@@ -86,7 +85,6 @@ def tune(config: str | Path, overrides: list[str] | None = None, trials: int | N
             if params is None:
                 break
             number, values = params
-            t0 = time.perf_counter()
             try:
                 result = run_trial(config, overrides, values, base, number, world, group, trial,
                                    stop.remaining() + TIME_MARGIN_S if stop.deadline else None,
@@ -96,11 +94,11 @@ def tune(config: str | Path, overrides: list[str] | None = None, trials: int | N
                 if group.is_main:
                     studies.retry(study, number, values, f"stopped: {exc.reason}")
                 break
-            finally:
-                busy += time.perf_counter() - t0
-            _stop_if_metric_unknown(result, spec.metrics)
             if group.is_main:
                 studies.tell(study, trial, result)
+            # After the tell, so that the journal holds no trial left running.
+            _stop_if_metric_unknown(result, spec.metrics)
+            if group.is_main:
                 rows = studies.rows(study, spec)
                 write_table(out / "trials.csv", rows)
                 done = [r for r in rows if r["state"] == "complete" and "value" in r]
@@ -124,7 +122,7 @@ def tune(config: str | Path, overrides: list[str] | None = None, trials: int | N
     outcome = world.comm.bcast(outcome)
     if "error" in outcome:  # raised on every rank alike, so that all of them exit the same way
         raise TuneFailed(outcome["error"])
-    return {**outcome, "busy_s": busy}
+    return outcome
 
 
 def trial_group(world: World, k: int) -> World:

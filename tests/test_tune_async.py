@@ -19,7 +19,7 @@ from tests.test_launch import env
 SEARCH = ["-m", "caldera.cli", "tune", "examples/digits_tune.toml", "--set", "optim.epochs=2",
           "--set", "model.args.channels=4", "--set", "tune.space={optim.lr: {low: 0.0003, high: 0.03, log: true}}",
           "--set", "tune.pruner=asha", "--set", "tune.pruner_args={min_resource: 1, reduction_factor: 2}",
-          "--trials", "8"]  # fmt: skip
+          "--trials", "6"]  # fmt: skip
 
 
 def table(run_dir):
@@ -47,14 +47,17 @@ def test_a_pruned_search_stopped_mid_way_resumes_to_the_same_study(tmp_path, cap
     assert "study.journal" in err and "exit code 85" in err
     stopped = table(tmp_path)
     counted = [r for r in stopped if r["state"] != "retried"]
-    assert 1 <= len(counted) < 8, stopped  # stopped in the middle
-    # Without --resume the study is not overwritten; with it, the search finishes the same study.
+    assert 1 <= len(counted) < 6, stopped  # stopped in the middle
+    # Without --resume the study is not overwritten; with it, the search finishes the same study (a time limit
+    # already spent stops it again before any trial starts).
     assert main(cmd[2:]) == 2 and "continue it with `caldera tune --resume`" in capsys.readouterr().err
+    assert main([*cmd[2:], "--resume", "--time-limit", "0"]) == REQUEUE_EXIT_CODE
+    assert "stopped (time limit on rank 0)" in capsys.readouterr().err and table(tmp_path) == stopped
     done = run_ranks(2, [*cmd, "--resume"], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     final = table(tmp_path)
     counted = [r for r in final if r["state"] != "retried"]
-    assert len(counted) == 8 and {r["state"] for r in counted} <= {"complete", "pruned"}, final
+    assert len(counted) == 6 and {r["state"] for r in counted} <= {"complete", "pruned"}, final
     assert any(r["state"] == "pruned" for r in counted) and {r["rank"] for r in counted} == {"0", "1"}
     for r in stopped:  # what was told before the stop is kept as it was
         if r["state"] in ("complete", "pruned"):
@@ -62,8 +65,8 @@ def test_a_pruned_search_stopped_mid_way_resumes_to_the_same_study(tmp_path, cap
     for r in (r for r in final if r["state"] == "retried"):  # a trial cut short ran again with its parameters
         assert any(f["optim.lr"] == r["optim.lr"] and f["state"] != "retried" for f in final), final
     best = json.loads((tmp_path / "tune" / "best.json").read_text())
-    assert best["trials"] == 8 and best["pruned"] == sum(r["state"] == "pruned" for r in counted)
-    assert done.stdout.count("best of 8 trials (0 failed") == 1
+    assert best["trials"] == 6 and best["pruned"] == sum(r["state"] == "pruned" for r in counted)
+    assert done.stdout.count("best of 6 trials (0 failed") == 1
 
 
 @pytest.mark.mpi

@@ -1,6 +1,6 @@
 """Hyperparameter search on 2 ranks, same budget three ways: idle rank-seconds and best score against wall time.
 
-    python benchmarks/bench_tune.py [--trials 16] [--epochs 3] [--repeats 3] [--png docs/img/tune_best_so_far.png]
+    python benchmarks/bench_tune.py [--trials 24] [--epochs 6] [--repeats 3] [--png docs/img/tune_best_so_far.png]
 
 The search: SmallCNN on scikit-learn's digits, Adam, over the learning rate, the width (4 or 24 channels) and the
 batch size (16 or 64), so that trials differ several-fold in cost; score: the best epoch's validation accuracy;
@@ -252,8 +252,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--png", default=str(ROOT / "docs" / "img" / "tune_best_so_far.png"))
     parser.add_argument("--smoke", action="store_true", help="2 trials of 1 epoch; the plot into a temp dir")

@@ -43,7 +43,8 @@ class Report(Callback):
         value = logs.get(self.metric, math.nan)
         if self.trial is not None and math.isfinite(value):
             self.trial.report(value, step=epoch + 1)  # step = epochs trained: the pruners' resource
-            stop = self.trial.should_prune()
+            # After the last epoch there is nothing left to save: the trial completes, whatever its rank.
+            stop = epoch + 1 < trainer.max_epochs and self.trial.should_prune()
         if trainer.world.size > 1:
             stop = trainer.world.comm.bcast(stop)
         if stop:

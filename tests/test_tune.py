@@ -1,4 +1,5 @@
-"""caldera tune: trials spread over real ranks, failures recorded, mistakes caught before any training."""
+"""caldera tune: trials handed out to real ranks as they come, failures recorded, mistakes caught before any
+training."""
 
 import csv
 import json
@@ -44,7 +45,7 @@ def test_one_process_runs_every_trial_records_a_failure_and_names_the_best(tmp_p
     assert [r["trial"] for r in rows(tmp_path)] == ["0", "1", "2"]
     assert table["1000000.0"]["state"] == "failed" and "loss is" in table["1000000.0"]["error"]
     assert table["0.01"]["state"] == table["0.003"]["state"] == "complete"
-    assert "(1 failed)" in proc.stdout
+    assert "(1 failed, 0 pruned)" in proc.stdout
     best = json.loads((tmp_path / "tune" / "best.json").read_text())
     done = [r for r in table.values() if r["state"] == "complete"]
     assert best["val_accuracy"] == max(float(r["value"]) for r in done)  # the metric is maximised
@@ -58,12 +59,19 @@ def test_one_process_runs_every_trial_records_a_failure_and_names_the_best(tmp_p
 
 
 @pytest.mark.mpi
-def test_ranks_share_the_trials(tmp_path):
-    proc = run_ranks(2, tune_cmd(tmp_path, "--trials", "3"), timeout=300)
+def test_ranks_take_trials_as_they_come_and_a_failing_one_is_reported(tmp_path):
+    # Three trials (an odd count) on two ranks, one of which diverges: no rounds, so the ranks hand themselves
+    # trials until three are out; the failed trial is recorded, the search reports its best and exits 0.
+    extra = ["--set", "tune.sampler=grid", "--set", "tune.space={optim.lr: [0.01, 1000000.0, 0.003]}",
+             "--set", "optim.name=sgd"]  # fmt: skip
+    proc = run_ranks(2, tune_cmd(tmp_path, *extra), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = rows(tmp_path)
-    assert [r["rank"] for r in table] == ["0", "1", "0"]  # two rounds: both ranks, then rank 0 alone
-    assert proc.stdout.count("best of 3 trials") == 1  # only rank 0 reports
+    assert sorted(r["trial"] for r in table) == ["0", "1", "2"]
+    assert {r["rank"] for r in table} == {"0", "1"}  # both ranks trained
+    assert {r["optim.lr"]: r["state"] for r in table} == {"0.01": "complete", "1000000.0": "failed",
+                                                           "0.003": "complete"}  # fmt: skip
+    assert proc.stdout.count("best of 3 trials (1 failed, 0 pruned)") == 1  # only rank 0 reports
 
 
 @pytest.mark.parametrize(
@@ -110,11 +118,29 @@ def test_trials_on_a_generated_source_meet_no_other_rank(tmp_path):
     proc = run_ranks(2, cmd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = rows(tmp_path)
-    assert [(r["rank"], r["state"], r["error"]) for r in table] == [
-        ("0", "complete", ""),
-        ("1", "complete", ""),
-        ("0", "complete", ""),
-    ]
+    assert [(r["state"], r["error"]) for r in table] == [("complete", "")] * 3
+    assert {r["rank"] for r in table} == {"0", "1"}
     for r in table:  # every trial made its own stack in its own directory
         assert (tmp_path / "trials" / f"trial-000{r['trial']}" / "phantoms.h5").stat().st_size > 0
-    assert proc.stdout.count("best of 3 trials (0 failed)") == 1
+    assert proc.stdout.count("best of 3 trials (0 failed, 0 pruned)") == 1
+
+
+def test_objectives_and_pruner_settings_that_cannot_work_are_named():
+    from caldera.config import ConfigError, load_config
+    from caldera.tune.study import pruner
+
+    def problem(*sets):
+        with pytest.raises(ConfigError) as err:
+            cfg = load_config("examples/digits_tune.toml", list(sets))
+            pruner(cfg.tune, cfg.optim.epochs)
+        return str(err.value)
+
+    assert "2 metrics but 1 directions" in problem(
+        "tune.metric=[val_loss, params]", "tune.direction=[minimize]"
+    )
+    assert "pruning needs a single metric" in problem("tune.metric=[val_loss, params]", "tune.pruner=median")
+    assert "tune.pruner_args = {'bogus': 1}" in problem("tune.pruner=asha", "tune.pruner_args={bogus: 1}")
+    cfg = load_config("examples/digits_tune.toml", ["tune.pruner=hyperband"])
+    assert (
+        pruner(cfg.tune, cfg.optim.epochs)._max_resource == cfg.optim.epochs
+    )  # a trial's epochs are its resource

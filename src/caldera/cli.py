@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     p_tune.add_argument("config", help="run file with a [tune] section")
     p_tune.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p_tune.add_argument("--trials", type=int, help="override tune.trials")
+    p_tune.add_argument("--resume", action="store_true",
+                        help="continue the study in the run directory (after a stop, a kill or a requeue)")  # fmt: skip
+    p_tune.add_argument("--time-limit", metavar="DURATION",
+                        help="start no trial after, and stop running ones before, this wall time; exit code 85")  # fmt: skip
     p_serve = sub.add_parser(
         "serve", help="serve finished runs over HTTP: dynamic batching; several = an ensemble"
     )
@@ -197,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "tune":
             from caldera.tune import TuneFailed, tune
+            from caldera.tune.search import resume_requested
 
+            _check_time_limit(args.time_limit)
             try:
-                tune(args.config, args.set, args.trials)
+                tune(args.config, args.set, args.trials, resume_requested(args.resume), args.time_limit)
             except TuneFailed as exc:
                 _error(str(exc))
                 return 1

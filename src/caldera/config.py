@@ -316,15 +316,48 @@ class RangeSpec(_Section):
 
 class TuneSection(_Section):
     trials: int = Field(20, ge=1, description="how many trials in all, spread over the ranks")
-    metric: str = Field(
-        "val_loss", description="a per-epoch metric of the run; its best epoch scores a trial"
+    metric: str | list[str] = Field(
+        "val_loss",
+        description="a per-epoch metric of the run (its best epoch scores a trial), or a list of them (and "
+        "'params', the model's parameter count): a multi-objective study with a Pareto front",
     )
-    direction: Literal["minimize", "maximize"] = "minimize"
+    direction: Literal["minimize", "maximize"] | list[Literal["minimize", "maximize"]] = Field(
+        "minimize", description="one per metric when metric is a list"
+    )
     sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna's sampler; grid: lists only")
+    pruner: Literal["none", "median", "asha", "hyperband"] = Field(
+        "none", description="stop hopeless trials early from their per-epoch scores (single metric only)"
+    )
+    pruner_args: dict[str, Any] = Field(
+        default_factory=dict, description="keywords of Optuna's pruner, e.g. {n_startup_trials = 5}"
+    )
+    ranks_per_trial: int = Field(1, ge=1, description="ranks that train each trial together (data parallel)")
     space: dict[str, list[Any] | RangeSpec] = Field(
         default_factory=dict,
         description='dotted run-file keys: a list of choices, or {low, high, log, step}, e.g. "optim.lr"',
     )
+
+    @model_validator(mode="after")
+    def _objectives(self) -> TuneSection:
+        if len(self.metrics) != len(self.directions):
+            raise ValueError(f"{len(self.metrics)} metrics but {len(self.directions)} directions; give one "
+                             "direction per metric")  # fmt: skip
+        if len(self.metrics) > 1 and self.pruner != "none":
+            raise ValueError("pruning needs a single metric (Optuna prunes single-objective studies only); "
+                             'set pruner = "none" or one metric')  # fmt: skip
+        return self
+
+    @property
+    def metrics(self) -> list[str]:
+        """The metrics, as a list (one for a single-objective study)."""
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def directions(self) -> list[str]:
+        """One direction per metric (a lone direction serves every metric)."""
+        if isinstance(self.direction, str):
+            return [self.direction] * len(self.metrics)
+        return list(self.direction)
 
 
 class Config(_Section):

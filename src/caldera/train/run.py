@@ -8,7 +8,7 @@ import inspect
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,8 +287,9 @@ def build_loss(cfg: Config) -> Callable[[Any, torch.Tensor], torch.Tensor]:
 
 def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, world: World,
                   resume: bool | str = False, time_limit: str | float | None = None,
-                  force: bool = False) -> Trainer:  # fmt: skip
-    """Assemble the Trainer for ``model`` from the config's loss, metrics, optimizer, schedule and strategy."""
+                  force: bool = False, callbacks: Sequence[Callback] = ()) -> Trainer:  # fmt: skip
+    """Assemble the Trainer for ``model`` from the config's loss, metrics, optimizer, schedule and strategy
+    (and ``callbacks`` besides the config's own)."""
     optimizer = build_optimizer(cfg, model)
     step = resolve(cfg.train.step, {}, "[train] step") if cfg.train.step is not None else None
     loss_fn = build_loss(cfg) if step is None else None  # a step computes its own loss
@@ -297,7 +298,7 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
                           "follow; use [optim] schedule (cosine, warmup_steps), which they apply per work item, or "
                           "strategy = 'allreduce'")  # fmt: skip
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch * cfg.optim.epochs)
-    callbacks: list[Callback] = [EpochSteps(scheduler)] if isinstance(scheduler, Stepped) else []
+    callbacks = [*([EpochSteps(scheduler)] if isinstance(scheduler, Stepped) else []), *callbacks]
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStopping(cfg.train.monitor, cfg.train.early_stopping_patience,
                                        mode=metric_mode(cfg.train.monitor)))  # fmt: skip
@@ -325,12 +326,12 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
 
 def train(cfg: Config, config_path: str | Path | None = None, world: World | None = None,
           resume: bool | str = False, time_limit: str | float | None = None,
-          force: bool = False) -> list[dict[str, float]]:  # fmt: skip
+          force: bool = False, callbacks: Sequence[Callback] = ()) -> list[dict[str, float]]:  # fmt: skip
     """Run the whole training a config describes; return the per-epoch metrics.
 
     ``resume=True`` continues from the newest good checkpoint in the run directory (or starts fresh if there
     is none); a path resumes from that checkpoint; ``force`` resumes even under a changed config. ``time_limit``
-    stops with a checkpoint before the wall time.
+    stops with a checkpoint before the wall time. ``callbacks`` join the config's own (a tune trial's pruning).
     """
     try:
         world = world or init(device=cfg.run.device, seed=cfg.run.seed, deterministic=cfg.run.deterministic)
@@ -349,7 +350,7 @@ def train(cfg: Config, config_path: str | Path | None = None, world: World | Non
         steps = len(
             ShardedBatches(train_set, cfg.data.batch_size, 0, world.size, drop_last=cfg.data.drop_last)
         )
-    trainer = build_trainer(cfg, model, steps, world, resume, time_limit, force)
+    trainer = build_trainer(cfg, model, steps, world, resume, time_limit, force, callbacks)
     if world.is_main:
         RunDir(cfg.run_dir).save_config(cfg, config_path)
     return trainer.fit(train_set, val_set)

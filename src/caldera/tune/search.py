@@ -94,6 +94,7 @@ def tune(config: str | Path, overrides: list[str] | None = None, trials: int | N
                 if group.is_main:
                     studies.retry(study, number, values, f"stopped: {exc.reason}")
                 break
+            stop.reason = stop.reason or result["stop"]
             if group.is_main:
                 studies.tell(study, trial, result)
             # After the tell, so that the journal holds no trial left running.

@@ -24,11 +24,15 @@ class Report(Callback):
         self.trial, self.metric, self.prune, self.stop_reason = trial, metric, prune, stop_reason
         self.pruned_at: int | None = None
         self.params = 0
+        self.checkpointer: Any = (
+            None  # the trial's: holds a stop request that came after its last step boundary
+        )
 
     def on_fit_start(self, trainer) -> None:
         """Count the model's parameters (the 'params' objective); pass on a stop request that came while the
         trial was still building its data and model (the trainer's own signal handlers were not in place yet)."""
         self.params = sum(p.numel() for p in trainer.model.parameters())
+        self.checkpointer = trainer.checkpointer
         reason = self.stop_reason()
         if reason and trainer.checkpointer is not None and trainer.checkpointer.stop_reason is None:
             trainer.checkpointer.stop_reason = (
@@ -81,9 +85,12 @@ def run_trial(config, overrides, params: dict[str, Any], base: Config, number: i
     state = "pruned" if report.pruned_at else "complete" if values is not None else "failed"
     if values is None and error is None:
         error = f"no finite {', '.join(spec.metrics)} in any epoch"
+    # A signal that reached the trial's own handler after its last step boundary (validation, the final save) let
+    # the trial finish; the search must still stop: it is passed on with the outcome.
+    late_stop = report.checkpointer.stop_reason if report.checkpointer is not None else None
     return {"number": number, "rank": world.rank, "params": params, "values": values, "state": state,
             "error": error or "", "metrics": sorted(history[-1]) if history else None,
-            "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+            "seconds": round(time.perf_counter() - start, 2), "stop": late_stop}  # fmt: skip
 
 
 def score(history: list[dict[str, float]], spec, n_params: int) -> list[float] | None:

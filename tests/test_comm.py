@@ -1,6 +1,7 @@
 """Communicators: the MPI one on real ranks, the local one in-process, same interface."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -28,11 +29,8 @@ def test_torch_distributed_collectives_under_torchrun():
     proc = subprocess.run([*torchrun, "tests/scripts/comm_ops.py"], capture_output=True, text=True, timeout=180,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("OK")) == [
-        "OK 0",
-        "OK 1",
-        "OK 2",
-    ]
+    # torchrun passes the processes' output through one pipe, and lines of different ranks can run together.
+    assert sorted(re.findall(r"OK (\d+)", proc.stdout)) == ["0", "1", "2"], proc.stdout
 
 
 def test_local_comm_is_the_identity_with_the_same_interface():

@@ -29,7 +29,17 @@ from pydantic_core import PydanticCustomError
 from caldera.durations import check_time_limit, parse_duration, parse_interval
 from caldera.errors import ConfigError as ConfigError
 from caldera.errors import UntrustedCode as UntrustedCode
-from caldera.names import LOSSES, METRICS, MODELS, OPTIMIZERS, SCHEDULERS, SOURCES, STRATEGIES, unsupported
+from caldera.names import (
+    LOSSES,
+    METRICS,
+    MODELS,
+    NOT_COMPILED,
+    OPTIMIZERS,
+    SCHEDULERS,
+    SOURCES,
+    STRATEGIES,
+    unsupported,
+)
 from caldera.refs import Builtins
 from caldera.refs import resolve as resolve
 
@@ -150,6 +160,13 @@ class TrainSection(_Section):
         1, ge=1, description="micro-batches per optimizer step: each rank's share of a batch runs in this many "
         "pieces (activation memory / accumulate), gradients summed, one reduction; the update is unchanged",
     )  # fmt: skip
+    compile: bool = Field(
+        False, description="torch.compile the module the strategy runs forward on (the first step includes the "
+        "compile); not under pipeline, async-shared or async-ps",
+    )  # fmt: skip
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile's mode with [train] compile = true"
+    )
 
 
 class LogSection(_Section):
@@ -736,6 +753,8 @@ def _check_references(cfg: Config, where: str) -> None:
     problem = unsupported(cfg.parallel.strategy, cfg.precision.mode)
     if problem:
         raise ConfigError(f"{where}: [parallel] {problem}")
+    if cfg.train.compile and cfg.parallel.strategy in NOT_COMPILED:
+        raise ConfigError(f"{where}: [train] compile: {NOT_COMPILED[cfg.parallel.strategy]}")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -75,3 +75,14 @@ def unsupported(name: str, precision: str) -> str | None:
 
     One table for both places that ask: the run file's validation and ``parallel._async.check_run`` (the Python API)."""
     return REFUSED_PRECISION.get(name, {}).get(precision)
+
+
+# strategy -> why [train] compile does not apply to it, with the fix (checked by the config and by the Trainer)
+NOT_COMPILED: dict[str, str] = {
+    "pipeline": "strategy 'pipeline' runs each rank's stage itself, micro-batch by micro-batch, and swaps the other "
+    "stages' weights in and out around checkpoints, so it is not compiled; set compile = false, or use 'allreduce'",
+    "async-shared": "strategy 'async-shared' trains in worker processes that receive the model pickled, and a "
+    "compiled module does not pickle; set compile = false, or use 'allreduce' or 'local-sgd'",
+    "async-ps": "strategy 'async-ps' runs its own loop on its worker ranks, not the trainer's step that compiles "
+    "the model; set compile = false, or use 'allreduce' or 'local-sgd'",
+}  # fmt: skip

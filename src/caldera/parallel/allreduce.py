@@ -133,7 +133,9 @@ class AllReduce(Strategy):
             for b in self.buckets:
                 for p in b.params:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b)))
-        if self.fused_linear_grads and self.world.size > 1:
+        # A compiled module's backward is traced once, so the fused path's per-call choice (and its in-place
+        # addmm_ into .grad) cannot live in it: compiled layers keep PyTorch's own gradient accumulation.
+        if self.fused_linear_grads and self.world.size > 1 and not self.compiled:
             self._unfuse = fuse(model, lambda: self._in_backward)
         return model
 

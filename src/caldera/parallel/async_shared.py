@@ -52,6 +52,7 @@ from torch.utils.data import Dataset
 from caldera.checkpoint import Preempted
 from caldera.comm.buckets import flatten
 from caldera.config import StrategyOptions
+from caldera.names import NOT_COMPILED
 from caldera.parallel import _async
 from caldera.parallel._async import WorkItems, check_run
 from caldera.parallel.base import Strategy, register
@@ -129,6 +130,7 @@ class AsyncShared(Strategy):
     Options = AsyncSharedOptions
 
     runs_own_loop = True  # worker processes of its own: fit() drives the run
+    not_compiled = NOT_COMPILED["async-shared"]
 
     def __init__(
         self,

@@ -65,6 +65,10 @@ class Strategy(ABC):
     _grad_norm: torch.Tensor | float | None = None
     # False: a user's training step ([train] step) is refused (the strategy calls the model in pieces).
     supports_step: ClassVar[bool] = True
+    # Why ``[train] compile`` does not apply to this strategy, with the fix (None: the module ``setup`` returns is
+    # compiled); the trainer sets ``compiled`` before ``setup`` when it will compile that module.
+    not_compiled: ClassVar[str | None] = None
+    compiled: bool = False
 
     @abstractmethod
     def setup(

@@ -53,6 +53,7 @@ from torch.utils.data import Dataset
 
 from caldera.comm.buckets import unflatten
 from caldera.config import Seconds, StrategyOptions
+from caldera.names import NOT_COMPILED
 from caldera.parallel import _async
 from caldera.parallel._async import WorkItems, check_run
 from caldera.parallel.base import Strategy, register
@@ -87,6 +88,7 @@ class ParameterServer(Strategy):
     Options = ParameterServerOptions
 
     runs_own_loop = True  # server and worker ranks: fit() drives the run
+    not_compiled = NOT_COMPILED["async-ps"]
     needs_mpi = True  # its own mpi4py communicators and requests (ps_server, ps_worker)
 
     def __init__(

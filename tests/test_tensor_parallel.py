@@ -33,6 +33,8 @@ def test_tp_and_tp_x_dp_train_the_run_file_like_one_process_holding_half_the_spl
     # While training each rank holds half of every split layer (and of its momentum), the rest whole.
     assert out["held"] == [[out["whole"] - out["split"] // 2]] * 2, out
     assert out["up"] == [[[32, 16, 32, 16]]] * 2, out  # mlp.up: 64 x 16 whole, rows cut in two
+    # One block: one all-reduce forward and one backward per attention and per MLP (q, k, v share theirs).
+    assert out["sums"] == [[4]] * 2, out
     assert out["saved_whole"] == out["whole"], out  # model.pt is the whole, plain model
 
 

@@ -34,9 +34,14 @@ class Held(caldera.Callback):
     def __init__(self) -> None:
         self.held: list[int] = []
         self.up: list[tuple[int, ...]] = []  # shapes of mlp.up's weight and of its momentum
+        self.sums: list[int] = []  # all-reduces over the group in each step after an epoch's first
+        self.last = 0
 
     def on_step_end(self, trainer: caldera.Trainer) -> None:
         self.held.append(trainer.strategy.held())
+        if trainer.step_in_epoch > 1:  # (validation, between epochs, sums too)
+            self.sums.append(trainer.strategy.group_sums - self.last)
+        self.last = trainer.strategy.group_sums
         up = trainer.model.blocks[0].mlp.up.weight
         self.up.append((*up.shape, *trainer.optimizer.state[up]["momentum_buffer"].shape))
 
@@ -64,7 +69,9 @@ if world.rank < 2:
     history = train(config(WORK / "tp2dp2", 2), world=two, resume=True, force=True)
     out["resumed_epochs"] = [h["epoch"] for h in history]
 world.barrier()
-wholes = world.comm.allgather({"held": sorted(set(held.held)), "up": sorted(set(held.up))})
+wholes = world.comm.allgather(
+    {"held": sorted(set(held.held)), "up": sorted(set(held.up)), "sums": sorted(set(held.sums))}
+)
 if world.is_main:
     train(config(WORK / "single1", 1, "single"), world=World())
     train(config(WORK / "single2", 2, "single"), world=World())
@@ -77,6 +84,7 @@ if world.is_main:
         "tp2_diff": float((weights(WORK / "tp2") - weights(WORK / "single2")).abs().max()),
         "resumed_diff": float((weights(WORK / "tp2dp2") - weights(WORK / "single2")).abs().max()),
         "whole": whole, "split": split, "held": [w["held"] for w in wholes[:2]], "up": [w["up"] for w in wholes[:2]],
+        "sums": [w["sums"] for w in wholes[:2]],
         "saved_whole": sum(t.numel() for t in torch.load(WORK / "tp2/model.pt", weights_only=True).values()),
         "scale": float(weights(WORK / "single2").abs().max()),
     })  # fmt: skip

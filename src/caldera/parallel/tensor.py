@@ -78,14 +78,14 @@ class _CopyToGroup(torch.autograd.Function):
     """Identity forward; all-reduce of the gradient backward (the input every colwise slice reads)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, comm: Communicator) -> torch.Tensor:
-        ctx.comm = comm
+    def forward(ctx: Any, x: torch.Tensor, strategy: TensorParallel) -> torch.Tensor:
+        ctx.strategy = strategy
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad.clone(memory_format=torch.contiguous_format)
-        _allreduce(ctx.comm, grad)
+        ctx.strategy.sum_over_group(grad)
         return grad, None
 
 
@@ -93,9 +93,9 @@ class _ReduceFromGroup(torch.autograd.Function):
     """All-reduce forward (the rowwise slices' partial products); identity backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, strategy: TensorParallel) -> torch.Tensor:
         x = x.clone(memory_format=torch.contiguous_format)
-        _allreduce(comm, x)
+        strategy.sum_over_group(x)
         return x
 
     @staticmethod
@@ -166,6 +166,7 @@ class TensorParallel(Strategy):
         self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
         self._hooks: list[Any] = []
         self._whole = True
+        self.group_sums = 0  # all-reduces over the group so far (forward and backward of the split layers)
 
     def _size(self, world: World) -> int:
         tp = self.tp or world.size
@@ -205,6 +206,11 @@ class TensorParallel(Strategy):
         return model
 
     # -- the split layers' forward ---------------------------------------------------------------------------------
+    def sum_over_group(self, t: torch.Tensor) -> None:
+        """Sum ``t`` over the tensor-parallel group, in place (collective over the group)."""
+        self.group_sums += 1
+        _allreduce(self.group, t)
+
     def _new_forward(self, *_: Any) -> None:
         self._shared = None
 
@@ -213,13 +219,13 @@ class TensorParallel(Strategy):
             return F.linear(x, layer.weight, layer.bias)
         # q, k and v read the same input: one copy, so backward sums their gradients and all-reduces once.
         if self._shared is None or self._shared[0] is not x:
-            self._shared = (x, _CopyToGroup.apply(x, self.group))
+            self._shared = (x, _CopyToGroup.apply(x, self))
         return F.linear(self._shared[1], layer.weight, layer.bias)
 
     def _rowwise(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if self._whole:
             return F.linear(x, layer.weight, layer.bias)
-        y = _ReduceFromGroup.apply(F.linear(x, layer.weight), self.group)
+        y = _ReduceFromGroup.apply(F.linear(x, layer.weight), self)
         return y if layer.bias is None else y + layer.bias
 
     # -- slices and whole weights ---------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ COVERED = {
     "heat_surrogate.toml": "tests/test_cli.py",
     "digits_async.toml": "tests/test_async_strategies.py (caldera train ... optim.epochs=1)",
     "digits_pipeline.toml": "tests/test_pipeline.py (2 ranks)",
+    "digits_tensor.toml": "tests/test_tensor_parallel.py (2 and 4 ranks)",
     "ddp_from_mpi.py": "tests/test_launch.py::test_plain_ddp_under_mpiexec_gets_its_process_group_from_mpi_and_the_hang_watchdog",
     "digits_tune.toml": "tests/test_tune.py",
     "heat_online.py": "tests/test_coupling.py::test_the_online_example_stops_for_the_wall_time_and_resumes",

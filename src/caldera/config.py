@@ -228,7 +228,7 @@ class ParallelSection(_Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     strategy: str = Field(
-        "single", description="single | allreduce | local-sgd | pipeline | async-shared | async-ps"
+        "single", description="single | allreduce | local-sgd | pipeline | tensor | async-shared | async-ps"
     )
 
     @model_validator(mode="wrap")

@@ -21,6 +21,7 @@ SOURCES = Builtins({
 MODELS = Builtins({
     "mlp": "caldera.models:MLP", "small_cnn": "caldera.models:SmallCNN", "unet_small": "caldera.models:UNetSmall",
     "neural_potential": "caldera.models.potential:NeuralPotential", "climate_net": "caldera.models.climate:ClimateNet",
+    "transformer": "caldera.models.transformer:Transformer",
 })  # fmt: skip
 
 # [train] loss. Named here, not by import path, so that a run directory that uses them needs no --trust-code
@@ -56,7 +57,7 @@ STRATEGIES = Builtins({
     "single": "caldera.parallel.single:Single", "allreduce": "caldera.parallel.allreduce:AllReduce",
     "local-sgd": "caldera.parallel.local_sgd:LocalSGD", "pipeline": "caldera.parallel.pipeline:Pipeline",
     "async-shared": "caldera.parallel.async_shared:AsyncShared",
-    "async-ps": "caldera.parallel.param_server:ParameterServer",
+    "async-ps": "caldera.parallel.param_server:ParameterServer", "tensor": "caldera.parallel.tensor:TensorParallel",
 })  # fmt: skip
 
 # Facts the config checks about strategies before anything runs (the strategies read them from here too).
@@ -68,6 +69,10 @@ REFUSED_PRECISION: dict[str, dict[str, str]] = {
            f"(bf16 weights with fp32 masters) does not apply; set [precision] mode = 'bf16-mixed', {_INSTEAD}"}
     for name in LOOP_STRATEGIES
 }  # fmt: skip
+REFUSED_PRECISION["tensor"] = {
+    "bf16-true": "tensor keeps the split weights as slices, which bf16-true's fp32 master "
+    "copies of the whole weights do not follow; set [precision] mode = 'bf16-mixed'"
+}
 
 
 def unsupported(name: str, precision: str) -> str | None:

@@ -81,5 +81,6 @@ class UNetSmall(nn.Module):
 
 from caldera.models.climate import ClimateNet  # noqa: E402  (the application models need nothing above)
 from caldera.models.potential import NeuralPotential  # noqa: E402
+from caldera.models.transformer import Transformer  # noqa: E402
 
-__all__ = ["MLP", "MODELS", "ClimateNet", "NeuralPotential", "SmallCNN", "UNetSmall"]
+__all__ = ["MLP", "MODELS", "ClimateNet", "NeuralPotential", "SmallCNN", "Transformer", "UNetSmall"]

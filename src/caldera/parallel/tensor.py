@@ -1,0 +1,353 @@
+"""Tensor parallelism (Megatron-style): the Linear layers a plan names are cut over a tensor-parallel group of ranks;
+the rest of the ranks (world / tp) are data-parallel replicas of that group (2-D: tp x dp).
+
+The model file stays single-device: a plan, ``{module name pattern: "colwise" | "rowwise"}`` (like torchtitan's
+``parallelize_module`` plans), names the layers from outside. A ``colwise`` layer keeps rows ``r`` of its weight
+(output features, and its bias): its output is this rank's slice of the features. A ``rowwise`` layer keeps the
+matching columns (input features): it takes that slice and its partial products are all-reduced, then the whole
+bias is added. Between them every rank sees the same tensors, so a transformer block is split with one all-reduce
+forward (after ``attn.out``, after ``mlp.down``) and one backward (the gradient of the shared input of
+``q``/``k``/``v``, of ``mlp.up``) per sub-block. Attention heads split with ``q``/``k``/``v``: the model reshapes to
+``(-1, head_dim)`` heads, so each rank runs its own heads.
+
+Lifecycle (as the pipeline's): after ``setup`` every rank holds the whole model (rank 0's weights), so a resume
+loads a plain checkpoint into it; the first training step keeps this rank's slices of the split weights and of
+their optimizer state and frees the rest. Validation runs on the slices. Before a checkpoint and at the end the
+slices are gathered (collective), so ``model.pt`` and checkpoints hold the whole, plain model; the next step cuts
+them again. Gradients of the split weights are complete per slice; those of every other parameter are the same on
+every rank of a group; replicas average all of them over their data-parallel group in ``step``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.nn import functional as F
+
+from caldera.comm.base import Communicator
+from caldera.config import StrategyOptions
+from caldera.errors import ConfigError
+from caldera.parallel.base import Purpose, Strategy, register
+from caldera.world import World
+
+Kind = Literal["colwise", "rowwise"]
+
+# The built-in ``transformer`` model's blocks (caldera/models/transformer.py), and any model that names its
+# attention projections q/k/v/out and its MLP up/down the same way.
+DEFAULT_PLAN: dict[str, Kind] = {
+    "*attn.q": "colwise", "*attn.k": "colwise", "*attn.v": "colwise", "*attn.out": "rowwise",
+    "*mlp.up": "colwise", "*mlp.down": "rowwise",
+}  # fmt: skip
+_HEADS = ("heads", "n_heads", "num_heads")  # attribute names under which a layer's parent counts its heads
+
+
+class TensorOptions(StrategyOptions):
+    """``[parallel]`` keys of strategy ``tensor``."""
+
+    tp: int | None = Field(
+        None,
+        ge=1,
+        description="ranks per tensor-parallel group (none: all); ranks / tp replicas train data parallel",
+    )
+    plan: dict[str, Kind] | None = Field(
+        None, description="module name pattern -> 'colwise' | 'rowwise' (default: attention q/k/v/out and MLP "
+        "up/down of the built-in transformer)",
+    )  # fmt: skip
+
+
+def _allreduce(comm: Communicator, t: torch.Tensor) -> None:
+    """Sum ``t`` over ``comm`` in place, giving the core away while waiting instead of spinning on it.
+
+    Every split layer is a synchronisation point (8 a step for 2 blocks): a blocking MPI all-reduce spins while the
+    slowest rank of the group is still computing, which on shared cores takes time from that very rank (or from
+    data workers, a simulation). Polling with a yield between tests measured 1.5-1.8x the samples/s of the
+    blocking call on 2 busy cores (benchmarks/bench_tensor.py's model)."""
+    handle = comm.Iallreduce(t)
+    while not handle.test():
+        os.sched_yield()
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward; all-reduce of the gradient backward (the input every colwise slice reads)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, strategy: TensorParallel) -> torch.Tensor:
+        ctx.strategy = strategy
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        ctx.strategy.sum_over_group(grad)
+        return grad, None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    """All-reduce forward (the rowwise slices' partial products); identity backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, strategy: TensorParallel) -> torch.Tensor:
+        x = x.clone(memory_format=torch.contiguous_format)
+        strategy.sum_over_group(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def plan_layers(model: nn.Module, plan: dict[str, str] | None, tp: int) -> list[tuple[str, nn.Linear, str]]:
+    """The (name, layer, kind) that ``plan`` (default ``DEFAULT_PLAN``) cuts in ``model`` over ``tp`` ranks; a plan
+    that names no layer, a non-Linear, or a size that ``tp`` does not divide is a ConfigError naming it."""
+    given = plan is not None
+    patterns = dict(plan) if given else dict(DEFAULT_PLAN)
+    named = [(n, m) for n, m in model.named_modules() if n]
+    found: list[tuple[str, nn.Linear, str]] = []
+    for pattern, kind in patterns.items():
+        if kind not in ("colwise", "rowwise"):
+            raise ConfigError(f"[parallel] plan: {pattern!r} = {kind!r}; use 'colwise' or 'rowwise'")
+        hits = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pattern)]
+        if given and not hits:
+            raise ConfigError(f"[parallel] plan: {pattern!r} names no module of {type(model).__name__} "
+                              f"(its Linear layers: {_linears(model)})")  # fmt: skip
+        found += [(n, m, kind) for n, m in hits]
+    if not found:
+        raise ConfigError(f"[parallel] strategy = 'tensor': the default plan (attention q/k/v/out, MLP up/down) names "
+                          f"no module of {type(model).__name__}; give [parallel] plan = {{'name pattern' = 'colwise' "
+                          f"| 'rowwise'}} over its Linear layers ({_linears(model)})")  # fmt: skip
+    seen: dict[str, str] = {}
+    for name, layer, kind in found:
+        if not isinstance(layer, nn.Linear):
+            raise ConfigError(f"[parallel] plan: {name!r} is a {type(layer).__name__}, not an nn.Linear (colwise and "
+                              "rowwise cut Linear layers); name its Linear layers")  # fmt: skip
+        if seen.setdefault(name, kind) != kind:
+            raise ConfigError(f"[parallel] plan: {name!r} is named both colwise and rowwise; name it once")
+        size, what = (layer.out_features, "output") if kind == "colwise" else (layer.in_features, "input")
+        if size % tp:
+            raise ConfigError(f"[parallel] plan: {name!r} ({kind}) has {size} {what} features, which tp = {tp} does "
+                              "not divide; choose a tp that divides it, or leave the layer out of the plan")  # fmt: skip
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        heads = next((getattr(parent, a) for a in _HEADS if isinstance(getattr(parent, a, None), int)), None)
+        if heads is not None and heads % tp:
+            raise ConfigError(f"[parallel] plan: {parent_name!r} has {heads} attention heads, which tp = {tp} does "
+                              "not divide; choose a tp that divides the heads")  # fmt: skip
+    unique = {name: (name, layer, kind) for name, layer, kind in found}
+    return list(unique.values())
+
+
+def _linears(model: nn.Module) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "none"
+
+
+@register("tensor")
+class TensorParallel(Strategy):
+    """The plan's Linear layers cut over groups of ``tp`` ranks (columns / rows); world / tp groups train data
+    parallel, each on its share of the batch."""
+
+    Options = TensorOptions
+
+    def __init__(self, *, tp: int | None = None, plan: dict[str, str] | None = None,
+                 grad_clip: float | None = None) -> None:  # fmt: skip
+        self.tp, self.plan, self.grad_clip = tp, plan, grad_clip
+        self.split: dict[nn.Parameter, tuple[int, torch.Size]] = {}  # split parameter -> (dim, whole shape)
+        self.layers: list[tuple[str, nn.Linear, str]] = []
+        self.group: Any = None  # the tensor-parallel group (this rank's slice: group.rank)
+        self.dp: Any = None  # the same slice in every replica (None with one replica)
+        # (input, its _CopyToGroup) of this forward: q, k and v share one
+        self._shared: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._hooks: list[Any] = []
+        self._whole = True
+        self.group_sums = 0  # all-reduces over the group so far (forward and backward of the split layers)
+
+    def _size(self, world: World) -> int:
+        tp = self.tp or world.size
+        if world.size % tp:
+            raise ConfigError(
+                f"[parallel] tp = {tp} must divide the {world.size} ranks (ranks = replicas x tp)"
+            )
+        return tp
+
+    def data_shards(self, world: World) -> tuple[int, int]:
+        """(this rank's share of each batch, number of shares): one per replica; a group's ranks share one."""
+        tp = self._size(world)
+        return world.rank // tp, world.size // tp
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> nn.Module:
+        """Find the plan's layers, start every rank from rank 0's weights, and route the layers' forward through
+        their slices (cut at the first training step)."""
+        tp = self._size(world)
+        self.model, self.optimizer, self.world = model, optimizer, world
+        self.layers = plan_layers(model, self.plan, tp)
+        replica, self.replicas = world.rank // tp, world.size // tp
+        self.group = world.comm if self.replicas == 1 else world.comm.split(replica, world.rank % tp)
+        self.dp = None if self.replicas == 1 else world.comm.split(world.rank % tp, replica)
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                world.comm.Bcast(t.data if t.is_contiguous() else t.data.contiguous(), root=0)
+        if tp == 1:  # nothing to cut: plain data parallel over the replicas
+            return model
+        for _, layer, kind in self.layers:
+            self.split[layer.weight] = (0 if kind == "colwise" else 1, layer.weight.shape)
+            if layer.bias is not None and kind == "colwise":  # a rowwise bias is added once, after the sum
+                self.split[layer.bias] = (0, layer.bias.shape)
+            forward = self._colwise if kind == "colwise" else self._rowwise
+            layer.forward = functools.partial(forward, layer)  # an instance attribute: close() removes it
+        self._hooks.append(model.register_forward_pre_hook(self._new_forward))
+        self._whole = True
+        return model
+
+    # -- the split layers' forward ---------------------------------------------------------------------------------
+    def sum_over_group(self, t: torch.Tensor) -> None:
+        """Sum ``t`` over the tensor-parallel group, in place (collective over the group)."""
+        self.group_sums += 1
+        _allreduce(self.group, t)
+
+    def _new_forward(self, *_: Any) -> None:
+        self._shared = None
+
+    def _colwise(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if self._whole:
+            return F.linear(x, layer.weight, layer.bias)
+        # q, k and v read the same input: one copy, so backward sums their gradients and all-reduces once.
+        if self._shared is None or self._shared[0] is not x:
+            self._shared = (x, _CopyToGroup.apply(x, self))
+        return F.linear(self._shared[1], layer.weight, layer.bias)
+
+    def _rowwise(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if self._whole:
+            return F.linear(x, layer.weight, layer.bias)
+        y = _ReduceFromGroup.apply(F.linear(x, layer.weight), self)
+        return y if layer.bias is None else y + layer.bias
+
+    # -- slices and whole weights ---------------------------------------------------------------------------------
+    def _cut(self) -> None:
+        """Keep this rank's slice of each split weight and of its optimizer state; free the rest."""
+        r, tp = self.group.rank, self.group.size
+        for p, (dim, shape) in self.split.items():
+            p.data = p.data.chunk(tp, dim)[r].clone()
+            state = self.optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == shape:
+                    state[key] = value.chunk(tp, dim)[r].clone()
+        self._whole = False
+
+    def synchronize(self) -> None:
+        """Give every rank the whole model again: each split weight and its optimizer state gathered from the slices
+        (collective over the group; until the next training step cuts them)."""
+        if self._whole:
+            return
+        for p, (dim, shape) in self.split.items():
+            sliced = p.data.shape
+            p.data = self._gather(p.data, dim, shape)
+            state = self.optimizer.state.get(p, {})
+            for key in sorted(state):
+                if torch.is_tensor(state[key]) and state[key].shape == sliced:
+                    state[key] = self._gather(state[key], dim, shape)
+        self._whole = True
+
+    def _gather(self, piece: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
+        tp = self.group.size
+        out = torch.empty(tp * piece.numel(), dtype=piece.dtype, device=piece.device)
+        self.group.Allgather(piece.contiguous(), out)
+        return out.view(tp, *piece.shape).movedim(0, dim).reshape(shape).contiguous()
+
+    # -- one optimizer step ---------------------------------------------------------------------------------------
+    def train_batch(
+        self, net: nn.Module, x: Any, y: torch.Tensor, loss_fn: Callable, scale: float, precision: Any,
+        accumulate: int = 1, offload: bool = False, non_finite: Callable[[torch.Tensor], Exception] | None = None,
+    ) -> tuple[torch.Tensor, bool]:  # fmt: skip
+        """Cut the weights if they are whole, then forward and backward as one process would (see Strategy)."""
+        if precision.mode not in ("fp32", "bf16-mixed", "fp16-mixed"):
+            raise ConfigError(
+                f"the tensor strategy runs [precision] mode fp32, bf16-mixed or fp16-mixed, not {precision.mode!r} "
+                "(bf16-true keeps fp32 master copies of the whole weights beside the slices)"
+            )
+        if self._whole and self.split:
+            self._cut()
+        return super().train_batch(net, x, y, loss_fn, scale, precision, accumulate, offload, non_finite)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate: the split layers' all-reduces run inside autograd; replicas average in ``step``."""
+        loss.backward()
+
+    def step(self) -> None:
+        """Average the replicas' gradients, clip by the norm over the whole model (if asked), step, zero."""
+        self._shared = None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.dp is not None:
+            for p in params:  # a parameter unused this step still takes part, with zeros
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            _allreduce(self.dp, flat)
+            flat /= self.replicas
+            at = 0
+            for p in params:
+                p.grad.copy_(flat[at : at + p.numel()].view_as(p))
+                at += p.numel()
+        if self.grad_clip or self.measure_grad_norm:
+            norm = self._norm(params)
+            if self.grad_clip and norm > self.grad_clip:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(self.grad_clip / (norm + 1e-6))
+            self._grad_norm = norm if self.measure_grad_norm else None
+        self._step_optimizer()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _norm(self, params: list[nn.Parameter]) -> float:
+        """The gradients' 2-norm over the whole model: slices summed over the group, shared parameters once."""
+        sq = [float(p.grad.double().pow(2).sum()) if p.grad is not None else 0.0 for p in params]
+        sliced = sum(s for p, s in zip(params, sq) if p in self.split)
+        shared = sum(s for p, s in zip(params, sq) if p not in self.split)
+        return (self.group.allreduce(sliced) + shared) ** 0.5
+
+    def _step_optimizer(self) -> None:
+        scaler = getattr(self.optimizer, "scaler", None)  # fp16-mixed's LossScaledOptimizer
+        if scaler is None:
+            self.optimizer.step()
+            return
+        # A rank sees only its slices: the ranks agree on an overflow anywhere, then all skip the step and lower
+        # the loss scale together (or none does), so the group keeps one scale and one model.
+        mine = all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters() if p.grad is not None)
+        finite = self.world.comm.allreduce(int(mine), op="min") == 1
+        if scaler.record(finite):
+            self.optimizer.optimizer.step()
+
+    def consolidate(self, purpose: Purpose) -> None:
+        """Validation runs on the slices; checkpoints and the final outputs get the whole model (gathered)."""
+        if purpose != "validation":
+            self.synchronize()
+
+    def held(self) -> int:
+        """Parameters (elements) this rank holds now: the slices of the split layers and every other parameter."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The layout, for the record: checkpoints hold the whole model, so a resume may cut it anew."""
+        tp = self.group.size if self.group is not None else None
+        return {"tp": tp, "replicas": getattr(self, "replicas", 1)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore: the whole weights and optimizer state come with the trainer's state."""
+
+    def close(self) -> None:
+        """Restore the layers' own forward and release the group and replica communicators."""
+        for _, layer, _ in self.layers:
+            layer.__dict__.pop("forward", None)
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.dp is not None:
+            self.group.Free()
+            self.dp.Free()
+            self.dp = None

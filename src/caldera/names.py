@@ -88,6 +88,8 @@ NOT_COMPILED: dict[str, str] = {
     "stages' weights in and out around checkpoints, so it is not compiled; set compile = false, or use 'allreduce'",
     "async-shared": "strategy 'async-shared' trains in worker processes that receive the model pickled, and a "
     "compiled module does not pickle; set compile = false, or use 'allreduce' or 'local-sgd'",
+    "tensor": "strategy 'tensor' calls MPI inside its split layers' autograd functions, where torch.compile would "
+    "break the graph at every layer (no gain, and untested); set compile = false",
     "async-ps": "strategy 'async-ps' runs its own loop on its worker ranks, not the trainer's step that compiles "
     "the model; set compile = false, or use 'allreduce' or 'local-sgd'",
 }  # fmt: skip

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from caldera.comm.base import Communicator
 from caldera.config import StrategyOptions
 from caldera.errors import ConfigError
+from caldera.names import NOT_COMPILED
 from caldera.parallel.base import Purpose, Strategy, register
 from caldera.world import World
 
@@ -154,6 +155,7 @@ class TensorParallel(Strategy):
     parallel, each on its share of the batch."""
 
     Options = TensorOptions
+    not_compiled = NOT_COMPILED["tensor"]
 
     def __init__(self, *, tp: int | None = None, plan: dict[str, str] | None = None,
                  grad_clip: float | None = None) -> None:  # fmt: skip

@@ -623,13 +623,15 @@ class _Handler(BaseHTTPRequestHandler):
         if close:
             self.send_header("Connection", "close")
             self.close_connection = True
-        self.end_headers()
+        # Counted before the body goes out: a client that reads this reply and then asks /metrics must find it
+        # there (counted after the write, a fast client could overtake this thread's bookkeeping).
+        start = getattr(self, "_start", None)
+        if start is not None:  # None: refused before a request line was read
+            self.server.metrics.observe(self._model, self._route, code, time.perf_counter() - start)
         try:
+            self.end_headers()
             self.wfile.write(body)
         finally:
-            start = getattr(self, "_start", None)
-            if start is not None:  # None: refused before a request line was read
-                self.server.metrics.observe(self._model, self._route, code, time.perf_counter() - start)
             self.server.track(self, busy=False)  # the next request's clock starts now
             self.server.end(self)
 

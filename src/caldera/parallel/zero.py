@@ -142,8 +142,20 @@ class ShardedOptimizer:
         }  # fmt: skip
 
     def local_state(self) -> dict[str, Any]:
-        """This rank's range of the state: ``vectors`` {key: the range's numbers} and ``scalars`` (a step count)."""
-        vectors, scalars = self._range_state()
+        """This rank's range of the state: ``vectors`` {key: pieces, one per parameter cut, that joined are the
+        range's numbers} and ``scalars`` (a step count). The pieces are the live state, not copies: a background
+        write snapshots them once (joining them first would copy the range twice)."""
+        states = [self.shard.state.get(piece, {}) if self.shard else {} for *_, piece in self.pieces]
+        keys, scalars = set(), {}
+        for state, (*_, piece) in zip(states, self.pieces):
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == piece.shape:
+                    keys.add(key)
+                else:
+                    scalars[key] = value.detach().cpu() if torch.is_tensor(value) else value
+        vectors = {key: [state[key].detach().cpu() if key in state else torch.zeros(b - a, dtype=self.dtype)
+                         for state, (_, _, a, b, _) in zip(states, self.pieces)]
+                   for key in sorted(keys)}  # fmt: skip
         return {"shard": self.rank, "vectors": vectors, "scalars": scalars}
 
     def _range_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -192,16 +204,26 @@ def unshard(layout: dict[str, Any], parts: list[dict[str, Any]]) -> dict[int, di
     scalars = next((part["scalars"] for part in parts if part["scalars"]), {})
     state: dict[int, dict[str, Any]] = {}
     dtype = getattr(torch, layout["dtype"])
-    for key in keys:  # one model-sized vector at a time
-        ranges = zip(layout["ranges"], parts)
-        flat = torch.cat([part["vectors"].get(key, torch.zeros(hi - lo, dtype=dtype))
-                          for (lo, hi), part in ranges])  # fmt: skip
-        if flat.numel() != layout["total"]:
-            raise ValueError(f"optimizer state {key!r}: {flat.numel()} numbers in the shards, {layout['total']} in "
-                             "the layout")  # fmt: skip
+    for key in keys:  # one model-sized state at a time
+        whole = {p["index"]: torch.zeros(math.prod(p["shape"]), dtype=dtype) for p in layout["params"]}
+        for (lo, hi), part in zip(layout["ranges"], parts):
+            if key not in part["vectors"]:  # as gather_state: a range without this state holds zeros
+                continue
+            # The range's pieces, in the layout's order: one per parameter it covers (alignment gaps hold none).
+            pieces = iter(part["vectors"][key])
+            wrong = f"optimizer state {key!r}: shard {part['shard']} does not match the layout"
+            for p in layout["params"]:
+                o, n = p["offset"], math.prod(p["shape"])
+                a, b = max(lo, o) - o, min(hi, o + n) - o
+                if a < b:
+                    piece = next(pieces, None)
+                    if piece is None or piece.numel() != b - a:
+                        raise ValueError(wrong)
+                    whole[p["index"]][a:b] = piece.reshape(-1)
+            if next(pieces, None) is not None:
+                raise ValueError(wrong)
         for p in layout["params"]:
-            o, n = p["offset"], math.prod(p["shape"])
-            state.setdefault(p["index"], {})[key] = flat[o : o + n].view(p["shape"]).clone()
+            state.setdefault(p["index"], {})[key] = whole[p["index"]].view(p["shape"])
     for p in layout["params"] if keys else ():  # as gather_state: the scalars go with the vectors
         entry = state.setdefault(p["index"], {})
         entry.update({k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()})

@@ -28,6 +28,16 @@ def _layout(checkpoint):
     return json.loads((checkpoint / "manifest.json").read_text()).get("sharded")
 
 
+def _flip_a_shard_byte(file):
+    """Flip one byte inside the first optimizer-shard tensor's bytes of a rank file, as a failing disk would."""
+    shard = torch.load(file, weights_only=True)["sharded"]["vectors"]["exp_avg"][0]
+    raw = bytearray(file.read_bytes())
+    at = raw.find(shard.numpy().tobytes())
+    assert at > 0
+    raw[at + 1] ^= 0x40
+    file.write_bytes(bytes(raw))
+
+
 def _ranks(n, *runs):
     proc = run_ranks(n, [str(SCRIPT), *(str(a) for run in runs for a in run)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -65,13 +75,18 @@ def test_sharded_checkpoints_resume_on_any_rank_count_and_strategy(tmp_path):
     assert (one - unbroken).abs().max() < 1e-5  # another rank count sums the gradients in another order
     assert _layout(tmp_path / "one" / "step-000000009") is None
 
-    # A deleted shard file makes the newest checkpoint unusable: the resume falls back to the previous one.
+    # A deleted shard file makes the newest checkpoint unusable, a damaged one the one before: the resume falls
+    # back to the one before them.
     broken = tmp_path / "broken"
     shutil.copytree(tmp_path / "two", broken)
     (broken / "step-000000012" / "rank-00001.pt").unlink()
-    with pytest.warns(UserWarning, match=r"step-000000012 is unusable \(rank-00001.pt is missing\)"):
+    _flip_a_shard_byte(broken / "step-000000009" / "rank-00000.pt")
+    with pytest.warns(UserWarning) as warned:
         again, trainer = fit(alone, broken, True, False)
-    assert trainer.resumed_from.name == "step-000000009"
+    said = " ".join(str(w.message) for w in warned)
+    assert "step-000000012 is unusable (rank-00001.pt is missing)" in said
+    assert "step-000000009 is unusable (rank-00000.pt fails its checksum" in said
+    assert trainer.resumed_from.name == "step-000000006"
     assert (again - unbroken).abs().max() < 1e-5
 
     # 2 -> 3 ranks (sharded: its checkpoints are cut in 3); then, on 2 of the 3 ranks, 3 -> 2 and plain (one

@@ -197,6 +197,8 @@ class ShardedOptimizer:
 def unshard(layout: dict[str, Any], parts: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """The whole optimizer state ({parameter index: {key: tensor}}, as in a ``state_dict``) from every range's
     ``local_state()`` and their ``shard_layout()``: what ``gather_state`` would have assembled."""
+    if layout.get("kind") != "zero-1":  # the one sharded layout so far; another needs its own reassembly
+        raise ValueError(f"sharded optimizer state of kind {layout.get('kind')!r}: only 'zero-1' is read")
     if sorted(part["shard"] for part in parts) != list(range(layout["size"])):
         raise ValueError(f"the optimizer state has {layout['size']} shards, {len(parts)} were found")
     parts = sorted(parts, key=lambda part: part["shard"])

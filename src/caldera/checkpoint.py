@@ -4,9 +4,15 @@ Layout of one checkpoint (a directory that appears under its final name only onc
 
     checkpoints/step-000001200/
         shared.pt        rank 0: model, optimizer, scheduler, precision, trainer position, config
-        rank-00000.pt    every rank: its RNG states and any per-rank strategy state
+        rank-00000.pt    every rank: its RNG states and any per-rank strategy state (and, in a sharded checkpoint,
+                         its shard of the optimizer state under "sharded")
         manifest.json    rank 0, last: step, epoch, size of every file (records carry CRC-32s), run id, config (and its
-                         hash), versions
+                         hash), versions; "sharded": the layout of a sharded optimizer state, if any
+
+Sharded (``sharded=True``, the default, where the strategy shards the optimizer state): rank 0's ``shared.pt``
+holds no optimizer state but the layout (``sharded_layout``, copied into the manifest); each shard is in the rank
+file the layout names. Loading such a checkpoint reads every shard file on every rank (``shared["sharded_parts"]``,
+in shard order); a missing or damaged one makes the whole checkpoint unusable, like any other file.
 
 Writing: the state is snapshotted to CPU memory on the training thread (fast), then serialised, hashed, written
 and fsynced by a background thread while training goes on. Each rank writes into a hidden temporary directory;
@@ -152,6 +158,7 @@ class Checkpointer:
         may_change: tuple[str, ...] = (),
         force: bool = False,
         auto_interval: float = AUTO_INTERVAL,
+        sharded: bool = True,
     ) -> None:
         self.dir, self.world = Path(directory), world
         self.every_steps, self.every_seconds = parse_interval(every)
@@ -159,6 +166,7 @@ class Checkpointer:
         self.epoch_seconds = auto_interval if isinstance(every, str) and every.strip() == "auto" else None
         self.keep, self.keep_best, self.best_mode = keep, keep_best, best_mode
         self.async_write = async_write
+        self.sharded = sharded  # each rank writes its own shard of a sharded state (no gather on rank 0)
         self.time_margin = time_margin
         self.time_limit = self._job_limit() if time_limit == "auto" else parse_duration(time_limit)
         self.config_hash = config_hash
@@ -323,6 +331,8 @@ class Checkpointer:
             "epoch": shared.get("epoch"),
             "metrics": metrics or shared.get("last_metrics") or {},
         }
+        if shared.get("sharded_layout") is not None:
+            meta["sharded"] = shared["sharded_layout"]
         pending = _Pending(step, tmp, threading.Thread(target=lambda: None), {}, meta)
         pending.thread = threading.Thread(target=self._write_files, args=(pending, payload), daemon=True)
         pending.thread.start()
@@ -472,6 +482,17 @@ class Checkpointer:
                 local = _load_file(local_file)
             if not isinstance(shared, dict) or not (local is None or isinstance(local, dict)):
                 return "its files do not hold a checkpoint's dictionaries", None, None
+            layout = shared.get("sharded_layout")
+            # Every rank reassembles the whole sharded state: it reads every shard's file.
+            if layout is not None:
+                parts = []
+                for name in layout["files"]:
+                    own = local is not None and where / name == local_file
+                    part = local if own else _load_file(where / name)
+                    if not isinstance(part, dict) or not isinstance(part.get("sharded"), dict):
+                        return f"{name} holds no shard of the optimizer state", None, None
+                    parts.append(part["sharded"])
+                shared["sharded_parts"] = parts
             problem = validate(shared, local) if validate is not None else None
         except Exception as exc:  # any failure to read it makes it unusable, never the end of the run
             return _why(exc), None, None

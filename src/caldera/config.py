@@ -317,6 +317,10 @@ class CheckpointSection(_Section):
         None, description="also keep the best checkpoint by this metric, e.g. 'val_loss'"
     )
     async_write: bool = True
+    sharded: bool = Field(
+        True, description="each rank writes its own shard of a sharded optimizer state (shard_optimizer), rank 0 "
+        "gathers nothing; false: rank 0 writes the whole state",
+    )  # fmt: skip
     time_limit: str | float | None = Field(
         None, description="wall time ('2h', '01:59:00'; 'auto': the Slurm job's end): stop with a checkpoint"
     )

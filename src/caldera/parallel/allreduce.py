@@ -175,6 +175,19 @@ class AllReduce(Strategy):
         if self.shards is not None:
             self.shards.gather_state(self._shard_comm, self._shard_comm.rank)
 
+    def sharded_state(self) -> dict[str, Any] | None:
+        """With ``shard_optimizer``: the optimizer's layout and this rank's range of its state, which this rank
+        writes itself (collective); None otherwise. Under the node reducer every node holds the same ranges: only
+        the ranks of the first node that holds each range write it."""
+        if self.shards is None:
+            return None
+        layout = self.shards.shard_layout()
+        holders = self.comm.allgather(self.shards.rank)
+        writer = [holders.index(shard) for shard in range(self.shards.size)]
+        layout["files"] = [f"rank-{r:05d}.pt" for r in writer]
+        mine = writer[self.shards.rank] == self.world.rank
+        return {"layout": layout, "state": self.shards.local_state() if mine else None}
+
     def _use_shm(self, params: list[torch.nn.Parameter]) -> bool:
         if self.reducer_name == "shm" and self.world.launcher == "torchrun":
             raise ConfigError(
@@ -297,7 +310,8 @@ class AllReduce(Strategy):
 
     def consolidate(self, purpose: Purpose) -> None:
         """Before validation: average the BatchNorm statistics; before a checkpoint also gather a sharded
-        optimizer's state on rank 0 (the end of a run follows validation: nothing to do)."""
+        optimizer's state on rank 0, unless each rank writes its own (the end of a run follows validation:
+        nothing to do)."""
         if purpose == "outputs":
             return
         self.synchronize()

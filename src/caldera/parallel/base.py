@@ -21,10 +21,13 @@ Who calls what, in which order (``Trainer``, on every rank unless said otherwise
    batch (a tuple or dict of tensors) and ``loss_fn`` a ``StepFn``: the loss is ``loss_fn(net, x)``; a strategy
    that overrides ``train_batch`` and cannot do that sets ``supports_step = False``.
 5. ``consolidate(purpose)`` (collective) where the ranks must agree: ``"validation"`` after each epoch,
-   ``"checkpoint"`` before rank 0 captures the whole state, ``"outputs"`` once at the end before rank 0 writes
-   the model; then ``forward_batch(model, x)`` for each validation batch (None where a batch is not scored).
-6. ``state_dict()`` / ``load_state_dict()`` for checkpoints (rank 0 saves, every rank loads); ``close()`` at the
-   end, even after an error.
+   ``"checkpoint"`` before rank 0 captures the whole state (``"sharded-checkpoint"`` instead where
+   ``sharded_state()`` gave this rank's part to write: agree on the replicated state, gather nothing),
+   ``"outputs"`` once at the end before rank 0 writes the model; then ``forward_batch(model, x)`` for each
+   validation batch (None where a batch is not scored).
+6. ``state_dict()`` / ``load_state_dict()`` for checkpoints (rank 0 saves, every rank loads); before each
+   checkpoint ``sharded_state()`` (collective, when ``[checkpoint] sharded``); ``close()`` at the end, even after
+   an error.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from caldera.names import STRATEGIES
 from caldera.parallel.context import RunContext
 from caldera.world import World
 
-Purpose = Literal["validation", "checkpoint", "outputs"]
+Purpose = Literal["validation", "checkpoint", "sharded-checkpoint", "outputs"]
 
 
 class Strategy(ABC):
@@ -139,6 +142,14 @@ class Strategy(ABC):
     def state_dict(self) -> dict[str, Any]:
         """Return the strategy's own state for a checkpoint."""
         return {}
+
+    def sharded_state(self) -> dict[str, Any] | None:
+        """Optimizer state sharded over the ranks, for a checkpoint in which each rank writes its own part
+        (collective): ``{"layout": ..., "state": ...}``, the layout (JSON, the same on every rank: the manifest
+        records it; ``files`` names the rank file holding each shard) and this rank's shard (None where another
+        rank writes it), in ``parallel/zero.py``'s format; None (the default): the whole state is rank 0's after
+        ``consolidate("checkpoint")``."""
+        return None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state from ``state_dict()``."""

@@ -8,13 +8,16 @@ gathered so that every rank again holds the whole model. For elementwise optimiz
 number is computed exactly as the unsharded optimizer would; optimizers that look across a whole tensor (LAMB's
 trust ratio, LBFGS) are refused.
 
-Checkpoints are those of a plain PyTorch optimizer: before a save the ranges' states are gathered into the
-optimizer the trainer holds (on rank 0), and a resume, on any number of ranks and sharded or not, cuts them again.
+Checkpoints: by default (``[checkpoint] sharded = true``) each rank writes its own range's state into its own
+file and the manifest records the layout (``shard_layout``); with ``sharded = false`` the ranges' states are first
+gathered into the optimizer the trainer holds (on rank 0), a plain PyTorch optimizer's state. Either way a resume,
+on any number of ranks and sharded or not, reassembles the whole state (``unshard``) and cuts it again.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -48,6 +51,7 @@ class ShardedOptimizer:
                 f"parameters could change the result; use one of {', '.join(ELEMENTWISE)} or shard_optimizer = false"
             )
         self.base, self.layout = optimizer, layout
+        self.rank, self.size = rank, size
         self.dtype = layout[0][0].dtype if layout else torch.float32
         self.total = max((o + p.numel() for p, o in layout), default=0)
         self.chunk = -(-self.total // size)  # equal ranges (the last padded), as an all-gather wants
@@ -121,6 +125,39 @@ class ShardedOptimizer:
                 state[key] = flat[o : o + p.numel()].view_as(p).to(p.device, copy=True)
                 state.update({k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()})
 
+    def shard_layout(self) -> dict[str, Any]:
+        """Where each number of the flat state lives, the same on every rank (JSON, for a checkpoint's manifest):
+        ``size`` equal ranges of ``chunk`` numbers over ``total``; each parameter's index in the optimizer's
+        ``state_dict``, its offset in the flat vector and its shape."""
+        index = {id(p): i for i, p in enumerate(p for g in self.base.param_groups for p in g["params"])}
+        return {
+            "kind": "zero-1",
+            "size": self.size,
+            "total": self.total,
+            "chunk": self.chunk,
+            "ranges": [[min(r * self.chunk, self.total), min((r + 1) * self.chunk, self.total)]
+                       for r in range(self.size)],
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "params": [{"index": index[id(p)], "offset": o, "shape": list(p.shape)} for p, o in self.layout],
+        }  # fmt: skip
+
+    def local_state(self) -> dict[str, Any]:
+        """This rank's range of the state: ``vectors`` {key: pieces, one per parameter cut, that joined are the
+        range's numbers} and ``scalars`` (a step count). The pieces are the live state, not copies: a background
+        write snapshots them once (joining them first would copy the range twice)."""
+        states = [self.shard.state.get(piece, {}) if self.shard else {} for *_, piece in self.pieces]
+        keys, scalars = set(), {}
+        for state, (*_, piece) in zip(states, self.pieces):
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == piece.shape:
+                    keys.add(key)
+                else:
+                    scalars[key] = value.detach().cpu() if torch.is_tensor(value) else value
+        vectors = {key: [state[key].detach().cpu() if key in state else torch.zeros(b - a, dtype=self.dtype)
+                         for state, (_, _, a, b, _) in zip(states, self.pieces)]
+                   for key in sorted(keys)}  # fmt: skip
+        return {"shard": self.rank, "vectors": vectors, "scalars": scalars}
+
     def _range_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """This rank's range of each per-number state as one vector; the scalar states (a step count)."""
         vectors: dict[str, torch.Tensor] = {}
@@ -155,6 +192,53 @@ class ShardedOptimizer:
             return 0
         return sum(v.numel() * v.element_size() for s in self.shard.state.values() for v in s.values()
                    if torch.is_tensor(v))  # fmt: skip
+
+
+def unshard(layout: dict[str, Any], parts: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The whole optimizer state ({parameter index: {key: tensor}}, as in a ``state_dict``) from every range's
+    ``local_state()`` and their ``shard_layout()``: what ``gather_state`` would have assembled."""
+    if layout.get("kind") != "zero-1":  # the one sharded layout so far; another needs its own reassembly
+        raise ValueError(f"sharded optimizer state of kind {layout.get('kind')!r}: only 'zero-1' is read")
+    if sorted(part["shard"] for part in parts) != list(range(layout["size"])):
+        raise ValueError(f"the optimizer state has {layout['size']} shards, {len(parts)} were found")
+    parts = sorted(parts, key=lambda part: part["shard"])
+    keys = sorted({k for part in parts for k in part["vectors"]})
+    scalars = next((part["scalars"] for part in parts if part["scalars"]), {})
+    state: dict[int, dict[str, Any]] = {}
+    dtype = getattr(torch, layout["dtype"])
+    for key in keys:  # one model-sized state at a time
+        whole = {p["index"]: torch.zeros(math.prod(p["shape"]), dtype=dtype) for p in layout["params"]}
+        for (lo, hi), part in zip(layout["ranges"], parts):
+            if key not in part["vectors"]:  # as gather_state: a range without this state holds zeros
+                continue
+            # The range's pieces, in the layout's order: one per parameter it covers (alignment gaps hold none).
+            pieces = iter(part["vectors"][key])
+            wrong = f"optimizer state {key!r}: shard {part['shard']} does not match the layout"
+            for p in layout["params"]:
+                o, n = p["offset"], math.prod(p["shape"])
+                a, b = max(lo, o) - o, min(hi, o + n) - o
+                if a < b:
+                    piece = next(pieces, None)
+                    if piece is None or piece.numel() != b - a:
+                        raise ValueError(wrong)
+                    whole[p["index"]][a:b] = piece.reshape(-1)
+            if next(pieces, None) is not None:
+                raise ValueError(wrong)
+        for p in layout["params"]:
+            state.setdefault(p["index"], {})[key] = whole[p["index"]].view(p["shape"])
+    for p in layout["params"] if keys else ():  # as gather_state: the scalars go with the vectors
+        entry = state.setdefault(p["index"], {})
+        entry.update({k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()})
+    return state
+
+
+def merge_shards(optimizer_state: dict[str, Any], layout: dict[str, Any],
+                 parts: list[dict[str, Any]]) -> None:  # fmt: skip
+    """Put the whole state ``unshard`` reassembles into ``optimizer_state`` (a ``state_dict`` whose state each
+    rank wrote as shards: a torch optimizer's, or a wrapper's holding one under ``optimizer``)."""
+    while "state" not in optimizer_state:  # fp16-mixed's wrapper: {"optimizer": ..., "scaler": ...}
+        optimizer_state = optimizer_state["optimizer"]
+    optimizer_state["state"].update(unshard(layout, parts))
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:

@@ -258,7 +258,7 @@ def config_hash(cfg: Config) -> str:
 RESUME_MAY_CHANGE = ("optim.epochs", "checkpoint.", "run.name", "run.dir", "run.device", "run.hang_timeout",
                      "train.progress", "train.plot", "train.tensorboard", "data.num_workers", "parallel.bucket_mb",
                      "parallel.overlap", "parallel.reducer", "parallel.fused_linear_grads", "train.compile", "tune.",
-                     "log.")  # fmt: skip
+                     "log.", "parallel.shard_optimizer")  # fmt: skip
 
 
 def build_checkpointer(cfg: Config, world: World, time_limit: str | float | None = None,
@@ -268,7 +268,7 @@ def build_checkpointer(cfg: Config, world: World, time_limit: str | float | None
     c = cfg.checkpoint
     return Checkpointer(cfg.run_dir / "checkpoints", world, every=c.every, keep=c.keep, keep_best=c.keep_best,
                         best_mode=metric_mode(c.keep_best or ""),
-                        async_write=c.async_write, time_limit=time_limit or c.time_limit,
+                        async_write=c.async_write, sharded=c.sharded, time_limit=time_limit or c.time_limit,
                         config_hash=config_hash(cfg), config=cfg.model_dump(), may_change=RESUME_MAY_CHANGE,
                         force=force)  # fmt: skip
 

@@ -28,6 +28,7 @@ from caldera.parallel import Strategy, make_strategy
 from caldera.parallel.base import StepFn, check_launcher
 from caldera.parallel.base import micro_batches as micro_batches  # re-exported: callers import it from here
 from caldera.parallel.context import Snapshot, trainable
+from caldera.parallel.zero import merge_shards
 from caldera.precision import Precision, make_precision
 from caldera.train.callbacks import Callback
 from caldera.train.evaluate import Scores
@@ -414,17 +415,24 @@ class Trainer:
         self.global_step = shared["global_step"]
         self.history = list(shared["history"])
 
-    def shared_state(self) -> dict[str, Any]:
-        """``state_dict()`` on rank 0 ({} elsewhere) after every rank's part was gathered (collective)."""
+    def shared_state(self, sharded: bool = False) -> dict[str, Any]:
+        """``state_dict()`` on rank 0 ({} elsewhere) after every rank's part was gathered (collective); ``sharded``:
+        each rank writes its own shard of the optimizer state (``Strategy.sharded_state``), nothing is gathered."""
         # Rank 0 saves the model and the optimizer: they must be everyone's, whole (a sharded optimizer).
-        self.strategy.consolidate("checkpoint")
+        self.strategy.consolidate("sharded-checkpoint" if sharded else "checkpoint")
         return self.state_dict() if self.world.is_main else {}
 
     def _capture(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        shared = self.shared_state()
+        sharded = self.checkpointer is not None and self.checkpointer.sharded
+        part = self.strategy.sharded_state() if sharded else None
+        shared = self.shared_state(sharded=part is not None)
         # The running loss of the current epoch is this rank's own: it travels with the rank's file (so do the
         # running sums of a user step's metrics).
         mine = {"rng": rng_state(), "partial": self._partial}
+        # The layout goes into the manifest, each shard into the file of the rank that holds it.
+        if part is not None:
+            shared = {**shared, "sharded_layout": part["layout"]} if self.world.is_main else shared
+            mine["sharded"] = part["state"]
         if self.step is not None:
             mine["step_sums"] = {k: list(v) for k, v in self.step.sums.items()}
         return shared, mine
@@ -442,6 +450,9 @@ class Trainer:
             return None
         shared, local, where = self.checkpointer.load(path, validate=_incomplete)
         self._check_fits(shared["model"], where)
+        # A sharded optimizer state is whole again here; a sharded strategy cuts it anew in load_state_dict.
+        if shared.get("sharded_layout") is not None:
+            merge_shards(shared["optimizer"], shared["sharded_layout"], shared.pop("sharded_parts"))
         self.load_state_dict(shared)
         self.resumed_from = where
         if local is not None:

@@ -97,6 +97,8 @@ def worker(mode: str, dim: int, layers: int, batch: int, steps: int) -> None:
     if mode == "torch":
         import torch.distributed as dist
 
+        # Together: a rank tearing gloo down while the other still talks aborts ("terminate called ...").
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -47,10 +47,11 @@ def rank_and_size() -> tuple[int, int]:
     """This process's (rank, size): from ``init()`` once it ran, else from the launcher's variables."""
     if _rank is not None:
         return _rank
-    return _first_number(_RANK_VARS, 0), _first_number(_SIZE_VARS, 1)
+    return launcher_value(_RANK_VARS, 0), launcher_value(_SIZE_VARS, 1)
 
 
-def _first_number(names: tuple[str, ...], default: int) -> int:
+def launcher_value(names: tuple[str, ...], default: int) -> int:
+    """The first of the environment variables ``names`` that a launcher set to a number, else ``default``."""
     for var in names:
         value = os.environ.get(var, "")
         if value.isdigit():

@@ -27,7 +27,7 @@ from caldera.comm.base import shared_gpus as shared_gpus
 from caldera.comm.local import LocalComm
 from caldera.comm.torchdist import TorchDistComm, group_from, init_group
 from caldera.errors import ConfigError
-from caldera.log import set_rank
+from caldera.log import launcher_value, set_rank
 
 # Variables that MPI launchers (Open MPI, MPICH/Hydra, PMIx, Slurm's srun) set in every rank they start.
 _LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
@@ -77,16 +77,7 @@ class SetupWarning(UserWarning):
 
 def launched_size() -> int:
     """Return the number of ranks an MPI launcher announced in the environment (1 if none)."""
-    return _launcher_value(_LAUNCHER_SIZE_VARS, 1)
-
-
-def _launcher_value(names: tuple[str, ...], default: int) -> int:
-    """The first of ``names`` a launcher set to a number, else ``default``."""
-    for var in names:
-        value = os.environ.get(var)
-        if value and value.isdigit():
-            return int(value)
-    return default
+    return launcher_value(_LAUNCHER_SIZE_VARS, 1)
 
 
 def pick_device(local_rank: int, requested: str | None = None) -> torch.device:
@@ -114,7 +105,7 @@ def local_rank_hint() -> int:
     launcher's environment (0 for a lone process). For code that runs on only some ranks (a surrogate)."""
     if _WORLD is not None:
         return _WORLD.local_rank
-    return _launcher_value(
+    return launcher_value(
         ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID"), 0
     )
 
@@ -197,7 +188,7 @@ def started_by_torchrun() -> bool:
     values = [os.environ.get(var, "") for var in _TORCHRUN_VARS]
     if not all(v.isdigit() for v in values) or int(values[1]) < 2:
         return False
-    return int(values[1]) != _launcher_value(_STEP_SIZE_VARS, 0)
+    return int(values[1]) != launcher_value(_STEP_SIZE_VARS, 0)
 
 
 def _torchrun_world(device: str | None) -> World:
@@ -240,7 +231,7 @@ def init_process_group(device: str | None = None, timeout: float | None = None) 
 
 def _check_size(mpi_size: int) -> None:
     """The launcher announced N ranks but MPI sees a different number: N independent jobs, or a hang later."""
-    announced = _launcher_value(_STEP_SIZE_VARS, 0)
+    announced = launcher_value(_STEP_SIZE_VARS, 0)
     if announced and announced != mpi_size:
         raise ConfigError(
             f"the launcher started {announced} ranks but MPI sees {mpi_size}: mpi4py's MPI is not the one that "

@@ -154,6 +154,23 @@ def test_a_sharded_optimizer_trains_like_one_process_and_its_checkpoints_resume_
     assert out["fp16_vs_unsharded"] == 0.0
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_sharded_gradients_train_like_zero1_and_one_process_and_keep_one_nth(tmp_path, ranks):
+    # ZeRO-2: tiny buckets reduce-scattered over ranges that cut through them; clipping on most steps.
+    proc = run_ranks(ranks, ["tests/scripts/zero2_equivalence.py", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = last_json(proc.stdout)
+    assert out["size"] == ranks
+    assert out["vs_zero1"] < 1e-6 and out["spread"] == 0.0  # ZeRO-1's numbers, the same on every rank
+    assert out["vs_reference"] < 1e-5  # and one process with the whole batch (global-norm clipping included)
+    # Between steps no whole gradient is held, only this rank's range of the sums (ZeRO-1 keeps all of them).
+    assert out["zero2"]["whole_grads_after_step"] == 0 and out["zero1"]["whole_grads_after_step"] > 0
+    assert out["zero2"]["grad_numbers_kept"] <= -(-out["zero1"]["grad_numbers_kept"] // ranks)
+    assert out["resumed_vs_whole"] == 0.0  # sharded checkpoint, resumed on the same ranks: bit-exact
+    assert out["one_process_resume_vs_whole"] < 1e-5  # and by one process without sharding
+
+
 def test_a_sharded_optimizer_refuses_what_it_cannot_shard():
     from caldera.config import ConfigError, load_config
     from caldera.parallel.zero import ShardedOptimizer
@@ -169,3 +186,16 @@ def test_a_sharded_optimizer_refuses_what_it_cannot_shard():
     with pytest.raises(ConfigError, match="shard_optimizer does not combine with .*'bf16-true'"):
         load_config({**base, "parallel": {"strategy": "allreduce", "shard_optimizer": True},
                      "precision": {"mode": "bf16-true"}})  # fmt: skip
+    zero2 = {"strategy": "allreduce", "shard_gradients": True}
+    with pytest.raises(
+        ConfigError, match="shard_gradients = true shards the optimizer too.*shard_optimizer = true"
+    ):
+        load_config({**base, "parallel": zero2})
+    zero2["shard_optimizer"] = True
+    with pytest.raises(ConfigError, match="shard_gradients = true reduce-scatters through MPI.*not 'shm'"):
+        load_config({**base, "parallel": {**zero2, "reducer": "shm"}})
+    with pytest.raises(ConfigError, match="shard_gradients = true does not combine with 16-bit grad_comm"):
+        load_config({**base, "parallel": {**zero2, "grad_comm": "bf16"}})
+    with pytest.raises(ConfigError, match="shard_gradients = true does not combine with .*'fp16-mixed'"):
+        load_config({**base, "parallel": zero2, "precision": {"mode": "fp16-mixed"}})
+    assert load_config({**base, "parallel": zero2}).parallel.options["shard_gradients"] is True

@@ -701,6 +701,24 @@ def _check_name(ref: str, table: Builtins, key: str) -> None:
         resolve(ref, table, key)
 
 
+def _zero2_problem(options: dict[str, Any], precision: str) -> str | None:
+    """What keeps ZeRO-2 (``shard_gradients``) from these ``[parallel]`` options, with the fix; None if nothing."""
+    if not options.get("shard_gradients"):
+        return None
+    if not options.get("shard_optimizer"):
+        return "shards the optimizer too (each rank steps the range of gradients it keeps): add shard_optimizer = true"
+    if options.get("reducer", "auto") == "shm":
+        return "reduce-scatters through MPI: use reducer = 'auto' or 'mpi', not 'shm'"
+    if options.get("grad_comm", "fp32") != "fp32":
+        return "does not combine with 16-bit grad_comm yet: use grad_comm = 'fp32' or shard_gradients = false"
+    if precision == "fp16-mixed":
+        return (
+            "does not combine with [precision] mode = 'fp16-mixed' yet (its loss scaler reads whole gradients): "
+            "use 'bf16-mixed' or 'fp32', or shard_gradients = false"
+        )
+    return None
+
+
 def _check_references(cfg: Config, where: str) -> None:
     try:
         _check_name(cfg.model.name, MODELS, "[model] name")
@@ -754,6 +772,9 @@ def _check_references(cfg: Config, where: str) -> None:
             "optimizer steps fp32 master copies of the weights); use 'bf16-mixed', 'fp16-mixed' or 'fp32', or "
             "shard_optimizer = false"
         )
+    zero2 = _zero2_problem(cfg.parallel.options, cfg.precision.mode)
+    if zero2:
+        raise ConfigError(f"{where}: [parallel] shard_gradients = true {zero2}")
     problem = unsupported(cfg.parallel.strategy, cfg.precision.mode)
     if problem:
         raise ConfigError(f"{where}: [parallel] {problem}")

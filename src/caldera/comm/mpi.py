@@ -311,6 +311,13 @@ class MPIComm:
             return
         self.comm.Reduce_scatter_block(self._buf(send), self._buf(recv), op=_op(op))
 
+    def Ireduce_scatter(self, send: torch.Tensor, recv: torch.Tensor, counts: list[int], op: str = "sum"):
+        """Start reducing ``send`` (``sum(counts)`` numbers) and leaving this rank's block (``counts[rank]``
+        numbers, blocks of any size in rank order) in ``recv``; read ``recv`` after ``wait()``. CPU or CUDA-aware
+        MPI only (NCCL's reduce-scatter wants equal blocks)."""
+        bufs = self._buf(send), self._buf(recv)
+        return MPIRequestHandle(self.comm.Ireduce_scatter(bufs[0], bufs[1], list(counts), op=_op(op)), bufs)
+
     def Barrier(self) -> None:
         """Wait until every rank has arrived."""
         self.comm.Barrier()

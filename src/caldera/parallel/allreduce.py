@@ -59,6 +59,10 @@ class AllReduceOptions(StrategyOptions):
     shard_optimizer: bool = Field(
         False, description="each rank keeps and steps 1/N of the optimizer state (ZeRO-1)"
     )
+    shard_gradients: bool = Field(
+        False, description="with shard_optimizer: gradients are reduce-scattered, each rank keeps only the 1/N "
+        "its optimizer range steps (ZeRO-2)",
+    )  # fmt: skip
     fused_linear_grads: bool = Field(
         True, description="nn.Linear weight gradients are added into the gradient buckets by their own GEMM (no "
         "temporary); false: PyTorch's own accumulation",
@@ -81,6 +85,7 @@ class AllReduce(Strategy):
         reducer: str = "auto",
         grad_comm: str = "fp32",
         shard_optimizer: bool = False,
+        shard_gradients: bool = False,
         fused_linear_grads: bool = True,
     ) -> None:
         if reducer not in ("auto", "mpi", "shm"):
@@ -100,6 +105,10 @@ class AllReduce(Strategy):
         self.reductions = 0  # bucket reductions started so far (one per bucket per optimizer step)
         self.shard_optimizer = shard_optimizer
         self.shards: ShardedOptimizer | None = None  # this rank's part of the optimizer (shard_optimizer)
+        # ZeRO-2: bucket storage exists only from a bucket's first gradient to the end of its reduce-scatter;
+        # what stays is this rank's range of the summed gradients (``_grad_shard``).
+        self.shard_gradients = shard_gradients and shard_optimizer
+        self._grad_shard: torch.Tensor | None = None
         self.fused_linear_grads = fused_linear_grads  # linear layers' weight GEMMs add into the buckets
         self._unfuse = lambda: None
 
@@ -129,13 +138,16 @@ class AllReduce(Strategy):
             self._jobs = [self.lowp.job(b.flat) for b in self.buckets]
         if self.shard_optimizer and self.world.size > 1:
             self._shard(params)
+        if self.shard_gradients and self.world.size > 1:
+            self._shard_grads()
         if self.overlap and self.world.size > 1:
             for b in self.buckets:
                 for p in b.params:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b)))
         # A compiled module's backward is traced once, so the fused path's per-call choice (and its in-place
         # addmm_ into .grad) cannot live in it: compiled layers keep PyTorch's own gradient accumulation.
-        if self.fused_linear_grads and self.world.size > 1 and not self.compiled:
+        # ZeRO-2's buckets come and go each step, so there is no standing storage for the fused GEMMs to add into.
+        if self.fused_linear_grads and self.world.size > 1 and not self.compiled and self._grad_shard is None:
             self._unfuse = fuse(model, lambda: self._in_backward)
         return model
 
@@ -157,6 +169,49 @@ class AllReduce(Strategy):
             self._flat = torch.empty(self.shards.chunk * self.world.size, dtype=params[0].dtype,
                                      device=params[0].device)  # fmt: skip
 
+    def _shard_grads(self) -> None:
+        """ZeRO-2: drop the buckets' storage until gradients arrive; keep this rank's range of their sums."""
+        if not hasattr(self.comm, "Ireduce_scatter") or self.buckets[0].flat.is_cuda:
+            raise ConfigError(
+                "[parallel] shard_gradients reduce-scatters uneven ranges through MPI on CPU tensors: start the "
+                "ranks with `caldera launch` or mpiexec on CPU, or set shard_gradients = false"
+            )
+        shards = self.shards
+        self._grad_shard = torch.zeros(shards.hi - shards.lo, dtype=shards.dtype)
+        self._flat = None  # the all-gather's buffer lives only while the parameters are gathered
+        ranges = [(min(r * shards.chunk, shards.total), min((r + 1) * shards.chunk, shards.total))
+                  for r in range(shards.size)]  # fmt: skip
+        # Per bucket: how many of its numbers each rank receives, and where this rank's land in its range.
+        self._scatter: list[tuple[int, list[int], torch.Tensor]] = []
+        self._numel: list[int] = []  # each bucket's length while it exists
+        for b in self.buckets:
+            n = b.flat.numel()
+            counts = [max(0, min(hi, b.start + n) - max(lo, b.start)) for lo, hi in ranges]
+            at = max(shards.lo, b.start) - shards.lo
+            self._scatter.append((sum(counts), counts, self._grad_shard[at : at + counts[shards.rank]]))
+            self._numel.append(n)
+            self._release(b)
+            for p in b.params:  # runs before the gradient is accumulated: give the bucket its storage first
+                self._hooks.append(p.register_hook(self._make_alloc_hook(b)))
+
+    def _make_alloc_hook(self, bucket: Bucket):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            if bucket.flat.numel() == 0:
+                self._allocate(bucket)
+            return grad
+
+        return hook
+
+    def _allocate(self, bucket: Bucket) -> None:
+        bucket.flat = torch.zeros(self._numel[bucket.index], dtype=self._grad_shard.dtype)
+        point_grads(bucket, bucket.flat)
+
+    def _release(self, bucket: Bucket) -> None:
+        """ZeRO-2: the bucket's sums are in this rank's range: free its whole gradients."""
+        for p in bucket.params:
+            p.grad = None
+        bucket.flat = bucket.flat.new_empty(0)
+
     def _gather_params(self) -> None:
         """After each rank stepped its range: every rank takes the whole updated model."""
         if self.node is not None:
@@ -166,9 +221,14 @@ class AllReduce(Strategy):
             self.shards.read_all(self.node.result)
             return
         chunk, rank = self.shards.chunk, self.world.rank
-        self.shards.write_range(self._flat)
-        self.comm.Allgather(self._flat[rank * chunk : (rank + 1) * chunk].clone(), self._flat)
-        self.shards.read_all(self._flat)
+        flat = (
+            self._flat
+        )  # ZeRO-2: None, not held between steps, so it never coexists with backward's gradients
+        if flat is None:
+            flat = torch.empty(chunk * self.world.size, dtype=self.shards.dtype)
+        self.shards.write_range(flat)
+        self.comm.Allgather(flat[rank * chunk : (rank + 1) * chunk].clone(), flat)
+        self.shards.read_all(flat)
 
     def gather_state(self) -> None:
         """Assemble the whole optimizer state on rank 0 before a checkpoint (collective; sharded state only)."""
@@ -196,6 +256,10 @@ class AllReduce(Strategy):
             )
         if self.world.size == 1 or self.reducer_name == "mpi" or not hasattr(self.comm, "comm"):
             return False
+        if self.shard_gradients:  # the node's shared sums are whole gradients: nothing to shard
+            if self.reducer_name == "shm":
+                raise ConfigError("[parallel] shard_gradients needs reducer = 'mpi' or 'auto', not 'shm'")
+            return False
         cpu_fp32 = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
         from caldera.comm.shm import NodeReducer
 
@@ -217,8 +281,10 @@ class AllReduce(Strategy):
                 self.lowp.progress()  # drive MPI progress of the sums in flight
             elif self.node is None:
                 for b in self.buckets:  # drive MPI progress of the buckets already in flight
-                    if b.handle is not None and b is not bucket:
-                        b.handle.test()
+                    if b.handle is None or b is bucket or not b.handle.test():
+                        continue
+                    if self._grad_shard is not None and b.flat.numel():
+                        self._release(b)  # ZeRO-2: reduced; free its gradients while backward goes on
 
         return hook
 
@@ -239,6 +305,11 @@ class AllReduce(Strategy):
             bucket.handle = _DONE
         elif self.lowp is not None:
             bucket.handle = self.lowp.start(self._jobs[bucket.index], self._wire_scale())
+        elif self._grad_shard is not None:
+            if bucket.flat.numel() == 0:  # no parameter of it had a gradient
+                self._allocate(bucket)
+            n, counts, mine = self._scatter[bucket.index]
+            bucket.handle = self.comm.Ireduce_scatter(bucket.flat[:n], mine, counts)
         else:
             bucket.handle = self.comm.Iallreduce(bucket.flat)
 
@@ -262,6 +333,9 @@ class AllReduce(Strategy):
 
     def step(self) -> None:
         """Finish every bucket's reduction, then update the weights and zero the buckets."""
+        if self._grad_shard is not None:
+            self._step_sharded()
+            return
         if self.world.size > 1:
             for b in self.buckets:
                 if b.handle is None:
@@ -295,6 +369,30 @@ class AllReduce(Strategy):
             else:
                 rebind_grads(b)  # an optimizer or user code may have replaced a .grad: keep the views
                 b.reset()
+
+    def _step_sharded(self) -> None:
+        """ZeRO-2: finish the reduce-scatters, free the whole gradients, step this rank's range from its shard."""
+        for b in self.buckets:
+            if b.handle is None:
+                self._start(b)
+        for b in self.buckets:
+            b.handle.wait()
+            if b.flat.numel():
+                self._release(b)
+        grads, clip, measure = self._grad_shard, self.grad_clip, self.measure_grad_norm
+        self._grad_norm = None
+        if clip or measure:
+            # The ranges are disjoint: the global norm is the root of the summed squares of every rank's range.
+            square = torch.linalg.vector_norm(grads, dtype=torch.float32).square().reshape(1)
+            self.comm.Allreduce(square)
+            norm = square.sqrt()[0]
+            if clip:  # as clip_grad_norm_
+                grads.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))
+            self._grad_norm = norm if measure else None
+        if self.shards.step(grads):
+            self._gather_params()
+        for b in self.buckets:
+            b.pending, b.handle = len(b.params), None
 
     def _check_fp16_range(self) -> None:
         """Stop with the fix when an fp16 wire overflowed (fp16-mixed's optimizer skips such steps instead)."""
@@ -344,6 +442,7 @@ class AllReduce(Strategy):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._grad_shard = None
         for b in self.buckets:
             for p in b.params:
                 p.grad = None

@@ -74,9 +74,10 @@ class ShardedOptimizer:
         defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
         self.shard = type(optimizer)(spec, **defaults) if spec else None
 
-    def step(self) -> bool:
-        """Update this rank's range from the (already reduced) gradients; False when the loss scaler skipped
-        the step (on every rank alike: the weights did not change)."""
+    def step(self, grads: torch.Tensor | None = None) -> bool:
+        """Update this rank's range from the (already reduced) gradients, or from ``grads``, this rank's range of
+        them alone (ZeRO-2); False when the loss scaler skipped the step (on every rank alike: the weights did
+        not change)."""
         self.base.state.clear()  # a whole state gathered for the last checkpoint has been written by now
         if self.scaler is not None and not self.scaler.update(
             [p.grad for p, _ in self.layout if p.grad is not None]
@@ -84,8 +85,8 @@ class ShardedOptimizer:
             return False
         if self.shard is None:
             return True
-        for p, _, a, b, piece in self.pieces:
-            piece.grad = p.grad.view(-1)[a:b]
+        for p, o, a, b, piece in self.pieces:
+            piece.grad = p.grad.view(-1)[a:b] if grads is None else grads[o + a - self.lo : o + b - self.lo]
         for i, group in zip(self.groups, self.shard.param_groups):
             group.update(_hyper(self.base.param_groups[i]))  # a schedule changes the base optimizer's lr
         self.shard.step()

@@ -21,6 +21,7 @@ MULTI_RANK = {
     "bench_sharded_checkpoint.py",
     "bench_tensor.py",
     "bench_tune.py",
+    "bench_zero_memory.py",
 }  # they start mpiexec themselves
 
 

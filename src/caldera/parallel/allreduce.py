@@ -166,6 +166,8 @@ class AllReduce(Strategy):
         else:
             self._shard_comm = self.comm
             self.shards = ShardedOptimizer(self.optimizer, layout, self.world.rank, self.world.size)
+            if self.shard_gradients:  # ZeRO-2 gathers through a bucket-sized buffer (_gather_in_pieces)
+                return
             self._flat = torch.empty(self.shards.chunk * self.world.size, dtype=params[0].dtype,
                                      device=params[0].device)  # fmt: skip
 
@@ -178,7 +180,6 @@ class AllReduce(Strategy):
             )
         shards = self.shards
         self._grad_shard = torch.zeros(shards.hi - shards.lo, dtype=shards.dtype)
-        self._flat = None  # the all-gather's buffer lives only while the parameters are gathered
         ranges = [(min(r * shards.chunk, shards.total), min((r + 1) * shards.chunk, shards.total))
                   for r in range(shards.size)]  # fmt: skip
         # Per bucket: how many of its numbers each rank receives, and where this rank's land in its range.
@@ -220,15 +221,28 @@ class AllReduce(Strategy):
             self.node.node.Barrier()
             self.shards.read_all(self.node.result)
             return
+        if self._grad_shard is not None:
+            self._gather_in_pieces()
+            return
         chunk, rank = self.shards.chunk, self.world.rank
-        flat = (
-            self._flat
-        )  # ZeRO-2: None, not held between steps, so it never coexists with backward's gradients
-        if flat is None:
-            flat = torch.empty(chunk * self.world.size, dtype=self.shards.dtype)
-        self.shards.write_range(flat)
-        self.comm.Allgather(flat[rank * chunk : (rank + 1) * chunk].clone(), flat)
-        self.shards.read_all(flat)
+        self.shards.write_range(self._flat)
+        self.comm.Allgather(self._flat[rank * chunk : (rank + 1) * chunk].clone(), self._flat)
+        self.shards.read_all(self._flat)
+
+    def _gather_in_pieces(self) -> None:
+        """ZeRO-2: all-gather the updated ranges a slice of about one bucket at a time; a buffer of the whole model
+        (ZeRO-1's) would cost again what sharding the gradients saved."""
+        shards, size = self.shards, self.world.size
+        mine = torch.empty(shards.chunk, dtype=shards.dtype)
+        shards.write_range(mine, shards.rank * shards.chunk)
+        step = max(1, min(shards.chunk, self.bucket_bytes // mine.element_size() // size))
+        buffer = torch.empty(step * size, dtype=shards.dtype)
+        for k in range(0, shards.chunk, step):
+            n = min(step, shards.chunk - k)
+            self.comm.Allgather(mine[k : k + n], buffer[: n * size])
+            for r in range(size):
+                if r != shards.rank:
+                    shards.read_segment(r * shards.chunk + k, buffer[r * n : (r + 1) * n])
 
     def gather_state(self) -> None:
         """Assemble the whole optimizer state on rank 0 before a checkpoint (collective; sharded state only)."""

@@ -92,10 +92,19 @@ class ShardedOptimizer:
         self.shard.step()
         return True
 
-    def write_range(self, flat: torch.Tensor) -> None:
-        """Copy this rank's updated range into ``flat`` (the whole layout's length or more)."""
+    def write_range(self, flat: torch.Tensor, start: int = 0) -> None:
+        """Copy this rank's updated range into ``flat``, which holds the layout's numbers from ``start`` on."""
         for _, o, a, b, piece in self.pieces:
-            flat[o + a : o + b].copy_(piece)
+            flat[o + a - start : o + b - start].copy_(piece)
+
+    @torch.no_grad()
+    def read_segment(self, start: int, data: torch.Tensor) -> None:
+        """Copy ``data``, the layout's numbers ``[start, start + len)`` of another rank's range, into the parameters."""
+        end = start + data.numel()
+        for p, o in self.layout:
+            a, b = max(start, o), min(end, o + p.numel())
+            if a < b:
+                p.view(-1)[a - o : b - o].copy_(data[a - start : b - start])
 
     @torch.no_grad()
     def read_all(self, flat: torch.Tensor) -> None:

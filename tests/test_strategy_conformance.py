@@ -18,7 +18,7 @@ from tests.conftest import ROOT, run_ranks
 
 SCRIPT = ROOT / "tests/scripts/strategy_conformance.py"
 TOY = "toy-sum-average"  # tests/scripts/toy_strategy.py: a whole strategy in one file
-NAMES = [*available_strategies(), "allreduce+zero", TOY]
+NAMES = [*available_strategies(), "allreduce+zero", "allreduce+zero2", TOY]
 INDEPENDENT = {"single"}  # on several ranks each trains its own copy: no equality with one process claimed
 
 

@@ -31,7 +31,8 @@ GLOBAL, STEPS = 8, 4
 # Options under which the math says the strategy equals one process on the global batch. local-sgd averages its
 # momentum too: with per-rank state (the default) a checkpoint holds rank 0's, so a resume is not the same step.
 OPTIONS = {"local-sgd": {"sync_every": 1, "average_state": True}, "async-ps": {"max_staleness": 0}, "async-shared": {"workers": 1},
-           "allreduce+zero": {"shard_optimizer": True}, "tensor": {"plan": {"0": "colwise", "2": "rowwise"}}}  # fmt: skip
+           "allreduce+zero": {"shard_optimizer": True}, "allreduce+zero2": {"shard_optimizer": True, "shard_gradients": True},
+           "tensor": {"plan": {"0": "colwise", "2": "rowwise"}}}  # fmt: skip
 g = torch.Generator().manual_seed(7)
 X, Y = torch.randn(STEPS * GLOBAL, 6, generator=g), torch.randn(STEPS * GLOBAL, 3, generator=g)
 XV, YV = torch.randn(12, 6, generator=g), torch.randn(12, 3, generator=g)

@@ -1,5 +1,5 @@
 """Run on N ranks: allreduce with gradients and optimizer state sharded (ZeRO-2) must train like ZeRO-1 and like
-one process (clipping included), keep only 1/N of the gradients between steps, and checkpoint/resume shard-wise.
+one process (clipping and micro-batches included), keep only 1/N of the gradients between steps, and checkpoint/resume shard-wise.
 
 Usage: mpiexec -n N python zero2_equivalence.py RUN_DIR
 Prints one JSON line on rank 0.
@@ -48,12 +48,14 @@ def fit(w, strategy, grads, epochs, ckpt=None, resume=False):
                             weight_decay=0.0)  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.05 * s))
     checkpointer = Checkpointer(ckpt, w, keep=3, async_write=False) if ckpt else None
+    # Two micro-batches per step: the first only accumulates (no_sync) into the buckets ZeRO-2 allocates on demand.
     options = {"grad_clip": 0.5}  # small enough that most steps are clipped: the global norm must be right
     if strategy == "allreduce":  # tiny buckets: several per rank range, some split between two ranks
         options |= {"shard_optimizer": True, "shard_gradients": grads, "bucket_mb": 0.002}
     trainer = caldera.Trainer(model, opt, nn.CrossEntropyLoss(), max_epochs=epochs, batch_size=24, world=w,
                               strategy=strategy, strategy_options=options, scheduler=sched, progress=False, seed=3,
-                              checkpointer=checkpointer, resume=resume, callbacks=[kept := GradsKept()] if strategy == "allreduce" else [])  # fmt: skip
+                              checkpointer=checkpointer, resume=resume, accumulate=2,
+                              callbacks=[kept := GradsKept()] if strategy == "allreduce" else [])  # fmt: skip
     trainer.fit(data)
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     if strategy != "allreduce":

@@ -199,3 +199,9 @@ def test_a_sharded_optimizer_refuses_what_it_cannot_shard():
     with pytest.raises(ConfigError, match="shard_gradients = true does not combine with .*'fp16-mixed'"):
         load_config({**base, "parallel": zero2, "precision": {"mode": "fp16-mixed"}})
     assert load_config({**base, "parallel": zero2}).parallel.options["shard_gradients"] is True
+    from caldera.parallel.allreduce import AllReduce
+
+    with pytest.raises(
+        ValueError, match="shard_gradients needs shard_optimizer = true and grad_comm = 'fp32'"
+    ):
+        AllReduce(shard_gradients=True)  # the Python API refuses it too

@@ -105,9 +105,11 @@ class AllReduce(Strategy):
         self.reductions = 0  # bucket reductions started so far (one per bucket per optimizer step)
         self.shard_optimizer = shard_optimizer
         self.shards: ShardedOptimizer | None = None  # this rank's part of the optimizer (shard_optimizer)
+        if shard_gradients and (not shard_optimizer or grad_comm != "fp32"):
+            raise ValueError("shard_gradients needs shard_optimizer = true and grad_comm = 'fp32'")
+        self.shard_gradients = shard_gradients
         # ZeRO-2: bucket storage exists only from a bucket's first gradient to the end of its reduce-scatter;
         # what stays is this rank's range of the summed gradients (``_grad_shard``).
-        self.shard_gradients = shard_gradients and shard_optimizer
         self._grad_shard: torch.Tensor | None = None
         self.fused_linear_grads = fused_linear_grads  # linear layers' weight GEMMs add into the buckets
         self._unfuse = lambda: None
@@ -179,6 +181,9 @@ class AllReduce(Strategy):
                 "ranks with `caldera launch` or mpiexec on CPU, or set shard_gradients = false"
             )
         shards = self.shards
+        if shards.scaler is not None:
+            raise ValueError("shard_gradients does not combine with fp16-mixed yet (its loss scaler reads whole "
+                             "gradients): use bf16-mixed or fp32, or shard_gradients = false")  # fmt: skip
         self._grad_shard = torch.zeros(shards.hi - shards.lo, dtype=shards.dtype)
         ranges = [(min(r * shards.chunk, shards.total), min((r + 1) * shards.chunk, shards.total))
                   for r in range(shards.size)]  # fmt: skip

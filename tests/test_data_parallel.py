@@ -155,7 +155,9 @@ def test_a_sharded_optimizer_trains_like_one_process_and_its_checkpoints_resume_
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("ranks", [2, 3])
+# 3 ranks: uneven ranges and reduce-scatter counts (2 ranks split evenly, the easier case; the suite's time is spent
+# once, on the harder one).
+@pytest.mark.parametrize("ranks", [3])
 def test_sharded_gradients_train_like_zero1_and_one_process_and_keep_one_nth(tmp_path, ranks):
     # ZeRO-2: tiny buckets reduce-scattered over ranges that cut through them; clipping on most steps.
     proc = run_ranks(ranks, ["tests/scripts/zero2_equivalence.py", str(tmp_path)])

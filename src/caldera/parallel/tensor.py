@@ -68,7 +68,8 @@ def _allreduce(comm: Communicator, t: torch.Tensor) -> None:
     Every split layer is a synchronisation point (8 a step for 2 blocks): a blocking MPI all-reduce spins while the
     slowest rank of the group is still computing, which on shared cores takes time from that very rank (or from
     data workers, a simulation). Polling with a yield between tests measured 1.5-1.8x the samples/s of the
-    blocking call on 2 busy cores (benchmarks/bench_tensor.py's model)."""
+    blocking call on 2 busy cores (benchmarks/bench_tensor.py's model); ``wait_yielding`` adds short sleeps after
+    64 yields, the pipeline's policy too."""
     wait_yielding(comm.Iallreduce(t))
 
 

@@ -1,18 +1,24 @@
 """Caldera's pipeline strategy vs. PyTorch's own pipelining (torch.distributed.pipelining over gloo), same schedule.
 
     python benchmarks/bench_pipeline.py [--ranks 2] [--micro-batches 4] [--schedule gpipe|1f1b] [--repeats 3]
+                                        [--busy] [--profile]
 
 Same model (an MLP of 4 equal 2048-wide hidden layers), same stage split, same global batch and micro-batches,
 N ranks x 1 thread, alternating R times. Also one process alone (1 thread, whole model): the ideal for N stages is
 N x alone x m / (m + N - 1) (GPipe's bubble). Prints medians of samples/s, the ratio to PyTorch and the share of
-that ideal. The worker half of this file runs inside the ranks (``--worker``).
+that ideal. ``--busy`` keeps one spinning Python process (a neighbour job) running through every measurement.
+``--profile`` instead runs each pipeline once more and prints, per rank, wall and CPU seconds of the timed steps
+and the top of a cProfile of rank 0 (where the time goes: compute or waits). The worker half of this file runs
+inside the ranks (``--worker``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,11 +96,50 @@ def worker(mode: str, batch: int, micro: int, steps: int, schedule_name: str) ->
 
     from bench_data_parallel import report_rate  # the timing and the line that run() reads, in one place
 
-    report_rate(one_step, batch, steps, rank)
+    if os.environ.get("BENCH_PIPELINE_PROFILE"):
+        profile(one_step, steps, rank)
+    else:
+        report_rate(one_step, batch, steps, rank)
     if mode == "torch":
         import torch.distributed as dist
 
         dist.destroy_process_group()
+
+
+def profile(one_step, steps: int, rank: int) -> None:
+    """Time ``steps`` steps after 3 warm-up ones: wall and CPU seconds on every rank, cProfile's top on rank 0."""
+    import cProfile
+    import pstats
+    import time
+
+    for _ in range(3):
+        one_step()
+    prof = cProfile.Profile()
+    wall, cpu = time.perf_counter(), time.process_time()
+    prof.enable()
+    for _ in range(steps):
+        one_step()
+    prof.disable()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(
+        f"rank {rank}: {wall:.2f} s wall, {cpu:.2f} s CPU ({100 * cpu / wall:.0f} % of one core)", flush=True
+    )
+    if rank == 0:
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(8)
+
+
+@contextlib.contextmanager
+def neighbour(busy: bool):
+    """With ``busy``: one process spinning on a core (another job on the node) for as long as the block runs."""
+    if not busy:
+        yield
+        return
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spin.kill()
+        spin.wait()
 
 
 def main() -> None:
@@ -108,6 +153,10 @@ def main() -> None:
     p.add_argument(
         "--worker", nargs=5, metavar=("MODE", "BATCH", "MICRO", "STEPS", "SCHED"), help=argparse.SUPPRESS
     )
+    p.add_argument(
+        "--busy", action="store_true", help="a spinning neighbour process through every measurement"
+    )
+    p.add_argument("--profile", action="store_true", help="wall/CPU seconds per rank and cProfile of rank 0")
     p.add_argument(
         "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
     )
@@ -124,15 +173,23 @@ def main() -> None:
 
     n, m, me = args.ranks, args.micro_batches, [sys.executable, str(HERE), "--worker"]
     spec = [str(args.batch), str(m), str(args.steps), args.schedule]
+    if args.profile:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_PIPELINE_PROFILE": "1", "MASTER_PORT": "29517"}
+        with neighbour(args.busy):
+            for mode in ("torch", "caldera"):
+                print(f"== {mode} ({args.schedule}{', busy' if args.busy else ''})", flush=True)
+                subprocess.run(build_command(n, [*me, mode, *spec]), env=env, check=True, timeout=300)
+        return
     results: dict[str, list[float]] = {"alone": [], "torch": [], "caldera": []}
-    for _ in range(args.repeats):
-        results["alone"].append(run([*me, "alone", *spec]))
-        for mode in ("torch", "caldera"):
-            results[mode].append(run(build_command(n, [*me, mode, *spec])))
+    with neighbour(args.busy):
+        for _ in range(args.repeats):
+            results["alone"].append(run([*me, "alone", *spec]))
+            for mode in ("torch", "caldera"):
+                results[mode].append(run(build_command(n, [*me, mode, *spec])))
     med = {k: statistics.median(v) for k, v in results.items()}
     ideal = n * med["alone"] * m / (m + n - 1)
     print(f"MLP 1024-{WIDTH}x{DEPTH}-10, batch {args.batch} in {m} micro-batches ({args.schedule}), {n} stages x 1 thread, "
-          f"{args.steps} steps, {args.repeats} repeats (medians)")  # fmt: skip
+          f"{args.steps} steps, {args.repeats} repeats (medians){', a spinning neighbour' if args.busy else ''}")  # fmt: skip
     print(f"one process alone: {med['alone']:.0f} samples/s -> GPipe ideal for {n} stages {ideal:.0f}")
     for mode, label in (
         ("torch", "torch.distributed.pipelining (gloo)"),

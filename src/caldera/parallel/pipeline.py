@@ -19,6 +19,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from caldera.comm.base import wait_yielding
 from caldera.config import StrategyOptions
 from caldera.errors import ConfigError
 from caldera.names import NOT_COMPILED
@@ -165,7 +166,7 @@ class Pipeline(Strategy):
                 precision.scale_loss(losses[i]).backward()
             else:
                 buf, arriving = grads.pop(i)
-                arriving.wait()
+                wait_yielding(arriving)
                 out.backward(buf)
             if not first:
                 sends.append(comm.Isend(inp.grad.contiguous(), self.rank - 1, tag=1 + i))
@@ -173,11 +174,13 @@ class Pipeline(Strategy):
         for kind, i in schedule_order(self.schedule, self.rank, self.size, len(pieces)):
             forward(i) if kind == "F" else backward(i)
         for handle in sends:
-            handle.wait()
+            wait_yielding(handle)
+        # The last stage's loss to every stage: a sum over zeros elsewhere, non-blocking, so that the first stage
+        # (done long before) yields its core to the last one instead of spinning in a broadcast.
         total = torch.zeros(1, dtype=torch.float64)
         if last:
             total[0] = float(sum(loss.detach().double() for loss in losses.values())) / scale
-        self.pipe.Bcast(total, root=self.size - 1)
+        wait_yielding(self.pipe.Iallreduce(total))
         loss = total[0]
         finite = bool(torch.isfinite(loss))
         if not finite and not precision.tolerates_overflow and non_finite is not None:
@@ -199,7 +202,7 @@ class Pipeline(Strategy):
                 else:
                     sends.extend(self._send(out, self.rank + 1))
         for handle in sends:
-            handle.wait()
+            wait_yielding(handle)
         return torch.cat(outs) if last else None
 
     def _send(self, t: torch.Tensor, dest: int) -> list[Any]:
@@ -210,11 +213,13 @@ class Pipeline(Strategy):
         return [self.pipe.Isend(header, dest), self.pipe.Isend(t.contiguous(), dest)]
 
     def _receive(self, source: int) -> torch.Tensor:
+        """Receive an activation (its dtype and shape first), yielding the core while it has not arrived (the
+        previous stage is computing it, possibly on this very core)."""
         header = torch.zeros(_HEADER, dtype=torch.int64)
-        self.pipe.Recv(header, source)
+        wait_yielding(self.pipe.Irecv(header, source))
         shape = header[2 : 2 + int(header[1])].tolist()
         t = torch.empty(shape, dtype=_DTYPES[int(header[0])], device=self.world.device)
-        self.pipe.Recv(t, source)
+        wait_yielding(self.pipe.Irecv(t, source))
         return t
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -228,7 +233,7 @@ class Pipeline(Strategy):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             flat = torch.cat([p.grad.reshape(-1) for p in self.params])
-            self.dp.Allreduce(flat)
+            wait_yielding(self.dp.Iallreduce(flat))
             flat /= self.replicas
             at = 0
             for p in self.params:

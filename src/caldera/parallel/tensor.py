@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import os
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -31,7 +30,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from caldera.comm.base import Communicator
+from caldera.comm.base import Communicator, wait_yielding
 from caldera.config import StrategyOptions
 from caldera.errors import ConfigError
 from caldera.names import NOT_COMPILED
@@ -69,10 +68,9 @@ def _allreduce(comm: Communicator, t: torch.Tensor) -> None:
     Every split layer is a synchronisation point (8 a step for 2 blocks): a blocking MPI all-reduce spins while the
     slowest rank of the group is still computing, which on shared cores takes time from that very rank (or from
     data workers, a simulation). Polling with a yield between tests measured 1.5-1.8x the samples/s of the
-    blocking call on 2 busy cores (benchmarks/bench_tensor.py's model)."""
-    handle = comm.Iallreduce(t)
-    while not handle.test():
-        os.sched_yield()
+    blocking call on 2 busy cores (benchmarks/bench_tensor.py's model); ``wait_yielding`` adds short sleeps after
+    64 yields, the pipeline's policy too."""
+    wait_yielding(comm.Iallreduce(t))
 
 
 class _CopyToGroup(torch.autograd.Function):

@@ -21,6 +21,10 @@ OPS = ("sum", "max", "min", "prod")
 class Handle(Protocol):
     """A pending non-blocking operation."""
 
+    # True where wait() only orders the device stream after the operation (NCCL): the host never blocks there, so
+    # a caller waits at once instead of polling. Every handle class says which it is.
+    stream_ordered: bool
+
     def wait(self) -> None:
         """Block until the operation has completed and its buffer may be read."""
         ...
@@ -119,7 +123,7 @@ def wait_yielding(handle: Handle, spins: int = 64, longest_s: float = 2e-4) -> N
     polls only yield (a message about to land costs no sleep); after that, sleeps double from 10 us up to
     ``longest_s``, which bounds the latency added to a late message (0.2 ms against steps of milliseconds). A
     stream-ordered handle (NCCL) is waited on directly: its ``wait()`` never blocks the host."""
-    if getattr(handle, "stream_ordered", False):
+    if handle.stream_ordered:
         handle.wait()
         return
     for _ in range(spins):

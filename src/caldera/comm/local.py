@@ -13,6 +13,8 @@ from caldera.comm.base import Communicator, check_op
 class DoneHandle:
     """A handle for work that finished when it was started."""
 
+    stream_ordered = False
+
     def wait(self) -> None:
         """Return at once: nothing is pending."""
 

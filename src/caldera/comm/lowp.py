@@ -94,7 +94,7 @@ class LowPrecisionSum:
         job.request, job.phase = self.comm.Ialltoall(job.send, job.recv), 1
         self.queue.append(job)
         handle = _SumHandle(self, job)
-        if getattr(job.request, "stream_ordered", False):
+        if job.request.stream_ordered:
             # NCCL: queue every phase on the device now; the host does not block and the order is fixed.
             handle.wait()
         return handle
@@ -146,6 +146,7 @@ class _SumHandle:
 
     def __init__(self, owner: LowPrecisionSum, job: SumJob) -> None:
         self.owner, self.job = owner, job
+        self.stream_ordered = job.request.stream_ordered  # NCCL: start() already queued every phase
 
     def wait(self) -> None:
         """Block until the sum is in the buffer."""

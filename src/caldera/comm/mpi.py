@@ -104,6 +104,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 class MPIRequestHandle:
     """A pending MPI request; holds the buffer alive until it completes."""
 
+    stream_ordered = False  # an MPI request completes on the host
+
     def __init__(self, request, buffer) -> None:
         self._request = request
         self._buffer = buffer
@@ -126,6 +128,7 @@ class CopyBackHandle:
 
     def __init__(self, inner, stand_in: torch.Tensor, target: torch.Tensor) -> None:
         self._inner, self._stand_in, self._target = inner, stand_in, target
+        self.stream_ordered = inner.stream_ordered
 
     def wait(self) -> None:
         """Block until done and copy the result back."""

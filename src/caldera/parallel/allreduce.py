@@ -479,6 +479,8 @@ class AllReduce(Strategy):
 
 
 class _Done:
+    stream_ordered = False
+
     def wait(self) -> None:
         pass
 

@@ -55,7 +55,7 @@ def test_push_pull_answers_every_frame_once_with_the_models_result_and_survives_
     run_dir, tmp_path
 ):
     inp, out = ports()
-    n, bad_shape, bad_bytes, bad_dtype = 300, 40, 41, 42
+    n, bad_shape, bad_bytes, bad_dtype = 150, 40, 41, 42
     xs = frames(n, seed=1)
     # Every fourth frame carries 3 samples: frames of several patches share forward passes with single ones.
     xs = [np.stack([x, x + 1, x - 1]) if i % 4 == 0 else x for i, x in enumerate(xs)]
@@ -110,7 +110,7 @@ def test_push_pull_answers_every_frame_once_with_the_models_result_and_survives_
 @pytest.mark.mpi
 def test_two_consumer_ranks_share_the_frames_and_answer_each_exactly_once(run_dir, tmp_path):
     inp, out = ports()
-    n = 400
+    n = 300
     ready = threading.Event()
     report = {}
     sim = threading.Thread(target=lambda: report.update(simulate(inp, out, n, rate=2000, shape=SHAPE,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from typing import Any
 
 from caldera.io import atomic_write_text
@@ -70,9 +71,11 @@ def add_parsers(sub: Any, trust_help: str) -> None:
 def stream_command(args: argparse.Namespace) -> int:
     """``caldera stream``: exit 0 when the stream ended cleanly, 2 on bad arguments."""
     try:
-        from caldera.stream.consumer import Learner, load_model, run
+        from caldera.stream.consumer import Learner, load_model, run, stop_on_signals
     except ImportError as exc:
         return _fail(f"{INSTALL} ({exc})")
+    stop = threading.Event()
+    stop_on_signals(stop)  # from now: a SIGTERM while the model loads still ends with a summary
     comm = None
     if launched_size() > 1:
         if args.sub:
@@ -95,7 +98,7 @@ def stream_command(args: argparse.Namespace) -> int:
                              "cannot be trained)")  # fmt: skip
             learner = Learner(model.module, model.device, args.lr, args.replay, args.replay_policy,
                               args.learn_batch, args.learn_steps)  # fmt: skip
-        result = run(model, args.inp, args.out, args.summary, comm, sub=args.sub, pub=args.pub, batch=args.batch,
+        result = run(model, args.inp, args.out, args.summary, comm, stop, sub=args.sub, pub=args.pub, batch=args.batch,
                      window_ms=args.window_ms, hwm=args.hwm, max_frame_mb=args.max_frame_mb, learner=learner)  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))

@@ -339,7 +339,8 @@ def summary(ranks: list[dict[str, Any]]) -> dict[str, Any]:
            "latency_ms": {f"p{q}": round(float(np.percentile(lat, q)), 3) for q in (50, 95, 99)} if len(lat)
            else None}  # fmt: skip
     if out["announced"] is not None:
-        out["missing"] = max(0, out["announced"] - total["frames"] - total["errors"])
+        # Announced but neither answered nor known to be dropped before Caldera (SUB's gaps).
+        out["missing"] = max(0, out["announced"] - total["frames"] - total["errors"] - total["gaps"])
     if losses:
         first, last = losses[0][: max(1, len(losses[0]) // 10)], losses[0][-max(1, len(losses[0]) // 10) :]
         out["learn"] = {"steps": len(losses[0]), "loss_first": float(np.mean(first)),
@@ -390,11 +391,19 @@ class _Agreement:
             self.request.Wait()
 
 
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``: the stream answers the frames it holds, then ends with its summary."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+
 def run(model: StreamModel, inp: str, out: str, summary_path: str | None = None, comm: Any = None,
-        **options: Any) -> dict[str, Any] | None:  # fmt: skip
+        stop: threading.Event | None = None, **options: Any) -> dict[str, Any] | None:  # fmt: skip
     """Run the stream on this rank (collective over ``comm``); rank 0 prints and writes the combined summary and
-    returns it (other ranks: None). SIGTERM and SIGINT end it cleanly."""
+    returns it (other ranks: None). SIGTERM and SIGINT end it cleanly (``stop``: an event that does instead)."""
     stream = Stream(model, inp, out, comm=comm, **options)
+    if stop is not None:
+        stream.stop = stop
     if comm is not None:
         comm.Barrier()  # every rank's sockets are open: the "ready" line below speaks for all
     if stream.rank == 0:
@@ -402,9 +411,8 @@ def run(model: StreamModel, inp: str, out: str, summary_path: str | None = None,
         size = comm.Get_size() if comm is not None else 1
         print(f"caldera stream: ready: {model.what} on {size} rank(s) ({model.device}), frames from {inp} "
               f"({kinds[0]}), results to {out} ({kinds[1]}); SIGTERM or an end message stops", flush=True)  # fmt: skip
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stream.stop.set())
+    if stop is None and threading.current_thread() is threading.main_thread():
+        stop_on_signals(stream.stop)
     mine = stream.run()
     ranks = comm.gather(mine, root=0) if comm is not None else [mine]
     if ranks is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def test_push_pull_answers_every_frame_once_with_the_models_result_and_survives_hostile_frames(
+def test_push_pull_answers_every_frame_once_like_the_model_survives_hostile_frames_ends_on_sigterm(
     run_dir, tmp_path
 ):
     inp, out = ports()
@@ -78,7 +79,11 @@ def test_push_pull_answers_every_frame_once_with_the_models_result_and_survives_
                              out, "--batch", "16", "--shape", "2,8,8", "--summary", str(summary)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())  # fmt: skip
     try:
-        report = simulate(inp, out, n, make=make, extra=hostile, keep=True, warmup_s=0.2, timeout_s=60)
+        # No end message: once all are answered, SIGTERM ends the stream, with its summary.
+        report = simulate(
+            inp, out, n, make=make, extra=hostile, keep=True, warmup_s=0.2, timeout_s=60, end=False
+        )
+        proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
@@ -99,7 +104,7 @@ def test_push_pull_answers_every_frame_once_with_the_models_result_and_survives_
         np.testing.assert_allclose(y, model(xs[seq] if xs[seq].ndim == 4 else xs[seq][None])[0 if xs[seq].ndim
                                    == 3 else slice(None)], rtol=1e-5, atol=1e-6)  # fmt: skip
     s = json.loads(summary.read_text())
-    assert (s["frames"], s["errors"], s["bad_messages"], s["missing"]) == (n - 3, 3, 5, 0), s
+    assert (s["frames"], s["errors"], s["bad_messages"], s["announced"]) == (n - 3, 3, 5, None), s
     assert s["samples"] == sum(
         len(x) if x.ndim == 4 else 1 for i, x in enumerate(xs) if i not in (40, 41, 42)
     )

@@ -87,10 +87,11 @@ def simulate(out: str, results: str, frames: int, rate: float = 0.0, shape: tupl
              dtype: str = "float32", pub: bool = False, results_sub: bool = False, make: Maker | None = None,
              timeout_s: float = 60.0, warmup_s: float = 0.5, drain_s: float = 1.0, hwm: int = 1000,
              keep: bool = False, seed: int = 0, extra: Callable[[Any], None] | None = None,
-    ready: threading.Event | None = None) -> dict[str, Any]:  # fmt: skip
+    ready: threading.Event | None = None, end: bool = True) -> dict[str, Any]:  # fmt: skip
     """Send ``frames`` frames to ``out`` at ``rate`` frames/s (0: as fast as the consumers take them), collect the
     results on ``results``; return the report. ``extra(sock)`` runs after the frames, before the end message (a
-    test sends hostile messages there). ``keep``: the report's "results" maps each sequence number to its result."""
+    test sends hostile messages there). ``keep``: the report's "results" maps each sequence number to its result;
+    ``end``: send the end-of-stream message (else the consumers run on, e.g. for the next run)."""
     if frames < 1 or rate < 0 or timeout_s <= 0:
         raise ValueError(
             f"stream-sim: --frames ({frames}) must be >= 1, --rate ({rate}) >= 0, --timeout-s > 0"
@@ -124,13 +125,14 @@ def simulate(out: str, results: str, frames: int, rate: float = 0.0, shape: tupl
         sent_s = time.perf_counter() - start
         if extra is not None:
             extra(sender)
-        _send(sender, encode_end(frames), deadline)
+        if end:  # without it the consumers run on (until SIGTERM); the report is ready once all are answered
+            _send(sender, encode_end(frames), deadline)
         ended = repeated = time.monotonic()
         while time.monotonic() < deadline and not collector.complete():
             now = time.monotonic()
             if pub and now - max(collector.last, ended) > drain_s:
                 break  # no result for drain_s: the rest were dropped
-            if pub and now - repeated > 0.1:  # a full subscriber drops the end message too: repeat it
+            if pub and end and now - repeated > 0.1:  # a full subscriber drops the end message too: repeat it
                 sender.send_multipart(encode_end(frames))
                 repeated = now
             time.sleep(0.01)

@@ -119,7 +119,7 @@ def test_two_consumer_ranks_share_the_frames_and_answer_each_exactly_once(run_di
     ready = threading.Event()
     report = {}
     sim = threading.Thread(target=lambda: report.update(simulate(inp, out, n, rate=2000, shape=SHAPE,
-                                                                  ready=ready, warmup_s=0.3, timeout_s=90)))  # fmt: skip
+                                                                  ready=ready, warmup_s=0.5, timeout_s=90)))  # fmt: skip
     sim.start()
     summary = tmp_path / "summary.json"
     cmd = [mpiexec(), "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, "-m", "caldera.cli",

@@ -7,6 +7,7 @@ import sys
 import threading
 from typing import Any
 
+from caldera.errors import CheckpointError
 from caldera.io import atomic_write_text
 from caldera.world import abort_on_uncaught_exception, init, launched_size
 
@@ -76,11 +77,14 @@ def stream_command(args: argparse.Namespace) -> int:
         return _fail(f"{INSTALL} ({exc})")
     stop = threading.Event()
     stop_on_signals(stop)  # from now: a SIGTERM while the model loads still ends with a summary
-    comm = None
+    comm = world = None
     if launched_size() > 1:
         if args.sub:
             return _fail("stream: --sub on several ranks would give every rank every frame; use PULL (the "
                          "default) with a PUSH sender, which deals the frames out")  # fmt: skip
+        if args.inp.startswith("@") or args.out.startswith("@"):
+            return _fail("stream: on several ranks every rank connects (only one process can bind a port): "
+                         "write --in/--out as tcp://HOST:PORT and let the instrument and collector bind")  # fmt: skip
         world = init()
         abort_on_uncaught_exception(world)
         comm = world.comm.comm
@@ -100,7 +104,9 @@ def stream_command(args: argparse.Namespace) -> int:
                               args.learn_batch, args.learn_steps)  # fmt: skip
         result = run(model, args.inp, args.out, args.summary, comm, stop, sub=args.sub, pub=args.pub, batch=args.batch,
                      window_ms=args.window_ms, hwm=args.hwm, max_frame_mb=args.max_frame_mb, learner=learner)  # fmt: skip
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, CheckpointError, ImportError) as exc:
+        if world is not None:  # the other ranks may already wait for this one: end them all
+            world.abort(str(exc), code=2)
         return _fail(str(exc))
     if args.save and learner is not None and (comm is None or comm.Get_rank() == 0):
         learner.save(args.save)
@@ -115,9 +121,12 @@ def sim_command(args: argparse.Namespace) -> int:
         return _fail(f"{INSTALL} ({exc})")
     try:
         shape = tuple(int(d) for d in args.shape.split(","))
+    except ValueError:
+        return _fail(f"stream-sim: --shape {args.shape!r}: write sizes separated by commas, e.g. 1,11,11")
+    try:
         report = simulate(args.out, args.results, args.frames, args.rate, shape, args.dtype, args.pub,
                           args.results_sub, timeout_s=args.timeout_s, warmup_s=args.warmup_s)  # fmt: skip
-    except (ValueError, KeyError) as exc:
+    except ValueError as exc:
         return _fail(f"stream-sim: {exc}")
     except TimeoutError as exc:
         return _fail(str(exc))

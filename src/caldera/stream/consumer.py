@@ -144,8 +144,12 @@ class Stream:
         self.shape = model.input_shape
         self.max_bytes = int(max_frame_mb * 2**20)
         self.ctx = zmq.Context()
-        self.inp = open_socket(self.ctx, "sub" if sub else "pull", inp, hwm, self.max_bytes + 65536)
-        self.out = open_socket(self.ctx, "pub" if pub else "push", out, hwm)
+        try:
+            self.inp = open_socket(self.ctx, "sub" if sub else "pull", inp, hwm, self.max_bytes + 65536)
+            self.out = open_socket(self.ctx, "pub" if pub else "push", out, hwm)
+        except ValueError:
+            self.ctx.destroy(linger=0)
+            raise
         self.out.setsockopt(zmq.SNDTIMEO, 200)  # a blocked send looks at the stop flag 5 times a second
         self.stop = threading.Event()
         # Counters for the summary.

@@ -96,8 +96,13 @@ def simulate(out: str, results: str, frames: int, rate: float = 0.0, shape: tupl
         raise ValueError(
             f"stream-sim: --frames ({frames}) must be >= 1, --rate ({rate}) >= 0, --timeout-s > 0"
         )
+    if make is None and dtype not in DTYPES:
+        raise ValueError(
+            f"--dtype {dtype!r}: send one of {', '.join(sorted(d for d in DTYPES if d[0].isalpha()))}"
+        )
     make = make or random_frames(shape, dtype, seed)
     ctx = zmq.Context()
+    collector = None
 
     def bind(address: str) -> str:  # the simulator binds unless told to connect (">")
         return address if address.startswith(("@", ">")) else "@" + address
@@ -137,12 +142,11 @@ def simulate(out: str, results: str, frames: int, rate: float = 0.0, shape: tupl
                 repeated = now
             time.sleep(0.01)
         total_s = time.perf_counter() - start
-        collector.stop.set()
-        collector.join()
-        collector.sock.close(0)
-        sender.close(0)
     finally:
-        ctx.term()
+        if collector is not None:
+            collector.stop.set()
+            collector.join()
+        ctx.destroy(linger=0)  # closes both sockets (also when a bind failed or no consumer came)
     a, e = collector.answers, collector.errors
     lat = np.asarray(collector.latencies) * 1e3
     report: dict[str, Any] = {

@@ -118,7 +118,7 @@ def test_two_consumer_ranks_share_the_frames_and_answer_each_exactly_once(run_di
     n = 300
     ready = threading.Event()
     report = {}
-    sim = threading.Thread(target=lambda: report.update(simulate(inp, out, n, rate=2000, shape=SHAPE,
+    sim = threading.Thread(daemon=True, target=lambda: report.update(simulate(inp, out, n, rate=2000, shape=SHAPE,
                                                                   ready=ready, warmup_s=0.5, timeout_s=90)))  # fmt: skip
     sim.start()
     summary = tmp_path / "summary.json"
@@ -151,12 +151,13 @@ def test_pub_sub_with_a_slow_consumer_counts_the_dropped_frames(run_dir):
     # Frames of 64 samples, one forward pass each, behind queues of 2 messages: the publisher outruns it.
     stream = Stream(model, inp, out, sub=True, pub=True, batch=64, hwm=2)
     result = {}
-    consumer = threading.Thread(target=lambda: result.update(stream.run()))
+    consumer = threading.Thread(target=lambda: result.update(stream.run()), daemon=True)
     consumer.start()
-    report = simulate(inp, out, n, shape=(64, *SHAPE), pub=True, results_sub=True, warmup_s=0.5, drain_s=1.0,
+    report = simulate(inp, out, n, shape=(64, *SHAPE), pub=True, results_sub=True, warmup_s=0.5, drain_s=2.0,
                       hwm=2, timeout_s=60)  # fmt: skip
     consumer.join(timeout=30)
-    assert not consumer.is_alive()
+    stream.stop.set()  # if the end message never came: the thread ends, the assertion below says so
+    assert not consumer.is_alive() and result, "the consumer did not stop at the end message"
     # Every frame is either answered or counted as a gap; none twice.
     assert result["gaps"] > 0 and result["frames"] + result["gaps"] == n, result
     assert result["count"] == n and report["duplicated"] == 0, report
@@ -172,13 +173,16 @@ def test_learn_from_labelled_frames_lowers_the_loss(run_dir, tmp_path):
     model = load_model(str(run_dir), device="cpu")
     model.input_shape = SHAPE
     learner = Learner(model.module, model.device, lr=1e-2, batch=16, steps=2, seed=0)
-    result = {}
-    consumer = threading.Thread(
-        target=lambda: result.update(run(model, inp, out, str(tmp_path / "s.json"), batch=k, learner=learner))
-    )
+    result, stop = {}, threading.Event()
+    consumer = threading.Thread(daemon=True, target=lambda: result.update(
+        run(model, inp, out, str(tmp_path / "s.json"), stop=stop, batch=k, learner=learner)))  # fmt: skip
     consumer.start()
     report = simulate(inp, out, n, make=lambda s: (xs[s], target[s]), keep=True, warmup_s=0.2, timeout_s=60)
     consumer.join(timeout=30)
+    stop.set()
+    assert result == json.loads((tmp_path / "s.json").read_text()), (
+        "the consumer did not stop at the end message"
+    )
     assert report["lost"] == 0 and report["duplicated"] == 0, report
     # Each result comes from the model as it was when the frame arrived: later frames are predicted better.
     err = [float(np.mean((report["results"][s] - target[s]) ** 2)) for s in range(n)]

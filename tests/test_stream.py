@@ -192,3 +192,16 @@ def test_learn_from_labelled_frames_lowers_the_loss(run_dir, tmp_path):
     learner.save(tmp_path / "tuned.pt")
     state = torch.load(tmp_path / "tuned.pt", weights_only=True)
     assert set(state) == set(model.module.state_dict())
+
+
+def test_an_exported_artefact_is_run_with_its_cards_sample_shape(run_dir, tmp_path):
+    surrogate = Surrogate.from_run(run_dir, device="cpu")
+    x = frames(1, k=5, seed=4)[0]
+    program = torch.export.export(surrogate.model, (torch.from_numpy(x),))  # as `caldera export --format pt2`
+    torch.export.save(program, str(tmp_path / "model.exported.pt2"))
+    card = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, *SHAPE]}],
+            "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1, 8, 8]}]}  # fmt: skip
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    model = load_model(str(tmp_path / "model.exported.pt2"))
+    assert model.input_shape == SHAPE and model.module is None and "exported" in model.what
+    np.testing.assert_allclose(model.predict(x), surrogate(x), rtol=1e-5, atol=1e-6)

@@ -10,6 +10,8 @@ applies a finished run's model to a split of its data (or another file) on every
 writes it, in physical units, as safetensors/TorchScript/AOTInductor/ONNX files, each verified (docs/export.md);
 ``caldera publish RUN_DIR [--name N] [--tag T]`` makes it a version of the model registry on the shared filesystem
 and ``caldera models list|show|diff|rm`` reads it; RUN_DIR may then be ``NAME@VERSION`` (docs/registry.md).
+``caldera stream MODEL --in ADDR --out ADDR`` runs a model on frames streamed over ZeroMQ, ``caldera stream-sim``
+feeds it like a detector (docs/stream.md).
 Exit codes: 0 done, 2 bad config or usage (export: also a format that cannot be made), 85 stopped for the wall
 time with a checkpoint (requeue me), 1 anything else (export: an artefact beyond tolerance).
 """

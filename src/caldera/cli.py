@@ -10,6 +10,8 @@ applies a finished run's model to a split of its data (or another file) on every
 writes it, in physical units, as safetensors/TorchScript/AOTInductor/ONNX files, each verified (docs/export.md);
 ``caldera publish RUN_DIR [--name N] [--tag T]`` makes it a version of the model registry on the shared filesystem
 and ``caldera models list|show|diff|rm`` reads it; RUN_DIR may then be ``NAME@VERSION`` (docs/registry.md).
+``caldera stream MODEL --in ADDR --out ADDR`` runs a model on frames streamed over ZeroMQ, ``caldera stream-sim``
+feeds it like a detector (docs/stream.md).
 Exit codes: 0 done, 2 bad config or usage (export: also a format that cannot be made), 85 stopped for the wall
 time with a checkpoint (requeue me), 1 anything else (export: an artefact beyond tolerance).
 """
@@ -26,6 +28,8 @@ from caldera.checkpoint import REQUEUE_EXIT_CODE, Preempted
 from caldera.durations import check_time_limit
 from caldera.errors import CheckpointError, ConfigError, DataError
 from caldera.log import level_from_env
+from caldera.stream.commands import add_parsers as add_stream_parsers
+from caldera.stream.commands import sim_command, stream_command
 from caldera.train.progress import progress_interval
 from caldera.version import __version__
 
@@ -151,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "info", help="what this job sees: software, GPUs, MPI, every rank's place; set-up problems"
     )
+    add_stream_parsers(sub, TRUST_HELP)
     p_launch = sub.add_parser(
         "launch", help="start N ranks with mpiexec (or srun inside Slurm): launch -n N -- cmd"
     )
@@ -184,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return report()
     if args.command == "serve":
         return _serve(args)
+    if args.command in ("stream", "stream-sim"):
+        return (stream_command if args.command == "stream" else sim_command)(args)
     if args.command == "predict":
         return _predict(args)
     if args.command == "export":

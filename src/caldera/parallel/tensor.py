@@ -142,6 +142,40 @@ def plan_layers(model: nn.Module, plan: dict[str, str] | None, tp: int) -> list[
     return list(unique.values())
 
 
+def split_params(layers: list[tuple[str, nn.Linear, str]]) -> dict[str, int]:
+    """{parameter name: the dimension it is cut along} for the plan's ``layers`` (``plan_layers``): a colwise
+    layer's weight and bias by rows (0), a rowwise layer's weight by columns (1); its bias stays whole."""
+    out: dict[str, int] = {}
+    for name, layer, kind in layers:
+        out[f"{name}.weight"] = 0 if kind == "colwise" else 1
+        if kind == "colwise" and layer.bias is not None:
+            out[f"{name}.bias"] = 0
+    return out
+
+
+@torch.no_grad()
+def materialize_shard(model: nn.Module, split: dict[str, int], rank: int, tp: int,
+                      read: Callable[[str], torch.Tensor], device: torch.device | str = "cpu") -> None:  # fmt: skip
+    """Give ``model`` (built on the meta device: it holds no memory) its tensors one at a time from ``read(name)``:
+    this rank's slice (``rank`` of ``tp``) of each parameter in ``split``, every other tensor whole. ``read`` may
+    return a memory-mapped tensor: only the slice is copied, so the whole model never exists on this rank."""
+    for prefix, module in model.named_modules():
+        for kind in ("_parameters", "_buffers"):
+            for key, old in list(getattr(module, kind).items()):
+                if old is None:
+                    continue
+                name = f"{prefix}.{key}" if prefix else key
+                source = read(name)
+                dim = split.get(name)
+                piece = source if dim is None else source.chunk(tp, dim)[rank]
+                if piece.shape != (old.shape if dim is None else old.chunk(tp, dim)[rank].shape):
+                    raise ConfigError(f"the weights' {name!r} has shape {tuple(source.shape)}, the model's "
+                                      f"{tuple(old.shape)}; the [model] args must match the run that wrote it")  # fmt: skip
+                value = piece.to(device, old.dtype, copy=True).contiguous()
+                getattr(module, kind)[key] = nn.Parameter(value, old.requires_grad) if kind == "_parameters" \
+                    else value  # fmt: skip
+
+
 def _linears(model: nn.Module) -> str:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "none"
@@ -203,6 +237,20 @@ class TensorParallel(Strategy):
             layer.forward = functools.partial(forward, layer)  # an instance attribute: close() removes it
         self._hooks.append(model.register_forward_pre_hook(self._new_forward))
         self._whole = True
+        return model
+
+    def shard(self, model: nn.Module, group: Communicator) -> nn.Module:
+        """Inference: route the plan's layers of ``model``, whose split parameters already hold this rank's slices
+        of ``group`` (``materialize_shard``), through the group; nothing is broadcast, no optimizer is kept."""
+        self.model, self.group = model, group
+        self.layers = plan_layers(model, self.plan, group.size)
+        if group.size == 1:
+            return model
+        for _, layer, kind in self.layers:
+            forward = self._colwise if kind == "colwise" else self._rowwise
+            layer.forward = functools.partial(forward, layer)
+        self._hooks.append(model.register_forward_pre_hook(self._new_forward))
+        self._whole = False
         return model
 
     # -- the split layers' forward ---------------------------------------------------------------------------------

@@ -34,16 +34,8 @@ def post(port: int, body: bytes) -> tuple[int, dict]:
 
 @pytest.mark.mpi
 def test_predict_and_serve_on_two_ranks_holding_half_the_model_equal_one_process(tmp_path):
-    run = (
-        tmp_path / "run"
-    )  # a transformer of examples/digits_tensor.toml, its weights as a finished run leaves them
-    cfg = load_config(
-        ROOT / "examples/digits_tensor.toml", values={"run.dir": str(run), "model.args.dim": 32}
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    RunDir(run).save_config(cfg)
-    RunDir(run).save_weights(model)
+    run = tmp_path / "run"  # trained on the 2 ranks first (tp 2), its weights written shard-wise
+    model = build_model(load_config(ROOT / "examples/digits_tensor.toml", values={"model.args.dim": 32}))
     whole = sum(p.numel() for p in model.parameters())
     split = sum(p.numel() for n, p in model.named_parameters()
                 if any(k in n for k in ("attn.q", "attn.k", "attn.v", "mlp.up"))
@@ -63,7 +55,9 @@ def test_predict_and_serve_on_two_ranks_holding_half_the_model_equal_one_process
         assert port is not None, proc.stderr.read()[-3000:] if proc.poll() is not None else "no serve line"
         # Each rank holds half of every split layer: the whole model exists on neither.
         assert sorted(r["held"] for r in ranks) == [whole - split // 2] * 2, (ranks, whole, split)
-        # predict --tp 2 (rank 0 reads and broadcasts each batch, writes the rows) = one process's predict.
+        assert (run / "model-shards/tp-00001.pt").is_file() and not (run / "model.pt").exists()
+        # predict --tp 2 (rank 0 reads and broadcasts each batch, writes the rows) = one process's predict, which
+        # joins the shard-wise weights into the whole model (as caldera export and fine-tuning do).
         predict(run, out=tmp_path / "one.npy", progress=False)
         one, tp = np.load(tmp_path / "one.npy"), np.load(tmp_path / "tp.npy")
         assert one.shape == tp.shape == (359, 10) and np.abs(one - tp).max() < 1e-5

@@ -31,7 +31,15 @@ from torch import nn
 from caldera.comm.base import Communicator, wait_yielding
 from caldera.config import Config
 from caldera.errors import ConfigError
-from caldera.parallel.tensor import TensorParallel, materialize_shard, plan_layers, split_params
+from caldera.parallel.tensor import (
+    LAYOUT,
+    TensorParallel,
+    materialize_shard,
+    plan_layers,
+    shards_reader,
+    split_params,
+    state_reader,
+)
 from caldera.registry import resolve as resolve_run
 from caldera.train.run import build_model
 from caldera.train.rundir import RunDir
@@ -72,22 +80,19 @@ def load_shard(run_dir: str | Path, cfg: Config, group: Communicator,
         shapes = build_model(cfg, weights=False).eval()
     strategy = TensorParallel(tp=group.size, plan=tensor_plan(cfg))
     split = split_params(plan_layers(model, strategy.plan, group.size))
-    if not files.weights.is_file():
+    if files.weights.is_file():
+        # Memory-mapped: a rank reads the pages of its own slices (and of the layers every rank holds) only.
+        state: Mapping[str, torch.Tensor] = torch.load(files.weights, "cpu", mmap=True, weights_only=True)
+        extra = sorted(set(state) - set(model.state_dict()))
+        if extra:
+            raise ConfigError(f"{files.weights} does not fit this model: unexpected {extra[:5]}; the [model] name "
+                              "and args must match the run that wrote it")  # fmt: skip
+        read = state_reader(state, group.rank, group.size, str(files.weights))
+    elif (files.weight_shards / LAYOUT).is_file():  # shard-wise: this rank's own file when the tp is the same
+        read = shards_reader(files.weight_shards, group.rank, group.size)
+    else:
         raise ConfigError(f"{run_dir} has no {files.weights.name}: give the run directory of a finished run")
-    # Memory-mapped: a rank reads the pages of its own slices (and of the layers every rank holds) only.
-    state: Mapping[str, torch.Tensor] = torch.load(files.weights, "cpu", mmap=True, weights_only=True)
-
-    def read(name: str) -> torch.Tensor:
-        if name not in state:
-            raise ConfigError(f"{files.weights} has no {name!r}: the [model] name and args must match the run "
-                              "that wrote it (a buffer the model makes itself cannot be built on the meta device)")  # fmt: skip
-        return state[name]
-
     materialize_shard(model, split, group.rank, group.size, read, device)
-    extra = sorted(set(state) - {n for n, _ in model.state_dict().items()})
-    if extra:
-        raise ConfigError(f"{files.weights} does not fit this model: unexpected {extra[:5]}; the [model] name and "
-                          "args must match the run that wrote it")  # fmt: skip
     return strategy.shard(model.eval(), group), shapes, strategy
 
 

@@ -37,6 +37,7 @@ import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -150,6 +151,11 @@ class Strategy(ABC):
         rank writes it), in ``parallel/zero.py``'s format; None (the default): the whole state is rank 0's after
         ``consolidate("checkpoint")``."""
         return None
+
+    def write_sharded_weights(self, directory: Path) -> bool:
+        """Write the final weights shard-wise into ``directory`` (collective), each rank its own part, instead of
+        rank 0 writing ``model.pt`` after ``consolidate("outputs")``; False (the default): not done."""
+        return False
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state from ``state_dict()``."""

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-from collections.abc import Callable
+import json
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -33,6 +36,7 @@ from torch.nn import functional as F
 from caldera.comm.base import Communicator, wait_yielding
 from caldera.config import StrategyOptions
 from caldera.errors import ConfigError
+from caldera.io import atomic_write, atomic_write_text
 from caldera.names import NOT_COMPILED
 from caldera.parallel.base import Purpose, Strategy, register
 from caldera.world import World
@@ -155,25 +159,120 @@ def split_params(layers: list[tuple[str, nn.Linear, str]]) -> dict[str, int]:
 
 @torch.no_grad()
 def materialize_shard(model: nn.Module, split: dict[str, int], rank: int, tp: int,
-                      read: Callable[[str], torch.Tensor], device: torch.device | str = "cpu") -> None:  # fmt: skip
-    """Give ``model`` (built on the meta device: it holds no memory) its tensors one at a time from ``read(name)``:
-    this rank's slice (``rank`` of ``tp``) of each parameter in ``split``, every other tensor whole. ``read`` may
-    return a memory-mapped tensor: only the slice is copied, so the whole model never exists on this rank."""
+                      read: Callable[[str, int | None], torch.Tensor], device: torch.device | str = "cpu") -> None:  # fmt: skip
+    """Give ``model`` (built on the meta device: it holds no memory) its tensors one at a time from ``read(name,
+    dim)``: this rank's slice (``rank`` of ``tp``, cut along ``dim``) of each parameter in ``split``, every other
+    tensor whole (``dim`` None). ``read`` may return a memory-mapped tensor: only what it returns is copied, so
+    the whole model never exists on this rank (see ``state_reader`` and ``shards_reader``)."""
     for prefix, module in model.named_modules():
         for kind in ("_parameters", "_buffers"):
             for key, old in list(getattr(module, kind).items()):
                 if old is None:
                     continue
                 name = f"{prefix}.{key}" if prefix else key
-                source = read(name)
                 dim = split.get(name)
-                piece = source if dim is None else source.chunk(tp, dim)[rank]
-                if piece.shape != (old.shape if dim is None else old.chunk(tp, dim)[rank].shape):
-                    raise ConfigError(f"the weights' {name!r} has shape {tuple(source.shape)}, the model's "
-                                      f"{tuple(old.shape)}; the [model] args must match the run that wrote it")  # fmt: skip
+                piece = read(name, dim)
+                want = old.shape if dim is None else old.chunk(tp, dim)[rank].shape
+                if piece.shape != want:
+                    raise ConfigError(f"the weights' {name!r} gives shape {tuple(piece.shape)} to rank {rank} of "
+                                      f"{tp}, the model needs {tuple(want)}; the [model] args must match the run "
+                                      "that wrote them")  # fmt: skip
                 value = piece.to(device, old.dtype, copy=True).contiguous()
                 getattr(module, kind)[key] = nn.Parameter(value, old.requires_grad) if kind == "_parameters" \
                     else value  # fmt: skip
+
+
+def state_reader(state: Mapping[str, torch.Tensor], rank: int, tp: int,
+                 where: str) -> Callable[[str, int | None], torch.Tensor]:  # fmt: skip
+    """``materialize_shard``'s ``read`` over a whole state_dict (memory-mapped: slicing copies nothing)."""
+
+    def read(name: str, dim: int | None) -> torch.Tensor:
+        if name not in state:
+            raise ConfigError(f"{where} has no {name!r}: the [model] name and args must match the run that wrote "
+                              "it (a buffer the model makes itself cannot be built on the meta device)")  # fmt: skip
+        t = state[name]
+        return t if dim is None else t.chunk(tp, dim)[rank]
+
+    return read
+
+
+# -- shard-wise weights: <run dir>/model-shards/ ----------------------------------------------------------------------
+# layout.json (kind "tensor", size, params: name, dim, shape), shared.pt (every tensor no layer cuts, whole) and
+# tp-NNNNN.pt (rank NNNNN's slices of the split parameters); written by the ranks of the first replica, each its own.
+LAYOUT, SHARED = "layout.json", "shared.pt"
+
+
+def _shard_file(r: int) -> str:
+    return f"tp-{r:05d}.pt"
+
+
+def read_layout(directory: Path) -> dict[str, Any]:
+    """The layout of shard-wise weights (ConfigError naming the file when it is not one)."""
+    try:
+        layout = json.loads((directory / LAYOUT).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{directory / LAYOUT}: not readable ({exc}); give the run directory of a finished "
+                          "run") from None  # fmt: skip
+    if not isinstance(layout, dict) or layout.get("kind") != "tensor":
+        raise ConfigError(f"{directory / LAYOUT}: not a layout of tensor-parallel weights")
+    return layout
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def shards_reader(directory: Path, rank: int, tp: int) -> Callable[[str, int | None], torch.Tensor]:
+    """``materialize_shard``'s ``read`` over shard-wise weights, memory-mapped: for the tp they were written
+    with, a rank reads its own file only; for another tp, each split tensor is joined from the files (one tensor
+    at a time) and cut anew."""
+    layout = read_layout(directory)
+    size, cut = layout["size"], {p["name"]: p["dim"] for p in layout["params"]}
+    shared = _load(directory / SHARED)
+    files: dict[int, dict[str, torch.Tensor]] = {}
+
+    def part(r: int) -> dict[str, torch.Tensor]:
+        if r not in files:
+            files[r] = _load(directory / _shard_file(r))
+        return files[r]
+
+    def read(name: str, dim: int | None) -> torch.Tensor:
+        if name not in cut:
+            return state_reader(shared, rank, tp, str(directory / SHARED))(name, dim)
+        if size == tp and cut[name] == dim:
+            return part(rank)[name]
+        whole = torch.cat([part(r)[name] for r in range(size)], cut[name])
+        return whole if dim is None else whole.chunk(tp, dim)[rank]
+
+    return read
+
+
+def read_sharded_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The whole state_dict from shard-wise weights (for one process: export, fine-tuning, a plain loader)."""
+    layout = read_layout(directory)
+    state = dict(_load(directory / SHARED))
+    parts = [_load(directory / _shard_file(r)) for r in range(layout["size"])]
+    for p in layout["params"]:
+        state[p["name"]] = torch.cat([part[p["name"]] for part in parts], p["dim"]).clone()
+    return state
+
+
+def merge_tensor_shards(shared: dict[str, Any], layout: dict[str, Any], parts: list[dict[str, Any]]) -> None:
+    """Make a shard-wise checkpoint's state whole: each split parameter and its optimizer state joined from the
+    ranks' slices (``TensorParallel.sharded_state``) into ``shared["model"]`` and ``shared["optimizer"]``."""
+    if sorted(part["shard"] for part in parts) != list(range(layout["size"])):
+        raise ValueError(f"the checkpoint has {layout['size']} tensor shards, {len(parts)} were found")
+    parts = sorted(parts, key=lambda part: part["shard"])
+    optimizer = shared["optimizer"]
+    while "state" not in optimizer:  # fp16-mixed's wrapper: {"optimizer": ..., "scaler": ...}
+        optimizer = optimizer["optimizer"]
+    for p in layout["params"]:
+        name, dim, index = p["name"], p["dim"], p["index"]
+        shared["model"][name] = torch.cat([part["model"][name] for part in parts], dim)
+        keys = parts[0]["optimizer"].get(index, {})
+        entry = optimizer["state"].setdefault(index, {})
+        for key in keys:
+            entry[key] = torch.cat([part["optimizer"][index][key] for part in parts], dim)
 
 
 def _linears(model: nn.Module) -> str:
@@ -372,9 +471,72 @@ class TensorParallel(Strategy):
             self.optimizer.optimizer.step()
 
     def consolidate(self, purpose: Purpose) -> None:
-        """Validation runs on the slices; checkpoints and the final outputs get the whole model (gathered)."""
-        if purpose != "validation":
+        """Validation runs on the slices and shard-wise checkpoints write them; a plain checkpoint and whole
+        final outputs get the whole model (gathered)."""
+        if purpose in ("checkpoint", "outputs"):
             self.synchronize()
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        base = self.optimizer
+        while not isinstance(base, torch.optim.Optimizer) and hasattr(base, "optimizer"):
+            base = base.optimizer  # fp16-mixed's wrapper
+        return base
+
+    def sharded_state(self) -> dict[str, Any] | None:
+        """Each rank of the first replica writes its slices of the split weights and of their optimizer state
+        (nothing is gathered); None while the weights are whole (before the first step, or tp = 1)."""
+        if self._whole or not self.split:
+            return None
+        tp = self.group.size
+        ordered = (p for g in self._base_optimizer().param_groups for p in g["params"])
+        index = {id(p): i for i, p in enumerate(ordered)}
+        names = {p: n for n, p in self.model.named_parameters()}
+        layout = {"kind": "tensor", "size": tp, "files": [f"rank-{r:05d}.pt" for r in range(tp)],
+                  "params": [{"name": names[p], "index": index[id(p)], "dim": dim, "shape": list(shape)}
+                             for p, (dim, shape) in self.split.items()]}  # fmt: skip
+        if self.world.rank >= tp:  # another replica: the same slices as the first one's
+            return {"layout": layout, "state": None}
+        state = self.optimizer.state
+        return {"layout": layout, "state": {
+            "shard": self.group.rank,
+            "model": {names[p]: p.detach() for p in self.split},
+            "optimizer": {index[id(p)]: {k: v.detach() for k, v in state.get(p, {}).items()
+                                         if torch.is_tensor(v) and v.shape == p.shape} for p in self.split},
+        }}  # fmt: skip
+
+    def write_sharded_weights(self, directory: Path) -> bool:
+        """The final weights shard-wise (collective): each rank of the first replica writes its slices into
+        ``directory``, rank 0 also every tensor no layer cuts and the layout, last; the directory appears
+        complete under its name or not at all."""
+        if self._whole or not self.split:
+            return False
+        tp, rank = self.group.size, self.world.rank
+        tmp = directory.with_name(f".{directory.name}.partial")
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.world.barrier()
+        names = {p: n for n, p in self.model.named_parameters()}
+        if rank < tp:
+            mine = {names[p]: p.detach().cpu() for p in self.split}
+            atomic_write(tmp / _shard_file(rank), lambda f: torch.save(mine, f))
+        if rank == 0:
+            cut = {names[p] for p in self.split}
+            rest = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k not in cut}
+            atomic_write(tmp / SHARED, lambda f: torch.save(rest, f))
+        self.world.barrier()
+        if rank == 0:
+            layout = {"kind": "tensor", "size": tp,
+                      "params": [{"name": names[p], "dim": d, "shape": list(s)} for p, (d, s) in self.split.items()]}  # fmt: skip
+            atomic_write_text(tmp / LAYOUT, json.dumps(layout, indent=2))
+            old = directory.with_name(f".{directory.name}.old")
+            if directory.exists():  # set aside by a rename (instant), deleted once the new one is in place
+                shutil.rmtree(old, ignore_errors=True)
+                directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        self.world.barrier()
+        return True
 
     def held(self) -> int:
         """Parameters (elements) this rank holds now: the slices of the split layers and every other parameter."""

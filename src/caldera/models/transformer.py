@@ -64,9 +64,16 @@ class Transformer(nn.Module):
         super().__init__()
         self.in_features, self.max_tokens = in_features, max_tokens
         self.embed = nn.Linear(in_features, dim)
-        self.pos = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
+        self.pos = nn.Parameter(torch.empty(max_tokens, dim))
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio * dim) for _ in range(layers))
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, out_features)
+        # Last, after the children drew theirs: the order in which caldera.models.materialize initialises a model
+        # built on the meta device (children first), so both give the same weights from one seed.
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the parameters this module owns itself (the position embedding)."""
+        nn.init.normal_(self.pos, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(n, ...) with a multiple of ``in_features`` values per sample -> (n, out_features)."""

@@ -73,6 +73,12 @@ class Strategy(ABC):
     # compiled); the trainer sets ``compiled`` before ``setup`` when it will compile that module.
     not_compiled: ClassVar[str | None] = None
     compiled: bool = False
+    # True: ``setup()`` receives a model built on the meta device (no storage) and materialises only this rank's
+    # part of it (``caldera.models.materialize``); the whole model never exists in one process. An instance may
+    # set it from its options (allreduce with ``shard_params``).
+    builds_on_meta: bool = False
+    # The ``[parallel] strategy`` name ``make_strategy`` built it under (messages name it; None: built directly).
+    config_name: str | None = None
 
     @abstractmethod
     def setup(
@@ -169,7 +175,7 @@ class Strategy(ABC):
 def check_launcher(strategy: Strategy, world: World, name: str | None = None) -> None:
     """Refuse, in one line naming the launch to use, a strategy that needs MPI on ranks that torchrun started."""
     if strategy.needs_mpi and world.launcher == "torchrun":
-        label = name or type(strategy).__name__
+        label = name or strategy.config_name or type(strategy).__name__
         raise ConfigError(
             f"strategy {label!r} needs MPI (it calls MPI itself, beyond collectives), but torchrun started these "
             f"{world.size} processes: start them with `caldera launch -n {world.size} -- ...` or "
@@ -262,7 +268,9 @@ def make_strategy(name: str, **options: Any) -> Strategy:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise TypeError(f"strategy {name!r} has no option {unknown[0]!r}; {hint}its options: "
                         f"{', '.join(allowed or []) or 'none'}")  # fmt: skip
-    return factory(**options)
+    strategy = factory(**options)
+    strategy.config_name = name
+    return strategy
 
 
 def keywords(factory: Callable[..., Any]) -> list[str] | None:

@@ -25,6 +25,7 @@ from caldera.data.sampler import ShardedBatches
 from caldera.durations import parse_duration
 from caldera.errors import ConfigError
 from caldera.names import LOOP_STRATEGIES, LOSSES, METRICS, MODELS, OPTIMIZERS, SCHEDULERS, SOURCES
+from caldera.parallel import Strategy, make_strategy
 from caldera.refs import resolve
 from caldera.train.callbacks import Callback, EarlyStopping
 from caldera.train.metrics import mode as metric_mode
@@ -62,8 +63,16 @@ def build_data(cfg: Config, comm: Communicator | None = None,
     return split_dataset(out, cfg.data.val_fraction, cfg.run.seed)
 
 
-def build_model(cfg: Config, weights: bool = True) -> torch.nn.Module:
-    """Instantiate the model the config names; load ``[model] weights`` into it unless ``weights`` is False."""
+def build_model(cfg: Config, weights: bool = True, meta: bool = False) -> torch.nn.Module:
+    """Instantiate the model the config names; load ``[model] weights`` into it unless ``weights`` is False.
+    ``meta``: build it on the meta device (shapes, no storage) for a strategy that materialises its own part."""
+    if meta:
+        if weights and cfg.model.weights:
+            raise ConfigError(f"[model] weights: strategy {cfg.parallel.strategy!r} with these [parallel] options "
+                              "builds the model without storage and cannot start from a weights file yet; remove "
+                              "[model] weights or the sharding option")  # fmt: skip
+        with torch.device("meta"):
+            return _call(resolve(cfg.model.name, MODELS, "[model] name"), cfg.model.args, "[model] args")
     model = _call(resolve(cfg.model.name, MODELS, "[model] name"), cfg.model.args, "[model] args")
     if weights and cfg.model.weights:
         _load_weights(model, Path(cfg.model.weights))
@@ -286,11 +295,19 @@ def build_loss(cfg: Config) -> Callable[[Any, torch.Tensor], torch.Tensor]:
     return functools.partial(loss, **args)
 
 
+def build_strategy(cfg: Config) -> Strategy:
+    """The strategy ``[parallel]`` names, with its options (and ``[optim] grad_clip`` when set)."""
+    # [optim] grad_clip reaches the strategy only when set: a user's strategy need not take it otherwise.
+    return make_strategy(cfg.parallel.strategy, **({"grad_clip": cfg.optim.grad_clip} if cfg.optim.grad_clip else {}),
+                         **cfg.parallel.options)  # fmt: skip
+
+
 def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, world: World,
                   resume: bool | str = False, time_limit: str | float | None = None,
-                  force: bool = False, callbacks: Sequence[Callback] = ()) -> Trainer:  # fmt: skip
+                  force: bool = False, callbacks: Sequence[Callback] = (),
+                  strategy: Strategy | None = None) -> Trainer:  # fmt: skip
     """Assemble the Trainer for ``model`` from the config's loss, metrics, optimizer, schedule and strategy
-    (and ``callbacks`` besides the config's own)."""
+    (and ``callbacks`` besides the config's own); ``strategy``: one already built from the config."""
     optimizer = build_optimizer(cfg, model)
     step = resolve(cfg.train.step, {}, "[train] step") if cfg.train.step is not None else None
     loss_fn = build_loss(cfg) if step is None else None  # a step computes its own loss
@@ -310,10 +327,7 @@ def build_trainer(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, wor
         model, optimizer, loss_fn,
         metrics={name: resolve(name, METRICS, "[train] metrics") for name in cfg.train.metrics},
         max_epochs=cfg.optim.epochs, run_dir=cfg.run_dir, batch_size=cfg.data.batch_size,
-        strategy=cfg.parallel.strategy,
-        # [optim] grad_clip reaches the strategy only when set: a user's strategy need not take it otherwise.
-        strategy_options={**({"grad_clip": cfg.optim.grad_clip} if cfg.optim.grad_clip else {}),
-                          **cfg.parallel.options},  # fmt: skip
+        strategy=strategy or build_strategy(cfg),
         scheduler=scheduler,
         callbacks=callbacks, world=world, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
         drop_last=cfg.data.drop_last, num_workers=cfg.data.num_workers, progress=cfg.train.progress,
@@ -343,15 +357,18 @@ def train(cfg: Config, config_path: str | Path | None = None, world: World | Non
     train_set, val_set = build_data(cfg, world.comm)
     # Seed again after data generation so the model's initial weights do not depend on the data source.
     seed_everything(cfg.run.seed, cfg.run.deterministic)
-    model = build_model(cfg)
-    _check_model_fits(cfg, model, train_set)
+    strategy = build_strategy(cfg)
+    # A strategy that shards the parameters gets the model without storage and materialises its own part.
+    model = build_model(cfg, meta=strategy.builds_on_meta)
+    if not strategy.builds_on_meta:  # (a model without storage cannot run a sample)
+        _check_model_fits(cfg, model, train_set)
     steps = max(1, len(train_set) // cfg.data.batch_size)
     if cfg.optim.scheduler is not None and cfg.data.batch_size >= world.size:
         # A user's scheduler is built for the run's exact length (the built-in schedule keeps its old count).
         steps = len(
             ShardedBatches(train_set, cfg.data.batch_size, 0, world.size, drop_last=cfg.data.drop_last)
         )
-    trainer = build_trainer(cfg, model, steps, world, resume, time_limit, force, callbacks)
+    trainer = build_trainer(cfg, model, steps, world, resume, time_limit, force, callbacks, strategy)
     if world.is_main:
         RunDir(cfg.run_dir).save_config(cfg, config_path)
     return trainer.fit(train_set, val_set)

@@ -24,6 +24,7 @@ from caldera.data.sampler import as_xy as as_xy  # re-exported: callers import i
 from caldera.errors import ConfigError
 from caldera.errors import NonFiniteLossError as NonFiniteLossError  # re-exported: caldera.NonFiniteLossError
 from caldera.io import atomic_write_text
+from caldera.models.materialize import on_meta
 from caldera.parallel import Strategy, make_strategy
 from caldera.parallel.base import StepFn, check_launcher
 from caldera.parallel.base import micro_batches as micro_batches  # re-exported: callers import it from here
@@ -80,7 +81,8 @@ class Trainer:
     ) -> None:
         self.world = world or init()
         self.precision = make_precision(precision, self.world.device)
-        self.model = self.precision.setup_model(model.to(self.world.device))
+        # A model built on the meta device has no storage to move: its strategy materialises it in setup().
+        self.model = self.precision.setup_model(model if on_meta(model) else model.to(self.world.device))
         self.optimizer, self.loss_fn = self.precision.wrap_optimizer(optimizer), loss_fn
         self.metrics = dict(metrics or {})
         self.max_epochs, self.batch_size = max_epochs, batch_size
@@ -92,6 +94,10 @@ class Trainer:
             raise TypeError(f"strategy {type(self.strategy).__name__} is not a caldera.parallel.Strategy: subclass it "
                             "(its defaults are the single-process behaviour) or name a registered strategy")  # fmt: skip
         check_launcher(self.strategy, self.world, strategy if isinstance(strategy, str) else None)
+        if on_meta(self.model) and not self.strategy.builds_on_meta:
+            raise ValueError(f"the model is on the meta device (built without storage), but strategy "
+                             f"{type(self.strategy).__name__} does not materialise one: build the model normally, "
+                             "or use a strategy that shards parameters (allreduce with shard_params)")  # fmt: skip
         self.scheduler, self.callbacks = scheduler, list(callbacks)
         # A user's step(model, batch) -> loss or (loss, metrics) replaces loss_fn(model(x), y) (training and
         # validation); the batch is the data's own, whole (a tuple or dict of tensors).

@@ -33,7 +33,7 @@ def post(port: int, body: bytes) -> tuple[int, dict]:
 
 
 @pytest.mark.mpi
-def test_predict_and_serve_on_two_ranks_holding_half_the_model_equal_one_process(tmp_path):
+def test_predict_and_serve_on_two_ranks_holding_half_the_model_equal_one_process_meta_built(tmp_path):
     run = tmp_path / "run"  # trained on the 2 ranks first (tp 2), its weights written shard-wise
     model = build_model(load_config(ROOT / "examples/digits_tensor.toml", values={"model.args.dim": 32}))
     whole = sum(p.numel() for p in model.parameters())
@@ -55,6 +55,8 @@ def test_predict_and_serve_on_two_ranks_holding_half_the_model_equal_one_process
         assert port is not None, proc.stderr.read()[-3000:] if proc.poll() is not None else "no serve line"
         # Each rank holds half of every split layer: the whole model exists on neither.
         assert sorted(r["held"] for r in ranks) == [whole - split // 2] * 2, (ranks, whole, split)
+        # Built on the meta device, materialised a module at a time and cut at once: the ordinary initial slices.
+        assert [r["meta_diff"] for r in ranks] == [0.0, 0.0], ranks
         assert (run / "model-shards/tp-00001.pt").is_file() and not (run / "model.pt").exists()
         # predict --tp 2 (rank 0 reads and broadcasts each batch, writes the rows) = one process's predict, which
         # joins the shard-wise weights into the whole model (as caldera export and fine-tuning do).

@@ -158,6 +158,11 @@ class Strategy(ABC):
         ``consolidate("checkpoint")``."""
         return None
 
+    def local_state(self, shared: dict[str, Any]) -> dict[str, Any]:
+        """A whole checkpoint state (``Trainer.state_dict``'s: model, optimizer...) reduced to what this rank's
+        model and optimizer hold after ``setup`` (a strategy that keeps only its part); default: all of it."""
+        return shared
+
     def write_sharded_weights(self, directory: Path) -> bool:
         """Write the final weights shard-wise into ``directory`` (collective), each rank its own part, instead of
         rank 0 writing ``model.pt`` after ``consolidate("outputs")``; False (the default): not done."""

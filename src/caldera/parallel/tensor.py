@@ -37,6 +37,7 @@ from caldera.comm.base import Communicator, wait_yielding
 from caldera.config import StrategyOptions
 from caldera.errors import ConfigError
 from caldera.io import atomic_write, atomic_write_text
+from caldera.models.materialize import materialize, on_meta
 from caldera.names import NOT_COMPILED
 from caldera.parallel.base import Purpose, Strategy, register
 from caldera.world import World
@@ -287,6 +288,7 @@ class TensorParallel(Strategy):
 
     Options = TensorOptions
     not_compiled = NOT_COMPILED["tensor"]
+    builds_on_meta = True  # a run builds the model without storage; setup keeps each split layer's slice only
 
     def __init__(self, *, tp: int | None = None, plan: dict[str, str] | None = None,
                  grad_clip: float | None = None) -> None:  # fmt: skip
@@ -316,27 +318,73 @@ class TensorParallel(Strategy):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> nn.Module:
         """Find the plan's layers, start every rank from rank 0's weights, and route the layers' forward through
-        their slices (cut at the first training step)."""
+        their slices. A model built on the meta device is materialised one module at a time, each split layer cut
+        to this rank's slice at once (the whole model never exists); a whole model is cut at the first step."""
         tp = self._size(world)
         self.model, self.optimizer, self.world = model, optimizer, world
         self.layers = plan_layers(model, self.plan, tp)
         replica, self.replicas = world.rank // tp, world.size // tp
         self.group = world.comm if self.replicas == 1 else world.comm.split(replica, world.rank % tp)
         self.dp = None if self.replicas == 1 else world.comm.split(world.rank % tp, replica)
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                world.comm.Bcast(t.data if t.is_contiguous() else t.data.contiguous(), root=0)
+        kinds = {id(layer): kind for _, layer, kind in self.layers}
+        meta = on_meta(model)
+        if meta:
+
+            def keep(_: str, module: nn.Module) -> None:
+                self._bcast([*module.parameters(recurse=False), *module.buffers(recurse=False)])
+                if tp > 1 and id(module) in kinds:
+                    self._cut_layer(module, kinds[id(module)], cut=True)
+
+            materialize(model, keep, world.device, optimizer)
+        else:
+            self._bcast([*model.parameters(), *model.buffers()])
         if tp == 1:  # nothing to cut: plain data parallel over the replicas
             return model
         for _, layer, kind in self.layers:
-            self.split[layer.weight] = (0 if kind == "colwise" else 1, layer.weight.shape)
-            if layer.bias is not None and kind == "colwise":  # a rowwise bias is added once, after the sum
-                self.split[layer.bias] = (0, layer.bias.shape)
+            if not meta:
+                self._cut_layer(layer, kind, cut=False)
             forward = self._colwise if kind == "colwise" else self._rowwise
             layer.forward = functools.partial(forward, layer)  # an instance attribute: close() removes it
         self._hooks.append(model.register_forward_pre_hook(self._new_forward))
-        self._whole = True
+        self._whole = not meta
         return model
+
+    def _bcast(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values of ``tensors`` on every rank (collective): ranks start from one model."""
+        with torch.no_grad():
+            for t in tensors:
+                self.world.comm.Bcast(t.data if t.is_contiguous() else t.data.contiguous(), root=0)
+
+    def _cut_layer(self, layer: nn.Linear, kind: str, cut: bool) -> None:
+        """Record the layer's split parameters (and keep only this rank's slice now, if ``cut``)."""
+        r, tp = self.group.rank, self.group.size
+        params = [layer.weight] + ([layer.bias] if layer.bias is not None and kind == "colwise" else [])
+        for p in params:  # a rowwise bias is added once, after the sum: whole on every rank
+            dim = 0 if kind == "colwise" or p is layer.bias else 1
+            self.split[p] = (dim, p.shape)
+            if cut:
+                p.data = p.data.chunk(tp, dim)[r].clone()
+
+    def local_state(self, shared: dict[str, Any]) -> dict[str, Any]:
+        """While this rank holds only its slices (a model built on the meta device), a whole checkpoint state is
+        cut to them: the split weights and their optimizer state."""
+        if self._whole or not self.split:
+            return shared
+        r, tp = self.group.rank, self.group.size
+        names = {p: n for n, p in self.model.named_parameters()}
+        ordered = (p for g in self._base_optimizer().param_groups for p in g["params"])
+        index = {id(p): i for i, p in enumerate(ordered)}
+        optimizer = shared["optimizer"]
+        while "state" not in optimizer:  # fp16-mixed's wrapper
+            optimizer = optimizer["optimizer"]
+        model = dict(shared["model"])
+        for p, (dim, shape) in self.split.items():
+            model[names[p]] = model[names[p]].chunk(tp, dim)[r]
+            entry = optimizer["state"].get(index[id(p)], {})
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.shape == shape:
+                    entry[key] = value.chunk(tp, dim)[r]
+        return {**shared, "model": model}
 
     def shard(self, model: nn.Module, group: Communicator) -> nn.Module:
         """Inference: route the plan's layers of ``model``, whose split parameters already hold this rank's slices

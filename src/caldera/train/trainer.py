@@ -466,6 +466,7 @@ class Trainer:
             merge_tensor_shards(shared, layout, shared.pop("sharded_parts"))
         elif layout is not None:
             merge_shards(shared["optimizer"], layout, shared.pop("sharded_parts"))
+        shared = self.strategy.local_state(shared)  # what this rank holds of it
         self._check_fits(shared["model"], where)
         self.load_state_dict(shared)
         self.resumed_from = where

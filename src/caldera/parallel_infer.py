@@ -49,7 +49,7 @@ from caldera.world import World
 _HEADER = 16  # int64 words: kind, number of dimensions, the shape (a batch of up to 14 dimensions)
 _STOP, _BATCH = 0, 1
 _TAG = 7401  # header messages on the group's communicator (its collectives never use tags)
-_IDLE_SLEEP_S = 0.005  # longest sleep between polls of an idle follower: latency added to a request at most
+_IDLE_SLEEP_S = 0.001  # longest sleep between polls of an idle follower: latency added to a request at most
 
 
 def tensor_plan(cfg: Config) -> dict[str, str] | None:

@@ -10,12 +10,15 @@ forward (after ``attn.out``, after ``mlp.down``) and one backward (the gradient 
 ``q``/``k``/``v``, of ``mlp.up``) per sub-block. Attention heads split with ``q``/``k``/``v``: the model reshapes to
 ``(-1, head_dim)`` heads, so each rank runs its own heads.
 
-Lifecycle (as the pipeline's): after ``setup`` every rank holds the whole model (rank 0's weights), so a resume
-loads a plain checkpoint into it; the first training step keeps this rank's slices of the split weights and of
-their optimizer state and frees the rest. Validation runs on the slices. Before a checkpoint and at the end the
-slices are gathered (collective), so ``model.pt`` and checkpoints hold the whole, plain model; the next step cuts
-them again. Gradients of the split weights are complete per slice; those of every other parameter are the same on
-every rank of a group; replicas average all of them over their data-parallel group in ``step``.
+Lifecycle: a run builds the model on the meta device (``builds_on_meta``); ``setup`` materialises it one module at
+a time, each from rank 0's values, and keeps only this rank's slice of each split layer, so the whole model never
+exists on a rank. A whole model (built in Python) is cut at the first training step instead. Validation runs on the
+slices. Shard-wise checkpoints (``sharded_state``) and final weights (``write_sharded_weights``: ``model-shards/``)
+hold each rank's slices, nothing gathered; a resume joins them (``merge_tensor_shards``) and cuts them for the new
+shape (``local_state``). A plain checkpoint or ``model.pt`` (``[checkpoint] sharded = false``) gathers the slices
+first (collective); the next step cuts them again. Gradients of the split weights are complete per slice; those of
+every other parameter are the same on every rank of a group; replicas average all of them in ``step``.
+Inference (``caldera.parallel_infer``) uses the same layers: ``materialize_shard`` then ``shard``.
 """
 
 from __future__ import annotations

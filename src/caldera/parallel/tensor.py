@@ -369,25 +369,50 @@ class TensorParallel(Strategy):
                 p.data = p.data.chunk(tp, dim)[r].clone()
 
     def local_state(self, shared: dict[str, Any]) -> dict[str, Any]:
-        """While this rank holds only its slices (a model built on the meta device), a whole checkpoint state is
-        cut to them: the split weights and their optimizer state."""
+        """While this rank holds only its slices (a model built on the meta device), a checkpoint's state is cut to
+        them: the split weights and their optimizer state, taken one tensor at a time from the shard files of a
+        shard-wise checkpoint (memory-mapped: the whole model is never joined here) or from a whole one."""
         if self._whole or not self.split:
             return shared
         r, tp = self.group.rank, self.group.size
         names = {p: n for n, p in self.model.named_parameters()}
         ordered = (p for g in self._base_optimizer().param_groups for p in g["params"])
         index = {id(p): i for i, p in enumerate(ordered)}
+        layout = shared.get("sharded_layout") or {}
+        parts = None
+        if layout.get("kind") == "tensor" and "sharded_parts" in shared:
+            parts = sorted(shared["sharded_parts"], key=lambda part: part["shard"])
+            if [part["shard"] for part in parts] != list(range(layout["size"])):
+                raise ValueError(f"the checkpoint has {layout['size']} tensor shards, {len(parts)} were read")
+        cut = {p["name"]: (p["dim"], p["index"]) for p in layout.get("params", [])} if parts else {}
         optimizer = shared["optimizer"]
         while "state" not in optimizer:  # fp16-mixed's wrapper
             optimizer = optimizer["optimizer"]
         model = dict(shared["model"])
+
+        def mine(pieces: list[torch.Tensor], along: int, dim: int) -> torch.Tensor:
+            # The pieces are memory-mapped; joined, one whole tensor exists for a moment, then only the slice.
+            return torch.cat(pieces, along).chunk(tp, dim)[r].clone()
+
         for p, (dim, shape) in self.split.items():
-            model[names[p]] = model[names[p]].chunk(tp, dim)[r]
-            entry = optimizer["state"].get(index[id(p)], {})
+            name, i = names[p], index[id(p)]
+            if name in cut:  # joined from the ranks' slices (along their dim), then cut anew
+                d, j = cut[name]
+                model[name] = mine([part["model"][name] for part in parts], d, dim)
+                keys = parts[0]["optimizer"].get(j, {})
+                entry = optimizer["state"].setdefault(i, {})
+                for key in keys:
+                    entry[key] = mine([part["optimizer"][j][key] for part in parts], d, dim)
+                continue
+            model[name] = model[name].chunk(tp, dim)[r]
+            entry = optimizer["state"].get(i, {})
             for key, value in entry.items():
                 if torch.is_tensor(value) and value.shape == shape:
                     entry[key] = value.chunk(tp, dim)[r]
-        return {**shared, "model": model}
+        out = {**shared, "model": model}
+        if parts is not None:
+            out.pop("sharded_parts")
+        return out
 
     def shard(self, model: nn.Module, group: Communicator) -> nn.Module:
         """Inference: route the plan's layers of ``model``, whose split parameters already hold this rank's slices

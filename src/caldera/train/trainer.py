@@ -460,13 +460,14 @@ class Trainer:
             self.log(f"no checkpoint in {self.checkpointer.dir} yet: starting from the beginning")
             return None
         shared, local, where = self.checkpointer.load(path, validate=_incomplete)
-        # A sharded state is whole again here; a sharded strategy cuts it anew in load_state_dict (or its first step).
+        # What this rank holds of it (a strategy that keeps its part may take it from the shards directly); the rest
+        # of a sharded state is whole again here, and a sharded strategy cuts it anew in load_state_dict.
+        shared = self.strategy.local_state(shared)
         layout = shared.get("sharded_layout")
-        if layout is not None and layout.get("kind") == "tensor":  # the weights too: before checking they fit
+        if "sharded_parts" in shared and layout.get("kind") == "tensor":  # weights too: before the fit check
             merge_tensor_shards(shared, layout, shared.pop("sharded_parts"))
-        elif layout is not None:
+        elif "sharded_parts" in shared:
             merge_shards(shared["optimizer"], layout, shared.pop("sharded_parts"))
-        shared = self.strategy.local_state(shared)  # what this rank holds of it
         self._check_fits(shared["model"], where)
         self.load_state_dict(shared)
         self.resumed_from = where

@@ -15,11 +15,22 @@ import numpy as np
 import pytest
 import torch
 
+import caldera
 from caldera.config import load_config
+from caldera.errors import ConfigError
+from caldera.parallel.tensor import plan_layers, split_params
+from caldera.parallel_infer import ServingGroup, load_shard, split_group
 from caldera.predict import load_run_config, predict
 from caldera.train.run import build_model, load_run_model
 from caldera.train.rundir import RunDir
 from tests.conftest import ROOT, mpiexec
+
+
+class Place:
+    """A rank's place in a group, all that loading a shard reads of it."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        self.rank, self.size = rank, size
 
 
 def post(port: int, body: bytes) -> tuple[int, dict]:
@@ -82,7 +93,38 @@ def test_predict_and_serve_on_two_ranks_holding_half_the_model_equal_one_process
         rest, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-3000:]
         assert "stopped after 2 requests in 2 forward passes" in rest, rest
+        # The tp = 2 shard files read for another tp (4: joined one tensor at a time, cut anew; loading alone talks
+        # to no other rank): every slice is the whole model's.
+        cfg = load_run_config(run)
+        whole_state = reference.state_dict()
+        dims = split_params(plan_layers(reference, None, 4))
+        for r in range(4):
+            shard, _, strategy = load_shard(run, cfg, Place(r, 4))
+            got = shard.state_dict()
+            strategy.close()
+            for k, v in whole_state.items():
+                assert torch.equal(got[k], v.chunk(4, dims[k])[r] if k in dims else v), (r, k)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_model_parallel_inference_refuses_a_wrong_tp_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(ROOT / "examples/digits_tensor.toml", values={"run.dir": str(run)})
+    RunDir(run).save_config(cfg)
+    RunDir(run).save_weights(build_model(cfg))
+    with pytest.raises(
+        ConfigError, match=r"serve --tp 2: the model's shards need exactly 2 ranks, this job has 1"
+    ):
+        ServingGroup(run, 2, caldera.World())
+    with pytest.raises(ConfigError, match=r"--tp 3 must divide the 4 ranks"):
+        split_group(caldera.World(rank=1, size=4), 3)
+    with pytest.raises(
+        ConfigError,
+        match=r"'blocks.0.attn.q' \(colwise\) has 32 output features, which tp = 3 does not divide",
+    ):
+        load_shard(run, load_run_config(run), Place(0, 3))
+    with pytest.raises(ConfigError, match=r"model-parallel prediction takes one model"):
+        predict([run, run], tp=1, progress=False)

@@ -1,7 +1,7 @@
 """Model-parallel serving: ``caldera serve RUN --tp 2`` on 2 ranks vs. the whole model in one process.
 
     python benchmarks/bench_tensor_serve.py [--dim 2048] [--layers 4] [--clients 8] [--requests 25]
-    python benchmarks/bench_tensor_serve.py --smoke      # seconds: a tiny model, a few requests
+    python benchmarks/bench_tensor_serve.py --smoke      # seconds: a tiny model, a few requests, --tp 2 only
 
 The run is the built-in ``transformer`` of ``examples/digits_tensor.toml`` with random weights in ``model.pt``
 (written into a temporary directory). Each server is started as a user would (``caldera serve``, and ``mpiexec -n 2
@@ -147,7 +147,7 @@ def main() -> None:
                                      "--tp", "2"])]  # fmt: skip
         print("| server | requests/s | peak RSS per rank | resident anonymous | resident file |")
         print("| --- | ---: | ---: | ---: | ---: |")
-        for name, cmd in rows:
+        for name, cmd in rows[1:] if args.smoke else rows:  # smoke: the model-parallel row only (test time)
             rate, used = serve(cmd, run, args.clients, args.requests)
             peak, anon, file = (" / ".join(f"{u[i]:,} MiB" for u in used) for i in range(3))
             print(f"| {name} | {rate:.1f} | {peak} | {anon} | {file} |", flush=True)

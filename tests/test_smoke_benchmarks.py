@@ -20,6 +20,7 @@ MULTI_RANK = {
     "bench_pipeline.py",
     "bench_sharded_checkpoint.py",
     "bench_tensor.py",
+    "bench_tensor_serve.py",
     "bench_tune.py",
     "bench_zero_memory.py",
 }  # they start mpiexec themselves

@@ -17,7 +17,7 @@ from tests.conftest import run_ranks
 
 
 @pytest.mark.mpi
-def test_tp_and_tp_x_dp_train_the_run_file_like_one_process_holding_half_the_split_layers_and_resume(
+def test_tp_and_tp_x_dp_train_the_run_file_like_one_process_holding_half_the_split_layers_and_resume_shard_wise(
     tmp_path,
 ):
     # One 4-rank job (tests/scripts/tensor_equivalence.py): ranks 0-1 train examples/digits_tensor.toml 2 epochs
@@ -35,7 +35,16 @@ def test_tp_and_tp_x_dp_train_the_run_file_like_one_process_holding_half_the_spl
     assert out["up"] == [[[32, 16, 32, 16]]] * 2, out  # mlp.up: 64 x 16 whole, rows cut in two
     # One block: one all-reduce forward and one backward per attention and per MLP (q, k, v share theirs).
     assert out["sums"] == [[4]] * 2, out
-    assert out["saved_whole"] == out["whole"], out  # model.pt is the whole, plain model
+    assert out["saved_whole"] == out["whole"], out  # the shard-wise weights join into the whole, plain model
+    # Shard-wise: each rank of the group wrote its half of every split layer (and of its momentum); nothing gathered.
+    assert out["ckpt_kind"] == "tensor" and out["ckpt_files"] == ["rank-00000.pt", "rank-00001.pt"], out
+    assert out["ckpt_up"] == out["shared_up"] == [32, 16], (
+        out
+    )  # rank 0's shared.pt holds no whole split layer
+    assert out["shards_written"] == ["layout.json", "shared.pt", "tp-00000.pt", "tp-00001.pt"], out
+    assert not out["model_pt"], out
+    # The 4 ranks' checkpoint resumed in one process (the shards joined) = one process's unbroken run.
+    assert out["one_epochs"] == [1, 2] and out["one_diff"] < 1e-5, out
 
 
 def test_a_plan_is_checked_against_the_model_and_the_ranks_in_one_line():

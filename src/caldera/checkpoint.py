@@ -488,7 +488,8 @@ class Checkpointer:
                 parts = []
                 for name in layout["files"]:
                     own = local is not None and where / name == local_file
-                    part = local if own else _load_file(where / name)
+                    # Memory-mapped: a strategy that keeps only its part reads just that part's pages (tensor).
+                    part = local if own else _load_file(where / name, mmap=True)
                     if not isinstance(part, dict) or not isinstance(part.get("sharded"), dict):
                         return f"{name} holds no shard of the optimizer state", None, None
                     parts.append(part["sharded"])
@@ -543,11 +544,11 @@ def _numpy_globals() -> list[Any]:
 _SAFE_NUMPY = _numpy_globals()
 
 
-def _load_file(file: Path) -> Any:
+def _load_file(file: Path, mmap: bool = False) -> Any:
     """``torch.load`` that never runs code from the file (tensors, plain Python values, numeric NumPy arrays),
-    checked against the archive's CRCs; a damaged file raises."""
+    checked against the archive's CRCs; a damaged file raises. ``mmap``: tensors stay in the file's pages."""
     with torch.serialization.safe_globals(_SAFE_NUMPY):
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     problem = _storages_problem(obj, file)
     if problem:
         raise CheckpointError(problem)

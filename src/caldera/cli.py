@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from caldera.checkpoint import REQUEUE_EXIT_CODE, Preempted
 from caldera.durations import check_time_limit
@@ -94,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="connections served at once; more wait to be accepted")  # fmt: skip
     p_serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
     p_serve.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+    p_serve.add_argument("--tp", type=int, metavar="N",
+                         help="model parallel: the N ranks of the job (mpiexec -n N) each hold 1/N of the model's "
+                         "tensor-parallel layers (the run's [parallel] plan); rank 0 answers HTTP")  # fmt: skip
+    p_serve.add_argument("--hang-timeout", default=None, metavar="DURATION",
+                         help="with --tp: end the job when the ranks make no progress inside a forward pass for "
+                         "this long (default 30m; 0: off)")  # fmt: skip
     p_predict = sub.add_parser(
         "predict", help="apply a finished run's model to a dataset on every rank: predictions and scores"
     )
@@ -110,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     p_predict.add_argument("--batch-size", type=int, help="samples per forward pass on each rank")
     p_predict.add_argument("--no-score", action="store_true", help="predict only (the data has no targets)")
     p_predict.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+    p_predict.add_argument("--tp", type=int, metavar="N",
+                           help="model parallel: groups of N ranks each hold one model's tensor shards (the run's "
+                           "[parallel] plan); the groups share the samples")  # fmt: skip
     p_export = sub.add_parser(
         "export", help="a finished run's model, in physical units, as files that run without Python; verified"
     )
@@ -256,7 +266,8 @@ def _launch(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import signal
 
-    from caldera.serve import Ensemble, make_server, model_name, model_version
+    from caldera.coupling.surrogate import Surrogate
+    from caldera.serve import Ensemble, make_server, model_card, model_dir, model_name, model_version
 
     # Positional run directories are one model (an ensemble if several) named after the first; --model names more.
     specs = [(model_name(args.runs[0]), args.runs)] if args.runs else []
@@ -280,21 +291,40 @@ def _serve(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as exc:
             _error(f"serve: cannot read --token-file {args.token_file}: {exc}")
             return 2
+    group = None
+    if args.tp is not None:  # model parallel: each rank holds its shards; rank 0 serves, the others follow
+        if len(specs) != 1 or len(specs[0][1]) != 1:
+            _error(
+                "serve --tp: model-parallel serving takes one model (one RUN_DIR); drop --tp for an ensemble"
+            )
+            return 2
+        try:
+            group = _serving_group(specs[0][1][0], args)
+        except (FileNotFoundError, ConfigError, ValueError) as exc:
+            _error(str(exc))
+            return 2
+        if not group.leading:
+            # Each rank gets SIGTERM from the scheduler: the followers wait for the leader to drain and stop them.
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
+            group.follow()
+            return 0
     try:
         models = {
-            name: Ensemble.from_runs(dirs, device=args.device, trust_code=args.trust_code)
+            name: Ensemble.from_runs(dirs, device=args.device, trust_code=args.trust_code) if group is None
+            else Ensemble([Surrogate(group.model, group.world.device)], model_card(model_dir(dirs[0])))
             for name, dirs in specs
-        }
+        }  # fmt: skip
         server = make_server(models, args.host, args.port, args.max_batch, args.max_wait_ms / 1e3,
                              args.max_body_mb, args.max_json_mb, args.timeout_s, args.max_connections, token,
                              [r for r in args.open_routes.split(",") if r],
                              {name: model_version(dirs[0]) for name, dirs in specs})  # fmt: skip
     except (FileNotFoundError, ConfigError, ValueError) as exc:
         _error(str(exc))
-        return 2
+        return _stopped(group, 2)
     except OSError as exc:  # the port is taken, the address is not this host's
         _error(f"serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; pick another --port")
-        return 2
+        return _stopped(group, 2)
     host, port = server.server_address[:2]
     first = next(iter(models.values()))
     kinds = [
@@ -302,11 +332,15 @@ def _serve(args: argparse.Namespace) -> int:
     ]
     what = (f"an ensemble of {len(first.members)} models" if len(first.members) > 1 else "1 model") \
         if len(models) == 1 else f"{len(models)} models: {', '.join(kinds)}"  # fmt: skip
+    if group is not None:
+        what += f" in {args.tp} tensor-parallel shards (ranks 0-{args.tp - 1})"
     auth = ", bearer token required" if token else ""
     print(f"caldera serve: {what} on {first.members[0].device} at http://{host}:{port} "
           f"(POST /predict, /v2/models/NAME/infer; GET /health, /metrics{auth}; Ctrl-C stops)", flush=True)  # fmt: skip
     # SIGTERM (Slurm, Kubernetes, kill) drains like Ctrl-C: stop accepting, answer the requests under way, exit 0.
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    # Under --tp also SIGUSR1: what `caldera launch` passes its ranks on SIGTERM.
+    for sig in (signal.SIGTERM,) if group is None else (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: threading.Thread(target=server.shutdown).start())
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -314,10 +348,31 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         cut = server.drain()
         server.server_close()
+        _stopped(group, 0)
     b = server.batcher
     print(f"caldera serve: stopped after {b.requests} requests in {b.batches} forward passes"
           + (f"; {cut} requests cut off by the drain limit" if cut else ""), flush=True)  # fmt: skip
     return 0
+
+
+def _serving_group(run: str, args: argparse.Namespace) -> Any:
+    """This rank's shards of ``run`` for ``serve --tp`` (``caldera.parallel_infer.ServingGroup``)."""
+    from caldera.durations import parse_duration
+    from caldera.parallel_infer import ServingGroup
+    from caldera.world import init
+
+    try:
+        timeout = parse_duration(args.hang_timeout)
+    except ValueError as exc:
+        raise ConfigError(f"serve --hang-timeout {exc}") from None
+    return ServingGroup(run, args.tp, init(device=args.device), args.device, args.trust_code, timeout)
+
+
+def _stopped(group: Any, code: int) -> int:
+    """Release a serving group's followers (model parallel; nothing otherwise); return ``code``."""
+    if group is not None:
+        group.stop()
+    return code
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -326,7 +381,7 @@ def _predict(args: argparse.Namespace) -> int:
     def run() -> int:
         runs = args.run[0] if len(args.run) == 1 else args.run  # several: an ensemble
         predict(runs, args.split, args.set, args.out, args.batch_size, score=not args.no_score,
-                trust_code=args.trust_code)  # fmt: skip
+                trust_code=args.trust_code, tp=args.tp)  # fmt: skip
         return 0
 
     return _guarded(run)

@@ -38,6 +38,7 @@ from caldera.names import (
     SCHEDULERS,
     SOURCES,
     STRATEGIES,
+    WEIGHT_SHARDS,
     unsupported,
 )
 from caldera.refs import Builtins
@@ -661,6 +662,9 @@ def read_run_dir(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (
     run_dir = Path(run_dir)
     resolved = run_dir / "config.resolved.json"
     missing = [f for f in (resolved, run_dir / "model.pt") if not f.is_file()]
+    # Weights written shard-wise (tensor parallel) stand for model.pt.
+    if (run_dir / WEIGHT_SHARDS / "layout.json").is_file():
+        missing = [f for f in missing if f.name != "model.pt"]
     if missing:
         raise ConfigError(
             f"{run_dir} has no {' or '.join(f.name for f in missing)}: give the run directory of a finished "

@@ -93,3 +93,7 @@ NOT_COMPILED: dict[str, str] = {
     "async-ps": "strategy 'async-ps' runs its own loop on its worker ranks, not the trainer's step that compiles "
     "the model; set compile = false, or use 'allreduce' or 'local-sgd'",
 }  # fmt: skip
+
+# A run directory's final weights written shard-wise (tensor parallel: caldera.parallel.tensor), beside or instead
+# of model.pt.
+WEIGHT_SHARDS = "model-shards"

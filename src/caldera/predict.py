@@ -30,14 +30,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from caldera.config import Config, flatten, load_config
 from caldera.data.normalize import STATS_FILE, load_stats
 from caldera.data.sampler import as_xy
+from caldera.durations import parse_duration
 from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
 from caldera.names import METRICS
+from caldera.parallel_infer import GroupModel, load_shard, receive, split_group
 from caldera.refs import resolve
 from caldera.registry import resolve as resolve_run
 from caldera.train.evaluate import Scores
 from caldera.train.progress import progress_bar
 from caldera.train.rundir import RunDir
+from caldera.watchdog import Watchdog, hang_timeout_for
 from caldera.world import World, init
 
 SPLITS = ("val", "train", "all")
@@ -53,10 +56,12 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
 def predict(run_dir: str | Path | Sequence[str | Path], split: str = "val",
             overrides: list[str] | tuple[str, ...] = (), out: str | Path | None = None,
             batch_size: int | None = None, score: bool = True, world: World | None = None, progress: bool = True,
-            trust_code: bool = False) -> dict[str, float]:  # fmt: skip
+            trust_code: bool = False, tp: int | None = None) -> dict[str, float]:  # fmt: skip
     """Predict ``split`` of the run's data on every rank (collective); write ``out``; return the scores.
     ``run_dir`` may be a registry model, ``NAME@VERSION`` (its hashes are checked first), or a list of them: an
-    ensemble, whose mean is written and scored and whose spread (standard deviation) is written beside it."""
+    ensemble, whose mean is written and scored and whose spread (standard deviation) is written beside it.
+    ``tp``: groups of ``tp`` ranks each hold one model's tensor shards (``caldera.parallel_infer``); each group's
+    rank 0 reads the batches, broadcasts them to its group and writes the rows; the groups share the samples."""
     from caldera.precision import make_precision
     from caldera.train.run import build_data, build_loss, load_run_model
 
@@ -75,23 +80,47 @@ def predict(run_dir: str | Path | Sequence[str | Path], split: str = "val",
         0
     ]  # the members agree on the data: it is read once, with the first member's batch size and loss
     world = world or init(device=cfg.run.device, seed=cfg.run.seed)
+    group = watchdog = None
+    shard, shards = world.rank, world.size  # this rank's block of the samples, of how many
+    if tp is not None:
+        if len(dirs) > 1:
+            raise ConfigError(
+                "--tp: model-parallel prediction takes one model; predict an ensemble without --tp"
+            )
+        group, shard, shards = split_group(world, tp)
     dataset = _choose(build_data(cfg, world.comm, frozen_stats=True), split)
     for part in getattr(dataset, "datasets", [dataset]):
         if getattr(part, "transform", None) is not None:
             part.transform = None  # augmentation is for training: predictions keep the stored orientation
-    members = [(load_run_model(RunDir(d), c).to(world.device).eval(), make_precision(c.precision.mode, world.device))
-               for d, c in zip(dirs, cfgs)]  # fmt: skip
+    if group is None:
+        members = [(load_run_model(RunDir(d), c).to(world.device).eval(),
+                    make_precision(c.precision.mode, world.device)) for d, c in zip(dirs, cfgs)]  # fmt: skip
+    else:
+        sharded, shapes, _ = load_shard(dirs[0], cfg, group, world.device)
+        timeout = hang_timeout_for(world, parse_duration(cfg.run.hang_timeout))
+        watchdog = Watchdog(world, timeout).start() if timeout > 0 else None
+        shard_precision = make_precision(cfg.precision.mode, world.device)
+        leader = GroupModel(sharded, shapes, group, watchdog, shard_precision.autocast)
+        members = [(leader, make_precision("fp32", world.device))]  # autocast: inside, on every rank alike
+    leading = group is None or group.rank == 0  # reads the batches, scores and writes them
     score = score and _has_targets(dataset)
     loss_fn = build_loss(cfg) if score else None
     metrics = {m: resolve(m, METRICS, "[train] metrics") for m in cfg.train.metrics} if score else {}
     n = len(dataset)
-    lo, hi = n * world.rank // world.size, n * (world.rank + 1) // world.size
-    loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size or cfg.data.batch_size)
+    lo, hi = n * shard // shards, n * (shard + 1) // shards
+    loader = DataLoader(
+        Subset(dataset, range(lo, hi) if leading else []), batch_size=batch_size or cfg.data.batch_size
+    )
     sums = Scores(loss_fn, metrics)
     ensemble = len(members) > 1
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """Each batch read once and fed to every member: the mean and spread in physical units."""
+        if not leading:  # a follower: the leader's batches, through this rank's shard
+            for pred in receive(sharded, group, watchdog, shard_precision.autocast):
+                if pred is not None:
+                    yield _physical(dataset, pred.float().cpu().numpy()), None
+            return
         for batch in loader:
             # The model takes the sample without its last element (one tensor, or a tuple of several inputs).
             x, y = (_to(t, world.device) for t in as_xy(batch))
@@ -105,6 +134,8 @@ def predict(run_dir: str | Path | Sequence[str | Path], split: str = "val",
             # units too.
             phys = np.stack([_physical(dataset, p.cpu().numpy()) for p in preds])
             yield (phys.mean(0), phys.std(0)) if ensemble else (phys[0], None)
+        if group is not None:
+            leader.stop()
 
     attrs = {"run_dir": sources[0] if not ensemble else ", ".join(sources), "split": split}
     writer = (
@@ -120,15 +151,19 @@ def predict(run_dir: str | Path | Sequence[str | Path], split: str = "val",
             writer.open(first[0].shape[1:] if first is not None else None)
         done = 0
         for mean, std in itertools.chain([first] if first is not None else [], stream):
-            if writer is not None:
+            if writer is not None and leading:
                 writer.write(
                     lo + done, mean, std
                 )  # each batch as it comes: a rank holds a few batches at most
             done += len(mean)
-            bar.update(advance=len(mean) * world.size, total=n)
+            bar.update(advance=len(mean) * shards, total=n)
     seconds = time.perf_counter() - start
     scores = {**sums.reduce(world.comm, f"{split}_"), "samples": n}
-    rates = _throughput(world, hi - lo, seconds)
+    rates = _throughput(world, hi - lo, seconds, counted=leading)
+    if watchdog is not None:
+        watchdog.stop()
+    if group is not None and group is not world.comm:
+        group.Free()
     if writer is not None:
         writer.close({**attrs, **scores, **({"models": len(members)} if ensemble else {})})
     if world.is_main:
@@ -179,9 +214,10 @@ def _stats(run_dir: Path) -> dict[str, Any]:
     return load_stats(path)[0] if path.is_file() else {}
 
 
-def _throughput(world: World, samples: int, seconds: float) -> dict[str, float]:
-    """Samples/s: the mean over ranks of each rank's own rate, and the whole job's (all samples / slowest rank)."""
-    per_rank = world.comm.allgather((samples, seconds))
+def _throughput(world: World, samples: int, seconds: float, counted: bool = True) -> dict[str, float]:
+    """Samples/s: the mean over ranks of each rank's own rate, and the whole job's (all samples / slowest rank);
+    ``counted`` False: this rank's samples are its group leader's (model parallel), counted there."""
+    per_rank = [(k, s) for k, s, c in world.comm.allgather((samples, seconds, counted)) if c]
     slowest = max(s for _, s in per_rank) or float("inf")
     return {
         "samples_per_s_per_rank": float(np.mean([k / s if s > 0 else 0.0 for k, s in per_rank])),

@@ -37,6 +37,7 @@ import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -156,6 +157,16 @@ class Strategy(ABC):
         rank writes it), in ``parallel/zero.py``'s format; None (the default): the whole state is rank 0's after
         ``consolidate("checkpoint")``."""
         return None
+
+    def local_state(self, shared: dict[str, Any]) -> dict[str, Any]:
+        """A whole checkpoint state (``Trainer.state_dict``'s: model, optimizer...) reduced to what this rank's
+        model and optimizer hold after ``setup`` (a strategy that keeps only its part); default: all of it."""
+        return shared
+
+    def write_sharded_weights(self, directory: Path) -> bool:
+        """Write the final weights shard-wise into ``directory`` (collective), each rank its own part, instead of
+        rank 0 writing ``model.pt`` after ``consolidate("outputs")``; False (the default): not done."""
+        return False
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state from ``state_dict()``."""

@@ -10,19 +10,25 @@ forward (after ``attn.out``, after ``mlp.down``) and one backward (the gradient 
 ``q``/``k``/``v``, of ``mlp.up``) per sub-block. Attention heads split with ``q``/``k``/``v``: the model reshapes to
 ``(-1, head_dim)`` heads, so each rank runs its own heads.
 
-Lifecycle (as the pipeline's): after ``setup`` every rank holds the whole model (rank 0's weights), so a resume
-loads a plain checkpoint into it; the first training step keeps this rank's slices of the split weights and of
-their optimizer state and frees the rest. Validation runs on the slices. Before a checkpoint and at the end the
-slices are gathered (collective), so ``model.pt`` and checkpoints hold the whole, plain model; the next step cuts
-them again. Gradients of the split weights are complete per slice; those of every other parameter are the same on
-every rank of a group; replicas average all of them over their data-parallel group in ``step``.
+Lifecycle: a run builds the model on the meta device (``builds_on_meta``); ``setup`` materialises it one module at
+a time, each from rank 0's values, and keeps only this rank's slice of each split layer, so the whole model never
+exists on a rank. A whole model (built in Python) is cut at the first training step instead. Validation runs on the
+slices. Shard-wise checkpoints (``sharded_state``) and final weights (``write_sharded_weights``: ``model-shards/``)
+hold each rank's slices, nothing gathered; a resume joins them (``merge_tensor_shards``) and cuts them for the new
+shape (``local_state``). A plain checkpoint or ``model.pt`` (``[checkpoint] sharded = false``) gathers the slices
+first (collective); the next step cuts them again. Gradients of the split weights are complete per slice; those of
+every other parameter are the same on every rank of a group; replicas average all of them in ``step``.
+Inference (``caldera.parallel_infer``) uses the same layers: ``materialize_shard`` then ``shard``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
-from collections.abc import Callable
+import json
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -33,6 +39,8 @@ from torch.nn import functional as F
 from caldera.comm.base import Communicator, wait_yielding
 from caldera.config import StrategyOptions
 from caldera.errors import ConfigError
+from caldera.io import atomic_write, atomic_write_text
+from caldera.models.materialize import materialize, on_meta
 from caldera.names import NOT_COMPILED
 from caldera.parallel.base import Purpose, Strategy, register
 from caldera.world import World
@@ -142,6 +150,135 @@ def plan_layers(model: nn.Module, plan: dict[str, str] | None, tp: int) -> list[
     return list(unique.values())
 
 
+def split_params(layers: list[tuple[str, nn.Linear, str]]) -> dict[str, int]:
+    """{parameter name: the dimension it is cut along} for the plan's ``layers`` (``plan_layers``): a colwise
+    layer's weight and bias by rows (0), a rowwise layer's weight by columns (1); its bias stays whole."""
+    out: dict[str, int] = {}
+    for name, layer, kind in layers:
+        out[f"{name}.weight"] = 0 if kind == "colwise" else 1
+        if kind == "colwise" and layer.bias is not None:
+            out[f"{name}.bias"] = 0
+    return out
+
+
+@torch.no_grad()
+def materialize_shard(model: nn.Module, split: dict[str, int], rank: int, tp: int,
+                      read: Callable[[str, int | None], torch.Tensor], device: torch.device | str = "cpu") -> None:  # fmt: skip
+    """Give ``model`` (built on the meta device: it holds no memory) its tensors one at a time from ``read(name,
+    dim)``: this rank's slice (``rank`` of ``tp``, cut along ``dim``) of each parameter in ``split``, every other
+    tensor whole (``dim`` None). ``read`` may return a memory-mapped tensor: only what it returns is copied, so
+    the whole model never exists on this rank (see ``state_reader`` and ``shards_reader``)."""
+    for prefix, module in model.named_modules():
+        for kind in ("_parameters", "_buffers"):
+            for key, old in list(getattr(module, kind).items()):
+                if old is None:
+                    continue
+                name = f"{prefix}.{key}" if prefix else key
+                dim = split.get(name)
+                piece = read(name, dim)
+                want = old.shape if dim is None else old.chunk(tp, dim)[rank].shape
+                if piece.shape != want:
+                    raise ConfigError(f"the weights' {name!r} gives shape {tuple(piece.shape)} to rank {rank} of "
+                                      f"{tp}, the model needs {tuple(want)}; the [model] args must match the run "
+                                      "that wrote them")  # fmt: skip
+                value = piece.to(device, old.dtype, copy=True).contiguous()
+                getattr(module, kind)[key] = nn.Parameter(value, old.requires_grad) if kind == "_parameters" \
+                    else value  # fmt: skip
+
+
+def state_reader(state: Mapping[str, torch.Tensor], rank: int, tp: int,
+                 where: str) -> Callable[[str, int | None], torch.Tensor]:  # fmt: skip
+    """``materialize_shard``'s ``read`` over a whole state_dict (memory-mapped: slicing copies nothing)."""
+
+    def read(name: str, dim: int | None) -> torch.Tensor:
+        if name not in state:
+            raise ConfigError(f"{where} has no {name!r}: the [model] name and args must match the run that wrote "
+                              "it (a buffer the model makes itself cannot be built on the meta device)")  # fmt: skip
+        t = state[name]
+        return t if dim is None else t.chunk(tp, dim)[rank]
+
+    return read
+
+
+# -- shard-wise weights: <run dir>/model-shards/ ----------------------------------------------------------------------
+# layout.json (kind "tensor", size, params: name, dim, shape), shared.pt (every tensor no layer cuts, whole) and
+# tp-NNNNN.pt (rank NNNNN's slices of the split parameters); written by the ranks of the first replica, each its own.
+LAYOUT, SHARED = "layout.json", "shared.pt"
+
+
+def _shard_file(r: int) -> str:
+    return f"tp-{r:05d}.pt"
+
+
+def read_layout(directory: Path) -> dict[str, Any]:
+    """The layout of shard-wise weights (ConfigError naming the file when it is not one)."""
+    try:
+        layout = json.loads((directory / LAYOUT).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{directory / LAYOUT}: not readable ({exc}); give the run directory of a finished "
+                          "run") from None  # fmt: skip
+    if not isinstance(layout, dict) or layout.get("kind") != "tensor":
+        raise ConfigError(f"{directory / LAYOUT}: not a layout of tensor-parallel weights")
+    return layout
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def shards_reader(directory: Path, rank: int, tp: int) -> Callable[[str, int | None], torch.Tensor]:
+    """``materialize_shard``'s ``read`` over shard-wise weights, memory-mapped: for the tp they were written
+    with, a rank reads its own file only; for another tp, each split tensor is joined from the files (one tensor
+    at a time) and cut anew."""
+    layout = read_layout(directory)
+    size, cut = layout["size"], {p["name"]: p["dim"] for p in layout["params"]}
+    shared = _load(directory / SHARED)
+    files: dict[int, dict[str, torch.Tensor]] = {}
+
+    def part(r: int) -> dict[str, torch.Tensor]:
+        if r not in files:
+            files[r] = _load(directory / _shard_file(r))
+        return files[r]
+
+    def read(name: str, dim: int | None) -> torch.Tensor:
+        if name not in cut:
+            return state_reader(shared, rank, tp, str(directory / SHARED))(name, dim)
+        if size == tp and cut[name] == dim:
+            return part(rank)[name]
+        whole = torch.cat([part(r)[name] for r in range(size)], cut[name])
+        return whole if dim is None else whole.chunk(tp, dim)[rank]
+
+    return read
+
+
+def read_sharded_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The whole state_dict from shard-wise weights (for one process: export, fine-tuning, a plain loader)."""
+    layout = read_layout(directory)
+    state = dict(_load(directory / SHARED))
+    parts = [_load(directory / _shard_file(r)) for r in range(layout["size"])]
+    for p in layout["params"]:
+        state[p["name"]] = torch.cat([part[p["name"]] for part in parts], p["dim"]).clone()
+    return state
+
+
+def merge_tensor_shards(shared: dict[str, Any], layout: dict[str, Any], parts: list[dict[str, Any]]) -> None:
+    """Make a shard-wise checkpoint's state whole: each split parameter and its optimizer state joined from the
+    ranks' slices (``TensorParallel.sharded_state``) into ``shared["model"]`` and ``shared["optimizer"]``."""
+    if sorted(part["shard"] for part in parts) != list(range(layout["size"])):
+        raise ValueError(f"the checkpoint has {layout['size']} tensor shards, {len(parts)} were found")
+    parts = sorted(parts, key=lambda part: part["shard"])
+    optimizer = shared["optimizer"]
+    while "state" not in optimizer:  # fp16-mixed's wrapper: {"optimizer": ..., "scaler": ...}
+        optimizer = optimizer["optimizer"]
+    for p in layout["params"]:
+        name, dim, index = p["name"], p["dim"], p["index"]
+        shared["model"][name] = torch.cat([part["model"][name] for part in parts], dim)
+        keys = parts[0]["optimizer"].get(index, {})
+        entry = optimizer["state"].setdefault(index, {})
+        for key in keys:
+            entry[key] = torch.cat([part["optimizer"][index][key] for part in parts], dim)
+
+
 def _linears(model: nn.Module) -> str:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "none"
@@ -154,6 +291,7 @@ class TensorParallel(Strategy):
 
     Options = TensorOptions
     not_compiled = NOT_COMPILED["tensor"]
+    builds_on_meta = True  # a run builds the model without storage; setup keeps each split layer's slice only
 
     def __init__(self, *, tp: int | None = None, plan: dict[str, str] | None = None,
                  grad_clip: float | None = None) -> None:  # fmt: skip
@@ -183,26 +321,111 @@ class TensorParallel(Strategy):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> nn.Module:
         """Find the plan's layers, start every rank from rank 0's weights, and route the layers' forward through
-        their slices (cut at the first training step)."""
+        their slices. A model built on the meta device is materialised one module at a time, each split layer cut
+        to this rank's slice at once (the whole model never exists); a whole model is cut at the first step."""
         tp = self._size(world)
         self.model, self.optimizer, self.world = model, optimizer, world
         self.layers = plan_layers(model, self.plan, tp)
         replica, self.replicas = world.rank // tp, world.size // tp
         self.group = world.comm if self.replicas == 1 else world.comm.split(replica, world.rank % tp)
         self.dp = None if self.replicas == 1 else world.comm.split(world.rank % tp, replica)
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                world.comm.Bcast(t.data if t.is_contiguous() else t.data.contiguous(), root=0)
+        kinds = {id(layer): kind for _, layer, kind in self.layers}
+        meta = on_meta(model)
+        if meta:
+
+            def keep(_: str, module: nn.Module) -> None:
+                self._bcast([*module.parameters(recurse=False), *module.buffers(recurse=False)])
+                if tp > 1 and id(module) in kinds:
+                    self._cut_layer(module, kinds[id(module)], cut=True)
+
+            materialize(model, keep, world.device, optimizer)
+        else:
+            self._bcast([*model.parameters(), *model.buffers()])
         if tp == 1:  # nothing to cut: plain data parallel over the replicas
             return model
         for _, layer, kind in self.layers:
-            self.split[layer.weight] = (0 if kind == "colwise" else 1, layer.weight.shape)
-            if layer.bias is not None and kind == "colwise":  # a rowwise bias is added once, after the sum
-                self.split[layer.bias] = (0, layer.bias.shape)
+            if not meta:
+                self._cut_layer(layer, kind, cut=False)
             forward = self._colwise if kind == "colwise" else self._rowwise
             layer.forward = functools.partial(forward, layer)  # an instance attribute: close() removes it
         self._hooks.append(model.register_forward_pre_hook(self._new_forward))
-        self._whole = True
+        self._whole = not meta
+        return model
+
+    def _bcast(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values of ``tensors`` on every rank (collective): ranks start from one model."""
+        with torch.no_grad():
+            for t in tensors:
+                self.world.comm.Bcast(t.data if t.is_contiguous() else t.data.contiguous(), root=0)
+
+    def _cut_layer(self, layer: nn.Linear, kind: str, cut: bool) -> None:
+        """Record the layer's split parameters (and keep only this rank's slice now, if ``cut``)."""
+        r, tp = self.group.rank, self.group.size
+        params = [layer.weight] + ([layer.bias] if layer.bias is not None and kind == "colwise" else [])
+        for p in params:  # a rowwise bias is added once, after the sum: whole on every rank
+            dim = 0 if kind == "colwise" or p is layer.bias else 1
+            self.split[p] = (dim, p.shape)
+            if cut:
+                p.data = p.data.chunk(tp, dim)[r].clone()
+
+    def local_state(self, shared: dict[str, Any]) -> dict[str, Any]:
+        """While this rank holds only its slices (a model built on the meta device), a checkpoint's state is cut to
+        them: the split weights and their optimizer state, taken one tensor at a time from the shard files of a
+        shard-wise checkpoint (memory-mapped: the whole model is never joined here) or from a whole one."""
+        if self._whole or not self.split:
+            return shared
+        r, tp = self.group.rank, self.group.size
+        names = {p: n for n, p in self.model.named_parameters()}
+        ordered = (p for g in self._base_optimizer().param_groups for p in g["params"])
+        index = {id(p): i for i, p in enumerate(ordered)}
+        layout = shared.get("sharded_layout") or {}
+        parts = None
+        if layout.get("kind") == "tensor" and "sharded_parts" in shared:
+            parts = sorted(shared["sharded_parts"], key=lambda part: part["shard"])
+            if [part["shard"] for part in parts] != list(range(layout["size"])):
+                raise ValueError(f"the checkpoint has {layout['size']} tensor shards, {len(parts)} were read")
+        cut = {p["name"]: (p["dim"], p["index"]) for p in layout.get("params", [])} if parts else {}
+        optimizer = shared["optimizer"]
+        while "state" not in optimizer:  # fp16-mixed's wrapper
+            optimizer = optimizer["optimizer"]
+        model = dict(shared["model"])
+
+        def mine(pieces: list[torch.Tensor], along: int, dim: int) -> torch.Tensor:
+            # The pieces are memory-mapped; joined, one whole tensor exists for a moment, then only the slice.
+            return torch.cat(pieces, along).chunk(tp, dim)[r].clone()
+
+        for p, (dim, shape) in self.split.items():
+            name, i = names[p], index[id(p)]
+            if name in cut:  # joined from the ranks' slices (along their dim), then cut anew
+                d, j = cut[name]
+                model[name] = mine([part["model"][name] for part in parts], d, dim)
+                keys = parts[0]["optimizer"].get(j, {})
+                entry = optimizer["state"].setdefault(i, {})
+                for key in keys:
+                    entry[key] = mine([part["optimizer"][j][key] for part in parts], d, dim)
+                continue
+            model[name] = model[name].chunk(tp, dim)[r]
+            entry = optimizer["state"].get(i, {})
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.shape == shape:
+                    entry[key] = value.chunk(tp, dim)[r]
+        out = {**shared, "model": model}
+        if parts is not None:
+            out.pop("sharded_parts")
+        return out
+
+    def shard(self, model: nn.Module, group: Communicator) -> nn.Module:
+        """Inference: route the plan's layers of ``model``, whose split parameters already hold this rank's slices
+        of ``group`` (``materialize_shard``), through the group; nothing is broadcast, no optimizer is kept."""
+        self.model, self.group = model, group
+        self.layers = plan_layers(model, self.plan, group.size)
+        if group.size == 1:
+            return model
+        for _, layer, kind in self.layers:
+            forward = self._colwise if kind == "colwise" else self._rowwise
+            layer.forward = functools.partial(forward, layer)
+        self._hooks.append(model.register_forward_pre_hook(self._new_forward))
+        self._whole = False
         return model
 
     # -- the split layers' forward ---------------------------------------------------------------------------------
@@ -324,9 +547,72 @@ class TensorParallel(Strategy):
             self.optimizer.optimizer.step()
 
     def consolidate(self, purpose: Purpose) -> None:
-        """Validation runs on the slices; checkpoints and the final outputs get the whole model (gathered)."""
-        if purpose != "validation":
+        """Validation runs on the slices and shard-wise checkpoints write them; a plain checkpoint and whole
+        final outputs get the whole model (gathered)."""
+        if purpose in ("checkpoint", "outputs"):
             self.synchronize()
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        base = self.optimizer
+        while not isinstance(base, torch.optim.Optimizer) and hasattr(base, "optimizer"):
+            base = base.optimizer  # fp16-mixed's wrapper
+        return base
+
+    def sharded_state(self) -> dict[str, Any] | None:
+        """Each rank of the first replica writes its slices of the split weights and of their optimizer state
+        (nothing is gathered); None while the weights are whole (before the first step, or tp = 1)."""
+        if self._whole or not self.split:
+            return None
+        tp = self.group.size
+        ordered = (p for g in self._base_optimizer().param_groups for p in g["params"])
+        index = {id(p): i for i, p in enumerate(ordered)}
+        names = {p: n for n, p in self.model.named_parameters()}
+        layout = {"kind": "tensor", "size": tp, "files": [f"rank-{r:05d}.pt" for r in range(tp)],
+                  "params": [{"name": names[p], "index": index[id(p)], "dim": dim, "shape": list(shape)}
+                             for p, (dim, shape) in self.split.items()]}  # fmt: skip
+        if self.world.rank >= tp:  # another replica: the same slices as the first one's
+            return {"layout": layout, "state": None}
+        state = self.optimizer.state
+        return {"layout": layout, "state": {
+            "shard": self.group.rank,
+            "model": {names[p]: p.detach() for p in self.split},
+            "optimizer": {index[id(p)]: {k: v.detach() for k, v in state.get(p, {}).items()
+                                         if torch.is_tensor(v) and v.shape == p.shape} for p in self.split},
+        }}  # fmt: skip
+
+    def write_sharded_weights(self, directory: Path) -> bool:
+        """The final weights shard-wise (collective): each rank of the first replica writes its slices into
+        ``directory``, rank 0 also every tensor no layer cuts and the layout, last; the directory appears
+        complete under its name or not at all."""
+        if self._whole or not self.split:
+            return False
+        tp, rank = self.group.size, self.world.rank
+        tmp = directory.with_name(f".{directory.name}.partial")
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.world.barrier()
+        names = {p: n for n, p in self.model.named_parameters()}
+        if rank < tp:
+            mine = {names[p]: p.detach().cpu() for p in self.split}
+            atomic_write(tmp / _shard_file(rank), lambda f: torch.save(mine, f))
+        if rank == 0:
+            cut = {names[p] for p in self.split}
+            rest = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k not in cut}
+            atomic_write(tmp / SHARED, lambda f: torch.save(rest, f))
+        self.world.barrier()
+        if rank == 0:
+            layout = {"kind": "tensor", "size": tp,
+                      "params": [{"name": names[p], "dim": d, "shape": list(s)} for p, (d, s) in self.split.items()]}  # fmt: skip
+            atomic_write_text(tmp / LAYOUT, json.dumps(layout, indent=2))
+            old = directory.with_name(f".{directory.name}.old")
+            if directory.exists():  # set aside by a rename (instant), deleted once the new one is in place
+                shutil.rmtree(old, ignore_errors=True)
+                directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        self.world.barrier()
+        return True
 
     def held(self) -> int:
         """Parameters (elements) this rank holds now: the slices of the split layers and every other parameter."""

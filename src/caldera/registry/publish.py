@@ -25,7 +25,8 @@ import torch
 from caldera.errors import ConfigError
 from caldera.export import export
 from caldera.export.card import CARD
-from caldera.io import atomic_write_text
+from caldera.io import atomic_write, atomic_write_text
+from caldera.parallel.tensor import read_sharded_weights
 from caldera.registry import PROVENANCE, Registry, Version, check_name, check_tag, write_manifest
 from caldera.train.rundir import RunDir
 
@@ -72,6 +73,10 @@ def publish(run_dir: str | Path, name: str | None = None, tags: list[str] | tupl
         for file in RUN_FILES:
             if (run.path / file).is_file():
                 shutil.copyfile(run.path / file, staged / file)
+        # Weights written shard-wise (tensor parallel): the version holds them joined, as model.pt.
+        if not (staged / "model.pt").is_file():
+            state = read_sharded_weights(run.weight_shards)
+            atomic_write(staged / "model.pt", lambda f: torch.save(state, f))
         card = json.loads((staged / CARD).read_text())
         provenance = _provenance(run.path, name, formats)
         atomic_write_text(staged / PROVENANCE, json.dumps(provenance, indent=2))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import torch
 from caldera.config import Config, read_run_dir
 from caldera.errors import ConfigError
 from caldera.io import atomic_write, atomic_write_text
+from caldera.names import WEIGHT_SHARDS
+from caldera.parallel.tensor import LAYOUT, read_sharded_weights
 
 
 class RunDir:
@@ -40,6 +43,12 @@ class RunDir:
         return self.path / "model.pt"
 
     @property
+    def weight_shards(self) -> Path:
+        """The final weights shard-wise, where the strategy wrote them so (tensor parallel): ``layout.json``,
+        ``shared.pt`` and one ``tp-NNNNN.pt`` per rank of a model's group (``caldera.parallel.tensor``)."""
+        return self.path / WEIGHT_SHARDS
+
+    @property
     def summary(self) -> Path:
         """What the run did, in a few numbers, and its last metrics."""
         return self.path / "summary.json"
@@ -60,7 +69,8 @@ class RunDir:
 
     def missing(self) -> list[str]:
         """The files a finished run must have for its model to be rebuilt, that this directory lacks."""
-        return [p.name for p in (self.config_resolved, self.weights) if not p.is_file()]
+        missing = [p.name for p in (self.config_resolved, self.weights) if not p.is_file()]
+        return [m for m in missing if m != self.weights.name or not (self.weight_shards / LAYOUT).is_file()]
 
     # -- writing (rank 0) ---------------------------------------------------------------------------------------
     def save_config(self, cfg: Config, config_path: str | Path | None = None) -> None:
@@ -82,7 +92,9 @@ class RunDir:
     def save_weights(self, model: torch.nn.Module) -> Path:
         """Save the model's state_dict to model.pt; plain ``torch.load`` reads it back."""
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        return atomic_write(self.weights, lambda f: torch.save(state, f))
+        path = atomic_write(self.weights, lambda f: torch.save(state, f))
+        shutil.rmtree(self.weight_shards, ignore_errors=True)  # an earlier run's shard-wise weights
+        return path
 
     def metrics(self, rows: list[dict[str, float]] | None = None) -> MetricsLog:
         """The metrics files, starting from ``rows`` (a resumed run's history)."""
@@ -96,7 +108,10 @@ class RunDir:
         return read_run_dir(self.path, overrides, trust_code, keys)
 
     def load_weights(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Load model.pt into ``model`` (tensors only: nothing in the file executes)."""
+        """Load model.pt into ``model`` (tensors only: nothing in the file executes), or the shard-wise weights
+        joined into the whole model when the run wrote those instead."""
+        if not self.weights.is_file() and (self.weight_shards / LAYOUT).is_file():
+            return load_state(model, read_sharded_weights(self.weight_shards), str(self.weight_shards))
         return load_weights(model, self.weights, str(self.weights))
 
 
@@ -142,7 +157,11 @@ def mismatch(own: Mapping[str, Any], state: Mapping[str, Any]) -> list[str]:
 def load_weights(model: torch.nn.Module, path: Path, what: str) -> torch.nn.Module:
     """Load a weights file into ``model`` (tensors only); one that does not fit is a ConfigError naming ``what``
     and the names that differ, not torch's traceback."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return load_state(model, torch.load(path, map_location="cpu", weights_only=True), what)
+
+
+def load_state(model: torch.nn.Module, state: Mapping[str, Any], what: str) -> torch.nn.Module:
+    """Load a state_dict into ``model``; one that does not fit is a ConfigError naming ``what`` and the names."""
     own = model.state_dict()
     bad = mismatch(own, state)
     if bad:

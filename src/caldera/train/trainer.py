@@ -29,6 +29,7 @@ from caldera.parallel import Strategy, make_strategy
 from caldera.parallel.base import StepFn, check_launcher
 from caldera.parallel.base import micro_batches as micro_batches  # re-exported: callers import it from here
 from caldera.parallel.context import Snapshot, trainable
+from caldera.parallel.tensor import merge_tensor_shards
 from caldera.parallel.zero import merge_shards
 from caldera.precision import Precision, make_precision
 from caldera.train.callbacks import Callback
@@ -197,10 +198,14 @@ class Trainer:
             if self.checkpointer is not None:
                 self.checkpointer.save(self.global_step, *self._capture(), block=True)
             self._mark("finishing")
-            self.strategy.consolidate("outputs")  # rank 0 writes the whole model
+            # Shard-wise where the strategy can (no rank gathers the whole model), else rank 0 writes model.pt.
+            sharded = self.run_dir is not None and (self.checkpointer is None or self.checkpointer.sharded) \
+                and self.strategy.write_sharded_weights(RunDir(self.run_dir).weight_shards)  # fmt: skip
+            if not sharded:
+                self.strategy.consolidate("outputs")  # rank 0 writes the whole model
             for cb in self.callbacks:
                 cb.on_fit_end(self)
-            self._write_outputs(val_set)
+            self._write_outputs(val_set, weights=not sharded)
         finally:
             if self._watchdog is not None:
                 self._watchdog.stop()
@@ -455,10 +460,15 @@ class Trainer:
             self.log(f"no checkpoint in {self.checkpointer.dir} yet: starting from the beginning")
             return None
         shared, local, where = self.checkpointer.load(path, validate=_incomplete)
+        # What this rank holds of it (a strategy that keeps its part may take it from the shards directly); the rest
+        # of a sharded state is whole again here, and a sharded strategy cuts it anew in load_state_dict.
+        shared = self.strategy.local_state(shared)
+        layout = shared.get("sharded_layout")
+        if "sharded_parts" in shared and layout.get("kind") == "tensor":  # weights too: before the fit check
+            merge_tensor_shards(shared, layout, shared.pop("sharded_parts"))
+        elif "sharded_parts" in shared:
+            merge_shards(shared["optimizer"], layout, shared.pop("sharded_parts"))
         self._check_fits(shared["model"], where)
-        # A sharded optimizer state is whole again here; a sharded strategy cuts it anew in load_state_dict.
-        if shared.get("sharded_layout") is not None:
-            merge_shards(shared["optimizer"], shared["sharded_layout"], shared.pop("sharded_parts"))
         self.load_state_dict(shared)
         self.resumed_from = where
         if local is not None:
@@ -509,11 +519,15 @@ class Trainer:
                                   "git": git_commit(Path.cwd())})  # fmt: skip
         return log
 
-    def _write_outputs(self, val_set: Dataset | None) -> None:
+    def _write_outputs(self, val_set: Dataset | None, weights: bool = True) -> None:
+        """Rank 0: model.pt (unless the strategy wrote the weights shard-wise), summary, plots."""
         if self.run_dir is None or not self.world.is_main or not self.history:
             return
         files = RunDir(self.run_dir)
-        files.save_weights(self.model)
+        if weights:
+            files.save_weights(self.model)
+        else:  # an earlier model.pt in this directory is not this run's
+            files.weights.unlink(missing_ok=True)
         # steps_run: what this process trained (a resume that restored nothing would show every step here).
         summary = {"epochs": len(self.history), "steps": self.global_step, "ranks": self.world.size,
                    "steps_run": self.steps_run, "start_step": self.global_step - self.steps_run,
@@ -522,7 +536,8 @@ class Trainer:
         files.write_summary(summary)
         if self.plot:
             plot_learning_curve(self.history, files.plot("learning_curve"))
-            if val_set is not None and self.step is None:  # a step's data need not be (input, target)
+            # A step's data need not be (input, target); shard-wise weights: no rank holds the model to plot.
+            if val_set is not None and self.step is None and weights:
                 self._plot_predictions(val_set)
         self.log(f"run directory: {self.run_dir}")
 

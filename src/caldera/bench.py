@@ -60,12 +60,12 @@ class Workload:
 
 
 # The registry. A new workload is one line here (its run file in examples/). Bragg-peak localisation and focus
-# detection join when their run files land (branches h-bragg, h-focus): uncomment and set the metric and target
-# their docs pages justify.
+# detection join when their run files land (branches h-bragg, h-focus; metrics from their run files): uncomment and
+# set TARGET from their docs pages (Bragg: the fit's centre error, pixels; focus: the classical baseline's MAE).
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("heat", "heat_surrogate.toml", "val_rel_l2", "min", 0.05,
              "the main job (README Quickstart) ends its 15 epochs near rel_l2 0.036; 0.05 is reached with margin",
-             quick_target=1.2, quick_overrides=("data.args.n_samples=192", "data.args.grid=16",
+             quick_target=1.0, quick_overrides=("data.args.n_samples=192", "data.args.grid=16",
                                                  "data.args.steps=10", "model.args.channels=8",
                                                  "optim.warmup_steps=0", "optim.epochs=12")),
     Workload("climate", "climate_forecast.toml", "val_lat_weighted_rmse", "min", 0.03,
@@ -88,8 +88,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              "benchmarks/bench_async.py's time to 95 % validation accuracy on scikit-learn's digits",
              overrides=("optim.lr=3e-3", "optim.epochs=15"),
              quick_target=0.7, quick_overrides=("model.args.channels=4", "data.batch_size=64", "optim.epochs=12")),
-    # Workload("bragg", "bragg.toml", "val_<centre error>", "min", <target>, "docs/bragg.md: ..."),
-    # Workload("focus", "focus.toml", "val_accuracy", "max", <target>, "docs/focus.md: ..."),
+    # Workload("bragg", "bragg.toml", "val_peak_error_px", "min", TARGET, "docs/bragg.md: the pseudo-Voigt fit's error"),
+    # Workload("focus", "focus.toml", "val_mae", "min", TARGET, "docs/focus.md: the classical measure's error"),
 )}  # fmt: skip
 
 
@@ -201,7 +201,8 @@ def plan(names: Sequence[str], quick: bool, targets: dict[str, float], overrides
         raise ConfigError(f"bench --runs {runs}: give at least 1 (3 or more for an olympic mean)")
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
-        raise ConfigError(f"bench: unknown workload {unknown[0]!r}; choose from {', '.join(WORKLOADS)}")
+        raise ConfigError(f"bench: unknown workload {unknown[0]!r}; choose from {', '.join(WORKLOADS)} (bragg "
+                          "and focus: not registered yet, see docs/bench.md)")  # fmt: skip
     missing = [n for n in targets if n not in (names or WORKLOADS)]
     if missing:
         raise ConfigError(f"bench --target {missing[0]}=...: that workload is not in this bench run")

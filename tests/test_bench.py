@@ -10,6 +10,7 @@ import torch
 
 from caldera.bench import WORKLOADS, olympic_mean
 from caldera.cli import main
+from tests.conftest import run_ranks
 
 
 @pytest.fixture
@@ -102,3 +103,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, m
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.json").exists()  # nothing ran, nothing written
+
+
+@pytest.mark.mpi
+def test_bench_under_two_ranks_stops_every_rank_together_and_prints_once(tmp_path):
+    out = tmp_path / "mpi.json"
+    proc = run_ranks(2, ["-m", "caldera", "bench", "heat", "--quick", "--runs", "1", "--out", str(out),
+                         "--dir", str(tmp_path / "runs"), "--set", "parallel.strategy=allreduce"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("bench heat run 1/1 seed 0") == 1  # rank 0 reports, the other rank trains
+    result = json.loads(out.read_text())
+    run = result["workloads"]["heat"]["runs"][0]
+    assert result["ranks"] == 2 and run["reached"] and run["curve"][-1][1] <= WORKLOADS["heat"].quick_target

@@ -231,11 +231,13 @@ def run_once(item: dict[str, Any], seed: int, run_dir: Path, world: World) -> di
     world.comm.bcast(None)  # the other ranks wait until it is gone
     log = io.StringIO()
     begin = time.perf_counter()
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        train(cfg, item["path"], world=world, callbacks=[stop])
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            train(cfg, item["path"], world=world, callbacks=[stop])
+    finally:  # the trainer's own lines, kept beside the run (also when it raised)
+        if world.is_main and run_dir.is_dir():
+            atomic_write_text(run_dir / "bench.log", log.getvalue())
     total = time.perf_counter() - begin
-    if world.is_main:
-        atomic_write_text(run_dir / "bench.log", log.getvalue())
     return {"seed": seed, "reached": stop.seconds is not None,
             "seconds": None if stop.seconds is None else round(stop.seconds, 4), "epochs": len(stop.curve),
             "setup_seconds": round(stop.start - begin, 4) if stop.start else None,
@@ -305,7 +307,7 @@ def compare(paths: Sequence[str | Path]) -> str:
             raise ConfigError(
                 f"bench --compare: {p} is not a caldera bench result (version {RESULT_VERSION})"
             )
-        results.append((Path(p).name, data))
+        results.append((str(p), data))
     names = list(dict.fromkeys(n for _, d in results for n in d["workloads"]))
     head = ["workload", "target", *(f"{label} (s)" for label, _ in results)]
     head += [f"{label} / {results[0][0]}" for label, _ in results[1:]]

@@ -10,6 +10,8 @@ applies a finished run's model to a split of its data (or another file) on every
 writes it, in physical units, as safetensors/TorchScript/AOTInductor/ONNX files, each verified (docs/export.md);
 ``caldera publish RUN_DIR [--name N] [--tag T]`` makes it a version of the model registry on the shared filesystem
 and ``caldera models list|show|diff|rm`` reads it; RUN_DIR may then be ``NAME@VERSION`` (docs/registry.md).
+``caldera bench [WORKLOAD ...] [--runs N] [--quick]`` measures time to quality over reference workloads and
+``caldera bench --compare A.json B.json`` tabulates results (docs/bench.md).
 ``caldera stream MODEL --in ADDR --out ADDR`` runs a model on frames streamed over ZeroMQ, ``caldera stream-sim``
 feeds it like a detector (docs/stream.md).
 Exit codes: 0 done, 2 bad config or usage (export: also a format that cannot be made), 85 stopped for the wall
@@ -166,6 +168,22 @@ def _parser() -> argparse.ArgumentParser:
         "info", help="what this job sees: software, GPUs, MPI, every rank's place; set-up problems"
     )
     add_stream_parsers(sub, TRUST_HELP)
+    p_bench = sub.add_parser(
+        "bench", help="time to quality over reference workloads (MLPerf-style); --compare"
+    )
+    p_bench.add_argument("workloads", nargs="*", metavar="WORKLOAD", help="heat, climate, ... (default: all)")
+    p_bench.add_argument(
+        "--runs", type=int, default=5, help="seeded runs per workload (default 5; >= 3: olympic mean)"
+    )
+    p_bench.add_argument("--quick", action="store_true", help="tiny data and targets, seconds per run (CI)")
+    p_bench.add_argument("--out", default="bench.json", help="result file (default bench.json)")
+    p_bench.add_argument("--target", action="append", default=[], metavar="WORKLOAD=VALUE",
+                         help="another quality target for a workload (repeatable)")  # fmt: skip
+    p_bench.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override every workload's config, e.g. --set parallel.strategy=allreduce")  # fmt: skip
+    p_bench.add_argument("--seed", type=int, default=0, help="seed of the first run (then +1 per run)")
+    p_bench.add_argument("--dir", default="runs/bench", help="where the runs' directories go")
+    p_bench.add_argument("--compare", nargs="+", metavar="RESULT.json", help="print a table of result files")
     p_launch = sub.add_parser(
         "launch", help="start N ranks with mpiexec (or srun inside Slurm): launch -n N -- cmd"
     )
@@ -207,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return _export(args)
     if args.command in ("publish", "models"):
         return _registry(args)
+    if args.command == "bench":
+        return _guarded(lambda: _bench(args))
     from caldera.config import load_config
 
     try:
@@ -405,6 +425,17 @@ def _registry(args: argparse.Namespace) -> int:
         _error("models diff needs two versions: caldera models diff NAME@1 NAME@2")
         return 2
     return _guarded(lambda: (publish_command if args.command == "publish" else models_command)(args))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from caldera.bench import bench, compare, parse_targets
+
+    if args.compare:
+        print(compare(args.compare))
+        return 0
+    bench(args.workloads, args.runs, args.quick, args.out, parse_targets(args.target), args.set, args.dir,
+          args.seed)  # fmt: skip
+    return 0
 
 
 def _guarded(command: Callable[[], int]) -> int:

@@ -14,6 +14,7 @@ Command line: ``python -m caldera.sims.phantoms OUT.h5 --n 800 --size 64 --dose 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -175,11 +176,15 @@ class ImageStackError(DataError):
 def dataset(path: str | None = None, n: int = 800, size: int = 64, dose: float = DOSE, blur: float = BLUR,
             seed: int = 0, patch: list[int] | None = (32, 32), patch_stride: list[int] | None = (16, 16),
             augment: bool = True, create: bool = True, val_fraction: float = 0.1,
-            run_dir: str | os.PathLike | None = None, comm: Communicator | None = None) -> dict[str, Any]:  # fmt: skip
+            dose_range: list[float] | None = None, run_dir: str | os.PathLike | None = None,
+            comm: Communicator | None = None) -> dict[str, Any]:  # fmt: skip
     """Return ``{"train", "val"}`` patches (noisy -> clean) of an HDF5 stack, writing it first if missing.
 
     ``path`` defaults to <run dir>/phantoms.h5. With ``create = false`` the file must exist (a real detector
     dump with "noisy" and "clean" stacks); else an existing file must have been made with the same settings.
+    ``dose_range = [lo, hi]``: every patch is exposed anew from its clean object at a dose drawn log-uniformly
+    in [lo, hi] (fresh noise each step), and the input has two channels, the image and its noise level
+    ``1/sqrt(dose)`` (see ``with_level``): one restorer for all doses.
     ``comm``: the ranks that share the file (rank 0 writes it, the others wait); default this process alone."""
     from caldera.data import scientific
 
@@ -191,7 +196,44 @@ def dataset(path: str | None = None, n: int = 800, size: int = 64, dose: float =
     check_stack(file, _attributes(n, size, dose, blur, seed) if create else None)
     return scientific.dataset(str(file), inputs=["noisy"], targets=["clean"], patch=patch,
                               patch_stride=patch_stride, normalize=False, val_fraction=val_fraction,
-                              transform=dihedral if augment else None, run_dir=run_dir, comm=comm)  # fmt: skip
+                              transform=_transform(augment, dose_range, blur), run_dir=run_dir,
+                              comm=comm)  # fmt: skip
+
+
+def _transform(augment: bool, dose_range: list[float] | None, blur: float) -> Any:
+    if dose_range is None:
+        return dihedral if augment else None
+    lo, hi = (float(d) for d in dose_range)
+    if not 0 < lo <= hi:
+        raise ImageStackError(
+            f"dose_range = {list(dose_range)}: give [lo, hi] photons per pixel with 0 < lo <= hi"
+        )
+    return functools.partial(redose, dose_range=(lo, hi), blur=blur, augment=augment)
+
+
+def noise_level(dose: Any) -> Any:
+    """The network's dose input: ``1/sqrt(dose)``, the noise standard deviation at full intensity."""
+    return 1.0 / np.sqrt(dose)
+
+
+def with_level(noisy: np.ndarray, dose: float) -> np.ndarray:
+    """Images (n, H, W) at ``dose`` as the dose-conditioned network's input (n, 2, H, W): image, noise level."""
+    noisy = np.asarray(noisy, dtype=np.float32)
+    return np.stack([noisy, np.full_like(noisy, noise_level(dose))], axis=1)
+
+
+def redose(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, dose_range: tuple[float, float] = (2.0, 100.0),
+           blur: float = BLUR, augment: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Expose each clean patch ``y`` (n, 1, H, W) anew at a dose drawn log-uniformly in ``dose_range``: return
+    (image, noise level) inputs (n, 2, H, W) and ``y``. The stack's own noisy images are not used: fresh photon
+    noise every step, at every dose, is what makes one network restore all doses."""
+    if augment:
+        x, y = dihedral(x, y, rng)
+    lo, hi = dose_range
+    dose = np.exp(rng.uniform(np.log(lo), np.log(hi), size=(len(y), 1, 1, 1)))
+    noisy = rng.poisson(np.clip(gaussian_blur(y, blur), 0.0, None) * dose) / dose
+    level = np.broadcast_to(noise_level(dose), noisy.shape)
+    return np.concatenate([noisy, level], axis=1).astype(np.float32), y
 
 
 def check_stack(path: str | os.PathLike, expected: dict[str, Any] | None = None) -> None:

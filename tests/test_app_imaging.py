@@ -206,6 +206,15 @@ def test_dose_conditioned_model_takes_the_noise_level_and_the_stack_exposes_ever
     assert dose.min() >= 2.0 - 1e-3 and dose.max() <= 100.0 + 1e-2 and dose.max() / dose.min() > 5
     counts = x[:, 0] * dose[:, None, None]
     np.testing.assert_allclose(counts, np.round(counts), atol=1e-3)  # whole photons at each patch's own dose
+    # Without the transform (as caldera predict reads it) the input is the stack's own image at its dose.
+    data["train"].transform = None
+    x0, y0 = data["train"].read_batch(np.arange(4))
+    np.testing.assert_array_equal(x0[:, 1], np.full((4, 16, 16), noise_level(10.0), np.float32))
+    image = generate(1, 32, 10.0)[0][0]
+    assert any(np.array_equal(x0[0, 0], image[r : r + 16, c : c + 16]) for r in (0, 16) for c in (0, 16))
+    with pytest.raises(DataError, match="level_map = None"):  # a stack made without the level map is refused
+        dataset(path=str(write_h5(tmp_path / "old.h5", n=8, size=32)), n=8, size=32, dose_range=[2.0, 100.0],
+                run_dir=tmp_path)  # fmt: skip
     with pytest.raises(DataError, match="dose_range"):
         dataset(path=str(tmp_path / "s.h5"), n=8, size=32, dose_range=[5.0, 2.0], run_dir=tmp_path)
     torch.manual_seed(0)

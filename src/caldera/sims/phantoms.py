@@ -124,8 +124,9 @@ def generate(n: int, size: int = 64, dose: float = DOSE, blur: float = BLUR, see
 
 
 def write_h5(path: str | os.PathLike, n: int = 800, size: int = 64, dose: float = DOSE, blur: float = BLUR,
-             seed: int = 0) -> Path:  # fmt: skip
-    """Write ``n`` low-dose images ("noisy") and their objects ("clean") to HDF5, one chunk per image."""
+             seed: int = 0, level: bool = False) -> Path:  # fmt: skip
+    """Write ``n`` low-dose images ("noisy") and their objects ("clean") to HDF5, one chunk per image; with
+    ``level``, also each image's noise level map ("level", ``noise_level(dose)``), a dose-conditioned input."""
     h5py = require("h5py", "HDF5")
 
     _check_geometry(n, size, dose, blur)
@@ -135,15 +136,19 @@ def write_h5(path: str | os.PathLike, n: int = 800, size: int = 64, dose: float 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with h5py.File(tmp, "w") as f:
-            f.attrs.update(_attributes(n, size, dose, blur, seed))
+            f.attrs.update(_attributes(n, size, dose, blur, seed, level))
             for name, text in (("noisy", "recorded image: photon counts / dose"),
-                               ("clean", "the object: expected image at infinite dose, no blur")):  # fmt: skip
+                               ("clean", "the object: expected image at infinite dose, no blur"),
+                               ("level", "noise level map: 1/sqrt(dose), the noise sd at full intensity")
+                               )[: 3 if level else 2]:  # fmt: skip
                 d = f.create_dataset(name, (n, size, size), "float32", chunks=(1, size, size))
                 d.attrs.update(description=text, units="intensity (1 = full dose)")
             for start in range(0, n, _BLOCK):
                 noisy, clean = generate(min(_BLOCK, n - start), size, dose, blur, seed, start)
                 f["noisy"][start : start + len(noisy)] = noisy
                 f["clean"][start : start + len(clean)] = clean
+                if level:
+                    f["level"][start : start + len(noisy)] = noise_level(dose)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -151,10 +156,12 @@ def write_h5(path: str | os.PathLike, n: int = 800, size: int = 64, dose: float 
     return path
 
 
-def _attributes(n: int, size: int, dose: float, blur: float, seed: int) -> dict[str, Any]:
+def _attributes(
+    n: int, size: int, dose: float, blur: float, seed: int, level: bool = False
+) -> dict[str, Any]:
     return {"dose": float(dose), "blur_sigma_px": float(blur), "seed": int(seed), "n_images": int(n),
             "size": int(size), "noise_model": "noisy = Poisson(dose * gaussian_blur(clean, blur_sigma_px)) / dose",
-            "generator": "caldera.sims.phantoms"}  # fmt: skip
+            "generator": "caldera.sims.phantoms", **({"level_map": True} if level else {})}  # fmt: skip
 
 
 def _check_geometry(n: int, size: int, dose: float, blur: float) -> None:
@@ -188,14 +195,21 @@ def dataset(path: str | None = None, n: int = 800, size: int = 64, dose: float =
     ``comm``: the ranks that share the file (rank 0 writes it, the others wait); default this process alone."""
     from caldera.data import scientific
 
+    level = dose_range is not None
     file = Path(path) if path is not None else Path(run_dir or ".") / "phantoms.h5"
     if create:
         write_once(
-            file, lambda: write_h5(file, n, size, dose, blur, seed), "the image stack", ImageStackError, comm
+            file,
+            lambda: write_h5(file, n, size, dose, blur, seed, level),
+            "the image stack",
+            ImageStackError,
+            comm,
         )
-    check_stack(file, _attributes(n, size, dose, blur, seed) if create else None)
-    return scientific.dataset(str(file), inputs=["noisy"], targets=["clean"], patch=patch,
-                              patch_stride=patch_stride, normalize=False, val_fraction=val_fraction,
+    check_stack(file, _attributes(n, size, dose, blur, seed, level) if create else None)
+    # With a dose range the input is (image, noise level): the stack holds the level map of its own dose, so that
+    # the stored images can be restored as they are (caldera predict drops the transform that re-exposes them).
+    return scientific.dataset(str(file), inputs=["noisy", "level"] if level else ["noisy"], targets=["clean"],
+                              patch=patch, patch_stride=patch_stride, normalize=False, val_fraction=val_fraction,
                               transform=_transform(augment, dose_range, blur), run_dir=run_dir,
                               comm=comm)  # fmt: skip
 

@@ -35,8 +35,8 @@ from caldera.train.rundir import RunDir
 SETTINGS = {"doses": [2.5, 5.0, 10.0, 20.0, 40.0, 80.0], "eval_images": 40, "eval_seed": 12345,
             "tune_images": 6, "bm3d_scales": [0.9, 1.0, 1.15, 1.3], "time_images": 4}  # fmt: skip
 # --smoke: two doses, a few images, one BM3D scale.
-SMOKE = {"doses": [5.0, 40.0], "eval_images": 4, "eval_seed": 12345, "tune_images": 2, "bm3d_scales": [1.0],
-         "time_images": 2}  # fmt: skip
+SMOKE = {"doses": [5.0, 40.0], "eval_images": 2, "eval_seed": 12345, "tune_images": 1, "bm3d_scales": [1.0],
+         "time_images": 1}  # fmt: skip
 FIGURE_DOSES = (2.5, 10.0, 80.0)
 
 

@@ -337,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dose", type=float, default=DOSE, help=f"photons per pixel at full intensity ({DOSE})")
     p.add_argument("--blur", type=float, default=BLUR, help=f"detector blur sigma in pixels ({BLUR})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--level", action="store_true", help="also the noise level map (for dose_range)")
     a = p.parse_args(argv)
-    out = write_h5(a.path, a.n, a.size, a.dose, a.blur, a.seed)
+    out = write_h5(a.path, a.n, a.size, a.dose, a.blur, a.seed, a.level)
     noisy, clean = generate(min(a.n, 64), a.size, a.dose, a.blur, a.seed)
     print(f"wrote {out}: {a.n} images of {a.size}x{a.size} at dose {a.dose:g}; "
           f"noisy-image PSNR {psnr_np(noisy, clean):.1f} dB (first {len(noisy)} images)")  # fmt: skip

@@ -1,131 +1,207 @@
-"""Score a trained low-dose denoiser on whole held-out images: PSNR of the noisy input, of the best Gaussian
-filter and of the network; a figure of one image; PSNR against dose for a network trained at one dose.
+"""Score trained low-dose denoisers against the classical baselines at every dose: PSNR and SSIM of the noisy
+input, the best Gaussian filter, BM3D after the generalised Anscombe transform, and the network (mean and spread
+over the training seeds given), the time per image of each, a figure of restored images and one of quality vs dose.
 
-    caldera train examples/imaging_denoise.toml        # trains, writes runs/imaging-denoise/
-    python examples/imaging_denoise.py                  # this script: evaluation.json and two PNGs there
+    caldera train examples/imaging_denoise.toml                      # seed 0: runs/imaging-denoise/
+    caldera train examples/imaging_denoise.toml --set run.seed=1 --set run.dir=runs/imaging-denoise-s1   # etc.
+    python examples/imaging_denoise.py runs/imaging-denoise runs/imaging-denoise-s1 runs/imaging-denoise-s2
+Writes evaluation.json, imaging_table.md, imaging_restoration.png and imaging_dose.png into --out (default: the
+first run directory). The baselines are tuned on training images (the stack's first images), scored on fresh
+objects (seed 12345) that no method saw, and kept in --out/baselines.json for the next call with the same settings.
 Smoke run (seconds, after imaging_denoise.toml's smoke run): python examples/imaging_denoise.py runs/imaging-denoise --smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import statistics
+import time
 from pathlib import Path
+from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
 from caldera.config import load_config
 from caldera.io import atomic_write_text
-from caldera.sims.phantoms import gaussian_baseline, gaussian_blur, generate, psnr_np
+from caldera.sims.phantoms import gaussian_baseline, gaussian_blur, generate, psnr_np, with_level
+from caldera.sims.restoration import bm3d_gat, ssim, tune_bm3d
 from caldera.train.output import pyplot, save_figure
 from caldera.train.run import load_run_model
 from caldera.train.rundir import RunDir
 
-DOSES = (2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
-SWEEP_IMAGES = 64
-# --smoke: the dose sweep at two doses on a few images.
-SMOKE = {"doses": (5.0, 40.0), "sweep_images": 8}
+SETTINGS = {"doses": [2.5, 5.0, 10.0, 20.0, 40.0, 80.0], "eval_images": 40, "eval_seed": 12345,
+            "tune_images": 6, "bm3d_scales": [0.9, 1.0, 1.15, 1.3], "time_images": 4}  # fmt: skip
+# --smoke: two doses, a few images, one BM3D scale.
+SMOKE = {"doses": [5.0, 40.0], "eval_images": 2, "eval_seed": 12345, "tune_images": 1, "bm3d_scales": [1.0],
+         "time_images": 1}  # fmt: skip
+FIGURE_DOSES = (2.5, 10.0, 80.0)
 
 
 @torch.no_grad()
-def restore(model: torch.nn.Module, noisy: np.ndarray, batch: int = 32) -> np.ndarray:
-    """Run the network over whole images (n, H, W) in batches."""
+def restore(
+    model: torch.nn.Module, noisy: np.ndarray, dose: float, conditioned: bool, batch: int = 40
+) -> np.ndarray:
+    """Run the network over whole images (n, H, W) at ``dose`` in batches (with the noise level if it takes one)."""
     model.eval()
-    parts = [
-        model(torch.from_numpy(noisy[i : i + batch, None])).numpy()[:, 0] for i in range(0, len(noisy), batch)
-    ]
+    x = with_level(noisy, dose) if conditioned else np.asarray(noisy, dtype=np.float32)[:, None]
+    parts = [model(torch.from_numpy(x[i : i + batch])).numpy()[:, 0] for i in range(0, len(x), batch)]
     return np.concatenate(parts)
 
 
-def held_out(cfg, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The validation images of the run: the last val_fraction of the stack, as the data pipeline split it."""
-    path = Path(cfg.data.args.get("path") or run_dir / "phantoms.h5")
-    with h5py.File(path, "r") as f:
-        n = len(f["noisy"])
-        start = n - int(n * cfg.data.val_fraction)
-        return f["noisy"][start:], f["clean"][start:]
+def timed(fn: Any, images: np.ndarray, *args: Any) -> tuple[Any, float]:
+    """Return fn(images, *args) and the CPU time it took per image in milliseconds: CPU time, not wall time,
+    so that other jobs on a shared machine do not inflate it (one thread: run with OMP_NUM_THREADS=1)."""
+    t = time.process_time()
+    out = fn(images, *args)
+    return out, 1e3 * (time.process_time() - t) / len(images)
 
 
-def scores(model: torch.nn.Module, noisy: np.ndarray, clean: np.ndarray) -> dict[str, float]:
-    """PSNR (dB) of the noisy images, the best Gaussian filter and the network, against the clean objects."""
-    sigma, gauss = gaussian_baseline(noisy, clean)
-    return {"noisy": psnr_np(noisy, clean), "gaussian": gauss, "gaussian_sigma": sigma,
-            "network": psnr_np(restore(model, noisy), clean)}  # fmt: skip
+def baselines(s: dict[str, Any], geometry: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """Noisy, Gaussian and BM3D+GAT scores per dose; parameters tuned on training images, cached in ``out``."""
+    cache, key = out / "baselines.json", {k: v for k, v in {**s, **geometry}.items() if k != "time_images"}
+    if cache.exists() and (old := json.loads(cache.read_text())).get("settings") == key:
+        return old["doses"]
+    rows = []
+    size, blur, seed = geometry["size"], geometry["blur"], geometry["stack_seed"]
+    for dose in s["doses"]:
+        tn, tc = generate(s["tune_images"], size, dose, blur, seed)  # the stack's first (training) objects
+        sigma, _ = gaussian_baseline(tn, tc)
+        scale, _ = tune_bm3d(tn, tc, dose, s["bm3d_scales"])
+        noisy, clean = generate(s["eval_images"], size, dose, blur, s["eval_seed"])
+        gauss, bm3d = gaussian_blur(noisy, sigma), bm3d_gat(noisy, dose, scale)
+        rows.append({"dose": dose, "noisy": {"psnr": psnr_np(noisy, clean), "ssim": ssim(noisy, clean)},
+                     "gaussian": {"sigma": sigma, "psnr": psnr_np(gauss, clean), "ssim": ssim(gauss, clean)},
+                     "bm3d": {"scale": scale, "psnr": psnr_np(bm3d, clean), "ssim": ssim(bm3d, clean)}})  # fmt: skip
+        print(f"dose {dose:g}: Gaussian sigma {sigma:g} {rows[-1]['gaussian']['psnr']:.2f} dB, BM3D+GAT scale "
+              f"{scale:g} {rows[-1]['bm3d']['psnr']:.2f} dB", flush=True)  # fmt: skip
+    atomic_write_text(cache, json.dumps({"settings": key, "doses": rows}, indent=2))
+    return rows
 
 
-def plot_example(model, noisy, clean, sigma, path: Path) -> Path:
-    """Noisy / Gaussian / network / clean / network error for the first held-out image."""
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value) and the values themselves."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "sd": sd, "values": values}
+
+
+def plot_examples(models: list, s: dict[str, Any], geometry: dict[str, Any], rows: list, path: Path) -> Path:
+    """Noisy / Gaussian / BM3D+GAT / network (first seed) / clean, for the first evaluation image at three doses."""
     plt = pyplot()
-    x, y = noisy[:1], clean[:1]
-    panels = [(x[0], f"noisy ({psnr_np(x, y):.1f} dB)"),
-              (gaussian_blur(x, sigma)[0], f"Gaussian σ={sigma:g} ({psnr_np(gaussian_blur(x, sigma), y):.1f} dB)"),
-              (restore(model, x)[0], f"U-Net ({psnr_np(restore(model, x), y):.1f} dB)"), (y[0], "clean object")]  # fmt: skip
-    fig, axes = plt.subplots(1, 5, figsize=(17, 3.6))
-    for ax, (img, title) in zip(axes, panels):
-        ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(title)
-        ax.axis("off")
-    err = axes[4].imshow(panels[2][0] - y[0], cmap="coolwarm", vmin=-0.3, vmax=0.3)
-    axes[4].set_title("U-Net - clean")
-    axes[4].axis("off")
-    fig.colorbar(err, ax=axes[4], fraction=0.046)
+    doses = [d for d in FIGURE_DOSES if d in s["doses"]] or s["doses"][:1]
+    fig, axes = plt.subplots(len(doses), 5, figsize=(15, 3.2 * len(doses)), squeeze=False)
+    model, conditioned = models[0]
+    for ax_row, dose in zip(axes, doses):
+        row = next(r for r in rows if r["dose"] == dose)
+        x, y = generate(1, geometry["size"], dose, geometry["blur"], s["eval_seed"])
+        panels = [(x, f"noisy, dose {dose:g}"), (gaussian_blur(x, row["gaussian"]["sigma"]), "Gaussian"),
+                  (bm3d_gat(x, dose, row["bm3d"]["scale"]), "BM3D+GAT"),
+                  (restore(model, x, dose, conditioned), "U-Net")]  # fmt: skip
+        for ax, (img, title) in zip(ax_row, panels):
+            ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"{title} ({psnr_np(img, y):.1f} dB)" if title != panels[0][1] else title)
+        ax_row[4].imshow(y[0], cmap="gray", vmin=0, vmax=1)
+        ax_row[4].set_title("clean object")
+        for ax in ax_row:
+            ax.axis("off")
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-def plot_dose(rows: list[dict[str, float]], train_dose: float, path: Path) -> Path:
-    """PSNR against dose for the three restorations."""
+def plot_dose(rows: list[dict[str, Any]], seeds: int, path: Path) -> Path:
+    """PSNR and SSIM against dose for every method (the network: mean and sd over seeds)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     doses = [r["dose"] for r in rows]
-    for key, label in (("network", "U-Net (trained at one dose)"), ("gaussian", "best Gaussian filter"),
-                       ("noisy", "noisy input")):  # fmt: skip
-        ax.plot(doses, [r[key] for r in rows], marker="o", label=label)
-    ax.axvline(train_dose, color="k", ls=":", lw=1, label=f"training dose {train_dose:g}")
-    ax.set(xscale="log", xlabel="dose (photons per pixel at full intensity)", ylabel="PSNR (dB)",
-           title="restoration quality vs dose")  # fmt: skip
-    ax.set_xticks(doses, [f"{d:g}" for d in doses])
-    ax.minorticks_off()
-    ax.legend()
+    for ax, metric in zip(axes, ("psnr", "ssim")):
+        for key, label in (("noisy", "noisy input"), ("gaussian", "Gaussian filter (tuned)"),
+                           ("bm3d", "BM3D + GAT (tuned)")):  # fmt: skip
+            ax.plot(doses, [r[key][metric] for r in rows], marker="o", label=label)
+        ax.errorbar(doses, [r["network"][metric]["mean"] for r in rows], [r["network"][metric]["sd"] for r in rows],
+                    marker="o", capsize=3, label=f"U-Net (mean ± sd, {seeds} seed{'s' * (seeds > 1)})")  # fmt: skip
+        ax.set(xscale="log", xlabel="dose (photons per pixel at full intensity)",
+               ylabel="PSNR (dB)" if metric == "psnr" else "SSIM")  # fmt: skip
+        ax.set_xticks(doses, [f"{d:g}" for d in doses])
+        ax.minorticks_off()
+    axes[0].legend()
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def table(rows: list[dict[str, Any]], seeds: int) -> str:
+    """Markdown tables: PSNR and SSIM per dose per method, and the time per image."""
+    head = (
+        "| dose | " + " | ".join(f"{r['dose']:g}" for r in rows) + " |\n|" + " --- |" * (len(rows) + 1) + "\n"
+    )
+    out = []
+    for metric, fmt in (("psnr", "{:.2f}"), ("ssim", "{:.3f}")):
+        lines = [head]
+        for key, label in (("noisy", "noisy input"), ("gaussian", "Gaussian filter (sigma tuned per dose)"),
+                           ("bm3d", "BM3D + GAT (scale tuned per dose)")):  # fmt: skip
+            lines.append(f"| {label} | " + " | ".join(fmt.format(r[key][metric]) for r in rows) + " |\n")
+        cells = [f"**{fmt.format(r['network'][metric]['mean'])}** ± {fmt.format(r['network'][metric]['sd'])}"
+                 for r in rows]  # fmt: skip
+        lines.append(
+            f"| U-Net, mean ± sd over {seeds} seed{'s' * (seeds > 1)} | " + " | ".join(cells) + " |\n"
+        )
+        out.append(f"{metric.upper()}:\n\n" + "".join(lines))
+    times = [("Gaussian filter", statistics.fmean(r["gaussian"]["ms_per_image"] for r in rows)),
+             ("BM3D + GAT", statistics.fmean(r["bm3d"]["ms_per_image"] for r in rows)),
+             ("U-Net", statistics.fmean(r["network"]["ms_per_image"]["mean"] for r in rows))]  # fmt: skip
+    out.append("CPU time per image (ms, one thread, mean over doses):\n\n| method | ms |\n| --- | --- |\n"
+               + "".join(f"| {name} | {ms:.2f} |\n" for name, ms in times))  # fmt: skip
+    return "\n".join(out)
 
 
 def main() -> None:
-    """Evaluate the run directory given on the command line."""
+    """Evaluate the run directories given on the command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", nargs="?", default="runs/imaging-denoise")
+    p.add_argument("run_dirs", nargs="*", default=["runs/imaging-denoise"], help="one per training seed")
+    p.add_argument(
+        "--out", type=Path, help="where the tables and figures go (default: the first run directory)"
+    )
     p.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
     args = p.parse_args()
-    vars(args).update(SMOKE if args.smoke else {"doses": DOSES, "sweep_images": SWEEP_IMAGES})
-    run_dir = Path(args.run_dir)
-    files = RunDir(run_dir)
-    cfg = load_config(files.read_config())  # refuses code the run directory names (docs/security.md)
-    model = load_run_model(files, cfg)
-    noisy, clean = held_out(cfg, run_dir)
-    result = {"held_out": {"images": len(noisy), **scores(model, noisy, clean)}}
-    a = cfg.data.args
-    size, blur, dose = a.get("size", 64), a.get("blur", 0.7), a.get("dose", 10.0)
-    # Fresh objects (another seed) at each dose: the network saw neither these images nor these doses.
-    result["dose_sweep"] = [
-        {"dose": d, **scores(model, *generate(args.sweep_images, size, d, blur, seed=12345))}
-        for d in args.doses
-    ]
-    atomic_write_text(run_dir / "evaluation.json", json.dumps(result, indent=2))
-    plot_example(
-        model, noisy, clean, result["held_out"]["gaussian_sigma"], run_dir / "imaging_restoration.png"
-    )
-    plot_dose(result["dose_sweep"], dose, run_dir / "imaging_dose.png")
-    h = result["held_out"]
-    print(f"{h['images']} held-out images: noisy {h['noisy']:.2f} dB, best Gaussian (sigma {h['gaussian_sigma']:g} px)"
-          f" {h['gaussian']:.2f} dB, U-Net {h['network']:.2f} dB")  # fmt: skip
-    for r in result["dose_sweep"]:
-        print(
-            f"dose {r['dose']:5g}: noisy {r['noisy']:.2f}  Gaussian {r['gaussian']:.2f}  U-Net {r['network']:.2f} dB"
+    s = SMOKE if args.smoke else SETTINGS
+    out = args.out or Path(args.run_dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    models, geometry = [], None
+    for run_dir in map(Path, args.run_dirs):
+        files = RunDir(run_dir)
+        cfg = load_config(files.read_config())  # refuses code the run directory names (docs/security.md)
+        a = cfg.data.args
+        geo = {"size": a.get("size", 64), "blur": a.get("blur", 0.7), "stack_seed": a.get("seed", 0)}
+        if geometry not in (None, geo):
+            p.error(f"{run_dir}: images {geo} differ from {args.run_dirs[0]}'s {geometry}; compare like runs")
+        geometry = geo
+        models.append((load_run_model(files, cfg), a.get("dose_range") is not None))
+    rows = baselines(s, geometry, out)
+    for row in rows:  # timed anew each call (not cached), on the first few evaluation images
+        few, _ = generate(s["time_images"], geometry["size"], row["dose"], geometry["blur"], s["eval_seed"])
+        row["gaussian"]["ms_per_image"] = timed(gaussian_blur, few, row["gaussian"]["sigma"])[1]
+        row["bm3d"]["ms_per_image"] = timed(bm3d_gat, few, row["dose"], row["bm3d"]["scale"])[1]
+    for row in rows:
+        noisy, clean = generate(
+            s["eval_images"], geometry["size"], row["dose"], geometry["blur"], s["eval_seed"]
         )
-    print(f"wrote {run_dir / 'evaluation.json'}, imaging_restoration.png, imaging_dose.png")
+        scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "ms_per_image": []}
+        for model, conditioned in models:
+            restored, ms = timed(functools.partial(restore, model), noisy, row["dose"], conditioned)
+            scores["psnr"].append(psnr_np(restored, clean))
+            scores["ssim"].append(ssim(restored, clean))
+            scores["ms_per_image"].append(ms)
+        row["network"] = {k: spread(v) for k, v in scores.items()}
+    result = {"settings": {**s, **geometry}, "runs": args.run_dirs, "torch_threads": torch.get_num_threads(),
+              "doses": rows}  # fmt: skip
+    atomic_write_text(out / "evaluation.json", json.dumps(result, indent=2))
+    text = table(rows, len(models))
+    atomic_write_text(out / "imaging_table.md", text)
+    plot_examples(models, s, geometry, rows, out / "imaging_restoration.png")
+    plot_dose(rows, len(models), out / "imaging_dose.png")
+    print(text)
+    print(f"wrote {out / 'evaluation.json'}, imaging_table.md, imaging_restoration.png, imaging_dose.png")
 
 
 if __name__ == "__main__":

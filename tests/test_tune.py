@@ -109,7 +109,7 @@ def test_trials_on_a_generated_source_meet_no_other_rank(tmp_path):
     # others-wait on all ranks of the job: rank 1's trial waited for rank 0 to write *trial-0000*/phantoms.h5 and
     # then found no trial-0001/phantoms.h5, and in the partial round rank 0's write met rank 1's allgather, so
     # rank 1 crashed at the end. Now a trial's source works alone: three trials complete, the search reports.
-    small = ["--set", "data.args={n: 12, size: 16, patch: [16, 16], patch_stride: [16, 16]}",
+    small = ["--set", "data.args={n: 12, size: 16, patch: [16, 16], patch_stride: [16, 16], dose_range: [2, 100]}",
              "--set", "data.batch_size=4", "--set", "data.num_workers=0", "--set", "model.args.channels=4",
              "--set", "optim.epochs=1", "--set", "optim.warmup_steps=0", "--set", "tune.metric=val_loss",
              "--set", "tune.space={optim.lr: {low: 0.0003, high: 0.03, log: true}}"]  # fmt: skip

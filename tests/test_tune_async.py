@@ -75,7 +75,7 @@ def test_a_pruned_search_stopped_mid_way_resumes_to_the_same_study(tmp_path, cap
 def test_two_rank_trials_on_four_ranks_train_data_parallel_for_a_pareto_front(tmp_path):
     # Phantom images (each trial's group writes its own stack, its statistics reduced over its two ranks only),
     # a U-Net whose width is searched: val_loss against the parameter count.
-    small = ["--set", "data.args={n: 16, size: 16, patch: [16, 16], patch_stride: [16, 16]}",
+    small = ["--set", "data.args={n: 16, size: 16, patch: [16, 16], patch_stride: [16, 16], dose_range: [2, 100]}",
              "--set", "data.batch_size=4", "--set", "data.num_workers=0", "--set", "optim.epochs=1",
              "--set", "optim.warmup_steps=0", "--set", "parallel.strategy=allreduce", "--set", "data.val_fraction=0.25",
              "--set", "tune.ranks_per_trial=2", "--set", "tune.metric=[val_loss, params]",

@@ -22,6 +22,7 @@ MODELS = Builtins({
     "mlp": "caldera.models:MLP", "small_cnn": "caldera.models:SmallCNN", "unet_small": "caldera.models:UNetSmall",
     "neural_potential": "caldera.models.potential:NeuralPotential", "climate_net": "caldera.models.climate:ClimateNet",
     "transformer": "caldera.models.transformer:Transformer",
+    "denoise_unet": "caldera.models.imaging:DenoiseUNet",
 })  # fmt: skip
 
 # [train] loss. Named here, not by import path, so that a run directory that uses them needs no --trust-code

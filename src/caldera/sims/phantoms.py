@@ -14,6 +14,7 @@ Command line: ``python -m caldera.sims.phantoms OUT.h5 --n 800 --size 64 --dose 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -123,8 +124,9 @@ def generate(n: int, size: int = 64, dose: float = DOSE, blur: float = BLUR, see
 
 
 def write_h5(path: str | os.PathLike, n: int = 800, size: int = 64, dose: float = DOSE, blur: float = BLUR,
-             seed: int = 0) -> Path:  # fmt: skip
-    """Write ``n`` low-dose images ("noisy") and their objects ("clean") to HDF5, one chunk per image."""
+             seed: int = 0, level: bool = False) -> Path:  # fmt: skip
+    """Write ``n`` low-dose images ("noisy") and their objects ("clean") to HDF5, one chunk per image; with
+    ``level``, also each image's noise level map ("level", ``noise_level(dose)``), a dose-conditioned input."""
     h5py = require("h5py", "HDF5")
 
     _check_geometry(n, size, dose, blur)
@@ -134,15 +136,19 @@ def write_h5(path: str | os.PathLike, n: int = 800, size: int = 64, dose: float 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with h5py.File(tmp, "w") as f:
-            f.attrs.update(_attributes(n, size, dose, blur, seed))
+            f.attrs.update(_attributes(n, size, dose, blur, seed, level))
             for name, text in (("noisy", "recorded image: photon counts / dose"),
-                               ("clean", "the object: expected image at infinite dose, no blur")):  # fmt: skip
+                               ("clean", "the object: expected image at infinite dose, no blur"),
+                               ("level", "noise level map: 1/sqrt(dose), the noise sd at full intensity")
+                               )[: 3 if level else 2]:  # fmt: skip
                 d = f.create_dataset(name, (n, size, size), "float32", chunks=(1, size, size))
                 d.attrs.update(description=text, units="intensity (1 = full dose)")
             for start in range(0, n, _BLOCK):
                 noisy, clean = generate(min(_BLOCK, n - start), size, dose, blur, seed, start)
                 f["noisy"][start : start + len(noisy)] = noisy
                 f["clean"][start : start + len(clean)] = clean
+                if level:
+                    f["level"][start : start + len(noisy)] = noise_level(dose)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -150,10 +156,12 @@ def write_h5(path: str | os.PathLike, n: int = 800, size: int = 64, dose: float 
     return path
 
 
-def _attributes(n: int, size: int, dose: float, blur: float, seed: int) -> dict[str, Any]:
+def _attributes(
+    n: int, size: int, dose: float, blur: float, seed: int, level: bool = False
+) -> dict[str, Any]:
     return {"dose": float(dose), "blur_sigma_px": float(blur), "seed": int(seed), "n_images": int(n),
             "size": int(size), "noise_model": "noisy = Poisson(dose * gaussian_blur(clean, blur_sigma_px)) / dose",
-            "generator": "caldera.sims.phantoms"}  # fmt: skip
+            "generator": "caldera.sims.phantoms", **({"level_map": True} if level else {})}  # fmt: skip
 
 
 def _check_geometry(n: int, size: int, dose: float, blur: float) -> None:
@@ -175,23 +183,71 @@ class ImageStackError(DataError):
 def dataset(path: str | None = None, n: int = 800, size: int = 64, dose: float = DOSE, blur: float = BLUR,
             seed: int = 0, patch: list[int] | None = (32, 32), patch_stride: list[int] | None = (16, 16),
             augment: bool = True, create: bool = True, val_fraction: float = 0.1,
-            run_dir: str | os.PathLike | None = None, comm: Communicator | None = None) -> dict[str, Any]:  # fmt: skip
+            dose_range: list[float] | None = None, run_dir: str | os.PathLike | None = None,
+            comm: Communicator | None = None) -> dict[str, Any]:  # fmt: skip
     """Return ``{"train", "val"}`` patches (noisy -> clean) of an HDF5 stack, writing it first if missing.
 
     ``path`` defaults to <run dir>/phantoms.h5. With ``create = false`` the file must exist (a real detector
     dump with "noisy" and "clean" stacks); else an existing file must have been made with the same settings.
+    ``dose_range = [lo, hi]``: every patch is exposed anew from its clean object at a dose drawn log-uniformly
+    in [lo, hi] (fresh noise each step), and the input has two channels, the image and its noise level
+    ``1/sqrt(dose)`` (see ``with_level``): one restorer for all doses.
     ``comm``: the ranks that share the file (rank 0 writes it, the others wait); default this process alone."""
     from caldera.data import scientific
 
+    level = dose_range is not None
     file = Path(path) if path is not None else Path(run_dir or ".") / "phantoms.h5"
     if create:
         write_once(
-            file, lambda: write_h5(file, n, size, dose, blur, seed), "the image stack", ImageStackError, comm
+            file,
+            lambda: write_h5(file, n, size, dose, blur, seed, level),
+            "the image stack",
+            ImageStackError,
+            comm,
         )
-    check_stack(file, _attributes(n, size, dose, blur, seed) if create else None)
-    return scientific.dataset(str(file), inputs=["noisy"], targets=["clean"], patch=patch,
-                              patch_stride=patch_stride, normalize=False, val_fraction=val_fraction,
-                              transform=dihedral if augment else None, run_dir=run_dir, comm=comm)  # fmt: skip
+    check_stack(file, _attributes(n, size, dose, blur, seed, level) if create else None)
+    # With a dose range the input is (image, noise level): the stack holds the level map of its own dose, so that
+    # the stored images can be restored as they are (caldera predict drops the transform that re-exposes them).
+    return scientific.dataset(str(file), inputs=["noisy", "level"] if level else ["noisy"], targets=["clean"],
+                              patch=patch, patch_stride=patch_stride, normalize=False, val_fraction=val_fraction,
+                              transform=_transform(augment, dose_range, blur), run_dir=run_dir,
+                              comm=comm)  # fmt: skip
+
+
+def _transform(augment: bool, dose_range: list[float] | None, blur: float) -> Any:
+    if dose_range is None:
+        return dihedral if augment else None
+    lo, hi = (float(d) for d in dose_range)
+    if not 0 < lo <= hi:
+        raise ImageStackError(
+            f"dose_range = {list(dose_range)}: give [lo, hi] photons per pixel with 0 < lo <= hi"
+        )
+    return functools.partial(redose, dose_range=(lo, hi), blur=blur, augment=augment)
+
+
+def noise_level(dose: Any) -> Any:
+    """The network's dose input: ``1/sqrt(dose)``, the noise standard deviation at full intensity."""
+    return 1.0 / np.sqrt(dose)
+
+
+def with_level(noisy: np.ndarray, dose: float) -> np.ndarray:
+    """Images (n, H, W) at ``dose`` as the dose-conditioned network's input (n, 2, H, W): image, noise level."""
+    noisy = np.asarray(noisy, dtype=np.float32)
+    return np.stack([noisy, np.full_like(noisy, noise_level(dose))], axis=1)
+
+
+def redose(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, dose_range: tuple[float, float] = (2.0, 100.0),
+           blur: float = BLUR, augment: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Expose each clean patch ``y`` (n, 1, H, W) anew at a dose drawn log-uniformly in ``dose_range``: return
+    (image, noise level) inputs (n, 2, H, W) and ``y``. The stack's own noisy images are not used: fresh photon
+    noise every step, at every dose, is what makes one network restore all doses."""
+    if augment:
+        x, y = dihedral(x, y, rng)
+    lo, hi = dose_range
+    dose = np.exp(rng.uniform(np.log(lo), np.log(hi), size=(len(y), 1, 1, 1)))
+    noisy = rng.poisson(np.clip(gaussian_blur(y, blur), 0.0, None) * dose) / dose
+    level = np.broadcast_to(noise_level(dose), noisy.shape)
+    return np.concatenate([noisy, level], axis=1).astype(np.float32), y
 
 
 def check_stack(path: str | os.PathLike, expected: dict[str, Any] | None = None) -> None:
@@ -281,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dose", type=float, default=DOSE, help=f"photons per pixel at full intensity ({DOSE})")
     p.add_argument("--blur", type=float, default=BLUR, help=f"detector blur sigma in pixels ({BLUR})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--level", action="store_true", help="also the noise level map (for dose_range)")
     a = p.parse_args(argv)
-    out = write_h5(a.path, a.n, a.size, a.dose, a.blur, a.seed)
+    out = write_h5(a.path, a.n, a.size, a.dose, a.blur, a.seed, a.level)
     noisy, clean = generate(min(a.n, 64), a.size, a.dose, a.blur, a.seed)
     print(f"wrote {out}: {a.n} images of {a.size}x{a.size} at dose {a.dose:g}; "
           f"noisy-image PSNR {psnr_np(noisy, clean):.1f} dB (first {len(noisy)} images)")  # fmt: skip

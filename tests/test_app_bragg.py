@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from caldera.config import load_config
+from caldera.errors import ConfigError
 from caldera.export import export
 from caldera.export.quantize import quantize_onnx
 from caldera.models import BraggNN
@@ -52,6 +53,11 @@ def test_simulated_centres_are_recovered_by_the_fit_exactly_without_noise_and_cl
     # The normalised targets are the pixel centres / (size - 1), and the metric reads them back in pixels.
     t = torch.from_numpy(bragg.targets(noisy.centre))
     assert float(bragg.peak_error_px(t + torch.tensor([0.03, -0.04]), t)) == pytest.approx(0.5, rel=1e-5)
+    # Settings that make no patches are one ConfigError naming the ranges (`caldera train`: one line, exit 2).
+    with pytest.raises(ConfigError, match="peak heights > 0 photons"):
+        bragg.patches(10, intensity=(0.0, 10.0))
+    with pytest.raises(ConfigError, match="non-local block follows the first convolution"):
+        BraggNN(channels=[], nonlocal_block=True)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from caldera.errors import ConfigError
+
 
 class NonLocal(nn.Module):
     """The non-local block: every position attends to every other (embedded Gaussian), added back to the input."""
@@ -39,7 +41,7 @@ class BraggNN(nn.Module):
                  nonlocal_block: bool = True) -> None:  # type: ignore[assignment]  # fmt: skip
         super().__init__()
         if size - 2 * len(channels) < 1 or (nonlocal_block and not channels):
-            raise ValueError(f"size = {size}, channels = {list(channels)}, nonlocal_block = {nonlocal_block}: "
+            raise ConfigError(f"size = {size}, channels = {list(channels)}, nonlocal_block = {nonlocal_block}: "
                              "unpadded 3x3 convolutions must leave pixels, and the non-local block follows the "
                              "first convolution; use fewer channels entries, a larger patch, or no block")  # fmt: skip
         self.size = size

@@ -29,6 +29,8 @@ import torch
 from scipy.optimize import least_squares
 from torch.utils.data import TensorDataset
 
+from caldera.errors import ConfigError
+
 SIZE = 11  # BraggNN's patch side in pixels
 INTENSITY = (100.0, 3000.0)  # peak heights in photons: log-uniform between these
 FWHM = (1.5, 3.5)  # full widths at half maximum in pixels, per axis: uniform between these
@@ -108,7 +110,7 @@ def patches(n: int, size: int = SIZE, intensity: float | tuple[float, float] = I
     gives the expected counts (no Poisson noise); ``slope = 0`` a flat background."""
     lo, hi = (float(intensity), float(intensity)) if np.isscalar(intensity) else map(float, intensity)
     if n < 1 or size < 5 or not 0 < lo <= hi or not 0 <= neighbours <= 1 or not 0 <= slope <= 0.2:
-        raise ValueError(
+        raise ConfigError(  # a ValueError; `caldera train` prints it as one line and exits 2
             f"n = {n}, size = {size}, intensity = {intensity}, neighbours = {neighbours}, slope = {slope}: need "
             "n >= 1 patches of at least 5x5 pixels, peak heights > 0 photons (low <= high), a neighbour fraction "
             "in [0, 1] and a background slope in [0, 0.2] (of its level per pixel)"

@@ -32,6 +32,7 @@ COVERED = {
 # Examples that read what another one trained run after it, in one test (in this order).
 CHAINS = {
     "climate": ["climate_forecast.toml", "climate_finetune.toml", "climate_rollout.py"],
+    "bragg": ["bragg.toml", "bragg_eval.py"],
     "imaging": ["imaging_denoise.toml", "imaging_denoise.py"],
     "imaging_gpu": ["imaging_denoise_gpu.toml"],
     "materials": ["materials_potential.toml", "materials_md.py"],
@@ -75,7 +76,8 @@ def test_example_runs_in_smoke_mode(chain, tmp_path):
     expected = {"climate": {"climate-forecast", "climate-finetune"}, "imaging": {"imaging-denoise"},
                 "imaging_gpu": {"imaging-denoise-gpu"},
                 "materials": {"materials-potential"}, "materials_active": {"materials-active"}, "linalg": set(),
-                "export": {"heat-surrogate"}, "heat_long": {"heat-surrogate-long"}}  # fmt: skip
+                "export": {"heat-surrogate"}, "heat_long": {"heat-surrogate-long"},
+                "bragg": {"bragg"}}  # fmt: skip
     assert runs == expected[chain], runs
     for run in runs:
         assert any((tmp_path / "runs" / run).glob("*.json")), sorted((tmp_path / "runs" / run).iterdir())

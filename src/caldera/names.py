@@ -15,13 +15,14 @@ SOURCES = Builtins({
     "digits": "caldera.data.builtin:digits", "heat": "caldera.sims.heat:dataset",
     "scientific": "caldera.data.scientific:dataset", "atoms": "caldera.sims.atoms:dataset",
     "phantoms": "caldera.sims.phantoms:dataset", "climate": "caldera.sims.climate:dataset",
+    "bragg": "caldera.sims.bragg:dataset",
 })  # fmt: skip
 
 # [model] name
 MODELS = Builtins({
     "mlp": "caldera.models:MLP", "small_cnn": "caldera.models:SmallCNN", "unet_small": "caldera.models:UNetSmall",
     "neural_potential": "caldera.models.potential:NeuralPotential", "climate_net": "caldera.models.climate:ClimateNet",
-    "transformer": "caldera.models.transformer:Transformer",
+    "transformer": "caldera.models.transformer:Transformer", "bragg": "caldera.models.bragg:BraggNN",
     "denoise_unet": "caldera.models.imaging:DenoiseUNet",
 })  # fmt: skip
 
@@ -50,7 +51,7 @@ SCHEDULERS = Builtins({
 METRICS = Builtins({
     **{name: f"caldera.train.metrics:{name}" for name in ("accuracy", "mae", "rmse", "rel_l2", "psnr")},
     **{name: f"caldera.models.potential:{name}" for name in ("energy_mae", "force_mae", "force_rel")},
-    "lat_weighted_rmse": "caldera.sims.climate:lat_weighted_rmse",
+    "lat_weighted_rmse": "caldera.sims.climate:lat_weighted_rmse", "peak_error_px": "caldera.sims.bragg:peak_error_px",
 })  # fmt: skip
 
 # [parallel] strategy; caldera.parallel.register adds a user's strategy to this table too.

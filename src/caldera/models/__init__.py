@@ -79,8 +79,10 @@ class UNetSmall(nn.Module):
         return self.out(d1)
 
 
-from caldera.models.climate import ClimateNet  # noqa: E402  (the application models need nothing above)
+from caldera.models.bragg import BraggNN  # noqa: E402  (the application models need nothing above)
+from caldera.models.climate import ClimateNet  # noqa: E402
 from caldera.models.potential import NeuralPotential  # noqa: E402
 from caldera.models.transformer import Transformer  # noqa: E402
 
-__all__ = ["MLP", "MODELS", "ClimateNet", "NeuralPotential", "SmallCNN", "Transformer", "UNetSmall"]
+__all__ = ["MLP", "MODELS", "BraggNN", "ClimateNet", "NeuralPotential", "SmallCNN", "Transformer",
+           "UNetSmall"]  # fmt: skip

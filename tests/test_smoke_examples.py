@@ -33,6 +33,7 @@ COVERED = {
 CHAINS = {
     "climate": ["climate_forecast.toml", "climate_finetune.toml", "climate_rollout.py"],
     "imaging": ["imaging_denoise.toml", "imaging_denoise.py"],
+    "focus": ["focus.toml", "focus_eval.py"],
     "materials": ["materials_potential.toml", "materials_md.py"],
     "materials_active": ["materials_active.py"],
     "linalg": ["linalg_refinement.py"],
@@ -72,7 +73,7 @@ def test_example_runs_in_smoke_mode(chain, tmp_path):
     # Each run wrote its results into its own run directory under the scratch directory, none into the checkout.
     runs = {p.name for p in (tmp_path / "runs").iterdir()} if (tmp_path / "runs").exists() else set()
     expected = {"climate": {"climate-forecast", "climate-finetune"}, "imaging": {"imaging-denoise"},
-                "materials": {"materials-potential"}, "materials_active": {"materials-active"}, "linalg": set(),
+                "focus": {"focus"}, "materials": {"materials-potential"}, "materials_active": {"materials-active"}, "linalg": set(),
                 "export": {"heat-surrogate"}, "heat_long": {"heat-surrogate-long"}}  # fmt: skip
     assert runs == expected[chain], runs
     for run in runs:

@@ -15,6 +15,7 @@ SOURCES = Builtins({
     "digits": "caldera.data.builtin:digits", "heat": "caldera.sims.heat:dataset",
     "scientific": "caldera.data.scientific:dataset", "atoms": "caldera.sims.atoms:dataset",
     "phantoms": "caldera.sims.phantoms:dataset", "climate": "caldera.sims.climate:dataset",
+    "focus": "caldera.sims.focus:dataset",
 })  # fmt: skip
 
 # [model] name
@@ -22,6 +23,7 @@ MODELS = Builtins({
     "mlp": "caldera.models:MLP", "small_cnn": "caldera.models:SmallCNN", "unet_small": "caldera.models:UNetSmall",
     "neural_potential": "caldera.models.potential:NeuralPotential", "climate_net": "caldera.models.climate:ClimateNet",
     "transformer": "caldera.models.transformer:Transformer",
+    "focus": "caldera.models.focus:FocusNet",
 })  # fmt: skip
 
 # [train] loss. Named here, not by import path, so that a run directory that uses them needs no --trust-code

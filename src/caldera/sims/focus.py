@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from caldera.data.formats import DataError
+
 R_MAX = 6.0  # largest defocus radius in the training set, pixels
 THRESHOLD = 2.0  # in focus when r < THRESHOLD px: a blur disk of 4 px diameter is visibly soft at 64x64
 DOSE = (50.0, 500.0)  # electrons per pixel at intensity 1: drawn log-uniformly per image
@@ -173,8 +175,8 @@ def dataset(n: int = 4096, size: int = 64, r_max: float = R_MAX, dose_min: float
     """Return ``{"train", "val"}``: patches (1, size, size) -> defocus radius (1,) in px; validation is the last
     ``val_fraction`` of the seed's set."""
     if n < 2 or size < 16 or r_max <= 0 or not 0 < dose_min <= dose_max:
-        raise ValueError(f"n = {n}, size = {size}, r_max = {r_max}, dose = [{dose_min}, {dose_max}]: need n >= 2, "
-                         "size >= 16, r_max > 0 and 0 < dose_min <= dose_max")  # fmt: skip
+        raise DataError(f"[data] args: n = {n}, size = {size}, r_max = {r_max}, dose = [{dose_min}, {dose_max}]: "
+                        "need n >= 2, size >= 16 (patch side, px), r_max > 0 (px) and 0 < dose_min <= dose_max")  # fmt: skip
     x, r = generate(n, size, r_max, (dose_min, dose_max), seed)
     x, y = torch.from_numpy(x[:, None]), torch.from_numpy(r[:, None])
     n_val = int(n * val_fraction)

@@ -35,6 +35,7 @@ CHAINS = {
     "bragg": ["bragg.toml", "bragg_eval.py"],
     "imaging": ["imaging_denoise.toml", "imaging_denoise.py"],
     "imaging_gpu": ["imaging_denoise_gpu.toml"],
+    "focus": ["focus.toml", "focus_eval.py"],
     "materials": ["materials_potential.toml", "materials_md.py"],
     "materials_active": ["materials_active.py"],
     "linalg": ["linalg_refinement.py"],
@@ -74,7 +75,7 @@ def test_example_runs_in_smoke_mode(chain, tmp_path):
     # Each run wrote its results into its own run directory under the scratch directory, none into the checkout.
     runs = {p.name for p in (tmp_path / "runs").iterdir()} if (tmp_path / "runs").exists() else set()
     expected = {"climate": {"climate-forecast", "climate-finetune"}, "imaging": {"imaging-denoise"},
-                "imaging_gpu": {"imaging-denoise-gpu"},
+                "imaging_gpu": {"imaging-denoise-gpu"}, "focus": {"focus"},
                 "materials": {"materials-potential"}, "materials_active": {"materials-active"}, "linalg": set(),
                 "export": {"heat-surrogate"}, "heat_long": {"heat-surrogate-long"},
                 "bragg": {"bragg"}}  # fmt: skip

@@ -15,7 +15,7 @@ SOURCES = Builtins({
     "digits": "caldera.data.builtin:digits", "heat": "caldera.sims.heat:dataset",
     "scientific": "caldera.data.scientific:dataset", "atoms": "caldera.sims.atoms:dataset",
     "phantoms": "caldera.sims.phantoms:dataset", "climate": "caldera.sims.climate:dataset",
-    "bragg": "caldera.sims.bragg:dataset",
+    "bragg": "caldera.sims.bragg:dataset", "focus": "caldera.sims.focus:dataset",
 })  # fmt: skip
 
 # [model] name
@@ -24,6 +24,7 @@ MODELS = Builtins({
     "neural_potential": "caldera.models.potential:NeuralPotential", "climate_net": "caldera.models.climate:ClimateNet",
     "transformer": "caldera.models.transformer:Transformer", "bragg": "caldera.models.bragg:BraggNN",
     "denoise_unet": "caldera.models.imaging:DenoiseUNet",
+    "focus": "caldera.models.focus:FocusNet",
 })  # fmt: skip
 
 # [train] loss. Named here, not by import path, so that a run directory that uses them needs no --trust-code

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -77,3 +78,28 @@ def test_data_parallel_and_async_ps_across_two_nodes_equal_one_process(cluster):
     after = link_bytes(cluster)
     crossed = {dev: after[dev] - before.get(dev, 0) for dev in after}
     assert min(crossed.values()) > 200_000, crossed  # gradients (MBs in all) went down both nodes' links
+
+
+def test_a_link_down_mid_training_ends_every_rank_with_the_node_named(cluster):
+    # After step 3 the link to node 1 goes down (in the hub: no error, packets just vanish, as with a dead switch
+    # port). Every rank is then stuck in an all-reduce that cannot finish; the hang watchdog (hang_timeout 3 s)
+    # must name rank 1 and its node, and the launcher must notice the lost node: the job ends, nonzero, within
+    # seconds, and no process is left on either node. The link comes back for whatever runs next.
+    try:
+        proc = cluster_mpiexec(cluster, 2, ["tests/cluster/link_fault.py", "3"], timeout=120)
+    finally:
+        subprocess.run(["bash", str(VCLUSTER), "link", "1", "up"], env=cluster, check=True)
+    assert "link to node 1 down after step 3" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "finished at step" not in proc.stdout
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "no rank has made progress" in err and "hang_timeout = 3 s" in err, err[-3000:]
+    assert "The others wait for rank(s) 1:" in err and "a lost network link to node(s) vnode1" in err, err[
+        -3000:
+    ]
+    elapsed = float(re.search(r"link down at ([\d.]+)", proc.stdout).group(1))
+    assert time.time() - elapsed < 3 + 30, elapsed  # the watchdog's 3 s, then the launcher's ~9 s to give up
+    for node in (0, 1):
+        pids = subprocess.run(["ip", "netns", "pids", f"{cluster['VCLUSTER_PREFIX']}-n{node}"], capture_output=True,
+                              text=True, env=cluster).stdout.split()  # fmt: skip
+        assert not pids, f"processes left on node {node}: {pids}"

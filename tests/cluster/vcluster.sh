@@ -213,12 +213,15 @@ run_mpiexec() {
   fi
   [ "${map[0]:-}" != none ] || map=()
   # Open MPI 5 (PRRTE): the launch agent enters the node's namespaces; TCP only on the cluster's subnet, and
-  # ob1 with sm/tcp (UCX could talk between "nodes" through shared memory, bypassing the links).
+  # ob1 with sm/tcp (UCX could talk between "nodes" through shared memory, bypassing the links). TCP keepalives
+  # on the launcher's own links, so a node cut off is noticed in ~VCLUSTER_KEEPALIVE + 3 s and the job ends
+  # (the default, 300 s + 9 x 20 s, leaves mpiexec waiting after every rank it can reach has gone).
   in_node 0 "$mpiexec" --allow-run-as-root --oversubscribe --hostfile "$STATE/hostfile" \
     --prtemca plm_ssh_agent "$HERE/agent.sh" --prtemca plm_ssh_no_tree_spawn 1 --prtemca oob_tcp_if_include "$SUBNET.0/24" \
     --mca pml ob1 --mca btl self,sm,tcp --mca btl_tcp_if_include "$SUBNET.0/24" \
     --mca oob_tcp_if_include "$SUBNET.0/24" --mca osc sm,rdma --mca coll ^hcoll \
-    -x VCLUSTER_STATE="$STATE" -x VCLUSTER_PREFIX="$PREFIX" ${map[@]+"${map[@]}"} "$@"
+    --prtemca oob_tcp_keepalive_time "${VCLUSTER_KEEPALIVE:-6}" --prtemca oob_tcp_keepalive_intvl 1 \
+    --prtemca oob_tcp_keepalive_probes 3 -x VCLUSTER_STATE="$STATE" -x VCLUSTER_PREFIX="$PREFIX" ${map[@]+"${map[@]}"} "$@"
 }
 
 link_state() {

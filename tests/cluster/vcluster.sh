@@ -212,6 +212,11 @@ run_mpiexec() {
     [ -z "$np" ] || map=(--map-by "ppr:$(( (np + $(nodes) - 1) / $(nodes) )):node")
   fi
   [ "${map[0]:-}" != none ] || map=()
+  # Ranks on other nodes get only the environment named with -x: pass on what Python and Caldera read.
+  local var
+  for var in PYTHONPATH PYTHONUNBUFFERED OMP_NUM_THREADS CALDERA_RESTART CALDERA_RESUME; do
+    [ -z "${!var+set}" ] || map+=(-x "$var")
+  done
   # Open MPI 5 (PRRTE): the launch agent enters the node's namespaces; TCP only on the cluster's subnet, and
   # ob1 with sm/tcp (UCX could talk between "nodes" through shared memory, bypassing the links). TCP keepalives
   # on the launcher's own links, so a node cut off is noticed in ~VCLUSTER_KEEPALIVE + 3 s and the job ends

@@ -220,10 +220,12 @@ run_mpiexec() {
   # Open MPI 5 (PRRTE): the launch agent enters the node's namespaces; TCP only on the cluster's subnet, and
   # ob1 with sm/tcp (UCX could talk between "nodes" through shared memory, bypassing the links). TCP keepalives
   # on the launcher's own links, so a node cut off is noticed in ~VCLUSTER_KEEPALIVE + 3 s and the job ends
-  # (the default, 300 s + 9 x 20 s, leaves mpiexec waiting after every rank it can reach has gone).
+  # (the default, 300 s + 9 x 20 s, leaves mpiexec waiting after every rank it can reach has gone). Waiting
+  # ranks yield the core: every "node" shares this machine's cores, and a rank spinning in MPI_Wait takes one from
+  # a rank still computing (measured: the MLP all-reduced across a 10gbit link went 985 -> 1975 samples/s).
   in_node 0 "$mpiexec" --allow-run-as-root --oversubscribe --hostfile "$STATE/hostfile" \
     --prtemca plm_ssh_agent "$HERE/agent.sh" --prtemca plm_ssh_no_tree_spawn 1 --prtemca oob_tcp_if_include "$SUBNET.0/24" \
-    --mca pml ob1 --mca btl self,sm,tcp --mca btl_tcp_if_include "$SUBNET.0/24" \
+    --mca mpi_yield_when_idle 1 --mca pml ob1 --mca btl self,sm,tcp --mca btl_tcp_if_include "$SUBNET.0/24" \
     --mca oob_tcp_if_include "$SUBNET.0/24" --mca osc sm,rdma --mca coll ^hcoll \
     --prtemca oob_tcp_keepalive_time "${VCLUSTER_KEEPALIVE:-6}" --prtemca oob_tcp_keepalive_intvl 1 \
     --prtemca oob_tcp_keepalive_probes 3 -x VCLUSTER_STATE="$STATE" -x VCLUSTER_PREFIX="$PREFIX" ${map[@]+"${map[@]}"} "$@"

@@ -122,12 +122,14 @@ shape() {
   local only=${2:-} i n
   n=$(nodes)
   NETEM=0; has_netem && NETEM=1
+  # Refuse before touching any link, rather than leave them half shaped.
+  [ "$NETEM" = 1 ] || [ -z "$LOSS" ] || command -v nft >/dev/null \
+    || die "loss needs sch_netem (missing in this kernel) or nftables (apt-get install nftables)"
   for ((i = 0; i < n; i++)); do
     [ -z "$only" ] || [ "$only" = "$i" ] || continue
     shape_dev "$(node_ns $i)" eth0   # node -> hub
     shape_dev "$HUB" "n$i"           # hub -> node
     if [ "$NETEM" = 0 ] && command -v nft >/dev/null; then loss_nft "$(node_ns $i)"; fi
-    if [ "$NETEM" = 0 ] && [ -n "$LOSS" ] && ! command -v nft >/dev/null; then loss_nft "$(node_ns $i)"; fi
   done
   local applied="rate $RATE"
   [ -z "$DELAY" ] || { [ "$NETEM" = 1 ] && applied="$applied, delay $DELAY" \
@@ -148,6 +150,7 @@ down() {
     for f in "$STATE"/uts/*; do [ -e "$f" ] && { umount "$f" 2>/dev/null || true; }; done
   fi
   rm -rf "$STATE"
+  rmdir /etc/netns 2>/dev/null || true  # only if empty: other namespaces' files stay
 }
 
 up() {

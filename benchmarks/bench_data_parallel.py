@@ -56,14 +56,24 @@ def worker(kind: str, mode: str, global_batch: int, steps: int, optim: str = "sg
     )
     loss_fn = nn.CrossEntropyLoss()
     rank, size = 0, 1
-    if mode == "ddp":
+    if mode.startswith("ddp"):  # ddp | ddp-tuned[-BUCKET_MB] | ddp-fp16 (its fp16 compression hook)
         import torch.distributed as dist
 
         rank, size = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29541")
         dist.init_process_group("gloo", rank=rank, world_size=size)
-        net = nn.parallel.DistributedDataParallel(model)
+        # As DDP's users tune it: gradients as views into the buckets, a static graph, the bucket size swept.
+        tuned = (
+            {"gradient_as_bucket_view": True, "static_graph": True} if mode.startswith("ddp-tuned") else {}
+        )
+        if mode.startswith("ddp-tuned-"):
+            tuned["bucket_cap_mb"] = float(mode.rsplit("-", 1)[1])
+        net = nn.parallel.DistributedDataParallel(model, **tuned)
+        if mode == "ddp-fp16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            net.register_comm_hook(None, default_hooks.fp16_compress_hook)
 
         def backward(loss):
             loss.backward()
@@ -114,7 +124,7 @@ def worker(kind: str, mode: str, global_batch: int, steps: int, optim: str = "sg
         step()
 
     report_rate(one_step, global_batch, steps, rank)
-    if mode == "ddp":
+    if mode.startswith("ddp"):
         import torch.distributed as dist
 
         dist.destroy_process_group()

@@ -16,6 +16,7 @@ from tests.conftest import ROOT
 BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("bench_*.py"))
 MULTI_RANK = {
     "bench_async.py",
+    "bench_cluster.py",
     "bench_data_parallel.py",
     "bench_pipeline.py",
     "bench_sharded_checkpoint.py",

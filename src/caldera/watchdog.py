@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import faulthandler
+import socket
 import sys
 import threading
 import time
@@ -88,6 +89,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._comm: Any = None
+        self._hosts: list[str] | None = None  # every rank's hostname (rank 0 names the node of a silent rank)
 
     def mark(self, phase: str, step: int, epoch: int = -1) -> None:
         """Record that this rank reached ``phase`` (one of ``PHASES``) of ``step`` now (cheap: call it as often
@@ -105,6 +107,7 @@ class Watchdog:
                 if key not in _COMMS:
                     _COMMS[key] = mpi.Dup()  # its own tags and matching: never mixes with training's messages
                 self._comm = _COMMS[key]
+                self._hosts = self._comm.allgather(socket.gethostname())
         self.mark("starting", 0)
         self._thread = threading.Thread(target=self._run, name="caldera-watchdog", daemon=True)
         self._thread.start()
@@ -207,7 +210,7 @@ class Watchdog:
             f"caldera: no rank has made progress for {ages.min():.0f} s (hang_timeout = {self.timeout:g} s). "
             "Where each rank is:",
             *_table_lines(table, ages, silence, silent),
-            _verdict(table, silent),
+            _verdict(table, silent, self._hosts),
             f"Each rank's Python stack follows; then the job ends (exit code 124). {_ADVICE}",
         ]
         sys.stderr.write("\n" + "\n".join(lines) + "\n")
@@ -270,12 +273,16 @@ def _table_lines(table: np.ndarray, ages: np.ndarray, silence: np.ndarray, silen
     return lines
 
 
-def _verdict(table: np.ndarray, silent: list[int]) -> str:
+def _verdict(table: np.ndarray, silent: list[int], hosts: list[str] | None = None) -> str:
     """Which ranks the others wait for: the silent ones, else the ones furthest behind."""
     if silent:
         who = _ranges(silent)
+        # Silent ranks on other nodes than rank 0's may simply be unreachable: name those nodes.
+        away = sorted({hosts[r] for r in silent} - {hosts[0]}) if hosts else []
+        link = f", or a lost network link to node(s) {', '.join(away)}" if away else ""
         return (f"The others wait for rank(s) {who}: their watchdog threads stopped answering (native code "
-                "holding Python's lock, a suspended or swapped-out process); faulthandler prints their stacks.")  # fmt: skip
+                f"holding Python's lock, a suspended or swapped-out process{link}); faulthandler prints their "
+                "stacks.")  # fmt: skip
     keys = [(int(r[1]), int(r[2])) for r in table]  # step, then phase (epochs advance with the step)
     if len(set(keys)) == 1:
         return (f"Every rank is at the same place ({_where(table[0])}): a collective inside it did not complete "

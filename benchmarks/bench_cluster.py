@@ -1,0 +1,130 @@
+"""Data parallel between nodes: Caldera hierarchical (shm) vs flat MPI vs DDP-gloo, across shaped links.
+
+    sudo python benchmarks/bench_cluster.py [--nodes 2] [--per-node 2] [--links "10gbit 20us" "1gbit 100us"]
+                                            [--steps 10] [--repeats 1] [--batch 256] [--buckets 5 100]
+
+Brings up the virtual cluster of tests/cluster/ under a name of its own (root, network namespaces), and for each
+link shape runs bench_data_parallel.py's MLP worker (6.3 M parameters, 25 MB of fp32 gradients) on
+NODES x PER_NODE ranks: Caldera ``allreduce`` with the shm reducer (hierarchical: shared memory inside a node,
+MPI over TCP between nodes) and the mpi reducer (flat), each with the fp32 and the bf16 wire; DDP-gloo as
+default, tuned (``gradient_as_bucket_view``, ``static_graph``, bucket sizes swept) and with its fp16 compression
+hook. Before that it measures what each link delivers (tests/cluster/probe.py). Prints samples/s (medians) and
+the ratio to tuned DDP's best. Every "node" shares this machine's cores: read ratios, not speed-ups. Without
+namespaces it prints vcluster.sh's reason and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
+VCLUSTER = ROOT / "tests" / "cluster" / "vcluster.sh"
+WORKER = [sys.executable, str(HERE.parent / "bench_data_parallel.py"), "--worker"]
+# --smoke: one node pair, one rank each, Caldera (mpi between the nodes) only, a few small steps.
+SMOKE = {"nodes": 2, "per_node": 1, "links": ["1gbit 100us"], "steps": 2, "batch": 16, "repeats": 1,
+         "modes": ["caldera-mpi"], "buckets": []}  # fmt: skip
+MODES = ["caldera", "caldera-bf16", "caldera-mpi", "caldera-mpi-bf16", "ddp", "ddp-tuned", "ddp-fp16"]
+LABELS = {"caldera": "Caldera hierarchical (shm), fp32 wire", "caldera-bf16": "Caldera hierarchical (shm), bf16 wire",
+          "caldera-mpi": "Caldera flat (mpi), fp32 wire", "caldera-mpi-bf16": "Caldera flat (mpi), bf16 wire",
+          "ddp": "DDP-gloo default", "ddp-tuned": "DDP-gloo tuned, 25 MB buckets",
+          "ddp-fp16": "DDP-gloo + fp16 compression hook"}  # fmt: skip
+
+
+def cluster_env() -> dict[str, str]:
+    exe_dir = os.path.dirname(sys.executable)
+    return {**os.environ, "VCLUSTER_PREFIX": f"cvb{os.getpid()}", "VCLUSTER_STATE": f"/run/caldera-vcb-{os.getpid()}",
+            "MPIEXEC": os.path.join(exe_dir, "mpiexec"), "PATH": f"{exe_dir}:{os.environ['PATH']}:/usr/sbin:/sbin",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+            "OMP_NUM_THREADS": "1", "MASTER_ADDR": "vnode0", "MASTER_PORT": "29541", "GLOO_SOCKET_IFNAME": "eth0"}  # fmt: skip
+
+
+def vcluster(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(VCLUSTER), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def ranks(env: dict[str, str], n: int, cmd: list[str], timeout: float = 120) -> str:
+    """stdout of ``cmd`` on ``n`` ranks spread over the nodes (DDP's rendezvous address passed on)."""
+    try:
+        proc = vcluster(env, "mpiexec", "-n", str(n), "-x", "MASTER_ADDR", "-x", "MASTER_PORT", "-x",
+                        "GLOO_SOCKET_IFNAME", *cmd, timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        # gloo's teardown can hang after a complete, timed run (as in bench_data_parallel.py): keep the measurement.
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        if "samples/s=" in out:
+            print(
+                f"  (warning: {' '.join(cmd[-4:])} hung after measuring; killed after {timeout:g} s)",
+                flush=True,
+            )
+            return out
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--per-node", type=int, default=2)
+    parser.add_argument("--links", nargs="+", default=["10gbit 20us", "1gbit 100us"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=256, help="global batch")
+    parser.add_argument("--buckets", nargs="*", type=float, default=[5.0, 100.0],
+                        help="more bucket sizes (MB) for tuned DDP")  # fmt: skip
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="which rows (default: all)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
+    args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
+    env = cluster_env()
+    check = vcluster(env, "check")
+    if check.returncode == 3:
+        print(f"skipped: {(check.stdout or check.stderr).strip()} (0 measurements)")
+        return
+    modes = args.modes + [f"ddp-tuned-{b:g}" for b in args.buckets]
+    n = args.nodes * args.per_node
+    up = vcluster(env, "up", "--nodes", str(args.nodes), "--link", args.links[0])
+    if up.returncode != 0:
+        raise SystemExit(f"bench_cluster: the virtual cluster did not come up:\n{up.stdout}{up.stderr}")
+    try:
+        print(f"{args.nodes} nodes x {args.per_node} ranks x 1 thread, MLP, global batch {args.batch}, "
+              f"{args.steps} timed steps, {args.repeats} repeat(s) (medians)")  # fmt: skip
+        for link in args.links:
+            print(vcluster(env, "shape", link).stdout.strip(), flush=True)
+            probe = json.loads(
+                ranks(env, args.nodes, [sys.executable, str(VCLUSTER.parent / "probe.py"), "16"])
+            )
+            print(f"\nlink '{link}': delivers {probe['gbit_s']:.2f} Gbit/s, 8-byte latency {probe['latency_us']:.0f} µs "
+                  f"(ping-pong between two nodes)", flush=True)  # fmt: skip
+            rates: dict[str, list[float]] = {m: [] for m in modes}
+            for _ in range(args.repeats):
+                for mode in modes:
+                    out = ranks(env, n, [*WORKER, "mlp", mode, str(args.batch), str(args.steps), "sgd"])
+                    rates[mode].append(float(re.search(r"samples/s=([\d.]+)", out).group(1)))
+                    print(f"    {mode}: {rates[mode][-1]:.1f} samples/s", flush=True)
+            med = {m: statistics.median(v) for m, v in rates.items()}
+            tuned = [m for m in med if m.startswith("ddp-tuned")]
+            best = max(tuned, key=med.get) if tuned else None
+            for mode in modes:
+                label = LABELS.get(mode) or f"DDP-gloo tuned, {mode.rsplit('-', 1)[1]} MB buckets"
+                ratio = f"  x{med[mode] / med[best]:.2f} best tuned DDP" if best else ""
+                print(f"  {label:40s} {med[mode]:7.1f} samples/s{ratio}")
+    finally:
+        vcluster(env, "down")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Tear the virtual cluster down (idempotent).
+exec "$(dirname "$0")/vcluster.sh" down

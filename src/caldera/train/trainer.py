@@ -7,7 +7,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -226,6 +226,8 @@ class Trainer:
         (collective: every rank calls it, with or without batches)."""
         was_training = self.model.training
         self.model.eval()
+        if self.net is not None and self.strategy.collective_forward:
+            batches = _lockstep(batches, self.world.comm, self.strategy.join_forward)
         if self.step is not None:
             result = self._evaluate_step(batches, prefix)
             self.model.train(was_training)
@@ -458,7 +460,9 @@ class Trainer:
         self._check_fits(shared["model"], where)
         # A sharded optimizer state is whole again here; a sharded strategy cuts it anew in load_state_dict.
         if shared.get("sharded_layout") is not None:
-            merge_shards(shared["optimizer"], shared["sharded_layout"], shared.pop("sharded_parts"))
+            merge_shards(
+                shared["optimizer"], shared["sharded_layout"], shared.pop("sharded_parts"), shared["model"]
+            )
         self.load_state_dict(shared)
         self.resumed_from = where
         if local is not None:
@@ -691,6 +695,22 @@ def _xy(batches: Iterable, whole: bool = False) -> Iterable:
         return
     for batch, n_local, n_global in batches:
         yield as_xy(batch), n_local, n_global
+
+
+def _lockstep(batches: Iterable[Any], comm: Any, join: Callable[[], None]) -> Iterator[Any]:
+    """``batches``, while the ranks agree before each one whether any rank still has one (collective): a rank out of
+    batches calls ``join()`` for each forward the others still run (a strategy whose forward is collective)."""
+    mine = iter(batches)
+    while True:
+        item = next(mine, None)
+        flag = torch.tensor([0.0 if item is None else 1.0], dtype=torch.float64)
+        comm.Allreduce(flag)
+        if not flag[0]:
+            return
+        if item is None:
+            join()
+        else:
+            yield item
 
 
 def _format(logs: Mapping[str, float]) -> str:

@@ -17,6 +17,7 @@ BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("bench_*.py"))
 MULTI_RANK = {
     "bench_async.py",
     "bench_data_parallel.py",
+    "bench_fsdp.py",
     "bench_pipeline.py",
     "bench_sharded_checkpoint.py",
     "bench_tensor.py",

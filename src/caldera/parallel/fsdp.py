@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from caldera.comm.base import Handle
+from caldera.comm.base import Handle, wait_yielding
 from caldera.comm.buckets import Bucket, padded
 from caldera.models.materialize import materialize, on_meta
 from caldera.world import World
@@ -191,7 +191,9 @@ class ParamShards:
         """Make sure ``unit`` is gathered (start it if needed, wait for it)."""
         self.gather(unit)
         if unit.handle is not None:
-            unit.handle.wait()
+            # Polling with yields, not MPI's spinning wait: on shared cores the spin takes time from the very
+            # rank whose range is late (see comm.base.wait_yielding).
+            wait_yielding(unit.handle)
             unit.handle = None
             unit.gathered = True
 
@@ -200,7 +202,7 @@ class ParamShards:
         if self.whole:
             return
         if unit.handle is not None:
-            unit.handle.wait()
+            wait_yielding(unit.handle)
             unit.handle = None
         unit.full.untyped_storage().resize_(0)
         unit.gathered = False

@@ -125,7 +125,7 @@ def test_parallel_keys_are_the_chosen_strategys_options(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert "'parallel.staleness' = 3: not an option of strategy 'allreduce'; its options: bucket_mb, overlap, " \
-        "reducer, grad_comm, shard_optimizer, shard_gradients, fused_linear_grads" in str(err.value)  # fmt: skip
+        "reducer, grad_comm, shard_optimizer, shard_gradients, shard_params, fused_linear_grads" in str(err.value)  # fmt: skip
     for parallel, expected in [
         ({"strategy": "async-ps", "dead_timeout": "soon"}, "'parallel.dead_timeout' = 'soon': value error, 'soon' "
          "is not a duration"),

@@ -18,6 +18,7 @@ MULTI_RANK = {
     "bench_async.py",
     "bench_cluster.py",
     "bench_data_parallel.py",
+    "bench_fsdp.py",
     "bench_pipeline.py",
     "bench_sharded_checkpoint.py",
     "bench_tensor.py",

@@ -723,6 +723,26 @@ def _zero2_problem(options: dict[str, Any], precision: str) -> str | None:
     return None
 
 
+def _zero3_problem(cfg: Config) -> str | None:
+    """What keeps ZeRO-3 (``shard_params``) from this config, with the fix; None if nothing."""
+    options = cfg.parallel.options
+    if not options.get("shard_params"):
+        return None
+    if not (options.get("shard_gradients") and options.get("shard_optimizer")):
+        return "shards the gradients and the optimizer too: add shard_gradients = true and shard_optimizer = true"
+    if cfg.train.compile:
+        return "gathers blocks in hooks, eagerly: set [train] compile = false"
+    if cfg.train.activation_checkpointing:
+        return "does not combine with [train] activation_checkpointing yet: set it false, or shard_params = false"
+    if not cfg.checkpoint.sharded:
+        return "writes each rank's ranges into its own checkpoint file: set [checkpoint] sharded = true"
+    if cfg.model.weights:
+        return "builds the model without storage and cannot start from [model] weights yet: remove them"
+    if cfg.precision.mode not in ("fp32", "bf16-mixed"):
+        return "keeps fp32 parameters: use [precision] mode = 'fp32' or 'bf16-mixed'"
+    return None
+
+
 def _check_references(cfg: Config, where: str) -> None:
     try:
         _check_name(cfg.model.name, MODELS, "[model] name")
@@ -779,6 +799,9 @@ def _check_references(cfg: Config, where: str) -> None:
     zero2 = _zero2_problem(cfg.parallel.options, cfg.precision.mode)
     if zero2:
         raise ConfigError(f"{where}: [parallel] shard_gradients = true {zero2}")
+    zero3 = _zero3_problem(cfg)
+    if zero3:
+        raise ConfigError(f"{where}: [parallel] shard_params = true {zero3}")
     problem = unsupported(cfg.parallel.strategy, cfg.precision.mode)
     if problem:
         raise ConfigError(f"{where}: [parallel] {problem}")

@@ -321,6 +321,19 @@ class MPIComm:
         bufs = self._buf(send), self._buf(recv)
         return MPIRequestHandle(self.comm.Ireduce_scatter(bufs[0], bufs[1], list(counts), op=_op(op)), bufs)
 
+    def Iallgatherv(self, send: torch.Tensor, recv: torch.Tensor, counts: list[int]):
+        """Start gathering every rank's ``send`` (``counts[rank]`` numbers, blocks of any size) into ``recv`` back
+        to back in rank order; read ``recv`` after ``wait()``. CPU or CUDA-aware MPI only."""
+        displs = [sum(counts[:r]) for r in range(len(counts))]
+        if recv.is_cuda or recv.dtype != torch.float32:
+            raise TypeError("Iallgatherv gathers float32 CPU tensors")
+        # The receiving tensor is addressed raw, not through numpy: ``Tensor.numpy()`` marks the storage as not
+        # resizable for good, and ZeRO-3 frees and re-grows exactly this storage around each gather.
+        MPI = _mpi()
+        raw = MPI.buffer.fromaddress(recv.data_ptr(), recv.numel() * 4)
+        request = self.comm.Iallgatherv(self._buf(send), [raw, (list(counts), displs), MPI.FLOAT])
+        return MPIRequestHandle(request, (send, recv))
+
     def Barrier(self) -> None:
         """Wait until every rank has arrived."""
         self.comm.Barrier()

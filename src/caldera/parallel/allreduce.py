@@ -42,9 +42,13 @@ from caldera.comm.linear_grads import fuse
 from caldera.comm.lowp import LowPrecisionSum, SumJob, wire_dtype
 from caldera.config import StrategyOptions
 from caldera.errors import ConfigError
+from caldera.models.materialize import materialize, on_meta
 from caldera.parallel.base import Purpose, Strategy, clip_and_measure, register
+from caldera.parallel.fsdp import ParamShards
 from caldera.parallel.zero import ShardedOptimizer
 from caldera.world import World
+
+_POOL = 3  # gradient bucket buffers kept between steps (the buckets in flight at once, typically)
 
 
 class AllReduceOptions(StrategyOptions):
@@ -62,6 +66,10 @@ class AllReduceOptions(StrategyOptions):
     shard_gradients: bool = Field(
         False, description="with shard_optimizer: gradients are reduce-scattered, each rank keeps only the 1/N "
         "its optimizer range steps (ZeRO-2)",
+    )  # fmt: skip
+    shard_params: bool = Field(
+        False, description="with shard_gradients: each rank keeps only 1/N of the parameters too, each block "
+        "gathered just before it runs and freed after (ZeRO-3); the model is built without storage and never whole",
     )  # fmt: skip
     fused_linear_grads: bool = Field(
         True, description="nn.Linear weight gradients are added into the gradient buckets by their own GEMM (no "
@@ -86,6 +94,7 @@ class AllReduce(Strategy):
         grad_comm: str = "fp32",
         shard_optimizer: bool = False,
         shard_gradients: bool = False,
+        shard_params: bool = False,
         fused_linear_grads: bool = True,
     ) -> None:
         if reducer not in ("auto", "mpi", "shm"):
@@ -108,6 +117,14 @@ class AllReduce(Strategy):
         if shard_gradients and (not shard_optimizer or grad_comm != "fp32"):
             raise ValueError("shard_gradients needs shard_optimizer = true and grad_comm = 'fp32'")
         self.shard_gradients = shard_gradients
+        if shard_params and not shard_gradients:
+            raise ValueError("shard_params needs shard_gradients = true and shard_optimizer = true")
+        # ZeRO-3 (``parallel/fsdp.py``): the model arrives without storage; this rank materialises its range only.
+        self.shard_params = self.builds_on_meta = shard_params
+        self.zero3: ParamShards | None = None
+        self._pool: list[
+            torch.Tensor
+        ] = []  # bucket storage kept between steps (ZeRO-2/3), at most _POOL buffers
         # ZeRO-2: bucket storage exists only from a bucket's first gradient to the end of its reduce-scatter;
         # what stays is this rank's range of the summed gradients (``_grad_shard``).
         self._grad_shard: torch.Tensor | None = None
@@ -119,6 +136,11 @@ class AllReduce(Strategy):
     ) -> torch.nn.Module:
         """Broadcast rank 0's weights and buffers, build the buckets and install the gradient hooks."""
         self.model, self.optimizer, self.world, self.comm = model, optimizer, world, world.comm
+        if self.shard_params:
+            if world.size > 1:
+                return self._setup_zero3(model, optimizer)
+            if on_meta(model):  # one process: the plain model, whole
+                materialize(model, None, world.device, optimizer)
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
                 self.comm.Bcast(t.data if t.is_contiguous() else t.data.contiguous(), root=0)
@@ -153,6 +175,25 @@ class AllReduce(Strategy):
             self._unfuse = fuse(model, lambda: self._in_backward)
         return model
 
+    def _setup_zero3(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+        """ZeRO-3: materialise this rank's range of the parameters; one gradient bucket per unit; hooks."""
+        if self.compiled or not hasattr(self.comm, "Iallgatherv") or self.world.device.type != "cpu":
+            raise ConfigError("[parallel] shard_params gathers blocks through MPI on CPU ranks, eagerly: start the "
+                              "ranks with `caldera launch` or mpiexec on CPU, without [train] compile")  # fmt: skip
+        self.zero3 = zero3 = ParamShards(model, optimizer, self.world)
+        self.reducer = "mpi"
+        self.buckets = zero3.buckets()
+        self.n_buckets = len(self.buckets)
+        self._shard_comm = self.comm
+        self.shards = ShardedOptimizer(self.optimizer, zero3.layout(), self.world.rank, self.world.size,
+                                       local=zero3.local)  # fmt: skip
+        self._shard_grads([zero3_unit.end - zero3_unit.start for zero3_unit in zero3.units])
+        for b in self.buckets:  # reduce-scatter a unit's gradients as soon as they are all in
+            for p in b.params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b)))
+        zero3.install()
+        return model
+
     def _shard(self, params: list[torch.nn.Parameter]) -> None:
         """Give this rank its range of the optimizer (ZeRO-1, ``parallel/zero.py``)."""
         from caldera.parallel.zero import ShardedOptimizer
@@ -173,9 +214,10 @@ class AllReduce(Strategy):
             self._flat = torch.empty(self.shards.chunk * self.world.size, dtype=params[0].dtype,
                                      device=params[0].device)  # fmt: skip
 
-    def _shard_grads(self) -> None:
-        """ZeRO-2: drop the buckets' storage until gradients arrive; keep this rank's range of their sums."""
-        if not hasattr(self.comm, "Ireduce_scatter") or self.buckets[0].flat.is_cuda:
+    def _shard_grads(self, numel: list[int] | None = None) -> None:
+        """ZeRO-2: drop the buckets' storage until gradients arrive; keep this rank's range of their sums.
+        ``numel``: each bucket's length (ZeRO-3's buckets come without storage)."""
+        if not hasattr(self.comm, "Ireduce_scatter") or self.world.device.type != "cpu":
             raise ConfigError(
                 "[parallel] shard_gradients reduce-scatters uneven ranges through MPI on CPU tensors: start the "
                 "ranks with `caldera launch` or mpiexec on CPU, or set shard_gradients = false"
@@ -191,7 +233,7 @@ class AllReduce(Strategy):
         self._scatter: list[tuple[int, list[int], torch.Tensor]] = []
         self._numel: list[int] = []  # each bucket's length while it exists
         for b in self.buckets:
-            n = b.flat.numel()
+            n = b.flat.numel() if numel is None else numel[b.index]
             counts = [max(0, min(hi, b.start + n) - max(lo, b.start)) for lo, hi in ranges]
             at = max(shards.lo, b.start) - shards.lo
             self._scatter.append((sum(counts), counts, self._grad_shard[at : at + counts[shards.rank]]))
@@ -209,13 +251,22 @@ class AllReduce(Strategy):
         return hook
 
     def _allocate(self, bucket: Bucket) -> None:
-        bucket.flat = torch.zeros(self._numel[bucket.index], dtype=self._grad_shard.dtype)
+        # Storage comes from a few buffers kept between steps: allocating (and faulting in) fresh pages for
+        # every bucket of every step made ZeRO-2 slow.
+        n = self._numel[bucket.index]
+        buffer = self._pool.pop() if self._pool else None
+        if buffer is None or buffer.numel() < n:
+            buffer = torch.empty(max(self._numel), dtype=self._grad_shard.dtype)
+        bucket.flat = buffer[:n].zero_()
         point_grads(bucket, bucket.flat)
 
     def _release(self, bucket: Bucket) -> None:
         """ZeRO-2: the bucket's sums are in this rank's range: free its whole gradients."""
         for p in bucket.params:
             p.grad = None
+        buffer = bucket.flat._base if bucket.flat._base is not None else bucket.flat
+        if len(self._pool) < _POOL and buffer.numel():
+            self._pool.append(buffer)
         bucket.flat = bucket.flat.new_empty(0)
 
     def _gather_params(self) -> None:
@@ -260,12 +311,15 @@ class AllReduce(Strategy):
         the ranks of the first node that holds each range write it."""
         if self.shards is None:
             return None
-        layout = self.shards.shard_layout()
+        layout = self.shards.shard_layout(self.zero3.names() if self.zero3 is not None else None)
         holders = self.comm.allgather(self.shards.rank)
         writer = [holders.index(shard) for shard in range(self.shards.size)]
         layout["files"] = [f"rank-{r:05d}.pt" for r in writer]
         mine = writer[self.shards.rank] == self.world.rank
-        return {"layout": layout, "state": self.shards.local_state() if mine else None}
+        state = self.shards.local_state() if mine else None
+        if state is not None and self.zero3 is not None:  # this rank's ranges of the parameters themselves
+            state["params"] = [piece for *_, piece in self.shards.pieces]
+        return {"layout": layout, "state": state}
 
     def _use_shm(self, params: list[torch.nn.Parameter]) -> bool:
         if self.reducer_name == "shm" and self.world.launcher == "torchrun":
@@ -345,10 +399,14 @@ class AllReduce(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss / ranks``; full buckets start reducing during this call."""
         self._in_backward = True
+        if self.zero3 is not None:
+            self.zero3.in_backward = True
         try:
             (loss / self.world.size if self.world.size > 1 else loss).backward()
         finally:
             self._in_backward = False
+            if self.zero3 is not None:
+                self.zero3.in_backward = False
 
     def step(self) -> None:
         """Finish every bucket's reduction, then update the weights and zero the buckets."""
@@ -408,7 +466,10 @@ class AllReduce(Strategy):
             if clip:  # as clip_grad_norm_
                 grads.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))
             self._grad_norm = norm if measure else None
-        if self.shards.step(grads):
+        if self.zero3 is not None:
+            self.shards.step(grads)
+            self.zero3.free_all()  # the next forward gathers the updated ranges, unit by unit
+        elif self.shards.step(grads):
             self._gather_params()
         for b in self.buckets:
             b.pending, b.handle = len(b.params), None
@@ -430,9 +491,14 @@ class AllReduce(Strategy):
         optimizer's state on rank 0, unless each rank writes its own (the end of a run follows validation:
         nothing to do)."""
         if purpose == "outputs":
+            if self.zero3 is not None:  # model.pt and the plots: the whole model, gathered once at the end
+                self.zero3.gather_whole()
             return
         self.synchronize()
         if purpose == "checkpoint":
+            if self.zero3 is not None:
+                raise ConfigError("[parallel] shard_params writes sharded checkpoints only: set [checkpoint] "
+                                  "sharded = true")  # fmt: skip
             self.gather_state()
 
     def synchronize(self) -> None:
@@ -455,9 +521,21 @@ class AllReduce(Strategy):
         if self.shards is not None:
             self.shards.load_from_base()
 
+    @property
+    def collective_forward(self) -> bool:  # type: ignore[override]
+        """ZeRO-3's forward gathers each block from every rank: the ranks run their forwards together."""
+        return self.zero3 is not None and not self.zero3.whole
+
+    def join_forward(self) -> None:
+        """Take part in another rank's forward without a batch of this rank's own (ZeRO-3's gathers)."""
+        if self.zero3 is not None:
+            self.zero3.join_forward()
+
     def close(self) -> None:
         """Remove the hooks and give the gradients back as ordinary tensors."""
         self._unfuse()
+        if self.zero3 is not None:
+            self.zero3.close()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

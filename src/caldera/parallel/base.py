@@ -77,6 +77,9 @@ class Strategy(ABC):
     # part of it (``caldera.models.materialize``); the whole model never exists in one process. An instance may
     # set it from its options (allreduce with ``shard_params``).
     builds_on_meta: bool = False
+    # True: a forward of the model is collective (ZeRO-3 gathers each block from every rank), so the ranks run
+    # their validation forwards together; a rank out of batches calls ``join_forward()`` while others still have one.
+    collective_forward: bool = False
     # The ``[parallel] strategy`` name ``make_strategy`` built it under (messages name it; None: built directly).
     config_name: str | None = None
 
@@ -141,6 +144,10 @@ class Strategy(ABC):
         """Validation forward of ``model`` (the whole model the trainer holds): the output where the batch is
         scored, None on ranks that do not score it."""
         return model(x)
+
+    def join_forward(self) -> None:
+        """Take part in one forward that other ranks run while this rank has no batch (``collective_forward``)."""
+        return None  # a default: forwards are local unless collective_forward
 
     def consolidate(self, purpose: Purpose) -> None:
         """Make the ranks agree before ``purpose`` (collective): nothing to do for one process."""

@@ -30,11 +30,13 @@ class ShardedOptimizer:
     """Step ``optimizer``'s update for this rank's range ``[lo, hi)`` of the flat parameter layout only.
 
     ``layout`` lists every parameter with its offset in the flat vector (the gradient buckets' layout).
-    ``rank``/``size`` say which of ``size`` equal ranges is this rank's.
+    ``rank``/``size`` say which of ``size`` equal ranges is this rank's. ``local``: this rank's range of the flat
+    parameters held apart from the parameters (ZeRO-3, ``parallel/fsdp.py``: the parameters themselves exist only
+    while gathered); the optimizer steps views of it instead of views of the parameters.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, layout: list[tuple[torch.nn.Parameter, int]],
-                 rank: int, size: int) -> None:  # fmt: skip
+                 rank: int, size: int, local: torch.Tensor | None = None) -> None:  # fmt: skip
         # fp16-mixed's wrapper: its loss scaler decides on the reduced (identical) gradients, so every rank skips
         # an overflowing step alike; the wrapped optimizer is the one to cut.
         self.scaler = getattr(optimizer, "scaler", None)
@@ -63,7 +65,9 @@ class ShardedOptimizer:
         for p, o in layout:
             a, b = max(self.lo, o) - o, min(self.hi, o + p.numel()) - o
             if a < b:
-                piece = p.detach().view(-1)[a:b]
+                piece = (
+                    p.detach().view(-1)[a:b] if local is None else local[o + a - self.lo : o + b - self.lo]
+                )
                 self.pieces.append((p, o, a, b, piece))
                 by_group.setdefault(group_of[id(p)], []).append(piece)
         self.groups = sorted(by_group)  # the base optimizer's group of each of the shard optimizer's groups
@@ -135,20 +139,24 @@ class ShardedOptimizer:
                 state[key] = flat[o : o + p.numel()].view_as(p).to(p.device, copy=True)
                 state.update({k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()})
 
-    def shard_layout(self) -> dict[str, Any]:
+    def shard_layout(self, names: dict[int, str] | None = None) -> dict[str, Any]:
         """Where each number of the flat state lives, the same on every rank (JSON, for a checkpoint's manifest):
         ``size`` equal ranges of ``chunk`` numbers over ``total``; each parameter's index in the optimizer's
-        ``state_dict``, its offset in the flat vector and its shape."""
+        ``state_dict``, its offset in the flat vector and its shape. ``names`` ({id(parameter): its name in the
+        model's state_dict}): the parameters are sharded too (ZeRO-3, kind ``zero-3``): each entry names its
+        parameter, whose ranges the shards hold beside the optimizer's."""
         index = {id(p): i for i, p in enumerate(p for g in self.base.param_groups for p in g["params"])}
+        named = (lambda p: {"name": names[id(p)]}) if names is not None else (lambda p: {})
         return {
-            "kind": "zero-1",
+            "kind": "zero-1" if names is None else "zero-3",
             "size": self.size,
             "total": self.total,
             "chunk": self.chunk,
             "ranges": [[min(r * self.chunk, self.total), min((r + 1) * self.chunk, self.total)]
                        for r in range(self.size)],
             "dtype": str(self.dtype).removeprefix("torch."),
-            "params": [{"index": index[id(p)], "offset": o, "shape": list(p.shape)} for p, o in self.layout],
+            "params": [{"index": index[id(p)], "offset": o, "shape": list(p.shape), **named(p)}
+                       for p, o in self.layout],
         }  # fmt: skip
 
     def local_state(self) -> dict[str, Any]:
@@ -207,8 +215,10 @@ class ShardedOptimizer:
 def unshard(layout: dict[str, Any], parts: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """The whole optimizer state ({parameter index: {key: tensor}}, as in a ``state_dict``) from every range's
     ``local_state()`` and their ``shard_layout()``: what ``gather_state`` would have assembled."""
-    if layout.get("kind") != "zero-1":  # the one sharded layout so far; another needs its own reassembly
-        raise ValueError(f"sharded optimizer state of kind {layout.get('kind')!r}: only 'zero-1' is read")
+    if layout.get("kind") not in ("zero-1", "zero-3"):  # the same flat ranges (zero-3 adds the parameters')
+        raise ValueError(
+            f"sharded optimizer state of kind {layout.get('kind')!r}: only 'zero-1' and 'zero-3' are read"
+        )
     if sorted(part["shard"] for part in parts) != list(range(layout["size"])):
         raise ValueError(f"the optimizer state has {layout['size']} shards, {len(parts)} were found")
     parts = sorted(parts, key=lambda part: part["shard"])
@@ -242,10 +252,16 @@ def unshard(layout: dict[str, Any], parts: list[dict[str, Any]]) -> dict[int, di
     return state
 
 
-def merge_shards(optimizer_state: dict[str, Any], layout: dict[str, Any],
-                 parts: list[dict[str, Any]]) -> None:  # fmt: skip
+def merge_shards(optimizer_state: dict[str, Any], layout: dict[str, Any], parts: list[dict[str, Any]],
+                 model_state: dict[str, Any] | None = None) -> None:  # fmt: skip
     """Put the whole state ``unshard`` reassembles into ``optimizer_state`` (a ``state_dict`` whose state each
-    rank wrote as shards: a torch optimizer's, or a wrapper's holding one under ``optimizer``)."""
+    rank wrote as shards: a torch optimizer's, or a wrapper's holding one under ``optimizer``); a ``zero-3`` layout's
+    parameters go into ``model_state`` (the model's ``state_dict``, which holds shapes only for them)."""
+    if layout.get("kind") == "zero-3" and model_state is not None:
+        whole = unshard(layout, [{"shard": p["shard"], "vectors": {"param": p["params"]}, "scalars": {}}
+                                 for p in parts])  # fmt: skip
+        for p in layout["params"]:
+            model_state[p["name"]] = whole[p["index"]]["param"]
     while "state" not in optimizer_state:  # fp16-mixed's wrapper: {"optimizer": ..., "scaler": ...}
         optimizer_state = optimizer_state["optimizer"]
     optimizer_state["state"].update(unshard(layout, parts))

@@ -267,7 +267,8 @@ def config_hash(cfg: Config) -> str:
 RESUME_MAY_CHANGE = ("optim.epochs", "checkpoint.", "run.name", "run.dir", "run.device", "run.hang_timeout",
                      "train.progress", "train.plot", "train.tensorboard", "data.num_workers", "parallel.bucket_mb",
                      "parallel.overlap", "parallel.reducer", "parallel.fused_linear_grads", "train.compile", "tune.",
-                     "log.", "parallel.shard_optimizer", "parallel.shard_gradients")  # fmt: skip
+                     "log.", "parallel.shard_optimizer", "parallel.shard_gradients",
+                     "parallel.shard_params")  # fmt: skip
 
 
 def build_checkpointer(cfg: Config, world: World, time_limit: str | float | None = None,

@@ -7,7 +7,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -231,6 +231,8 @@ class Trainer:
         (collective: every rank calls it, with or without batches)."""
         was_training = self.model.training
         self.model.eval()
+        if self.net is not None and self.strategy.collective_forward:
+            batches = _lockstep(batches, self.world.comm, self.strategy.join_forward)
         if self.step is not None:
             result = self._evaluate_step(batches, prefix)
             self.model.train(was_training)
@@ -467,7 +469,8 @@ class Trainer:
         if "sharded_parts" in shared and layout.get("kind") == "tensor":  # weights too: before the fit check
             merge_tensor_shards(shared, layout, shared.pop("sharded_parts"))
         elif "sharded_parts" in shared:
-            merge_shards(shared["optimizer"], layout, shared.pop("sharded_parts"))
+            # A zero-3 layout's parameters too: they fill the model's state before the fit check.
+            merge_shards(shared["optimizer"], layout, shared.pop("sharded_parts"), shared["model"])
         self._check_fits(shared["model"], where)
         self.load_state_dict(shared)
         self.resumed_from = where
@@ -706,6 +709,22 @@ def _xy(batches: Iterable, whole: bool = False) -> Iterable:
         return
     for batch, n_local, n_global in batches:
         yield as_xy(batch), n_local, n_global
+
+
+def _lockstep(batches: Iterable[Any], comm: Any, join: Callable[[], None]) -> Iterator[Any]:
+    """``batches``, while the ranks agree before each one whether any rank still has one (collective): a rank out of
+    batches calls ``join()`` for each forward the others still run (a strategy whose forward is collective)."""
+    mine = iter(batches)
+    while True:
+        item = next(mine, None)
+        flag = torch.tensor([0.0 if item is None else 1.0], dtype=torch.float64)
+        comm.Allreduce(flag)
+        if not flag[0]:
+            return
+        if item is None:
+            join()
+        else:
+            yield item
 
 
 def _format(logs: Mapping[str, float]) -> str:

@@ -1,0 +1,180 @@
+"""Caldera's ZeRO-3 (allreduce with shard_params) vs. PyTorch's FSDP2 and ZeroRedundancyOptimizer, on CPU ranks.
+
+    python benchmarks/bench_fsdp.py [--ranks 2] [--dim 256] [--layers 4] [--batch 32] [--steps 10] [--repeats 3]
+
+Same model (the built-in ``transformer``), same batch, Adam, N ranks x 1 thread, the three alternating R times:
+
+- Caldera: ``allreduce`` with ``shard_optimizer``, ``shard_gradients`` and ``shard_params`` (MPI), the model built on
+  the meta device and materialised shard by shard;
+- FSDP2: ``torch.distributed.fsdp.fully_shard`` on each block and then on the root, ``reshard_after_forward=True``
+  (its documented default and recommended per-block wrapping), gloo;
+- ZeRO-1: DDP with ``gradient_as_bucket_view=True`` and ``torch.distributed.optim.ZeroRedundancyOptimizer``, gloo.
+
+Prints medians of samples/s and of the peak resident memory (RSS high-water mark) of the worst rank, and the ratios
+to each peer. The worker half of this file runs inside the ranks (``--worker``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+TOKENS, FEATURES = 32, 16
+# --smoke: each row once, two steps of a small model.
+SMOKE = {"repeats": 1, "steps": 2, "batch": 4, "dim": 32, "layers": 2}
+
+
+def worker(mode: str, dim: int, layers: int, batch: int, steps: int) -> None:
+    import torch
+    from torch import nn
+
+    from caldera.models import Transformer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, TOKENS, FEATURES, generator=g), torch.randn(batch, 8, generator=g)
+    loss_fn = nn.MSELoss()
+    args = {
+        "in_features": FEATURES,
+        "out_features": 8,
+        "dim": dim,
+        "heads": 8,
+        "layers": layers,
+        "max_tokens": TOKENS,
+    }
+    if mode == "caldera":
+        import caldera
+
+        world = caldera.init(seed=0)
+        rank, size = world.rank, world.size
+        with torch.device("meta"):  # never whole on a rank
+            model = Transformer(**args)
+        options = {"shard_optimizer": True, "shard_gradients": True, "shard_params": True}
+        trainer = caldera.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-4), loss_fn, world=world,
+                                  strategy="allreduce", strategy_options=options, progress=False, plot=False)  # fmt: skip
+        xs, ys = x.tensor_split(size)[rank], y.tensor_split(size)[rank]
+
+        def one_step():
+            trainer.train_step(xs, ys)
+
+    else:
+        import torch.distributed as dist
+
+        rank, size = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group("gloo", rank=rank, world_size=size)
+        xs, ys = x.tensor_split(size)[rank], y.tensor_split(size)[rank]
+        if mode == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (size,))
+            with torch.device("meta"):  # as its docs build large models: then to_empty + init per rank
+                model = Transformer(**args)
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh, reshard_after_forward=True)
+            fully_shard(model, mesh=mesh, reshard_after_forward=True)
+            model.to_empty(device="cpu")
+            for m in model.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            net, opt = model, torch.optim.Adam(model.parameters(), lr=1e-4)
+        else:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = Transformer(**args)
+            net = DistributedDataParallel(model, gradient_as_bucket_view=True)
+            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=1e-4)
+
+        def one_step():
+            loss_fn(net(xs), ys).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    from bench_data_parallel import report_rate  # the timing and the line that run() reads, in one place
+
+    report_rate(one_step, batch, steps, rank)
+    # Every rank's high-water mark (Linux reports KiB).
+    print(f"peak_rank{rank}={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}", flush=True)
+    if mode != "caldera":
+        import torch.distributed as dist
+
+        dist.barrier()  # together: a rank tearing gloo down while another still talks aborts
+        dist.destroy_process_group()
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    """Samples/s and the worst rank's peak RSS (MiB) of one measured run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    rate, peaks = (
+        re.search(r"samples/s=([\d.]+)", out.stdout),
+        re.findall(r"peak_rank\d+=([\d.]+)", out.stdout),
+    )
+    if out.returncode != 0 or not rate or not peaks:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
+    return float(rate.group(1)), max(map(float, peaks))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument(
+        "--worker", nargs=5, metavar=("MODE", "DIM", "LAYERS", "BATCH", "STEPS"), help=argparse.SUPPRESS
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
+    )
+    args = p.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
+    if args.worker:
+        mode, *sizes = args.worker
+        worker(mode, *map(int, sizes))
+        return
+    sys.path.insert(0, str(HERE.parent))  # bench_data_parallel, imported by the workers
+    from caldera.launch import build_command
+
+    n, me = args.ranks, [sys.executable, str(HERE), "--worker"]
+    spec = [str(args.dim), str(args.layers), str(args.batch), str(args.steps)]
+    modes = ("fsdp2", "zero1", "caldera")
+    results: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    for _ in range(args.repeats):  # alternating, so a change in the machine's load hits all three alike
+        for mode in modes:
+            results[mode].append(run(build_command(n, [*me, mode, *spec])))
+    rate = {m: statistics.median(r for r, _ in v) for m, v in results.items()}
+    peak = {m: statistics.median(k for _, k in v) for m, v in results.items()}
+    print(f"transformer dim {args.dim}, {args.layers} blocks, 8 heads, {TOKENS} tokens, Adam, batch {args.batch}, "
+          f"{n} ranks x 1 thread, {args.steps} steps, {args.repeats} repeats (medians)")  # fmt: skip
+    labels = {"fsdp2": "FSDP2 fully_shard per block (gloo)", "zero1": "DDP + ZeroRedundancyOptimizer (gloo)",
+              "caldera": "Caldera ZeRO-3 shard_params (MPI)"}  # fmt: skip
+    for mode in modes:
+        runs = ", ".join(f"{r:.1f}" for r, _ in results[mode])
+        print(
+            f"  {labels[mode]:38s} {rate[mode]:7.1f} samples/s  peak RSS {peak[mode]:6.1f} MiB/rank  [{runs}]"
+        )
+    for peer in ("fsdp2", "zero1"):
+        print(f"  Caldera vs {labels[peer].split(' (')[0]}: x{rate['caldera'] / rate[peer]:.2f} samples/s, "
+              f"x{peak['caldera'] / peak[peer]:.2f} peak memory")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Parameters sharded over data-parallel ranks (ZeRO stage 3): no rank holds the whole model, at any time.
+
+The flat parameter vector (the layout of ZeRO-1/2 in ``parallel/zero.py``) is cut into N equal ranges; each rank
+keeps only its range (``local``), which its optimizer steps. The model is cut into *units*: each element of a
+top-level ``nn.ModuleList`` or ``nn.Sequential`` (a transformer's blocks, an MLP's layers) is one, and the
+parameters outside them (embeddings, the head) form the root unit. A unit's parameters are contiguous in the flat
+vector, so they are views of one buffer (``Unit.full``) whose storage exists only while the unit is gathered:
+
+- forward: just before a unit runs, its buffer is all-gathered (``Iallgatherv``: the ranges cut units unevenly),
+  and the next unit's gather is started at once, so that it travels while this one computes (prefetch); after the
+  unit ran, its storage is freed (``untyped_storage().resize_(0)``: the autograd graph keeps its views, which see
+  the numbers again once the storage is gathered anew). The last unit stays for backward; the root unit stays
+  until its gradients are in (it runs first and last).
+- backward: a hook on a unit's output fires when the gradient reaches it, before the unit's own backward: the unit
+  is gathered again (waiting for its prefetch) and the gather of the unit before it is started. Once every
+  parameter of a unit has its gradient, its storage is freed; the gradients are reduce-scattered per unit by
+  ZeRO-2's machinery in ``parallel/allreduce.py`` (one bucket per unit) into this rank's range.
+- step: the optimizer updates ``local``; every unit is freed, so the next forward gathers the new numbers.
+
+The model can arrive built on the meta device (``builds_on_meta``): each module is materialised, broadcast from
+rank 0, cut to this rank's range and freed before the next (``caldera.models.materialize``), so the whole model
+never exists in one process. Checkpoints hold each rank's ranges of the parameters beside its optimizer ranges
+(layout kind ``zero-3``); ``model.pt`` is whole: rank 0 gathers the parameters at the end (``gather_whole``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from caldera.comm.base import Handle, wait_yielding
+from caldera.comm.buckets import Bucket, padded
+from caldera.models.materialize import materialize, on_meta
+from caldera.world import World
+
+
+@dataclass
+class Unit:
+    """A group of parameters gathered and freed together: ``[start, end)`` of the flat vector."""
+
+    name: str
+    module: nn.Module
+    params: list[tuple[str, nn.Parameter]]  # (state_dict name, parameter), in the flat layout's order
+    offsets: list[int]  # each parameter's offset in the flat vector
+    start: int = 0
+    end: int = 0
+    full: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    counts: list[int] = field(default_factory=list)  # numbers each rank contributes to the gather
+    handle: Handle | None = None
+    gathered: bool = False
+    pending: int = 0  # parameters whose gradient has not arrived in this backward
+
+
+def units_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The wrap policy: each element of a top-level ``nn.ModuleList`` or ``nn.Sequential`` (or of the model, if it
+    is one) that holds parameters, in registration order, which is assumed to be the order they run in."""
+    tops = [("", model)] if isinstance(model, (nn.ModuleList, nn.Sequential)) else []
+    tops += [(n, m) for n, m in model.named_children() if isinstance(m, (nn.ModuleList, nn.Sequential))]
+    found = []
+    for prefix, top in tops:
+        for key, child in top.named_children():
+            if any(True for _ in child.parameters()):
+                found.append((f"{prefix}.{key}" if prefix else key, child))
+    return found
+
+
+class ParamShards:
+    """This rank's range of a model's flat parameters and the hooks that gather each unit around its use.
+
+    ``comm`` gathers (``Iallgatherv``) and broadcasts; ``rank``/``size`` cut the ranges as ``ShardedOptimizer``
+    does. ``setup`` materialises a meta model (or cuts a whole one) and re-points ``optimizer`` at the parameters.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> None:
+        self.model, self.comm, self.rank, self.size = model, world.comm, world.rank, world.size
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            raise ValueError("shard_params keeps fp32 parameters (bf16-mixed autocasts them): use [precision] "
+                             "mode = 'fp32' or 'bf16-mixed'")  # fmt: skip
+        names = {id(p): n for n, p in model.named_parameters()}
+        blocks = units_of(model)
+        in_block = {id(p) for _, m in blocks for p in m.parameters()}
+        root = [p for p in model.parameters() if id(p) not in in_block]
+        groups = [("", model, root)] + [(n, m, list(m.parameters())) for n, m in reversed(blocks)]
+        # The flat layout: the root unit first, then the blocks last to first (their gradients' order), each
+        # unit's parameters reversed; every parameter starts on a 64-byte boundary, as in the gradient buckets.
+        self.units: list[Unit] = []
+        offset = 0
+        for name, module, params in groups:
+            params = [p for p in reversed(params) if p.requires_grad]
+            if not params:
+                continue
+            unit = Unit(name, module, [(names[id(p)], p) for p in params], [], start=offset)
+            for p in params:
+                unit.offsets.append(offset)
+                offset += padded(p.numel(), 4)
+            unit.end = offset
+            self.units.append(unit)
+        last = self.units[-1] if self.units else None
+        self.total = max(
+            (o + p.numel() for u in self.units for (_, p), o in zip(u.params, u.offsets)), default=0
+        )
+        if last is not None:
+            last.end = self.total  # as ShardedOptimizer counts: the flat vector ends with the last number
+        self.chunk = -(-self.total // self.size)
+        self.lo, self.hi = (
+            min(self.rank * self.chunk, self.total),
+            min((self.rank + 1) * self.chunk, self.total),
+        )
+        ranges = [
+            (min(r * self.chunk, self.total), min((r + 1) * self.chunk, self.total)) for r in range(self.size)
+        ]
+        for u in self.units:
+            u.counts = [max(0, min(hi, u.end) - max(lo, u.start)) for lo, hi in ranges]
+            u.full = torch.empty(u.end - u.start)
+            u.full.untyped_storage().resize_(0)
+        self.local = torch.zeros(self.hi - self.lo)
+        self._where = {n: (u, o) for u in self.units for (n, _), o in zip(u.params, u.offsets)}
+        self._blocks = [u for u in self.units if u.name]
+        self._blocks.reverse()  # forward order
+        self._root = next((u for u in self.units if not u.name), None)
+        self.whole = False  # gather_whole ran: every unit stays gathered, the hooks do nothing
+        self.in_backward = False
+        self._hooks: list[Any] = []
+        self._setup(model, optimizer)
+
+    # -- materialising -------------------------------------------------------------------------------------------
+    def _setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if on_meta(model):
+            materialize(model, self._keep, "cpu", optimizer)
+        else:
+            for name, module in list(model.named_modules()):
+                self._keep(name, module)
+        with torch.no_grad():
+            for b in model.buffers():  # replicated: rank 0's
+                self.comm.Bcast(b.data if b.is_contiguous() else b.data.contiguous(), root=0)
+        # Parameters are new objects after materialising: take them from the model again.
+        by_name = dict(model.named_parameters())
+        for u in self.units:
+            u.params = [(n, by_name[n]) for n, _ in u.params]
+
+    @torch.no_grad()
+    def _keep(self, name: str, module: nn.Module) -> None:
+        """Broadcast ``module``'s own parameters from rank 0, keep this rank's range of them, free the rest."""
+        for key, p in list(module.named_parameters(recurse=False)):
+            full_name = f"{name}.{key}" if name else key
+            if full_name not in self._where:  # frozen: replicated, as it is
+                self.comm.Bcast(p.data if p.is_contiguous() else p.data.contiguous(), root=0)
+                continue
+            unit, o = self._where[full_name]
+            data = p.data.contiguous()
+            self.comm.Bcast(data, root=0)
+            a, b = max(self.lo, o), min(self.hi, o + p.numel())
+            if a < b:
+                self.local[a - self.lo : b - self.lo] = data.view(-1)[a - o : b - o]
+            # A view needs the storage in place to be made (bounds are checked); it exists for that moment only.
+            storage = unit.full.untyped_storage()
+            storage.resize_(unit.full.numel() * unit.full.element_size())
+            p.data = unit.full[o - unit.start : o - unit.start + p.numel()].view(p.shape)
+            storage.resize_(0)
+
+    def layout(self) -> list[tuple[nn.Parameter, int]]:
+        """Every sharded parameter with its flat offset (``ShardedOptimizer``'s layout)."""
+        return [(p, o) for u in self.units for (_, p), o in zip(u.params, u.offsets)]
+
+    def names(self) -> dict[int, str]:
+        """{id(parameter): its state_dict name}."""
+        return {id(p): n for u in self.units for n, p in u.params}
+
+    def buckets(self) -> list[Bucket]:
+        """One gradient bucket per unit, without storage (ZeRO-2 gives it storage while its gradients arrive)."""
+        return [Bucket(params=[p for _, p in u.params], flat=torch.empty(0), pending=len(u.params), index=i,
+                       offsets=[o - u.start for o in u.offsets], start=u.start)
+                for i, u in enumerate(self.units)]  # fmt: skip
+
+    # -- gathering and freeing -----------------------------------------------------------------------------------
+    def gather(self, unit: Unit | None) -> None:
+        """Start gathering ``unit`` (nothing if it is gathered or on its way)."""
+        if unit is None or unit.gathered or unit.handle is not None:
+            return
+        unit.full.untyped_storage().resize_(unit.full.numel() * unit.full.element_size())
+        a, b = max(self.lo, unit.start), min(self.hi, unit.end)
+        mine = self.local[a - self.lo : max(a, b) - self.lo]
+        unit.handle = self.comm.Iallgatherv(mine, unit.full, unit.counts)
+        unit.pending = len(unit.params)
+
+    def ready(self, unit: Unit) -> None:
+        """Make sure ``unit`` is gathered (start it if needed, wait for it)."""
+        self.gather(unit)
+        if unit.handle is not None:
+            # Polling with yields, not MPI's spinning wait: on shared cores the spin takes time from the very
+            # rank whose range is late (see comm.base.wait_yielding).
+            wait_yielding(unit.handle)
+            unit.handle = None
+            unit.gathered = True
+
+    def free(self, unit: Unit) -> None:
+        """Give ``unit``'s storage back (waiting first for a gather still in flight)."""
+        if self.whole:
+            return
+        if unit.handle is not None:
+            wait_yielding(unit.handle)
+            unit.handle = None
+        unit.full.untyped_storage().resize_(0)
+        unit.gathered = False
+
+    def free_all(self) -> None:
+        """After the optimizer step: every unit is stale; the next forward gathers the updated numbers."""
+        for u in self.units:
+            self.free(u)
+
+    def gather_whole(self) -> None:
+        """Gather every unit and keep them (collective): the model is whole on every rank from here on (the end of
+        a run: ``model.pt``, plots)."""
+        for u in self.units:
+            self.ready(u)
+        self.whole = True
+
+    def join_forward(self) -> None:
+        """Take part in the gathers of one forward another rank runs while this one has no batch (validation)."""
+        for u in ([self._root] if self._root else []) + self._blocks:
+            self.ready(u)
+            self.free(u)
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Gather each unit around its forward and backward; free it after (see the module docstring)."""
+        model = self.model
+        self._hooks.append(model.register_forward_pre_hook(self._root_pre_forward))
+        self._hooks.append(model.register_forward_hook(self._root_post_forward))
+        for i, u in enumerate(self._blocks):
+            nxt = self._blocks[i + 1] if i + 1 < len(self._blocks) else None
+            prev = self._blocks[i - 1] if i > 0 else None
+            last = nxt is None
+            self._hooks.append(u.module.register_forward_pre_hook(self._pre_forward(u, nxt)))
+            self._hooks.append(u.module.register_forward_hook(self._post_forward(u, prev, last)))
+        for u in self.units:
+            for _, p in u.params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_arrived(u)))
+        # (torch marks the hook function itself: a bound method cannot take the mark, a lambda can)
+        self._hooks.append(model.register_state_dict_post_hook(lambda *a: self._shapes_only(*a)))
+        self._hooks.append(model.register_load_state_dict_pre_hook(self._before_load))
+        self._hooks.append(model.register_load_state_dict_post_hook(self._after_load))
+
+    def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
+        if self.whole:
+            return
+        if self._root is not None:
+            self.gather(self._root)
+        if self._blocks:
+            self.gather(self._blocks[0])  # prefetch: travels while the root's first layers run
+        if self._root is not None:
+            self.ready(self._root)
+
+    def _root_post_forward(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self._root is not None and not torch.is_grad_enabled() and not self.in_backward:
+            self.free(self._root)  # no backward follows (validation)
+
+    def _pre_forward(self, unit: Unit, nxt: Unit | None) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            if self.whole:
+                return
+            self.gather(unit)
+            self.gather(nxt)  # prefetch the next unit before this one computes
+            self.ready(unit)
+
+        return hook
+
+    def _post_forward(self, unit: Unit, prev: Unit | None, last: bool) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if self.whole or self.in_backward:  # (a recomputation inside backward keeps it for its backward)
+                return
+            training = torch.is_grad_enabled()
+            if not (training and last):
+                self.free(unit)
+            if training:
+                for t in _tensors(out):
+                    if t.requires_grad:
+                        t.register_hook(self._pre_backward(unit, prev))
+
+        return hook
+
+    def _pre_backward(self, unit: Unit, prev: Unit | None) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            if self.whole:
+                return
+            self.gather(unit)
+            self.gather(prev)  # prefetch the unit whose backward comes next
+            self.ready(unit)
+
+        return hook
+
+    def _grad_arrived(self, unit: Unit) -> Callable[[torch.Tensor], None]:
+        def hook(_: torch.Tensor) -> None:
+            unit.pending -= 1
+            if unit.pending == 0:
+                self.free(unit)  # its gradients are all in: its parameters are not needed in this backward
+
+        return hook
+
+    # -- state_dict ----------------------------------------------------------------------------------------------
+    def _shapes_only(self, module: nn.Module, state: dict[str, Any], prefix: str, local: Any) -> None:
+        """A sharded parameter has no numbers in this process: the model's state_dict holds its shape only (a
+        checkpoint takes the ranges from the shards), unless the model was gathered whole."""
+        if self.whole:
+            return
+        for u in self.units:
+            for n, p in u.params:
+                state[prefix + n] = torch.empty(p.shape, dtype=p.dtype, device="meta")
+
+    def _before_load(self, module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        if not self.whole:  # the parameters need storage to be copied into; cut again after
+            for u in self.units:
+                u.full.untyped_storage().resize_(u.full.numel() * u.full.element_size())
+
+    @torch.no_grad()
+    def _after_load(self, module: nn.Module, incompatible: Any) -> None:
+        if self.whole:
+            return
+        for u in self.units:
+            a, b = max(self.lo, u.start), min(self.hi, u.end)
+            if a < b:
+                self.local[a - self.lo : b - self.lo] = u.full[a - u.start : b - u.start]
+            self.free(u)
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    return []

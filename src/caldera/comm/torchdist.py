@@ -15,6 +15,7 @@ matches messages in order instead.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import operator
 import os
@@ -209,6 +210,7 @@ def init_group(device: torch.device, timeout: float | None = None) -> None:
     """Create the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device), init_method="env://", **_timeout(timeout))
+        atexit.register(_destroy)
 
 
 def group_from(comm: Communicator, device: torch.device, local_rank: int, local_size: int,
@@ -236,6 +238,15 @@ def group_from(comm: Communicator, device: torch.device, local_rank: int, local_
                       LOCAL_WORLD_SIZE=str(local_size), MASTER_ADDR=host, MASTER_PORT=str(port))  # fmt: skip
     dist.init_process_group(backend_for(device), store=store, rank=comm.rank, world_size=comm.size,
                             **_timeout(timeout))  # fmt: skip
+    atexit.register(_destroy)
+
+
+def _destroy() -> None:
+    """Tear the default group down before the interpreter does: a gloo group left to the interpreter's teardown
+    sometimes ends its process with std::terminate ("terminate called without an active exception", exit -6) after
+    the job's work is done. Local for gloo, no collective; registered after mpi4py's MPI_Finalize, so it runs before."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _timeout(seconds: float | None) -> dict[str, timedelta]:

@@ -361,3 +361,15 @@ def test_plain_ddp_under_mpiexec_gets_its_process_group_from_mpi_and_the_hang_wa
         -3000:
     ]
     assert "in main\n    time.sleep(3600)" in proc.stderr  # rank 1's own stack
+
+
+@pytest.mark.mpi
+def test_a_caldera_command_launched_without_caldera_in_front_runs_as_caldera(tmp_path):
+    """`caldera launch -n 2 check run.toml`, as users type it: a subcommand's name alone (no program of that name
+    on PATH) runs this Python's caldera on every rank, not Open MPI's "executable not found"."""
+    run_file = ROOT / "examples" / "digits_tensor.toml"
+    proc = subprocess.run([sys.executable, "-m", "caldera", "launch", "-n", "2", "check", str(run_file)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Each rank printed the resolved config.
+    assert proc.stdout.count('"name": "digits-tensor"') == 2, proc.stdout[-2000:]

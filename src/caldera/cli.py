@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Callable
@@ -196,7 +197,11 @@ def _parser() -> argparse.ArgumentParser:
     p_launch.add_argument("--grace", type=float, default=120.0, metavar="SECONDS",
                           help="after SIGTERM/SIGINT/SIGUSR1 (passed to the ranks as SIGUSR1: checkpoint and exit "
                           "85), how long to wait before ending the ranks (default 120)")  # fmt: skip
-    p_launch.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command to run on every rank")
+    p_launch.add_argument(
+        "cmd",
+        nargs=argparse.REMAINDER,
+        help="-- command to run on every rank; a caldera command may drop the caldera: launch -n 2 train run.toml",
+    )
     return parser
 
 
@@ -272,10 +277,20 @@ def _check_time_limit(text: str | None) -> None:
         raise ConfigError(f"--time-limit {exc}") from None
 
 
+def _commands() -> set[str]:
+    """The names of the subcommands (``train``, ``predict``, ...)."""
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices)
+
+
 def _launch(args: argparse.Namespace) -> int:
     from caldera.launch import launch
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    # `caldera launch -n 2 train run.toml`: a Caldera command named without the `caldera` in front (no program of
+    # that name on PATH) runs as this Python's `caldera`, instead of Open MPI's "executable not found".
+    if cmd and cmd[0] in _commands() and shutil.which(cmd[0]) is None:
+        cmd = [sys.executable, "-m", "caldera", *cmd]
     try:
         return launch(args.ranks, cmd, args.launcher, max_restarts=args.max_restarts, grace=args.grace)
     except (RuntimeError, ValueError) as exc:

@@ -144,10 +144,13 @@ def worker_dcp(width: int, repeats: int, directory: str) -> None:
             peak = (_rss_kib("VmHWM") - before) / 1024 if hwm else float("nan")
             rows.append({"sharded": "dcp", "stall_s": stall, "save_s": max(totals), "peak_mib": peak,
                          "rank0_mb": own / 1e6, "all_mb": written / 1e6})  # fmt: skip
-    dist.destroy_process_group()
     if rank == 0:
         print("RESULT " + json.dumps({"params": sum(p.numel() for p in model.parameters()), "rows": rows}),
               flush=True)  # fmt: skip
+    dist.barrier()
+    # No gloo teardown at interpreter exit: with FSDP's hooks alive it sometimes ends in std::terminate (exit -6).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _launch(args: argparse.Namespace, role: str, tmp: str, phase: int) -> dict:

@@ -26,12 +26,26 @@ MULTI_RANK = {
     "bench_tune.py",
     "bench_zero_memory.py",
 }  # they start mpiexec themselves
+# Run by tests/test_smoke_benchmarks_more.py instead: pytest-xdist hands each test file to one worker
+# (`--dist loadfile`), and all smoke runs in one file made the longest file of the suite (about 4 minutes).
+IN_SECOND_FILE = {
+    "bench_async.py", "bench_checkpoint.py", "bench_compile.py", "bench_inference.py", "bench_pipeline.py",
+    "bench_tensor.py",
+}  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=[pytest.mark.mpi] if n in MULTI_RANK else []) for n in BENCHMARKS]
-)
+def params(names: list[str]) -> list:
+    """The benchmarks as test parameters, the multi-rank ones marked ``mpi``."""
+    return [pytest.param(n, marks=[pytest.mark.mpi] if n in MULTI_RANK else []) for n in names]
+
+
+@pytest.mark.parametrize("name", params([n for n in BENCHMARKS if n not in IN_SECOND_FILE]))
 def test_benchmark_runs_in_smoke_mode(name, tmp_path):
+    run_smoke(name, tmp_path)
+
+
+def run_smoke(name: str, tmp_path) -> None:
+    """Run ``benchmarks/<name> --smoke`` from a scratch directory and check it measured and left docs/ alone."""
     started = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "MPLBACKEND": "Agg"}
     # From a scratch directory: whatever a benchmark writes beside it lands there, not in the checkout.

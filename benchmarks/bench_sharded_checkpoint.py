@@ -39,6 +39,16 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
+def _start_peak() -> tuple[int, bool]:
+    """This process's resident KiB now, and whether its high-water mark (VmHWM) was reset to it (Linux only)."""
+    before = _rss_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the present RSS
+        return before, True
+    except OSError:
+        return before, False
+
+
 def worker(width: int, repeats: int, directory: str, phase: int = 0) -> None:
     import torch
     from torch import nn
@@ -67,12 +77,7 @@ def worker(width: int, repeats: int, directory: str, phase: int = 0) -> None:
             step += 1
             checkpointer.sharded = sharded
             world.barrier()
-            before = _rss_kib("VmRSS")
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the present RSS
-                hwm = True
-            except OSError:
-                hwm = False
+            before, hwm = _start_peak()
             t0 = time.perf_counter()
             trainer.global_step = step
             checkpointer.save(step, *trainer._capture())  # asynchronous: the training thread snapshots
@@ -122,12 +127,7 @@ def worker_dcp(width: int, repeats: int, directory: str) -> None:
         optimizer.step()
         optimizer.zero_grad()
         dist.barrier()
-        before = _rss_kib("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            hwm = True
-        except OSError:
-            hwm = False
+        before, hwm = _start_peak()
         where = Path(directory) / f"dcp-{step:09d}"
         t0 = time.perf_counter()
         model_state, optim_state = get_state_dict(model, optimizer)
@@ -154,10 +154,11 @@ def worker_dcp(width: int, repeats: int, directory: str) -> None:
 
 
 def _launch(args: argparse.Namespace, role: str, tmp: str, phase: int) -> dict:
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    cmd = [str(mpiexec if mpiexec.exists() else "mpiexec"), "--allow-run-as-root", "--oversubscribe", "-n",
-           str(args.ranks), sys.executable, str(HERE), role, "--width", str(args.width), "--repeats", "1",
-           "--dir", tmp, "--phase", str(phase)]  # fmt: skip
+    from caldera.launch import build_command
+
+    # mpiexec even inside a Slurm allocation: the peer's ranks read Open MPI's OMPI_COMM_WORLD_* variables.
+    cmd = build_command(args.ranks, [sys.executable, str(HERE), role, "--width", str(args.width), "--repeats", "1",
+                                     "--dir", tmp, "--phase", str(phase)], prefer="mpiexec")  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:

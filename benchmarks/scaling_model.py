@@ -45,6 +45,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from caldera.io import atomic_write, atomic_write_text
+
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 DATA = HERE.parent / "scaling_measurements.json"
@@ -241,9 +243,7 @@ def measure(path: Path, batch: int, steps: int) -> None:
     finally:
         subprocess.run(["bash", str(VCLUSTER), "down"], capture_output=True, env=env)
     data["load_end"] = round(os.getloadavg()[0], 1)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)  # atomic: a run that fails half-way leaves the old measurements
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")  # a run that fails half-way keeps the old one
     print(f"wrote {path}")
 
 
@@ -830,10 +830,7 @@ def plot(
               title=f"Predicted on {link}")  # fmt: skip
     right.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(png)
+    atomic_write(png, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -853,6 +850,8 @@ def main() -> None:
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="seconds: offline, plot to a scratch file")
     args = parser.parse_args()
+    if not 1 <= args.per_node <= 1024:
+        parser.error(f"--per-node must be 1..1024 (ranks a node), not {args.per_node}")
     if args.worker:
         worker(args.worker[0], [int(s) for s in args.worker[1:]])
         return

@@ -238,8 +238,8 @@ def measure(path: Path, batch: int, steps: int) -> None:
                 data["mlp"].append({"link": link, "nodes": 2, "per_node": 2, "mode": mode, "batch": batch,
                                     "samples_s": rate})  # fmt: skip
                 print(f"{link:12s} MLP {mode:18s} {rate:.1f} samples/s", flush=True)
-        vcluster(env, "up", "--nodes", "4", "--link", LINKS[1])
-        record(LINKS[1], 4, 1, "mpi", SIZES)
+        vcluster(env, "up", "--nodes", "4", "--link", LINKS[-1])
+        record(LINKS[-1], 4, 1, "mpi", SIZES)
     finally:
         subprocess.run(["bash", str(VCLUSTER), "down"], capture_output=True, env=env)
     data["load_end"] = round(os.getloadavg()[0], 1)

@@ -45,6 +45,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from caldera.io import atomic_write, atomic_write_text
 
 HERE = Path(__file__).resolve()
@@ -65,7 +67,6 @@ def worker(mode: str, sizes: list[int]) -> None:
     (``comm/shm.py``: shared window within a node, MPI between nodes), fp32 or bf16 wire; ``lowp``: Caldera's
     16-bit sum over all ranks (``comm/lowp.py``, the mpi reducer's bf16 wire).
     """
-    import numpy as np
     import torch
     from mpi4py import MPI
 
@@ -282,9 +283,8 @@ class Job:
     batch: int
     source: str = ""
     gpu: bool = False  # its ranks are GPUs: NVLink within a node, sums and casts at GPU memory speed
-    sizes: tuple[
-        int, ...
-    ] = ()  # its parameters' sizes in the order their gradients arrive (empty: one tensor)
+    # its parameters' sizes in the order their gradients arrive (empty: cut into equal pieces)
+    sizes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -307,9 +307,8 @@ DEFAULT = Knobs()
 # |predicted / measured - 1| over the points the constants were fitted to, as measured on 2026-12-05 (median 18 %,
 # max 89 %: the 64 MiB copy within a node under load); docs/benchmarks.md states them, the test holds them.
 FIT_ERROR_MEDIAN, FIT_ERROR_MAX = 0.25, 1.0
-FIRST_BUCKET = (
-    1 * MIB
-)  # comm/buckets.py: the first bucket is smaller, so communication starts early in backward
+# comm/buckets.py: the first bucket is smaller, so communication starts early in backward
+FIRST_BUCKET = 1 * MIB
 BACKWARD = 2 / 3  # share of a step's compute in backward (forward : backward about 1 : 2): an assumption
 
 
@@ -360,16 +359,13 @@ def bucket_cost(n: float, nodes: int, m: Machine, k: Knobs) -> tuple[float, floa
         if k.wire == "bf16":
             return lowp_sum(n, p, m.intra, m, k.algo)
         return allreduce(n, p, m.intra, m.gamma, k.algo), 0.0
-    if (
-        k.wire == "bf16"
-    ):  # flat lowp over all ranks: every local rank's all-to-all shares cross the node's link
+    if k.wire == "bf16":  # flat lowp over all ranks: every local rank's shares for other nodes cross its link
         return lowp_sum(n, p, m.inter, m, k.algo, cross=L * (nodes - 1) / nodes)
     if k.algo == "ring":  # ranks in node order: one ring edge leaves each node, at the slow link's latency
         return allreduce(n, p, m.inter, m.gamma, "ring"), 0.0
     # halving/doubling, nearest partners first: log2 L steps in the node, then the L ranks' shares side by side
-    return allreduce(n, L, m.intra, m.gamma, "hd") + allreduce(
-        n / L, nodes, m.inter, m.gamma, "hd", flows=L
-    ), 0.0
+    inside = allreduce(n, L, m.intra, m.gamma, "hd")
+    return inside + allreduce(n / L, nodes, m.inter, m.gamma, "hd", flows=L), 0.0
 
 
 def buckets(job: Job, bucket_mb: float) -> list[float]:
@@ -429,8 +425,6 @@ def samples_per_s(job: Job, m: Machine, nodes: int, k: Knobs = DEFAULT) -> float
 def fit_link(seconds: dict[int, float], gamma: float) -> Link:
     """alpha and beta from all-reduces of 2 parties (2 alpha + n beta + n gamma / 2), least squares on relative
     error (so that 4 KiB and 64 MiB weigh alike)."""
-    import numpy as np
-
     n = np.array([float(s) for s in seconds])
     t = np.array(list(seconds.values()))
     a, b = np.linalg.lstsq(np.stack([1 / t, n / t], axis=1), np.ones_like(t), rcond=None)[0]

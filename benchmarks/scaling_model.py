@@ -741,6 +741,22 @@ def report(data: dict, per_node: int, png: Path | None, smoke: bool = False, ver
         )
         print()
 
+    nodes = 1024 // per_node
+    print(f"Bucket size at {nodes * per_node} ranks ({nodes} nodes x {per_node}), {link}, overlap on, fp32 "
+          "(hierarchical, ring / halving-doubling between nodes):\n")  # fmt: skip
+    rows = []
+    for mb in (1, 4, 8, 25, 64, 256):
+        row = [f"{mb} MiB"]
+        for job in jobs:
+            m = cluster(machines, job, link, per_node)
+            row += [
+                pct(efficiency(job, m, nodes, Knobs(algo=a, bucket_mb=mb, overlap=True)))
+                for a in ("ring", "hd")
+            ]
+        rows.append(row)
+    print(table(["bucket", *(f"{j.name}: {a}" for j in jobs for a in ("ring", "h/d"))], rows))
+    print()
+
     print("Published anchors, and what the model says for similar settings (the last column adds stragglers: each "
           f"rank's compute wandering by {pct(JITTER)} (assumed), so that every step waits for the slowest):\n")  # fmt: skip
     rows = []

@@ -47,8 +47,6 @@ from pathlib import Path
 
 import numpy as np
 
-from caldera.io import atomic_write, atomic_write_text
-
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 DATA = HERE.parent / "scaling_measurements.json"
@@ -244,6 +242,8 @@ def measure(path: Path, batch: int, steps: int) -> None:
     finally:
         subprocess.run(["bash", str(VCLUSTER), "down"], capture_output=True, env=env)
     data["load_end"] = round(os.getloadavg()[0], 1)
+    from caldera.io import atomic_write_text  # importing caldera costs seconds: only the writers pay it
+
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")  # a run that fails half-way keeps the old one
     print(f"wrote {path}")
 
@@ -840,6 +840,8 @@ def plot(
               title=f"Predicted on {link}")  # fmt: skip
     right.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
+    from caldera.io import atomic_write  # importing caldera costs seconds: only the writers pay it
+
     atomic_write(png, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
 

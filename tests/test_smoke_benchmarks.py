@@ -13,7 +13,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("bench_*.py"))
+# scaling_model.py is no bench_*: it fits and predicts offline from its stored measurements, and smokes the same way.
+BENCHMARKS = sorted([*(p.name for p in (ROOT / "benchmarks").glob("bench_*.py")), "scaling_model.py"])
 MULTI_RANK = {
     "bench_async.py",
     "bench_cluster.py",
@@ -30,7 +31,7 @@ MULTI_RANK = {
 # (`--dist loadfile`), and all smoke runs in one file made the longest file of the suite (about 4 minutes).
 IN_SECOND_FILE = {
     "bench_async.py", "bench_checkpoint.py", "bench_compile.py", "bench_inference.py", "bench_pipeline.py",
-    "bench_tensor.py",
+    "bench_tensor.py", "scaling_model.py",
 }  # fmt: skip
 
 

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from _common import measured_run, report_rate
+
 HERE = Path(__file__).resolve()
-# --smoke: the lockstep bound, DDP and both Caldera reducers once, on the MLP, a few small steps (each Caldera row
+# --smoke: the lockstep bound, DDP and Caldera's default reducer once, on the MLP, a few small steps (each Caldera row
 # passes every strategy option, so the optional rows differ only in values).
 SMOKE = {"repeats": 1, "steps": 2, "batch": 16, "models": ["mlp"]}
 
@@ -130,41 +129,10 @@ def worker(kind: str, mode: str, global_batch: int, steps: int, optim: str = "sg
         dist.destroy_process_group()
 
 
-def report_rate(one_step, samples_per_step: int, steps: int, rank: int, warmup: int = 3) -> None:
-    """Run ``warmup`` untimed then ``steps`` timed steps; rank 0 prints the rate in the form ``run`` reads."""
-    for _ in range(warmup):
-        one_step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    if rank == 0:
-        print(f"samples/s={samples_per_step * steps / (time.perf_counter() - t0):.1f}", flush=True)
-
-
 # -- driver ------------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:  # a fresh port per DDP run: a fixed one can still be held by the last run
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(cmd: list[str]) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    except subprocess.TimeoutExpired as exc:
-        # gloo's teardown (destroy_process_group) has hung after a complete, timed run: keep the measurement.
-        done = re.search(r"samples/s=([\d.]+)", (exc.stdout or b"").decode())
-        if done:
-            print(f"  (warning: {' '.join(cmd[-4:])} hung after measuring; killed after 120 s)", flush=True)
-            return float(done.group(1))
-        raise RuntimeError(f"{' '.join(cmd)} hung for 120 s:\n{exc.stdout}\n{exc.stderr}") from None
-    match = re.search(r"samples/s=([\d.]+)", out.stdout)
-    if out.returncode != 0 or not match:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
-    return float(match.group(1))
+    """Samples/s of one measured run (``bench_cluster`` and ``bench_pipeline`` start theirs through this too)."""
+    return measured_run(cmd, timeout=120)[0]
 
 
 def main() -> None:
@@ -208,8 +176,10 @@ def main() -> None:
     )
     for kind in args.models:
         modes = ["nocomm", "lockstep", "ddp", "caldera", "caldera-mpi"]
-        if args.smoke:  # the peer, both reducers and the lockstep bound the rows are printed against
-            modes = ["lockstep", "ddp", "caldera", "caldera-mpi"]
+        if (
+            args.smoke
+        ):  # the peer and the lockstep bound the rows are printed against, and Caldera's default reducer
+            modes = ["lockstep", "ddp", "caldera"]
         if args.unfused:
             modes += ["caldera-unfused", "caldera-mpi-unfused"]
         if args.grad_comm:

@@ -14,13 +14,14 @@ inside the ranks (``--worker``).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from _common import bench_parser, measured_run, report_rate
 
 HERE = Path(__file__).resolve()
 WIDTH, DEPTH = 2048, 4
@@ -94,8 +95,6 @@ def worker(mode: str, batch: int, micro: int, steps: int, schedule_name: str) ->
         def one_step():
             trainer.train_step(x, y)
 
-    from bench_data_parallel import report_rate  # the timing and the line that run() reads, in one place
-
     if os.environ.get("BENCH_PIPELINE_PROFILE"):
         profile(one_step, steps, rank)
     else:
@@ -143,23 +142,14 @@ def neighbour(busy: bool):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--micro-batches", type=int, default=4)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe", help="for both pipelines")
-    p.add_argument(
-        "--worker", nargs=5, metavar=("MODE", "BATCH", "MICRO", "STEPS", "SCHED"), help=argparse.SUPPRESS
+    p = bench_parser(
+        __doc__, ("MODE", "BATCH", "MICRO", "STEPS", "SCHED"), steps=20, micro_batches=4, batch=256
     )
+    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe", help="for both pipelines")
     p.add_argument(
         "--busy", action="store_true", help="a spinning neighbour process through every measurement"
     )
     p.add_argument("--profile", action="store_true", help="wall/CPU seconds per rank and cProfile of rank 0")
-    p.add_argument(
-        "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
-    )
     args = p.parse_args()
     if args.smoke:
         vars(args).update(SMOKE)
@@ -167,8 +157,6 @@ def main() -> None:
         mode, batch, micro, steps, sched = args.worker
         worker(mode, int(batch), int(micro), int(steps), sched)
         return
-    from bench_data_parallel import run  # one way to start a measured run and read its samples/s
-
     from caldera.launch import build_command
 
     n, m, me = args.ranks, args.micro_batches, [sys.executable, str(HERE), "--worker"]
@@ -183,9 +171,9 @@ def main() -> None:
     results: dict[str, list[float]] = {"alone": [], "torch": [], "caldera": []}
     with neighbour(args.busy):
         for _ in range(args.repeats):
-            results["alone"].append(run([*me, "alone", *spec]))
+            results["alone"].append(measured_run([*me, "alone", *spec])[0])
             for mode in ("torch", "caldera"):
-                results[mode].append(run(build_command(n, [*me, mode, *spec])))
+                results[mode].append(measured_run(build_command(n, [*me, mode, *spec]))[0])
     med = {k: statistics.median(v) for k, v in results.items()}
     ideal = n * med["alone"] * m / (m + n - 1)
     print(f"MLP 1024-{WIDTH}x{DEPTH}-10, batch {args.batch} in {m} micro-batches ({args.schedule}), {n} stages x 1 thread, "

@@ -10,14 +10,13 @@ training. The worker half of this file runs inside the ranks (``--worker``).
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+from _common import bench_parser, measured_run, report_rate
 
 HERE = Path(__file__).resolve()
 TOKENS, FEATURES = 32, 16
@@ -89,8 +88,6 @@ def worker(mode: str, dim: int, layers: int, batch: int, steps: int) -> None:
         def held() -> int:
             return trainer.strategy.held()
 
-    from bench_data_parallel import report_rate  # the timing and the line that run() reads, in one place
-
     report_rate(one_step, batch, steps, rank)
     if rank == 0:
         print(f"held={held()}", flush=True)
@@ -104,30 +101,16 @@ def worker(mode: str, dim: int, layers: int, batch: int, steps: int) -> None:
 
 def run(cmd: list[str]) -> tuple[float, int]:
     """Samples/s and parameter elements held by rank 0 of one measured run."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    rate, held = re.search(r"samples/s=([\d.]+)", out.stdout), re.search(r"held=(\d+)", out.stdout)
-    if out.returncode != 0 or not rate or not held:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
-    return float(rate.group(1)), int(held.group(1))
+    rate, printed = measured_run(cmd)
+    held = re.search(r"held=(\d+)", printed)
+    if not held:
+        raise RuntimeError(f"{' '.join(cmd)} printed no held=:\n{printed}")
+    return rate, int(held.group(1))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument(
-        "--worker", nargs=5, metavar=("MODE", "DIM", "LAYERS", "BATCH", "STEPS"), help=argparse.SUPPRESS
-    )
-    p.add_argument(
-        "--smoke", action="store_true", help="seconds: tiny sizes, one repeat (the test suite runs this)"
+    p = bench_parser(
+        __doc__, ("MODE", "DIM", "LAYERS", "BATCH", "STEPS"), steps=10, dim=256, layers=2, batch=32
     )
     args = p.parse_args()
     if args.smoke:
@@ -136,7 +119,6 @@ def main() -> None:
         mode, *sizes = args.worker
         worker(mode, *map(int, sizes))
         return
-    sys.path.insert(0, str(HERE.parent))  # bench_data_parallel, imported by the workers
     from caldera.launch import build_command
 
     n, me = args.ranks, [sys.executable, str(HERE), "--worker"]

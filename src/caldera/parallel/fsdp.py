@@ -199,6 +199,15 @@ class ParamShards:
         unit.handle = self.comm.Iallgatherv(mine, unit.full, unit.counts)
         unit.pending = len(unit.params)
 
+    def progress(self) -> None:
+        """Test every gather in flight, completing those that arrived. MPI moves a non-blocking collective only
+        inside MPI calls (no progress thread): a large prefetched gather (several rendezvous messages) would sit
+        still while the unit before it computes, and the whole transfer would be paid at its ``ready``."""
+        for u in self.units:
+            if u.handle is not None and u.handle.test():
+                u.handle = None
+                u.gathered = True
+
     def ready(self, unit: Unit) -> None:
         """Make sure ``unit`` is gathered (start it if needed, wait for it)."""
         self.gather(unit)
@@ -249,6 +258,10 @@ class ParamShards:
             last = nxt is None
             self._hooks.append(u.module.register_forward_pre_hook(self._pre_forward(u, nxt)))
             self._hooks.append(u.module.register_forward_hook(self._post_forward(u, prev, last)))
+        # Between the layers inside each unit, MPI gets a call that moves the prefetched gathers (``progress``).
+        for u in self._blocks:
+            for sub in list(u.module.modules())[1:]:
+                self._hooks.append(sub.register_forward_pre_hook(lambda *a: self._progress_hook()))
         for u in self.units:
             for _, p in u.params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_arrived(u)))
@@ -256,6 +269,10 @@ class ParamShards:
         self._hooks.append(model.register_state_dict_post_hook(lambda *a: self._shapes_only(*a)))
         self._hooks.append(model.register_load_state_dict_pre_hook(self._before_load))
         self._hooks.append(model.register_load_state_dict_post_hook(self._after_load))
+
+    def _progress_hook(self) -> None:
+        if not self.whole:
+            self.progress()
 
     def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
         if self.whole:
@@ -307,6 +324,7 @@ class ParamShards:
 
     def _grad_arrived(self, unit: Unit) -> Callable[[torch.Tensor], None]:
         def hook(_: torch.Tensor) -> None:
+            self.progress()  # backward: each gradient that arrives lets MPI move the prefetched gather
             unit.pending -= 1
             if unit.pending == 0:
                 self.free(unit)  # its gradients are all in: its parameters are not needed in this backward

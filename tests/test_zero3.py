@@ -39,6 +39,11 @@ def test_zero3_equals_one_process_and_resumes_across_rank_counts(tmp_path):
     # whole model) equals one process's predict over the joined weights.
     assert out["rows"] == 20 and out["tp_vs_one"] < 1e-5, out
     assert all(0 < held < out["params"] for held in out["held_tp"].values()), out
+    # A rank file missing: one line naming it.
+    broken = out["broken"]
+    assert (
+        "zero3-00001.pt: missing; the ZeRO-3 weights need every rank's file" in broken and "\n" not in broken
+    )
     # Between steps a rank holds its range of the parameters only (no block gathered) and no whole gradient.
     assert out["held"] <= out["params"] // 3 + 256 and out["whole_grads"] == 0
 

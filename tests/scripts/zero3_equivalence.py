@@ -9,6 +9,7 @@ Prints one JSON line on rank 0.
 """
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import caldera
 from caldera.comm.local import LocalComm
 from caldera.config import load_config
+from caldera.errors import ConfigError
 from caldera.parallel.tensor import read_sharded_weights
 from caldera.parallel_infer import load_shard
 from caldera.predict import load_run_config, predict
@@ -80,8 +82,6 @@ w2 = sub(2)
 ckpts = sorted((root / "z3" / "checkpoints").glob("step-*"))
 alone = World(comm=LocalComm())
 if world.rank == 0:
-    import shutil
-
     for name in ("r32", "r31"):
         shutil.copytree(root / "z3", root / name)
         for later in sorted((root / name / "checkpoints").glob("step-*"))[1:]:
@@ -102,8 +102,6 @@ if world.rank == 0:
     train(config("r31", 2, {"strategy": "allreduce"}), world=alone, resume=True)
     for run in ("z2", "z3"):  # one process: the whole model, joined from the shard files
         predict(root / run, out=root / f"{run}-one.npy", world=alone, progress=False, trust_code=True)
-    import shutil
-
     shutil.copytree(root / "one", root / "r13")
     for later in sorted((root / "r13" / "checkpoints").glob("step-*"))[1:]:
         shutil.rmtree(later)
@@ -112,6 +110,14 @@ world.barrier()
 train(config("r13", 2, ZERO3), world=world, resume=True)
 if world.rank == 0:
     one = weights("one")
+    # A rank file missing: one line naming it, for every reader.
+    shutil.copytree(root / "z2", root / "broken")
+    (root / "broken" / "model-shards" / "zero3-00001.pt").unlink()
+    try:
+        predict(root / "broken", world=alone, progress=False, trust_code=True)
+        broken = "read"
+    except ConfigError as exc:
+        broken = str(exc)
     tp_vs_one = max(float(np.abs(np.load(root / f"{r}-tp2.npy") - np.load(root / f"{r}-one.npy")).max())
                     for r in ("z2", "z3"))  # fmt: skip
     manifest = json.loads((ckpts[0] / "manifest.json").read_text())
@@ -124,6 +130,7 @@ if world.rank == 0:
         "held_tp": held_tp,
         "shard_files": sorted(p.name for p in (root / "z3" / "model-shards").iterdir()),
         "model_pt": (root / "z3" / "model.pt").exists(),
+        "broken": broken,
         "r32_vs_one": (weights("r32") - one).abs().max().item(),
         "r31_vs_one": (weights("r31") - one).abs().max().item(),
         "r13_vs_one": (weights("r13") - one).abs().max().item(),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -423,7 +424,7 @@ class ZeroWeights(Mapping[str, torch.Tensor]):
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{directory / WEIGHT_LAYOUT}: not a layout of ZeRO-3 weights ({exc!r} is wrong or "
                               "missing); write the weights again with `caldera train`") from None  # fmt: skip
-        self.shared = _load(directory / WEIGHT_SHARED)
+        self.shared = self._open(WEIGHT_SHARED)
         self._files: dict[int, torch.Tensor] = {}
 
     def __iter__(self) -> Iterator[str]:
@@ -436,9 +437,17 @@ class ZeroWeights(Mapping[str, torch.Tensor]):
     def __contains__(self, name: object) -> bool:
         return name in self.params or name in self.shared
 
+    def _open(self, name: str) -> dict[str, torch.Tensor]:
+        try:
+            return _load(self.directory / name)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            why = "missing" if isinstance(exc, FileNotFoundError) else f"not readable ({exc})"
+            raise ConfigError(f"{self.directory / name}: {why}; the ZeRO-3 weights need every rank's file: copy "
+                              "the whole model-shards/ directory, or train again") from None  # fmt: skip
+
     def _range(self, r: int) -> torch.Tensor:
         if r not in self._files:
-            self._files[r] = _load(self.directory / self.file_names[r])["range"]
+            self._files[r] = self._open(self.file_names[r])["range"]
         return self._files[r]
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """ZeRO-3 (``[parallel] shard_params``): parameters, gradients and optimizer state sharded over real MPI ranks,
-from run files: equal to one process on 3 ranks (and, resumed, on 2), resumed across rank counts and strategies, and a model
-whose training state exceeds one process's memory limit trains on 3 ranks while one process fails."""
+from run files: equal to one process on 3 ranks and on 2 (and, resumed, 3 -> 2), resumed across rank counts and
+strategies, final weights written shard-wise and predicted from with ``--tp 2``, and a model whose training state
+exceeds one process's memory limit trains on 3 ranks while one process fails."""
 
 from __future__ import annotations
 
@@ -25,11 +26,24 @@ def test_zero3_equals_one_process_and_resumes_across_rank_counts(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = last_json(proc.stdout)
     # 3 ranks (SGD with momentum, weight decay, global-norm clipping, 2 micro-batches a step) equal one process.
-    assert out["z3_vs_one"] < 1e-5
+    assert out["z3_vs_one"] < 1e-5 and out["z2_vs_one"] < 1e-5  # and 2 ranks, from the start
     # Resumed from the 3-rank run's sharded checkpoint on 2 ranks and on one plain process, and from a plain
     # process's checkpoint on 3 sharded ranks: the unbroken run's weights.
     assert out["r32_vs_one"] < 1e-5 and out["r31_vs_one"] < 1e-5 and out["r13_vs_one"] < 1e-5
     assert out["kind"] == "zero-3"  # the manifest records parameter shards
+    # The final weights: each rank's range, no gather and no model.pt (nobody reads a stale whole file).
+    ranks = [f"zero3-0000{r}.pt" for r in range(3)]
+    assert out["shard_files"] == ["layout.json", "shared.pt", *ranks]
+    assert out["model_pt"] is False
+    # predict --tp 2 from the 2-rank and the 3-rank shards (each rank reads its slices, holding less than the
+    # whole model) equals one process's predict over the joined weights.
+    assert out["rows"] == 20 and out["tp_vs_one"] < 1e-5, out
+    assert all(0 < held < out["params"] for held in out["held_tp"].values()), out
+    # A rank file missing: one line naming it.
+    broken = out["broken"]
+    assert (
+        "zero3-00001.pt: missing; the ZeRO-3 weights need every rank's file" in broken and "\n" not in broken
+    )
     # Between steps a rank holds its range of the parameters only (no block gathered) and no whole gradient.
     assert out["held"] <= out["params"] // 3 + 256 and out["whole_grads"] == 0
 

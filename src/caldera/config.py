@@ -662,7 +662,7 @@ def read_run_dir(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (
     run_dir = Path(run_dir)
     resolved = run_dir / "config.resolved.json"
     missing = [f for f in (resolved, run_dir / "model.pt") if not f.is_file()]
-    # Weights written shard-wise (tensor parallel) stand for model.pt.
+    # Weights written shard-wise (tensor parallel, ZeRO-3) stand for model.pt.
     if (run_dir / WEIGHT_SHARDS / "layout.json").is_file():
         missing = [f for f in missing if f.name != "model.pt"]
     if missing:

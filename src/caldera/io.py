@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,20 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Atomically replace ``path`` with ``text``."""
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def replace_directory(new: str | Path, directory: str | Path) -> Path:
+    """Put the complete directory ``new`` in place of ``directory``: the old one is set aside by a rename (instant)
+    and deleted once the new one is in place, so ``directory`` holds one whole version or the other at any time."""
+    new, directory = Path(new), Path(directory)
+    old = directory.with_name(f".{directory.name}.old")
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+    new.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(directory.parent)
+    return directory
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -97,6 +97,8 @@ NOT_COMPILED: dict[str, str] = {
     "the model; set compile = false, or use 'allreduce' or 'local-sgd'",
 }  # fmt: skip
 
-# A run directory's final weights written shard-wise (tensor parallel: caldera.parallel.tensor), beside or instead
-# of model.pt.
+# A run directory's final weights written shard-wise (tensor parallel: caldera.parallel.tensor; ZeRO-3:
+# caldera.parallel.fsdp), instead of model.pt: the layout (JSON, its "kind" says whose), the tensors every rank
+# holds whole, and one file per rank.
 WEIGHT_SHARDS = "model-shards"
+WEIGHT_LAYOUT, WEIGHT_SHARED = "layout.json", "shared.pt"

@@ -1,21 +1,28 @@
 """Run on 3 ranks: allreduce with parameters, gradients and optimizer state sharded (ZeRO-3), from a run file, must
-train like one process (clipping and micro-batches included) on 3 ranks and, resumed, on 2, hold only its ranges of the
-parameters between steps, write checkpoints shard-wise and resume on another number of ranks (3 -> 2, 3 -> 1 plain,
-1 plain -> 3 sharded).
+train like one process (clipping and micro-batches included) on 3 ranks and on 2, hold only its ranges of the
+parameters between steps, write checkpoints and final weights shard-wise and resume on another number of ranks
+(3 -> 2, 3 -> 1 plain, 1 plain -> 3 sharded); `predict --tp 2` on 2 ranks reads each rank's slices from the shard
+files of a 2-rank and of a 3-rank run and equals one process's predict, which joins them.
 
 Usage: mpiexec -n 3 python zero3_equivalence.py RUN_DIR
 Prints one JSON line on rank 0.
 """
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import caldera
 from caldera.comm.local import LocalComm
 from caldera.config import load_config
+from caldera.errors import ConfigError
+from caldera.parallel.tensor import read_sharded_weights
+from caldera.parallel_infer import load_shard
+from caldera.predict import load_run_config, predict
 from caldera.train.callbacks import Callback
 from caldera.train.run import train
 from caldera.world import World
@@ -55,8 +62,10 @@ class Held(Callback):
 
 
 def weights(run):
-    state = torch.load(root / run / "model.pt", weights_only=True)
-    return torch.cat([t.flatten() for t in state.values()])
+    """The final weights, in the model's order: model.pt, or joined from the shard files."""
+    plain, shards = root / run / "model.pt", root / run / "model-shards"
+    state = torch.load(plain, weights_only=True) if plain.is_file() else read_sharded_weights(shards)
+    return torch.cat([state[k].flatten() for k in sorted(state)])
 
 
 def sub(n):
@@ -73,21 +82,26 @@ w2 = sub(2)
 ckpts = sorted((root / "z3" / "checkpoints").glob("step-*"))
 alone = World(comm=LocalComm())
 if world.rank == 0:
-    import shutil
-
     for name in ("r32", "r31"):
         shutil.copytree(root / "z3", root / name)
         for later in sorted((root / name / "checkpoints").glob("step-*"))[1:]:
             shutil.rmtree(later)
-        (root / name / "model.pt").unlink()
+        shutil.rmtree(root / name / "model-shards")
 world.barrier()
 if w2 is not None:
     train(config("r32", 2, ZERO3), world=w2, resume=True)
+    train(config("z2", 2, ZERO3), world=w2)
+    held_tp = {}
+    for run in ("z2", "z3"):  # shards written by 2 ranks and by 3, each rank reading its tp = 2 slices
+        predict(root / run, out=root / f"{run}-tp2.npy", tp=2, world=w2, progress=False, trust_code=True)
+        shard, _, strategy = load_shard(root / run, load_run_config(root / run, trust_code=True), w2.comm)
+        held_tp[run] = sum(p.numel() for p in shard.parameters())
+        strategy.close()
 if world.rank == 0:
     train(config("one", 2, {"strategy": "allreduce"}), world=alone)
     train(config("r31", 2, {"strategy": "allreduce"}), world=alone, resume=True)
-    import shutil
-
+    for run in ("z2", "z3"):  # one process: the whole model, joined from the shard files
+        predict(root / run, out=root / f"{run}-one.npy", world=alone, progress=False, trust_code=True)
     shutil.copytree(root / "one", root / "r13")
     for later in sorted((root / "r13" / "checkpoints").glob("step-*"))[1:]:
         shutil.rmtree(later)
@@ -96,10 +110,27 @@ world.barrier()
 train(config("r13", 2, ZERO3), world=world, resume=True)
 if world.rank == 0:
     one = weights("one")
+    # A rank file missing: one line naming it, for every reader.
+    shutil.copytree(root / "z2", root / "broken")
+    (root / "broken" / "model-shards" / "zero3-00001.pt").unlink()
+    try:
+        predict(root / "broken", world=alone, progress=False, trust_code=True)
+        broken = "read"
+    except ConfigError as exc:
+        broken = str(exc)
+    tp_vs_one = max(float(np.abs(np.load(root / f"{r}-tp2.npy") - np.load(root / f"{r}-one.npy")).max())
+                    for r in ("z2", "z3"))  # fmt: skip
     manifest = json.loads((ckpts[0] / "manifest.json").read_text())
     print(json.dumps({
         "size": world.size,
         "z3_vs_one": (weights("z3") - one).abs().max().item(),
+        "z2_vs_one": (weights("z2") - one).abs().max().item(),
+        "tp_vs_one": tp_vs_one,
+        "rows": len(np.load(root / "z3-one.npy")),
+        "held_tp": held_tp,
+        "shard_files": sorted(p.name for p in (root / "z3" / "model-shards").iterdir()),
+        "model_pt": (root / "z3" / "model.pt").exists(),
+        "broken": broken,
         "r32_vs_one": (weights("r32") - one).abs().max().item(),
         "r31_vs_one": (weights("r31") - one).abs().max().item(),
         "r13_vs_one": (weights("r13") - one).abs().max().item(),

@@ -7,6 +7,7 @@ the whole model in the process. Prints one JSON line on rank 0: the model's size
 """
 
 import json
+import math
 import resource
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def vm(key: str) -> int:
 
 base = vm("VmData")
 resource.setrlimit(resource.RLIMIT_DATA, (base + budget * 2**20, resource.getrlimit(resource.RLIMIT_DATA)[1]))
-params = 0  # the trained model's, read from its model.pt
+params = 0  # the trained model's, counted from its weights' layout (written shard-wise: no rank gathers them)
 try:
     train(cfg, world=world)
     outcome = "trained"
@@ -57,6 +58,7 @@ growth = world.comm.allgather((vm("VmData") - base) / 2**20)  # what the run kep
 peak = world.comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 if world.rank == 0:
     if outcome == "trained":
-        params = sum(t.numel() for t in torch.load(run_dir / mode / "model.pt", weights_only=True).values())
+        layout = json.loads((run_dir / mode / "model-shards" / "layout.json").read_text())
+        params = sum(math.prod(p["shape"]) for p in layout["params"])
     print(json.dumps({"outcome": outcome, "ranks": world.size, "params": params, "base_mib": base / 2**20,
                       "limit_mib": budget, "data_growth_mib": growth, "peak_rss_mib": [p / 2**20 for p in peak]}), flush=True)  # fmt: skip

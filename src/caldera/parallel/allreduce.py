@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -491,7 +492,9 @@ class AllReduce(Strategy):
         optimizer's state on rank 0, unless each rank writes its own (the end of a run follows validation:
         nothing to do)."""
         if purpose == "outputs":
-            if self.zero3 is not None:  # model.pt and the plots: the whole model, gathered once at the end
+            # (ZeRO-3 with a run directory writes its weights shard-wise instead: nothing gathered.) Without one
+            # (training from Python), the caller gets the whole model back: gathered once, at the end.
+            if self.zero3 is not None:
                 self.zero3.gather_whole()
             return
         self.synchronize()
@@ -500,6 +503,14 @@ class AllReduce(Strategy):
                 raise ConfigError("[parallel] shard_params writes sharded checkpoints only: set [checkpoint] "
                                   "sharded = true")  # fmt: skip
             self.gather_state()
+
+    def write_sharded_weights(self, directory: Path) -> bool:
+        """ZeRO-3: each rank writes its range of the final weights (``ParamShards.write_weights``), nothing
+        gathered; otherwise not done (rank 0 writes ``model.pt``)."""
+        if self.zero3 is None:
+            return False
+        self.zero3.write_weights(directory)
+        return True
 
     def synchronize(self) -> None:
         """Average floating-point buffers (BatchNorm running statistics) over the ranks (collective).

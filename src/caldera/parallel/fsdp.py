@@ -20,13 +20,20 @@ vector, so they are views of one buffer (``Unit.full``) whose storage exists onl
 The model can arrive built on the meta device (``builds_on_meta``): each module is materialised, broadcast from
 rank 0, cut to this rank's range and freed before the next (``caldera.models.materialize``), so the whole model
 never exists in one process. Checkpoints hold each rank's ranges of the parameters beside its optimizer ranges
-(layout kind ``zero-3``); ``model.pt`` is whole: rank 0 gathers the parameters at the end (``gather_whole``).
+(layout kind ``zero-3``). The final weights are written the same way (``write_weights``), into ``<run dir>/model-shards/``:
+each rank its range, nothing gathered and no ``model.pt``; ``ZeroWeights`` reads them back memory-mapped, one tensor
+at a time (whole, for one process, or a tensor-parallel slice of each, for ``predict``/``serve --tp``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import math
+import pickle
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,8 +41,13 @@ from torch import nn
 
 from caldera.comm.base import Handle, wait_yielding
 from caldera.comm.buckets import Bucket, padded
+from caldera.errors import ConfigError
+from caldera.io import atomic_write, atomic_write_text, replace_directory
 from caldera.models.materialize import materialize, on_meta
+from caldera.names import WEIGHT_LAYOUT, WEIGHT_SHARED
 from caldera.world import World
+
+KIND = "zero-3"  # the layout kind of shard-wise weights (and of checkpoints' shards) written by ZeRO-3
 
 
 @dataclass
@@ -76,7 +88,8 @@ class ParamShards:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> None:
-        self.model, self.comm, self.rank, self.size = model, world.comm, world.rank, world.size
+        self.model, self.world, self.comm = model, world, world.comm
+        self.rank, self.size = world.rank, world.size
         if any(p.dtype != torch.float32 for p in model.parameters()):
             raise ValueError("shard_params keeps fp32 parameters (bf16-mixed autocasts them): use [precision] "
                              "mode = 'fp32' or 'bf16-mixed'")  # fmt: skip
@@ -187,6 +200,15 @@ class ParamShards:
         unit.handle = self.comm.Iallgatherv(mine, unit.full, unit.counts)
         unit.pending = len(unit.params)
 
+    def progress(self) -> None:
+        """Test every gather in flight, completing those that arrived. MPI moves a non-blocking collective only
+        inside MPI calls (no progress thread): a large prefetched gather (several rendezvous messages) would sit
+        still while the unit before it computes, and the whole transfer would be paid at its ``ready``."""
+        for u in self.units:
+            if u.handle is not None and u.handle.test():
+                u.handle = None
+                u.gathered = True
+
     def ready(self, unit: Unit) -> None:
         """Make sure ``unit`` is gathered (start it if needed, wait for it)."""
         self.gather(unit)
@@ -237,6 +259,10 @@ class ParamShards:
             last = nxt is None
             self._hooks.append(u.module.register_forward_pre_hook(self._pre_forward(u, nxt)))
             self._hooks.append(u.module.register_forward_hook(self._post_forward(u, prev, last)))
+        # Between the layers inside each unit, MPI gets a call that moves the prefetched gathers (``progress``).
+        for u in self._blocks:
+            for sub in list(u.module.modules())[1:]:
+                self._hooks.append(sub.register_forward_pre_hook(lambda *a: self._progress_hook()))
         for u in self.units:
             for _, p in u.params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_arrived(u)))
@@ -244,6 +270,10 @@ class ParamShards:
         self._hooks.append(model.register_state_dict_post_hook(lambda *a: self._shapes_only(*a)))
         self._hooks.append(model.register_load_state_dict_pre_hook(self._before_load))
         self._hooks.append(model.register_load_state_dict_post_hook(self._after_load))
+
+    def _progress_hook(self) -> None:
+        if not self.whole:
+            self.progress()
 
     def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
         if self.whole:
@@ -295,6 +325,7 @@ class ParamShards:
 
     def _grad_arrived(self, unit: Unit) -> Callable[[torch.Tensor], None]:
         def hook(_: torch.Tensor) -> None:
+            self.progress()  # backward: each gradient that arrives lets MPI move the prefetched gather
             unit.pending -= 1
             if unit.pending == 0:
                 self.free(unit)  # its gradients are all in: its parameters are not needed in this backward
@@ -326,6 +357,32 @@ class ParamShards:
                 self.local[a - self.lo : b - self.lo] = u.full[a - u.start : b - u.start]
             self.free(u)
 
+    # -- final weights, shard-wise ------------------------------------------------------------------------------------
+    def write_weights(self, directory: Path) -> None:
+        """Write the weights into ``directory`` without gathering them (collective): each rank its range of the flat
+        parameters (``zero3-NNNNN.pt``), rank 0 also the replicated tensors (buffers, frozen parameters) and the
+        layout, last; the directory appears complete under its name or not at all."""
+        tmp = directory.with_name(f".{directory.name}.partial")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.world.barrier()
+        atomic_write(tmp / _file(self.rank), lambda f: torch.save({"range": self.local.detach()}, f))
+        if self.rank == 0:
+            rest = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k not in self._where}
+            atomic_write(tmp / WEIGHT_SHARED, lambda f: torch.save(rest, f))
+        self.world.barrier()
+        if self.rank == 0:
+            ranges = [[min(r * self.chunk, self.total), min((r + 1) * self.chunk, self.total)]
+                      for r in range(self.size)]  # fmt: skip
+            layout = {"kind": KIND, "size": self.size, "total": self.total, "ranges": ranges,
+                      "files": [_file(r) for r in range(self.size)], "dtype": str(self.local.dtype).removeprefix("torch."),
+                      "params": [{"name": n, "offset": o, "shape": list(p.shape)} for u in self.units
+                                 for (n, p), o in zip(u.params, u.offsets)]}  # fmt: skip
+            atomic_write_text(tmp / WEIGHT_LAYOUT, json.dumps(layout, indent=2))
+            replace_directory(tmp, directory)
+        self.world.barrier()
+
     def close(self) -> None:
         """Remove the hooks."""
         for h in self._hooks:
@@ -341,3 +398,72 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, dict):
         return [t for o in out.values() for t in _tensors(o)]
     return []
+
+
+def _file(rank: int) -> str:
+    return f"zero3-{rank:05d}.pt"
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+class ZeroWeights(Mapping[str, torch.Tensor]):
+    """ZeRO-3's shard-wise weights (``ParamShards.write_weights``) as a read-only state_dict, memory-mapped: each
+    tensor (``weights[name]``) is a view of the one rank file holding it (nothing is read until used, and a slice
+    reads its own pages only), or, for a parameter the ranges cut between two files, its pieces joined (that one
+    tensor in memory)."""
+
+    def __init__(self, directory: Path, layout: dict[str, Any]) -> None:
+        self.directory, self.layout = directory, layout
+        try:
+            self.ranges = [(int(lo), int(hi)) for lo, hi in layout["ranges"]]
+            self.params = {p["name"]: (int(p["offset"]), [int(d) for d in p["shape"]])
+                           for p in layout["params"]}  # fmt: skip
+            self.file_names = list(layout["files"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{directory / WEIGHT_LAYOUT}: not a layout of ZeRO-3 weights ({exc!r} is wrong or "
+                              "missing); write the weights again with `caldera train`") from None  # fmt: skip
+        self.shared = self._open(WEIGHT_SHARED)
+        self._files: dict[int, torch.Tensor] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        """Every tensor's name: the sharded parameters, then the replicated tensors."""
+        return iter([*self.params, *self.shared])
+
+    def __len__(self) -> int:
+        return len(self.params) + len(self.shared)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.params or name in self.shared
+
+    def _open(self, name: str) -> dict[str, torch.Tensor]:
+        try:
+            return _load(self.directory / name)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            why = "missing" if isinstance(exc, FileNotFoundError) else f"not readable ({exc})"
+            raise ConfigError(f"{self.directory / name}: {why}; the ZeRO-3 weights need every rank's file: copy "
+                              "the whole model-shards/ directory, or train again") from None  # fmt: skip
+
+    def _range(self, r: int) -> torch.Tensor:
+        if r not in self._files:
+            self._files[r] = self._open(self.file_names[r])["range"]
+        return self._files[r]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (KeyError if the weights have none)."""
+        if name not in self.params:
+            return self.shared[name]
+        offset, shape = self.params[name]
+        n = math.prod(shape)
+        pieces = [self._range(r)[max(lo, offset) - lo : min(hi, offset + n) - lo]
+                  for r, (lo, hi) in enumerate(self.ranges) if max(lo, offset) < min(hi, offset + n)]  # fmt: skip
+        flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else torch.empty(0)
+        if flat.numel() != n:
+            raise ConfigError(f"{self.directory}: {name!r} has {flat.numel()} numbers in the rank files, its shape "
+                              f"{shape} needs {n}; write the weights again with `caldera train`")  # fmt: skip
+        return flat.view(shape)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor whole, in memory (for one process: export, fine-tuning, publishing)."""
+        return {name: self[name].clone() for name in self}

@@ -39,9 +39,10 @@ from torch.nn import functional as F
 from caldera.comm.base import Communicator, wait_yielding
 from caldera.config import StrategyOptions
 from caldera.errors import ConfigError
-from caldera.io import atomic_write, atomic_write_text
+from caldera.io import atomic_write, atomic_write_text, replace_directory
 from caldera.models.materialize import materialize, on_meta
-from caldera.names import NOT_COMPILED
+from caldera.names import NOT_COMPILED, WEIGHT_LAYOUT, WEIGHT_SHARED
+from caldera.parallel import fsdp
 from caldera.parallel.base import Purpose, Strategy, register
 from caldera.world import World
 
@@ -203,7 +204,8 @@ def state_reader(state: Mapping[str, torch.Tensor], rank: int, tp: int,
 # -- shard-wise weights: <run dir>/model-shards/ ----------------------------------------------------------------------
 # layout.json (kind "tensor", size, params: name, dim, shape), shared.pt (every tensor no layer cuts, whole) and
 # tp-NNNNN.pt (rank NNNNN's slices of the split parameters); written by the ranks of the first replica, each its own.
-LAYOUT, SHARED = "layout.json", "shared.pt"
+# ZeRO-3 writes kind "zero-3" into the same directory (caldera.parallel.fsdp): the readers below take both.
+LAYOUT, SHARED = WEIGHT_LAYOUT, WEIGHT_SHARED
 
 
 def _shard_file(r: int) -> str:
@@ -217,8 +219,8 @@ def read_layout(directory: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{directory / LAYOUT}: not readable ({exc}); give the run directory of a finished "
                           "run") from None  # fmt: skip
-    if not isinstance(layout, dict) or layout.get("kind") != "tensor":
-        raise ConfigError(f"{directory / LAYOUT}: not a layout of tensor-parallel weights")
+    if not isinstance(layout, dict) or layout.get("kind") not in ("tensor", fsdp.KIND):
+        raise ConfigError(f"{directory / LAYOUT}: not a layout of tensor-parallel or ZeRO-3 weights")
     return layout
 
 
@@ -229,8 +231,10 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 def shards_reader(directory: Path, rank: int, tp: int) -> Callable[[str, int | None], torch.Tensor]:
     """``materialize_shard``'s ``read`` over shard-wise weights, memory-mapped: for the tp they were written
     with, a rank reads its own file only; for another tp, each split tensor is joined from the files (one tensor
-    at a time) and cut anew."""
+    at a time) and cut anew. ZeRO-3's weights: each slice is read from the rank files' ranges that hold it."""
     layout = read_layout(directory)
+    if layout["kind"] == fsdp.KIND:
+        return state_reader(fsdp.ZeroWeights(directory, layout), rank, tp, str(directory))
     size, cut = layout["size"], {p["name"]: p["dim"] for p in layout["params"]}
     shared = _load(directory / SHARED)
     files: dict[int, dict[str, torch.Tensor]] = {}
@@ -251,9 +255,20 @@ def shards_reader(directory: Path, rank: int, tp: int) -> Callable[[str, int | N
     return read
 
 
+def open_sharded_weights(directory: Path) -> Mapping[str, torch.Tensor]:
+    """Shard-wise weights as a state_dict to load from: ZeRO-3's memory-mapped (each tensor read as it is copied
+    into the model), tensor parallel's joined (``read_sharded_weights``)."""
+    layout = read_layout(directory)
+    if layout["kind"] == fsdp.KIND:
+        return fsdp.ZeroWeights(directory, layout)
+    return read_sharded_weights(directory)
+
+
 def read_sharded_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The whole state_dict from shard-wise weights (for one process: export, fine-tuning, a plain loader)."""
     layout = read_layout(directory)
+    if layout["kind"] == fsdp.KIND:
+        return fsdp.ZeroWeights(directory, layout).state_dict()
     state = dict(_load(directory / SHARED))
     parts = [_load(directory / _shard_file(r)) for r in range(layout["size"])]
     for p in layout["params"]:
@@ -605,12 +620,7 @@ class TensorParallel(Strategy):
             layout = {"kind": "tensor", "size": tp,
                       "params": [{"name": names[p], "dim": d, "shape": list(s)} for p, (d, s) in self.split.items()]}  # fmt: skip
             atomic_write_text(tmp / LAYOUT, json.dumps(layout, indent=2))
-            old = directory.with_name(f".{directory.name}.old")
-            if directory.exists():  # set aside by a rename (instant), deleted once the new one is in place
-                shutil.rmtree(old, ignore_errors=True)
-                directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_directory(tmp, directory)
         self.world.barrier()
         return True
 

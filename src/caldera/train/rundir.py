@@ -20,7 +20,7 @@ from caldera.config import Config, read_run_dir
 from caldera.errors import ConfigError
 from caldera.io import atomic_write, atomic_write_text
 from caldera.names import WEIGHT_SHARDS
-from caldera.parallel.tensor import LAYOUT, read_sharded_weights
+from caldera.parallel.tensor import LAYOUT, open_sharded_weights
 
 
 class RunDir:
@@ -44,8 +44,9 @@ class RunDir:
 
     @property
     def weight_shards(self) -> Path:
-        """The final weights shard-wise, where the strategy wrote them so (tensor parallel): ``layout.json``,
-        ``shared.pt`` and one ``tp-NNNNN.pt`` per rank of a model's group (``caldera.parallel.tensor``)."""
+        """The final weights shard-wise, where the strategy wrote them so: ``layout.json``, ``shared.pt`` and one
+        file per rank: tensor parallel's ``tp-NNNNN.pt`` (``caldera.parallel.tensor``), ZeRO-3's ``zero3-NNNNN.pt``
+        (``caldera.parallel.fsdp``)."""
         return self.path / WEIGHT_SHARDS
 
     @property
@@ -109,9 +110,9 @@ class RunDir:
 
     def load_weights(self, model: torch.nn.Module) -> torch.nn.Module:
         """Load model.pt into ``model`` (tensors only: nothing in the file executes), or the shard-wise weights
-        joined into the whole model when the run wrote those instead."""
+        joined into the whole model when the run wrote those instead (ZeRO-3's memory-mapped, a tensor at a time)."""
         if not self.weights.is_file() and (self.weight_shards / LAYOUT).is_file():
-            return load_state(model, read_sharded_weights(self.weight_shards), str(self.weight_shards))
+            return load_state(model, open_sharded_weights(self.weight_shards), str(self.weight_shards))
         return load_weights(model, self.weights, str(self.weights))
 
 

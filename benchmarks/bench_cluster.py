@@ -2,13 +2,15 @@
 
     sudo python benchmarks/bench_cluster.py [--nodes 2] [--per-node 2] [--links "10gbit 20us" "1gbit 100us"]
                                             [--steps 10] [--repeats 1] [--batch 256] [--buckets 5 100]
+                                            [--modes caldera caldera-blocking ... ddp-fp16]
 
 Brings up the virtual cluster of tests/cluster/ under a name of its own (root, network namespaces), and for each
 link shape runs bench_data_parallel.py's MLP worker (6.3 M parameters, 25 MB of fp32 gradients) on
 NODES x PER_NODE ranks: Caldera ``allreduce`` with the shm reducer (hierarchical: shared memory inside a node,
-MPI over TCP between nodes) and the mpi reducer (flat), each with the fp32 and the bf16 wire; DDP-gloo as
+MPI over TCP between nodes) and the mpi reducer (flat), each with the fp32 and the bf16 wire; the shm reducer
+with its step between nodes blocking (``-blocking``: the earlier path) and with 5 MB buckets; DDP-gloo as
 default, tuned (``gradient_as_bucket_view``, ``static_graph``, bucket sizes swept) and with its fp16 compression
-hook. Before that it measures what each link delivers (tests/cluster/probe.py). Prints samples/s (medians) and
+hook. A link such as "1gbit 100us loss 5%" drops that share of the packets between nodes. Before that it measures what each link delivers (tests/cluster/probe.py). Prints samples/s (medians) and
 the ratio to tuned DDP's best. Every "node" shares this machine's cores: read ratios, not speed-ups. Without
 namespaces it prints vcluster.sh's reason and exits 0.
 """

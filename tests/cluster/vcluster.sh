@@ -245,25 +245,28 @@ run_mpiexec() {
   # Open MPI 5's launcher can exit 0 when it lost a node's daemon (a dead link or a killed node), even after a
   # rank's MPI_Abort ("lost communication with a remote daemon", "A daemon failed to report back"): seen here, it would make `caldera launch --max-restarts` take a failed job for a finished one. Its
   # output is passed through and watched, and that case exits 1. Stop signals are passed on to mpiexec.
-  local lost rc child
-  lost=$(mktemp)
+  local io rc child watchers
   [ -e "$STATE/uts/n0" ] || die "no node 0 (bring the cluster up first: $0 up)"
+  io=$(mktemp -d "$STATE/io.XXXXXX")  # under STATE: `down` removes what a killed run leaves
+  mkfifo "$io/out" "$io/err"
+  watch_daemons "$io/lost" < "$io/out" & watchers=$!
+  watch_daemons "$io/lost" < "$io/err" >&2 & watchers="$watchers $!"
   ip netns exec "$(node_ns 0)" nsenter --uts="$STATE/uts/n0" -- "$mpiexec" --allow-run-as-root --oversubscribe --hostfile "$STATE/hostfile" \
     --prtemca plm_ssh_agent "$HERE/agent.sh" --prtemca plm_ssh_no_tree_spawn 1 --prtemca oob_tcp_if_include "$SUBNET.0/24" \
     --mca mpi_yield_when_idle 1 --mca pml ob1 --mca btl self,sm,tcp --mca btl_tcp_if_include "$SUBNET.0/24" \
     --mca oob_tcp_if_include "$SUBNET.0/24" --mca osc sm,rdma --mca coll ^hcoll \
     --prtemca oob_tcp_keepalive_time "${VCLUSTER_KEEPALIVE:-6}" --prtemca oob_tcp_keepalive_intvl 1 \
     --prtemca oob_tcp_keepalive_probes 3 -x VCLUSTER_STATE="$STATE" -x VCLUSTER_PREFIX="$PREFIX" ${map[@]+"${map[@]}"} "$@" \
-    > >(watch_daemons "$lost") 2> >(watch_daemons "$lost" >&2) &
+    > "$io/out" 2> "$io/err" &
   child=$!
   for sig in TERM INT USR1; do trap "kill -s $sig $child 2>/dev/null" "$sig"; done
   while :; do
     rc=0; wait "$child" || rc=$?
     kill -0 "$child" 2>/dev/null || break  # else a trapped signal interrupted the wait: wait again
   done
-  wait  # the output's watchers: every line written, the verdict recorded
-  [ "$rc" != 0 ] || [ ! -s "$lost" ] || rc=1
-  rm -f "$lost"
+  wait $watchers  # every line written, the verdict recorded
+  [ "$rc" != 0 ] || [ ! -s "$io/lost" ] || rc=1
+  rm -rf "$io"
   return "$rc"
 }
 

@@ -2,13 +2,15 @@
 
     sudo python benchmarks/bench_cluster.py [--nodes 2] [--per-node 2] [--links "10gbit 20us" "1gbit 100us"]
                                             [--steps 10] [--repeats 1] [--batch 256] [--buckets 5 100]
+                                            [--modes caldera caldera-blocking ... ddp-fp16]
 
 Brings up the virtual cluster of tests/cluster/ under a name of its own (root, network namespaces), and for each
 link shape runs bench_data_parallel.py's MLP worker (6.3 M parameters, 25 MB of fp32 gradients) on
 NODES x PER_NODE ranks: Caldera ``allreduce`` with the shm reducer (hierarchical: shared memory inside a node,
-MPI over TCP between nodes) and the mpi reducer (flat), each with the fp32 and the bf16 wire; DDP-gloo as
+MPI over TCP between nodes) and the mpi reducer (flat), each with the fp32 and the bf16 wire; the shm reducer
+with its step between nodes blocking (``-blocking``: the earlier path) and with 5 MB buckets; DDP-gloo as
 default, tuned (``gradient_as_bucket_view``, ``static_graph``, bucket sizes swept) and with its fp16 compression
-hook. Before that it measures what each link delivers (tests/cluster/probe.py). Prints samples/s (medians) and
+hook. A link such as "1gbit 100us loss 5%" drops that share of the packets between nodes. Before that it measures what each link delivers (tests/cluster/probe.py). Prints samples/s (medians) and
 the ratio to tuned DDP's best. Every "node" shares this machine's cores: read ratios, not speed-ups. Without
 namespaces it prints vcluster.sh's reason and exits 0.
 """
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,8 +34,11 @@ WORKER = [sys.executable, str(HERE.parent / "bench_data_parallel.py"), "--worker
 # --smoke: one node pair, one rank each, Caldera (mpi between the nodes) only, a few small steps.
 SMOKE = {"nodes": 2, "per_node": 1, "links": ["1gbit 100us"], "steps": 2, "batch": 16, "repeats": 1,
          "modes": ["caldera-mpi"], "buckets": []}  # fmt: skip
-MODES = ["caldera", "caldera-bf16", "caldera-mpi", "caldera-mpi-bf16", "ddp", "ddp-tuned", "ddp-fp16"]
+MODES = ["caldera", "caldera-blocking", "caldera-bf16", "caldera-bf16-blocking", "caldera-b5", "caldera-mpi",
+         "caldera-mpi-bf16", "ddp", "ddp-tuned", "ddp-fp16"]  # fmt: skip
 LABELS = {"caldera": "Caldera hierarchical (shm), fp32 wire", "caldera-bf16": "Caldera hierarchical (shm), bf16 wire",
+          "caldera-blocking": "Caldera hierarchical, fp32, blocking", "caldera-bf16-blocking": "Caldera hierarchical, bf16, blocking",
+          "caldera-b5": "Caldera hierarchical, fp32, 5 MB buckets",
           "caldera-mpi": "Caldera flat (mpi), fp32 wire", "caldera-mpi-bf16": "Caldera flat (mpi), bf16 wire",
           "ddp": "DDP-gloo default", "ddp-tuned": "DDP-gloo tuned, 25 MB buckets",
           "ddp-fp16": "DDP-gloo + fp16 compression hook"}  # fmt: skip
@@ -47,9 +53,16 @@ def cluster_env() -> dict[str, str]:
 
 
 def vcluster(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["bash", str(VCLUSTER), *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
+    """``vcluster.sh ARGS``; on a timeout its whole process group (mpiexec, the output's watchers) is killed."""
+    with subprocess.Popen(["bash", str(VCLUSTER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env, start_new_session=True) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise subprocess.TimeoutExpired(proc.args, timeout, out, err) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def ranks(env: dict[str, str], n: int, cmd: list[str], timeout: float = 120) -> str:
@@ -115,6 +128,8 @@ def main() -> None:
                     out = ranks(env, n, [*WORKER, "mlp", mode, str(args.batch), str(args.steps), "sgd"])
                     rates[mode].append(float(re.search(r"samples/s=([\d.]+)", out).group(1)))
                     print(f"    {mode}: {rates[mode][-1]:.1f} samples/s", flush=True)
+                # The machine may be shared: what else ran shows in the load average.
+                print(f"  (load average {os.getloadavg()[0]:.1f} after this repeat)", flush=True)
             med = {m: statistics.median(v) for m, v in rates.items()}
             tuned = [m for m in med if m.startswith("ddp-tuned")]
             best = max(tuned, key=med.get) if tuned else None

@@ -85,16 +85,28 @@ def worker(kind: str, mode: str, global_batch: int, steps: int, optim: str = "sg
 
         world = caldera.init()
         rank, size = world.rank, world.size
-        # mode: caldera[-mpi][-bf16|-fp16|-zero]
-        grad_comm = mode.rsplit("-", 1)[1] if mode.endswith(("-bf16", "-fp16")) else "fp32"
+        # mode: caldera[-mpi][-bf16|-fp16][-zero][-unfused][-blocking][-bMB]; -blocking: the shm reducer's step
+        # between nodes ends before backward goes on (comm/shm.py); -bMB: gradient buckets of MB MiB (default 25)
+        words = mode.split("-")
+        grad_comm = next((w for w in words if w in ("bf16", "fp16")), "fp32")
+        bucket_mb = next(
+            (float(w[1:]) for w in words if w[:1] == "b" and w[1:].replace(".", "").isdigit()), 25.0
+        )
         strategy = caldera.parallel.make_strategy(
             "allreduce",
-            reducer="mpi" if "-mpi" in mode else "auto",
+            reducer="mpi" if "mpi" in words else "auto",
             grad_comm=grad_comm,
-            shard_optimizer=mode.endswith("-zero"),
-            fused_linear_grads="-unfused" not in mode,
+            shard_optimizer="zero" in words,
+            fused_linear_grads="unfused" not in words,
+            bucket_mb=bucket_mb,
         )
         net = strategy.setup(model, opt, world)
+        if "blocking" in words:
+            if strategy.node is None:
+                raise SystemExit(
+                    f"{mode}: '-blocking' is the shm reducer's, but this run uses {strategy.reducer}"
+                )
+            strategy.node.blocking = True
         backward, step = strategy.backward, strategy.step
     else:  # "single": one rank alone; "nocomm": N ranks side by side, no communication; "lockstep": + a barrier
         barrier = lambda: None  # noqa: E731

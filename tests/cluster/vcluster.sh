@@ -7,7 +7,9 @@
 #
 #   vcluster.sh up [--nodes N] [--link "RATE [DELAY] [loss P%]"]   make it (idempotent: an old one is replaced)
 #   vcluster.sh shape "RATE [DELAY] [loss P%]" [NODE]   reshape every node's link (or one's) in place
-#   vcluster.sh link NODE up|down                       take a node's link down / bring it back (in the hub)
+#   vcluster.sh link NODE up|down [--until-exit PID]    take a node's link down / bring it back (in the hub);
+#                                                       --until-exit: back up once PID has ended
+#   vcluster.sh kill NODE                               kill -9 every process in node NODE (a crashed node's)
 #   vcluster.sh exec NODE CMD...                        run CMD inside node NODE (0-based)
 #   vcluster.sh mpiexec [mpiexec args...]               mpiexec from node 0 across the nodes (hostfile + agent);
 #                                                       -n N without --map-by spreads the ranks evenly by node
@@ -90,12 +92,14 @@ burst_for() {
 
 # Shape one direction: ns + device. netem (delay/loss) as the root with tbf below it when the kernel has netem.
 shape_dev() {
-  local ns=$1 dev=$2 burst
+  local ns=$1 dev=$2 burst loss=$LOSS
+  # Loss only as packets leave a node: a packet between two nodes crosses two links but is lost with probability P.
+  [ "$dev" = eth0 ] || loss=""
   burst=$(burst_for "$RATE")
   ip netns exec "$ns" tc qdisc del dev "$dev" root 2>/dev/null || true
   [ "$RATE" != none ] || return 0  # unshaped: what veth and these CPUs deliver
-  if [ "$NETEM" = 1 ] && { [ -n "$DELAY" ] || [ -n "$LOSS" ]; }; then
-    ip netns exec "$ns" tc qdisc add dev "$dev" root handle 1: netem ${DELAY:+delay $DELAY} ${LOSS:+loss $LOSS%} \
+  if [ "$NETEM" = 1 ] && { [ -n "$DELAY" ] || [ -n "$loss" ]; }; then
+    ip netns exec "$ns" tc qdisc add dev "$dev" root handle 1: netem ${DELAY:+delay $DELAY} ${loss:+loss $loss%} \
       limit 100000
     ip netns exec "$ns" tc qdisc add dev "$dev" parent 1:1 handle 10: tbf rate "$RATE" burst "$burst" latency 100ms
   else
@@ -103,7 +107,7 @@ shape_dev() {
   fi
 }
 
-# Packet loss without netem: nftables drops a random share of packets leaving the node.
+# Packet loss without netem: nftables drops a random share of the packets leaving the node (as netem would).
 loss_nft() {
   local ns=$1
   command -v nft >/dev/null || die "loss needs sch_netem (missing in this kernel) or nftables (apt-get install nftables)"
@@ -111,8 +115,7 @@ loss_nft() {
   [ -n "$LOSS" ] || return 0
   ip netns exec "$ns" nft -f - <<EOF
 table inet vcluster {
-  chain out { type filter hook output priority 0; oifname "eth0" numgen random mod 100 < $LOSS drop; }
-  chain in { type filter hook input priority 0; iifname "eth0" numgen random mod 100 < $LOSS drop; }
+  chain out { type filter hook output priority 0; oifname "eth0" numgen random mod 100 < $LOSS counter drop; }
 }
 EOF
 }
@@ -201,8 +204,21 @@ in_node() {
   exec ip netns exec "$(node_ns "$i")" nsenter --uts="$STATE/uts/n$i" -- "$@"
 }
 
+# Copy stdin to stdout line by line; write 1 into file $1 if Open MPI says it lost a node's daemon.
+watch_daemons() {
+  local line
+  while IFS= read -r line || [ -n "$line" ]; do
+    printf '%s\n' "$line"
+    case $line in *"lost communication with a remote daemon"*|*"daemon failed to report back"*) echo 1 > "$1" ;; esac
+  done
+}
+
 run_mpiexec() {
   [ -f "$STATE/hostfile" ] || die "the virtual cluster is not up ($0 up)"
+  local wait_s=0 f
+  for f in "$STATE"/repair-n*; do  # links still down until a job ends (link N down --until-exit PID)
+    while [ -e "$f" ] && [ $wait_s -lt 600 ]; do sleep 0.1; wait_s=$((wait_s + 1)); done
+  done
   local mpiexec=${MPIEXEC:-$(command -v mpiexec)} map=() a np=""
   # Without --map-by, PRRTE's default (by core, oversubscribed) piles every rank onto node 0: spread -n ranks
   # evenly instead, ranks 0..k-1 on node 0, k..2k-1 on node 1, ...
@@ -226,18 +242,51 @@ run_mpiexec() {
   # (the default, 300 s + 9 x 20 s, leaves mpiexec waiting after every rank it can reach has gone). Waiting
   # ranks yield the core: every "node" shares this machine's cores, and a rank spinning in MPI_Wait takes one from
   # a rank still computing (measured: the MLP all-reduced across a 10gbit link went 985 -> 1975 samples/s).
-  in_node 0 "$mpiexec" --allow-run-as-root --oversubscribe --hostfile "$STATE/hostfile" \
+  # Open MPI 5's launcher can exit 0 when it lost a node's daemon (a dead link or a killed node), even after a
+  # rank's MPI_Abort ("lost communication with a remote daemon", "A daemon failed to report back"): seen here, it would make `caldera launch --max-restarts` take a failed job for a finished one. Its
+  # output is passed through and watched, and that case exits 1. Stop signals are passed on to mpiexec.
+  local io rc child watchers
+  [ -e "$STATE/uts/n0" ] || die "no node 0 (bring the cluster up first: $0 up)"
+  io=$(mktemp -d "$STATE/io.XXXXXX")  # under STATE: `down` removes what a killed run leaves
+  mkfifo "$io/out" "$io/err"
+  watch_daemons "$io/lost" < "$io/out" & watchers=$!
+  watch_daemons "$io/lost" < "$io/err" >&2 & watchers="$watchers $!"
+  ip netns exec "$(node_ns 0)" nsenter --uts="$STATE/uts/n0" -- "$mpiexec" --allow-run-as-root --oversubscribe --hostfile "$STATE/hostfile" \
     --prtemca plm_ssh_agent "$HERE/agent.sh" --prtemca plm_ssh_no_tree_spawn 1 --prtemca oob_tcp_if_include "$SUBNET.0/24" \
     --mca mpi_yield_when_idle 1 --mca pml ob1 --mca btl self,sm,tcp --mca btl_tcp_if_include "$SUBNET.0/24" \
     --mca oob_tcp_if_include "$SUBNET.0/24" --mca osc sm,rdma --mca coll ^hcoll \
     --prtemca oob_tcp_keepalive_time "${VCLUSTER_KEEPALIVE:-6}" --prtemca oob_tcp_keepalive_intvl 1 \
-    --prtemca oob_tcp_keepalive_probes 3 -x VCLUSTER_STATE="$STATE" -x VCLUSTER_PREFIX="$PREFIX" ${map[@]+"${map[@]}"} "$@"
+    --prtemca oob_tcp_keepalive_probes 3 -x VCLUSTER_STATE="$STATE" -x VCLUSTER_PREFIX="$PREFIX" ${map[@]+"${map[@]}"} "$@" \
+    > "$io/out" 2> "$io/err" &
+  child=$!
+  for sig in TERM INT USR1; do trap "kill -s $sig $child 2>/dev/null" "$sig"; done
+  while :; do
+    rc=0; wait "$child" || rc=$?
+    kill -0 "$child" 2>/dev/null || break  # else a trapped signal interrupted the wait: wait again
+  done
+  wait $watchers  # every line written, the verdict recorded
+  [ "$rc" != 0 ] || [ ! -s "$io/lost" ] || rc=1
+  rm -rf "$io"
+  return "$rc"
+}
+
+kill_node() {
+  local i=${1:?kill NODE}
+  [ -e "$STATE/uts/n$i" ] || die "no node $i (bring the cluster up first: $0 up)"
+  ip netns pids "$(node_ns "$i")" | xargs -r kill -9
 }
 
 link_state() {
   local i=$1 state=$2
-  [[ $state =~ ^(up|down)$ ]] || die "link NODE up|down, not '$state'"
+  [[ $state =~ ^(up|down)$ ]] || die "link NODE up|down [--until-exit PID], not '$state'"
   ip netns exec "$HUB" ip link set "n$i" "$state"
+  [ "${3:-}" = --until-exit ] || return 0
+  # Repaired once process PID has ended (the job that lost the link); until then `mpiexec` waits, so that a
+  # relaunch does not race the repair (its daemon on the node would fail to connect back).
+  local pid=${4:?--until-exit PID}
+  : > "$STATE/repair-n$i"
+  setsid bash -c "while kill -0 $pid 2>/dev/null; do sleep 0.1; done
+                  ip netns exec $HUB ip link set n$i up; rm -f $STATE/repair-n$i" </dev/null >/dev/null 2>&1 &
 }
 
 status() {
@@ -253,8 +302,9 @@ case $cmd in
   check) check ;;
   shape) [ -f "$STATE/nodes" ] || die "the virtual cluster is not up"; shape "$@" ;;
   link) link_state "$@" ;;
+  kill) kill_node "$@" ;;
   exec) in_node "$@" ;;
   mpiexec) run_mpiexec "$@" ;;
   status) status ;;
-  *) die "usage: $0 up|down|check|status|shape|link|exec|mpiexec (see the header of $0)" ;;
+  *) die "usage: $0 up|down|check|status|shape|link|kill|exec|mpiexec (see the header of $0)" ;;
 esac

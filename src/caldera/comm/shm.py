@@ -11,6 +11,13 @@ out of MPI's transport buffers. Synchronisation is two MPI barriers on the node 
 With a 16-bit ``wire`` dtype (``grad_comm``) the slots hold bf16/fp16 copies of the gradients (each rank rounds
 its own fp32 gradients into its slot as a bucket completes), the result row stays fp32 and every share is summed
 in fp32; between nodes the shares travel in 16 bits too (``comm/lowp.py``).
+
+Between nodes, a share's all-reduce is non-blocking: it starts as soon as the node has summed the share, and
+``finish()`` waits for it, so the network carries one bucket while backward computes the next (as gloo's threads
+do for DDP); ``progress()``, called from the gradient hooks, moves it along. Every rank starts the buckets in the
+same order, so MPI matches them without tags. ``blocking=True`` keeps the earlier path (each share's all-reduce
+ends before backward goes on), for comparison: across two nodes both give the same bits (a sum of two is one
+addition, whatever MPI's algorithm).
 """
 
 from __future__ import annotations
@@ -30,16 +37,21 @@ class NodeReducer:
     The slots are fp32 (and are the gradients themselves) or, with ``wire``, 16-bit copies of them; the result
     row is always fp32. ``node`` (default: the ranks sharing this node's memory) groups the ranks that share a
     window (``close()`` frees it); a test can pass smaller groups to run the path between nodes on one machine.
+    ``blocking``: each share's all-reduce between nodes ends before ``reduce`` returns (no overlap).
     """
 
-    def __init__(self, comm, total: int, wire: torch.dtype | None = None, node=None) -> None:
+    def __init__(
+        self, comm, total: int, wire: torch.dtype | None = None, node=None, blocking: bool = False
+    ) -> None:
         from mpi4py import MPI
 
         self.node = node if node is not None else comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
         self.local_size, self.local_rank = self.node.Get_size(), self.node.Get_rank()
         # Ranks with the same local rank on every node reduce the same shares between nodes.
         self.cross = comm.Split(self.local_rank, comm.Get_rank())
-        self.total, self.wire = total, wire
+        self.total, self.wire, self.blocking = total, wire, blocking
+        # Shares in flight between nodes, in start order: (handle, lo, hi, scale); finish() waits for them.
+        self._inflight: list[tuple[object, int, int, float]] = []
         # Rows padded to whole cache lines and the window's start rounded up to one (MPI's was 16 bytes off):
         # a GEMM writing gradients into misaligned memory is 15-30 % slower (comm/linear_grads.py).
         row = padded(total, 2)  # a whole number of cache lines for 16-bit slots too
@@ -91,9 +103,31 @@ class NodeReducer:
         else:
             sum_rows_(self.result[lo:hi], self.slots[:, lo:hi].unbind())
         if self.cross.Get_size() > 1 and hi > lo:
-            self._between_nodes(lo, hi)
-        if scale != 1.0:
+            self._inflight.append((self._between_nodes(lo, hi), lo, hi, scale))
+            if self.blocking:
+                self._complete()
+        elif scale != 1.0:
             self.result[lo:hi].mul_(1.0 / scale)
+
+    def progress(self) -> None:
+        """Let MPI move the shares in flight between nodes (no progress thread: someone must call into MPI)."""
+        if not self._inflight:
+            return
+        if self._between is not None:
+            self._between.progress()
+        else:
+            self._inflight[0][0].Test()  # any test drives the whole progress engine
+
+    def _complete(self) -> None:
+        """Wait, in start order, for every share in flight between nodes; divide by the wire scale."""
+        for handle, lo, hi, scale in self._inflight:
+            if self._between is None:
+                handle.Wait()
+            else:
+                handle.wait()
+            if scale != 1.0:
+                self.result[lo:hi].mul_(1.0 / scale)
+        self._inflight.clear()
 
     def _sum_and_zero(self, lo: int, hi: int) -> None:
         # In cache-sized chunks: sum the share, then zero it in every slot while it is still in cache, which
@@ -114,17 +148,17 @@ class NodeReducer:
             round_into_(slot[a:b], source[a:b], scale)
             source[a:b].zero_()
 
-    def _between_nodes(self, lo: int, hi: int) -> None:
+    def _between_nodes(self, lo: int, hi: int):
+        """Start the all-reduce of the share ``[lo, hi)`` with the other nodes; return its request/handle."""
         if self._between is None:
             from mpi4py import MPI
 
-            self.cross.Allreduce(MPI.IN_PLACE, self.result[lo:hi].numpy())
-            return
-        # The node's fp32 sum is rounded to 16 bits for the wire; blocking, so no ordering to keep across buckets.
+            return self.cross.Iallreduce(MPI.IN_PLACE, self.result[lo:hi].numpy())
+        # The node's fp32 sum is rounded to 16 bits for the wire; LowPrecisionSum keeps its phases in start order.
         job = self._jobs.get((lo, hi))
         if job is None:
             job = self._jobs[lo, hi] = self._between.job(self.result[lo:hi])
-        self._between.start(job).wait()
+        return self._between.start(job)
 
     def _share(self, start: int, stop: int) -> tuple[int, int]:
         n = stop - start
@@ -149,7 +183,8 @@ class NodeReducer:
         return norm
 
     def finish(self) -> None:
-        """Wait until every local rank has written its shares of the result."""
+        """Wait for this rank's shares between nodes, then until every local rank has written its shares."""
+        self._complete()
         self.node.Barrier()
 
     def close(self) -> None:

@@ -353,7 +353,9 @@ class AllReduce(Strategy):
                 self._start(bucket)
             if self.lowp is not None:
                 self.lowp.progress()  # drive MPI progress of the sums in flight
-            elif self.node is None:
+            elif self.node is not None:
+                self.node.progress()  # the shares in flight between nodes
+            else:
                 for b in self.buckets:  # drive MPI progress of the buckets already in flight
                     if b.handle is None or b is bucket or not b.handle.test():
                         continue

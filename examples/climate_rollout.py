@@ -65,6 +65,9 @@ def score(run_dir: Path, steps: int, every: int, damp_every: int | None) -> dict
                             period="train")  # fmt: skip
         skill["damping"] = fit_damping(fit)
         skill["damped"] = rmse_by_lead(damped(skill, skill["damping"]), skill["truth"])
+        skill["damped_persistence"] = rmse_by_lead(
+            damped(skill, fit_damping(fit, "persist"), "persist"), skill["truth"]
+        )
     return skill
 
 
@@ -74,11 +77,13 @@ def table(agg: dict) -> str:
     rows = [int(np.argmin(np.abs(lead - d * 24))) for d in TABLE_DAYS if d * 24 <= lead[-1]]
     pm = (lambda m, s: f"{m:.2f} ± {s:.2f}") if runs > 1 else (lambda m, s: f"{m:.2f}")
     damp = "damped" in agg
+    tables = [("RMSE", ["model", "persistence", "climatology"])]
+    tables += [("RMSE", ["damped", "damped_persistence", "climatology"])] if damp else []
+    tables += [("ACC", ["model_acc", "persistence_acc", "climatology_acc"])]
     lines = []
-    for metric, names in (("RMSE", ["model", *(["damped"] if damp else []), "persistence", "climatology"]),
-                          ("ACC", ["model_acc", "persistence_acc", "climatology_acc"])):  # fmt: skip
-        head = " / ".join(n.removesuffix("_acc") for n in names)
-        lines += [f"{metric} ({head}; model over {runs} run(s): mean ± sd)", ""]
+    for metric, names in tables:
+        head = " / ".join(n.removesuffix("_acc").replace("_", " ") for n in names)
+        lines += [f"{metric}: {head} ({names[0].removesuffix('_acc')}: mean ± sd over {runs} run(s))", ""]
         lines += ["| lead | " + " | ".join(f"{v} ({UNITS.get(v, '')})" if metric == "RMSE" else v
                                             for v in agg["variables"]) + " |"]  # fmt: skip
         lines += ["| --- |" + " --- |" * len(agg["variables"])]
@@ -86,8 +91,8 @@ def table(agg: dict) -> str:
             h = lead[k]
             cells = []
             for i in range(len(agg["variables"])):
-                vals = [pm(agg[n][k, i], agg[n + "_sd"][k, i]) if n in ("model", "damped", "model_acc")
-                        else f"{agg[n][k, i]:.2f}" for n in names]  # fmt: skip
+                vals = [pm(agg[names[0]][k, i], agg[names[0] + "_sd"][k, i])]
+                vals += [f"{agg[n][k, i]:.2f}" for n in names[1:]]
                 cells.append(" / ".join(vals))
             label = f"{h:g} h" if h < 24 else f"{h / 24:g} d"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -102,7 +107,9 @@ def table(agg: dict) -> str:
         if damp:
             line += (f"; damped: beats climatology to {row['damped_beats_climatology_until_h']} h (mean + sd: "
                      f"{row['damped_beats_climatology_until_h_mean_plus_sd']} h; each run: "
-                     f"{row['damped_beats_climatology_until_h_each_run']})")  # fmt: skip
+                     f"{row['damped_beats_climatology_until_h_each_run']}), damped persistence to "
+                     f"{row['damped_beats_damped_persistence_until_h']} h (mean + sd: "
+                     f"{row['damped_beats_damped_persistence_until_h_mean_plus_sd']} h)")  # fmt: skip
         lines.append(f"- {line}")
     return "\n".join(lines) + "\n"
 
@@ -123,6 +130,8 @@ def plot_skill(agg: dict, path: Path) -> Path:
                 ax.plot(days, mean, "-", color=color, lw=2, label=name + runs)
                 ax.fill_between(days, mean - sd, mean + sd, color=color, alpha=0.25, lw=0)
             ax.plot(days, agg["persistence" + suffix][:, i], "C1--", lw=2, label="persistence")
+            if row == 0 and "damped" in agg:
+                ax.plot(days, agg["damped_persistence"][:, i], "C1-.", lw=1, label="damped persistence")
             ax.plot(days, agg["climatology" + suffix][:, i], "C2:", lw=2, label="climatology")
             if row == 1:
                 ax.axhline(USEFUL_ACC, color="0.4", lw=1)

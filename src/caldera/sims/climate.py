@@ -637,24 +637,26 @@ def rollout_skill(
         "forecast": pred,
         "truth": truth,
         "clim": clim,
+        "persist": persist,
     }
 
 
-def fit_damping(skill: dict[str, Any]) -> np.ndarray:
+def fit_damping(skill: dict[str, Any], forecast: str = "forecast") -> np.ndarray:
     """Per lead and variable, the factor in [0, 1] by which to shrink the forecast's anomaly (against the
     climatology) to minimise its latitude-weighted squared error: the regression of the true anomaly on the
-    forecast's over ``skill``'s forecasts (fit on the training period). A deterministic forecast keeps the full
-    amplitude of anomalies it can no longer place; the RMSE-optimal one fades them as skill is lost."""
+    forecast's over ``skill``'s forecasts (fit on the training period); ``forecast = "persist"``: of persistence
+    (damped persistence, the baseline of a damped forecast). A deterministic forecast keeps the full amplitude of
+    anomalies it can no longer place; the RMSE-optimal one fades them as skill is lost."""
     w = lat_weights(skill["truth"].shape[-2])[:, None]
-    fa = (skill["forecast"] - skill["clim"]).astype(np.float64)
+    fa = (skill[forecast] - skill["clim"]).astype(np.float64)
     ta = (skill["truth"] - skill["clim"]).astype(np.float64)
     num, den = (w * fa * ta).sum(axis=(0, -2, -1)), (w * fa**2).sum(axis=(0, -2, -1))
     return np.clip(np.divide(num, den, out=np.ones_like(num), where=den > 0), 0.0, 1.0)
 
 
-def damped(skill: dict[str, Any], factor: np.ndarray) -> np.ndarray:
+def damped(skill: dict[str, Any], factor: np.ndarray, forecast: str = "forecast") -> np.ndarray:
     """Forecasts of ``skill`` with their anomalies shrunk by ``factor`` (lead, variable) from ``fit_damping``."""
-    return skill["clim"] + factor[None, :, :, None, None] * (skill["forecast"] - skill["clim"])
+    return skill["clim"] + factor[None, :, :, None, None] * (skill[forecast] - skill["clim"])
 
 
 def last_lead_better(lead_hours: np.ndarray, better: np.ndarray) -> float | None:
@@ -673,7 +675,7 @@ def skill_over_runs(skills: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": len(skills), "starts": len(skills[0]["starts"])}
     out.update(lead_hours=lead.tolist(), variables=skills[0]["variables"])
     names = ["model", "persistence", "climatology", "model_acc", "persistence_acc", "climatology_acc"]
-    names += ["damped"] if "damped" in skills[0] else []
+    names += ["damped", "damped_persistence"] if "damped" in skills[0] else []
     for name in names:
         runs = np.stack([s[name] for s in skills])
         out[name] = runs.mean(axis=0)
@@ -685,7 +687,11 @@ def skill_over_runs(skills: list[dict[str, Any]]) -> dict[str, Any]:
     for i, var in enumerate(out["variables"]):
         row = {}
         for model in ("model", "damped")[: 1 + ("damped" in out)]:
-            for base in ("persistence", "climatology"):
+            for base in (
+                "persistence",
+                "climatology",
+                *(["damped_persistence"] if model == "damped" else []),
+            ):
                 mean, sd, ref = out[model][:, i], out[model + "_sd"][:, i], out[base][:, i]
                 row[f"{model}_beats_{base}_until_h"] = last_lead_better(lead, mean < ref)
                 row[f"{model}_beats_{base}_until_h_mean_plus_sd"] = last_lead_better(lead, mean + sd < ref)

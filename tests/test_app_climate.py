@@ -72,12 +72,13 @@ def test_transport_and_model_are_periodic_in_longitude():
     shifted = c.transport(grid, np.roll(T, 5, axis=1), np.roll(psi, 5, axis=1), c.DAY, 5e4)
     np.testing.assert_allclose(shifted, np.roll(c.transport(grid, T, psi, c.DAY, 5e4), 5, axis=1), atol=1e-12)
     torch.manual_seed(0)
-    model = c.ClimateNet(8, 3, 8, window=2).eval()
-    torch.nn.init.normal_(model.out.weight)  # leave persistence, or the test would be trivial
     x = torch.randn(2, 8, 16, 32)
-    with torch.no_grad():
-        np.testing.assert_allclose(model(x.roll(8, -1)), model(x).roll(8, -1), atol=1e-5)
-        assert not torch.allclose(model(x), model(x).roll(8, -1), atol=1e-3)
+    for coords in (False, True):  # the latitude channels must not break the symmetry in longitude
+        model = c.ClimateNet(8, 3, 8, window=2, coords=coords).eval()
+        torch.nn.init.normal_(model.out.weight)  # leave persistence, or the test would be trivial
+        with torch.no_grad():
+            np.testing.assert_allclose(model(x.roll(8, -1)), model(x).roll(8, -1), atol=1e-5)
+            assert not torch.allclose(model(x), model(x).roll(8, -1), atol=1e-3)
 
 
 def test_insolation_has_the_right_global_and_daily_means():

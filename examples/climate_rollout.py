@@ -1,14 +1,19 @@
-"""Roll a trained climate forecaster out autoregressively over the validation period and score it.
+"""Roll trained climate forecasters out autoregressively over the validation period and score them, over seeds.
 
-    caldera train examples/climate_forecast.toml
-    python examples/climate_rollout.py runs/climate-forecast [--days 10] [--every 4] [--smoke]
-Smoke run (seconds, after climate_forecast.toml's smoke run): python examples/climate_rollout.py runs/climate-forecast --smoke
+    caldera train examples/climate_forecast.toml      (and the same with --set run.seed=1 ... for more seeds)
+    python examples/climate_rollout.py RUN_DIR [RUN_DIR ...] [--out DIR] [--days 10] [--every 4] [--damp] [--smoke]
+Smoke run (seconds, after climate_forecast.toml's smoke run): python examples/climate_rollout.py runs/climate-forecast --damp --smoke
 
 Forecasts start every ``--every`` records (6 h each) of the validation period (the last ``val_fraction`` of the
-file, never trained on) and run ``--days`` days, feeding each prediction back in with the known insolation.
-Writes to the run directory: ``rollout.json`` (latitude-weighted RMSE per lead and variable for the model,
-persistence and climatology), ``climate_skill.png`` (RMSE vs lead) and ``climate_maps.png`` (truth, forecast
-and error of T at a few leads).
+file, never trained on) and run ``--days`` days, feeding each prediction back in with the known insolation. Scores,
+per lead and variable, as forecast centres report them: the latitude-weighted RMSE and the anomaly correlation
+coefficient (ACC: anomalies against the harmonic climatology, cos(latitude)-weighted) of the model, persistence
+and climatology. With several run directories (training seeds) the model's scores are the mean and standard
+deviation over them. ``--damp`` also scores each model's forecasts with their anomalies shrunk per lead by a
+factor fitted on forecasts started in the training period (``fit_damping``; the ACC does not change).
+Writes to ``--out`` (default: the run directory, when there is one): ``rollout.json``, ``climate_table.md``
+(the tables of docs/climate.md), ``climate_skill.png`` (RMSE and ACC vs lead, mean with a +-1 sd band) and
+``climate_maps.png`` (truth, forecast and error of T at a few leads, first run).
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ import torch
 from caldera.config import load_config
 from caldera.data.normalize import STATS_FILE, load_stats
 from caldera.io import atomic_write_text
-from caldera.sims.climate import rollout_skill
+from caldera.sims.climate import USEFUL_ACC, damped, fit_damping, rmse_by_lead, rollout_skill, skill_over_runs
 from caldera.train.output import pyplot, save_figure
 from caldera.train.run import load_run_model
 from caldera.train.rundir import RunDir
 
 # --smoke: a few short forecasts (of a run trained with the smoke line in climate_forecast.toml).
-SMOKE = {"days": 0.5, "every": 40}
+SMOKE = {"days": 0.5, "every": 40, "damp_every": 40}
+TABLE_DAYS = (0.25, 1, 2, 3, 5, 7, 10)
+UNITS = {"T": "K", "u": "m/s", "v": "m/s"}
 
 
 def load_run(run_dir: Path) -> tuple[torch.nn.Module, Path, float, int, dict]:
@@ -49,32 +56,88 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, Path, float, int, dict]:
     return model, path if path.is_absolute() else run_dir / path, cfg.data.val_fraction, window, stats
 
 
-def crossings(skill: dict) -> dict[str, dict[str, float | None]]:
-    """Per variable: the last lead (h) at which the model still beats persistence / climatology (None: never)."""
-    out = {}
-    for i, var in enumerate(skill["variables"]):
-        model = skill["model"][:, i]
-        row = {}
-        for base in ("persistence", "climatology"):
-            better = model < skill[base][:, i]
-            row[f"beats_{base}_until_h"] = float(skill["lead_hours"][better].max()) if better.any() else None
-            row[f"beats_{base}_from_h"] = float(skill["lead_hours"][better].min()) if better.any() else None
-        out[var] = row
-    return out
+def score(run_dir: Path, steps: int, every: int, damp_every: int | None) -> dict:
+    """One run's scores (lead, variable) and, for the maps, its forecasts."""
+    model, path, val_fraction, window, stats = load_run(run_dir)
+    skill = rollout_skill(model, path, stats, val_fraction, max_lead=steps, every=every, window=window)
+    if damp_every:
+        fit = rollout_skill(model, path, stats, val_fraction, max_lead=steps, every=damp_every, window=window,
+                            period="train")  # fmt: skip
+        skill["damping"] = fit_damping(fit)
+        skill["damped"] = rmse_by_lead(damped(skill, skill["damping"]), skill["truth"])
+        skill["damped_persistence"] = rmse_by_lead(
+            damped(skill, fit_damping(fit, "persist"), "persist"), skill["truth"]
+        )
+    return skill
 
 
-def plot_skill(skill: dict, path: Path) -> Path:
-    """Latitude-weighted RMSE vs lead time, one panel per variable."""
+def table(agg: dict) -> str:
+    """Markdown tables of RMSE and ACC per lead for each variable (model: mean +- sd over runs)."""
+    lead, runs = np.asarray(agg["lead_hours"]), agg["runs"]
+    rows = [int(np.argmin(np.abs(lead - d * 24))) for d in TABLE_DAYS if d * 24 <= lead[-1]]
+    pm = (lambda m, s: f"{m:.2f} ± {s:.2f}") if runs > 1 else (lambda m, s: f"{m:.2f}")
+    damp = "damped" in agg
+    tables = [("RMSE", ["model", "persistence", "climatology"])]
+    tables += [("RMSE", ["damped", "damped_persistence", "climatology"])] if damp else []
+    tables += [("ACC", ["model_acc", "persistence_acc", "climatology_acc"])]
+    lines = []
+    for metric, names in tables:
+        head = " / ".join(n.removesuffix("_acc").replace("_", " ") for n in names)
+        lines += [f"{metric}: {head} ({names[0].removesuffix('_acc')}: mean ± sd over {runs} run(s))", ""]
+        lines += ["| lead | " + " | ".join(f"{v} ({UNITS.get(v, '')})" if metric == "RMSE" else v
+                                            for v in agg["variables"]) + " |"]  # fmt: skip
+        lines += ["| --- |" + " --- |" * len(agg["variables"])]
+        for k in rows:
+            h = lead[k]
+            cells = []
+            for i in range(len(agg["variables"])):
+                vals = [pm(agg[names[0]][k, i], agg[names[0] + "_sd"][k, i])]
+                vals += [f"{agg[n][k, i]:.2f}" for n in names[1:]]
+                cells.append(" / ".join(vals))
+            label = f"{h:g} h" if h < 24 else f"{h / 24:g} d"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for var, row in agg["crossings"].items():
+        line = (f"{var}: beats climatology to {row['model_beats_climatology_until_h']} h (mean; mean + sd: "
+                f"{row['model_beats_climatology_until_h_mean_plus_sd']} h; each run: "
+                f"{row['model_beats_climatology_until_h_each_run']}), persistence to "
+                f"{row['model_beats_persistence_until_h']} h (mean + sd: "
+                f"{row['model_beats_persistence_until_h_mean_plus_sd']} h); ACC >= {USEFUL_ACC} to "
+                f"{row['model_acc_useful_until_h']} h (persistence: {row['persistence_acc_useful_until_h']} h)")  # fmt: skip
+        if damp:
+            line += (f"; damped: beats climatology to {row['damped_beats_climatology_until_h']} h (mean + sd: "
+                     f"{row['damped_beats_climatology_until_h_mean_plus_sd']} h; each run: "
+                     f"{row['damped_beats_climatology_until_h_each_run']}), damped persistence to "
+                     f"{row['damped_beats_damped_persistence_until_h']} h (mean + sd: "
+                     f"{row['damped_beats_damped_persistence_until_h_mean_plus_sd']} h)")  # fmt: skip
+        lines.append(f"- {line}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_skill(agg: dict, path: Path) -> Path:
+    """RMSE (top) and ACC (bottom) vs lead, one column per variable; the model as mean with a +-1 sd band."""
     plt = pyplot()
-    units = {"T": "K", "u": "m/s", "v": "m/s"}
-    fig, axes = plt.subplots(1, len(skill["variables"]), figsize=(4.6 * len(skill["variables"]), 3.8))
-    days = skill["lead_hours"] / 24
-    for i, (ax, var) in enumerate(zip(axes, skill["variables"])):
-        for name, style in (("model", "C0-"), ("persistence", "C1--"), ("climatology", "C2:")):
-            ax.plot(days, skill[name][:, i], style, label=name, lw=2)
-        ax.set(xlabel="lead time (days)", ylabel=f"lat-weighted RMSE ({units.get(var, '')})", title=var)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
+    nv = len(agg["variables"])
+    fig, axes = plt.subplots(2, nv, figsize=(4.6 * nv, 7.2), squeeze=False)
+    days = np.asarray(agg["lead_hours"]) / 24
+    runs = f" ({agg['runs']} seeds)" if agg["runs"] > 1 else ""
+    for i, var in enumerate(agg["variables"]):
+        for row, suffix, ylabel in ((0, "", f"lat-weighted RMSE ({UNITS.get(var, '')})"), (1, "_acc", "ACC")):
+            ax = axes[row, i]
+            models = [("model", "C0")] + ([("damped", "C3")] if row == 0 and "damped" in agg else [])
+            for name, color in models:
+                mean, sd = agg[name + suffix][:, i], agg[name + suffix + "_sd"][:, i]
+                ax.plot(days, mean, "-", color=color, lw=2, label=name + runs)
+                ax.fill_between(days, mean - sd, mean + sd, color=color, alpha=0.25, lw=0)
+            ax.plot(days, agg["persistence" + suffix][:, i], "C1--", lw=2, label="persistence")
+            if row == 0 and "damped" in agg:
+                ax.plot(days, agg["damped_persistence"][:, i], "C1-.", lw=1, label="damped persistence")
+            ax.plot(days, agg["climatology" + suffix][:, i], "C2:", lw=2, label="climatology")
+            if row == 1:
+                ax.axhline(USEFUL_ACC, color="0.4", lw=1)
+            ax.set(xlabel="lead time (days)", ylabel=ylabel, title=var)
+            ax.grid(alpha=0.3)
+        axes[0, i].legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -82,7 +145,7 @@ def plot_skill(skill: dict, path: Path) -> Path:
 def plot_maps(skill: dict, path: Path, leads_h: tuple[float, ...] = (6, 48, 120, 240)) -> Path:
     """Truth, forecast and error of T at a few leads, for the first forecast start."""
     plt = pyplot()
-    leads = [int(np.argmin(np.abs(skill["lead_hours"] - h))) for h in leads_h]
+    leads = sorted({int(np.argmin(np.abs(skill["lead_hours"] - h))) for h in leads_h})
     fig, axes = plt.subplots(len(leads), 3, figsize=(13, 2.4 * len(leads)), squeeze=False)
     truth, pred = skill["truth"][0, :, 0], skill["forecast"][0, :, 0]
     lo, hi = float(truth.min()), float(truth.max())
@@ -104,36 +167,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("run_dirs", type=Path, nargs="+",
+                        help="run directories of `caldera train examples/climate_forecast.toml` (one per seed)")  # fmt: skip
     parser.add_argument(
-        "run_dir", type=Path, help="run directory of `caldera train examples/climate_forecast.toml`"
+        "--out", type=Path, help="where to write (default: the run directory, when there is one)"
     )
     parser.add_argument("--days", type=float, default=10.0, help="forecast length in days")
     parser.add_argument("--every", type=int, default=4, help="start a forecast every this many records")
+    parser.add_argument(
+        "--damp", action="store_true", help="also score anomaly-damped forecasts (fit on training)"
+    )
+    parser.add_argument(
+        "--damp-every", type=int, default=16, help="training-period forecasts to fit --damp on"
+    )
     parser.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
     args = parser.parse_args()
     if args.smoke:
         vars(args).update(SMOKE)
-    model, path, val_fraction, window, stats = load_run(args.run_dir)
+    if args.out is None and len(args.run_dirs) > 1:
+        parser.error("several run directories: give --out DIR for the combined results")
+    out = args.out or args.run_dirs[0]
     steps = round(args.days * 4)  # the file holds a record every 6 h
-    skill = rollout_skill(model, path, stats, val_fraction, max_lead=steps, every=args.every, window=window)
-    report = {"starts": len(skill["starts"]), "crossings": crossings(skill)}
-    for name in ("model", "persistence", "climatology"):
-        report[name] = {v: skill[name][:, i].round(4).tolist() for i, v in enumerate(skill["variables"])}
-    report["lead_hours"] = skill["lead_hours"].tolist()
-    atomic_write_text(args.run_dir / "rollout.json", json.dumps(report, indent=1))
-    plot_skill(skill, args.run_dir / "climate_skill.png")
-    plot_maps(skill, args.run_dir / "climate_maps.png")
-    print(f"{len(skill['starts'])} forecasts of {args.days:g} days from the validation period")
-    print("lead_h  " + "  ".join(f"{v}: model/persist/clim".ljust(26) for v in skill["variables"]))
-    for k in sorted({0, 3, 7, 19, steps - 1} & set(range(steps))):
-        cells = [f"{skill[n][k, i]:7.3f}" for i in range(len(skill["variables"])) for n in
-                 ("model", "persistence", "climatology")]  # fmt: skip
-        print(f"{skill['lead_hours'][k]:6.0f}  " + "  ".join(" ".join(cells[j : j + 3]).ljust(26) for j in
-                                                            range(0, len(cells), 3)))  # fmt: skip
-    for var, row in report["crossings"].items():
-        print(f"{var}: beats persistence up to {row['beats_persistence_until_h']} h, "
-              f"climatology up to {row['beats_climatology_until_h']} h")  # fmt: skip
-    print(f"wrote {args.run_dir / 'rollout.json'}, climate_skill.png, climate_maps.png")
+    skills = [score(d, steps, args.every, args.damp_every if args.damp else None) for d in args.run_dirs]
+    agg = skill_over_runs(skills)
+    report = {k: v.round(4).tolist() if isinstance(v, np.ndarray) else v for k, v in agg.items()}
+    report["run_dirs"] = [str(d) for d in args.run_dirs]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "rollout.json", json.dumps(report, indent=1))
+    text = table(agg)
+    atomic_write_text(out / "climate_table.md", text)
+    plot_skill(agg, out / "climate_skill.png")
+    plot_maps(skills[0], out / "climate_maps.png")
+    print(f"{agg['starts']} forecasts of {args.days:g} days from the validation period, {agg['runs']} run(s)")
+    print(text)
+    print(f"wrote {out / 'rollout.json'}, climate_table.md, climate_skill.png, climate_maps.png")
 
 
 if __name__ == "__main__":

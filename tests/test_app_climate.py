@@ -72,12 +72,13 @@ def test_transport_and_model_are_periodic_in_longitude():
     shifted = c.transport(grid, np.roll(T, 5, axis=1), np.roll(psi, 5, axis=1), c.DAY, 5e4)
     np.testing.assert_allclose(shifted, np.roll(c.transport(grid, T, psi, c.DAY, 5e4), 5, axis=1), atol=1e-12)
     torch.manual_seed(0)
-    model = c.ClimateNet(8, 3, 8, window=2).eval()
-    torch.nn.init.normal_(model.out.weight)  # leave persistence, or the test would be trivial
     x = torch.randn(2, 8, 16, 32)
-    with torch.no_grad():
-        np.testing.assert_allclose(model(x.roll(8, -1)), model(x).roll(8, -1), atol=1e-5)
-        assert not torch.allclose(model(x), model(x).roll(8, -1), atol=1e-3)
+    for coords in (False, True):  # the latitude channels must not break the symmetry in longitude
+        model = c.ClimateNet(8, 3, 8, window=2, coords=coords).eval()
+        torch.nn.init.normal_(model.out.weight)  # leave persistence, or the test would be trivial
+        with torch.no_grad():
+            np.testing.assert_allclose(model(x.roll(8, -1)), model(x).roll(8, -1), atol=1e-5)
+            assert not torch.allclose(model(x), model(x).roll(8, -1), atol=1e-3)
 
 
 def test_insolation_has_the_right_global_and_daily_means():
@@ -156,6 +157,8 @@ def test_rollout_of_an_untrained_model_is_persistence(small_file, tmp_path):
     stats = data["train"].stats
     skill = c.rollout_skill(c.ClimateNet(8, 3, 8), small_file, stats, max_lead=8, every=8)
     np.testing.assert_allclose(skill["model"], skill["persistence"], rtol=1e-5)
+    np.testing.assert_allclose(skill["model_acc"], skill["persistence_acc"], atol=1e-5)
+    assert np.all(skill["persistence_acc"][0] > 0.9) and np.all(skill["climatology_acc"] == 0)
     assert np.all(np.diff(skill["persistence"][:, 0]) > -0.05)  # persistence degrades with lead
     # Persistence is better than climatology at 6 h, the reason forecasters start from the current state.
     assert np.all(skill["persistence"][0] < skill["climatology"][0])
@@ -220,5 +223,41 @@ def test_rollout_samples_line_up_and_the_model_rolls_itself_out(small_file, tmp_
                 window = torch.stack([window[:, 1], p[:, 0], window[:, 3], p[:, 1], window[:, 5], p[:, 2],
                                       window[:, 7], ins], 1)  # fmt: skip
     torch.testing.assert_close(rolled, torch.cat(by_hand, 1), rtol=0, atol=0)
+    every2 = c.dataset(str(small_file), **args, rollout=4, rollout_every=2)["train"]  # every 2nd start only
+    assert len(every2) == (len(four) + 1) // 2
+    np.testing.assert_array_equal(every2.read_batch(np.arange(3))[1], four.read_batch(np.array([0, 2, 4]))[1])
     with pytest.raises(ValueError, match="rollout counts 6-hour steps"):
         c.dataset(str(small_file), **args, rollout=3, lead=2)
+
+
+def test_anomaly_correlation_damping_and_scores_over_seeds():
+    rng = np.random.default_rng(0)
+    clim = rng.normal(250, 10, (6, 3, 3, 8, 16))  # (starts, lead, variable, lat, lon)
+    anomaly = rng.normal(0, 2, clim.shape)
+    truth = clim + anomaly
+    np.testing.assert_allclose(c.acc_by_lead(truth, truth, clim), 1.0, atol=1e-12)  # a perfect forecast
+    np.testing.assert_array_equal(c.acc_by_lead(clim, truth, clim), 0.0)  # climatology: no anomaly, no skill
+    np.testing.assert_allclose(c.acc_by_lead(clim - 3 * anomaly, truth, clim), -1.0, atol=1e-12)
+    # An independent anomaly correlates ~0; half signal, half independent noise of equal size: 1/sqrt(2).
+    noise = rng.normal(0, 2, clim.shape)
+    assert np.abs(c.acc_by_lead(clim + noise, truth, clim)).max() < 0.15
+    np.testing.assert_allclose(c.acc_by_lead(clim + anomaly + noise, truth, clim), 2**-0.5, atol=0.06)
+    # Damping: a forecast with twice the true anomaly is best shrunk by 1/2, which recovers the truth.
+    skill = {"forecast": clim + 2 * anomaly, "truth": truth, "clim": clim}
+    factor = c.fit_damping(skill)
+    np.testing.assert_allclose(factor, 0.5, atol=1e-12)
+    np.testing.assert_allclose(c.damped(skill, factor), truth, atol=1e-9)
+    # Over seeds: mean and sd per lead, and the lead up to which the mean (and mean + sd) beats a baseline.
+    lead = np.array([6.0, 12.0, 18.0, 24.0])
+    base = {"lead_hours": lead, "variables": ["T"], "starts": np.arange(5), "persistence": np.full((4, 1), 2.0),
+            "climatology": np.full((4, 1), 3.0), "persistence_acc": np.full((4, 1), 0.5),
+            "climatology_acc": np.zeros((4, 1))}  # fmt: skip
+    runs = [{**base, "model": np.array([[1.0], [2.5], [2.9], [3.5]]), "model_acc": np.array([[0.9], [0.7], [0.6], [0.3]])},
+            {**base, "model": np.array([[1.2], [2.7], [3.3], [3.5]]), "model_acc": np.array([[0.9], [0.7], [0.5], [0.3]])}]  # fmt: skip
+    agg = c.skill_over_runs(runs)
+    np.testing.assert_allclose(agg["model"][:, 0], [1.1, 2.6, 3.1, 3.5])
+    np.testing.assert_allclose(agg["model_sd"][:, 0], [0.02**0.5, 0.02**0.5, 0.08**0.5, 0.0], atol=1e-12)
+    row = agg["crossings"]["T"]
+    assert row["model_beats_persistence_until_h"] == 6.0 and row["model_beats_climatology_until_h"] == 12.0
+    assert row["model_beats_climatology_until_h_each_run"] == [18.0, 12.0]
+    assert row["model_acc_useful_until_h"] == 12.0 and row["persistence_acc_useful_until_h"] is None

@@ -25,6 +25,14 @@ class PeriodicConv(nn.Module):
         return self.conv(periodic_pad(x))
 
 
+def latitude_channels(x: torch.Tensor) -> torch.Tensor:
+    """sin and cos of the cell-centre latitude of a regular grid (south to north), shaped (n, 2, lat, lon) like x."""
+    n, _, nlat, nlon = x.shape
+    lat = -torch.pi / 2 + (torch.arange(nlat, device=x.device, dtype=x.dtype) + 0.5) * torch.pi / nlat
+    maps = torch.stack([lat.sin(), lat.cos()])[:, :, None].expand(2, nlat, nlon)
+    return maps.unsqueeze(0).expand(n, -1, -1, -1)
+
+
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(PeriodicConv(cin, cout), nn.GELU(), PeriodicConv(cout, cout), nn.GELU())
 
@@ -43,7 +51,7 @@ class ClimateNet(nn.Module):
     own errors from growing, which one-step training never sees (as GraphCast and FourCastNet are fine-tuned)."""
 
     def __init__(self, in_channels: int = 8, out_channels: int = 3, channels: int = 16, window: int = 2,
-                 increment_scale: float = 0.05) -> None:  # fmt: skip
+                 increment_scale: float = 0.05, coords: bool = False) -> None:  # fmt: skip
         super().__init__()
         if window < 1 or in_channels < out_channels * window:
             raise ValueError(
@@ -61,8 +69,11 @@ class ClimateNet(nn.Module):
         # A 6-hour change is a few % of a variable's spread: scaling the head keeps its weights O(1) (as
         # GraphCast normalises increments by their own standard deviation).
         self.increment_scale = increment_scale
+        # Convolutions do not know where they are: sin and cos of latitude as two more input channels let the model
+        # learn what depends on latitude (the albedo, the equilibrium temperature, the climatology) (CoordConv).
+        self.coords = coords
         # One convolution per full-resolution stage: those dominate the cost on a CPU.
-        self.enc1 = nn.Sequential(PeriodicConv(in_channels, c), nn.GELU())
+        self.enc1 = nn.Sequential(PeriodicConv(in_channels + 2 * coords, c), nn.GELU())
         self.enc2, self.mid = _block(c, 2 * c), _block(2 * c, 2 * c)
         self.up2 = nn.ConvTranspose2d(2 * c, 2 * c, 2, stride=2)
         self.dec2 = _block(4 * c, 2 * c)
@@ -100,7 +111,7 @@ class ClimateNet(nn.Module):
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """One step: (n, in, lat, lon) -> the state after the newest input record."""
-        e1 = self.enc1(x)
+        e1 = self.enc1(torch.cat([x, latitude_channels(x)], dim=1) if self.coords else x)
         e2 = self.enc2(F.avg_pool2d(e1, 2))
         m = self.mid(F.avg_pool2d(e2, 2))
         d2 = self.dec2(torch.cat([self.up2(m), e2], dim=1))

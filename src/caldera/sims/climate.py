@@ -41,6 +41,7 @@ DAY = 86400.0  # s
 YEAR = 365.0  # days
 SOLAR_CONSTANT = 1361.0  # W m-2
 OBLIQUITY = math.radians(23.44)
+USEFUL_ACC = 0.6  # the anomaly correlation above which forecast centres call a forecast useful
 STATE = ("T", "u", "v")  # predicted variables, in channel order
 FORCING = ("insolation",)  # known in advance at every time (computed from the calendar, as GraphCast does)
 
@@ -399,13 +400,15 @@ def dataset(
     normalize: bool = True,
     backend: str = "thread",
     rollout: int = 1,
+    rollout_every: int = 1,
     comm: Communicator | None = None,
 ) -> dict[str, Any]:
     """Simulate into the NetCDF file ``path`` (relative: inside the run directory) unless it exists, then serve
     it with ``caldera.data.scientific``: inputs [T, u, v, insolation] at the ``window`` records up to t, targets
     [T, u, v] at t + lead; ``[data] num_workers`` background readers (``backend``: thread or process).
     ``rollout = k > 1`` (with lead 1): samples for k-step training (``Rollout``), e.g. to fine-tune a one-step
-    model so that its own errors stop growing when it is rolled out. ``comm``: the ranks that share the file and
+    model so that its own errors stop growing when it is rolled out; ``rollout_every = s`` keeps every s-th start
+    (a k-step sample costs k one-step ones: long rollouts at the price of short ones). ``comm``: the ranks that share the file and
     its normalisation statistics (rank 0 writes, the others wait); default this process alone."""
     from caldera.data import scientific
 
@@ -430,22 +433,25 @@ def dataset(
                               comm=comm)  # fmt: skip
     if rollout == 1:
         return data
-    if rollout < 1 or lead != 1:
+    if rollout < 1 or lead != 1 or rollout_every < 1:
         raise ValueError(
-            f"rollout = {rollout}, lead = {lead}: rollout counts 6-hour steps (>= 1) from lead = 1"
+            f"rollout = {rollout}, lead = {lead}, rollout_every = {rollout_every}: rollout counts 6-hour steps "
+            "(>= 1) from lead = 1, rollout_every keeps every n-th start (>= 1)"
         )
-    return {name: Rollout(part, rollout) if part is not None else None for name, part in data.items()}
+    return {name: Rollout(part, rollout, rollout_every) if part is not None else None
+            for name, part in data.items()}  # fmt: skip
 
 
 class Rollout(BatchReads):
     """Samples for k-step training: the one-step inputs plus the forcings of steps 2..k; targets: the states of
-    steps 1..k, stacked step after step (what ``ClimateNet`` returns when given those extra forcings)."""
+    steps 1..k, stacked step after step (what ``ClimateNet`` returns when given those extra forcings); every
+    ``every``-th start only."""
 
-    def __init__(self, base: Any, steps: int) -> None:
-        self.base, self.steps, self.stats = base, steps, base.stats
+    def __init__(self, base: Any, steps: int, every: int = 1) -> None:
+        self.base, self.steps, self.every, self.stats = base, steps, every, base.stats
         newest = base.starts + base.window - 1
         # The k-th target must lie inside the split (valid starts are a prefix; each has all patch corners).
-        self.n = int(np.sum(newest + steps < base.records[1])) * len(base.corners)
+        self.n = -(-int(np.sum(newest + steps < base.records[1])) // every) * len(base.corners)
         if self.n == 0:
             raise ValueError(f"records {base.records} are too few for a {steps}-step rollout")
 
@@ -455,6 +461,8 @@ class Rollout(BatchReads):
     def read_batch(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
         """Inputs (window + future forcings) and the k targets of the samples ``indices``, normalised."""
         base, idx = self.base, np.asarray(indices, dtype=np.int64).reshape(-1)
+        nc = len(base.corners)
+        idx = idx // nc * self.every * nc + idx % nc  # the base dataset's sample of every every-th start
         x, _ = base.read_batch(idx)
         corner = idx % len(base.corners)
         recs = (base.starts[idx // len(base.corners)] + base.window - 1)[:, None] + np.arange(
@@ -563,6 +571,17 @@ def rmse_by_lead(forecast: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.sqrt(mse).mean(axis=0)
 
 
+def acc_by_lead(forecast: np.ndarray, truth: np.ndarray, clim: np.ndarray) -> np.ndarray:
+    """Anomaly correlation coefficient per lead and variable of (n, lead, c, lat, lon) arrays, averaged over starts:
+    anomalies against the climatology ``clim`` (same shape), cos(latitude)-weighted, uncentred (WeatherBench,
+    Rasp et al. 2020). A forecast without anomalies (climatology itself) has no correlation: 0."""
+    w = lat_weights(truth.shape[-2])[:, None]
+    fa, ta = (forecast - clim).astype(np.float64), (truth - clim).astype(np.float64)
+    num = (w * fa * ta).sum(axis=(-2, -1))
+    den = np.sqrt((w * fa**2).sum(axis=(-2, -1)) * (w * ta**2).sum(axis=(-2, -1)))
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0).mean(axis=0)
+
+
 def rollout_skill(
     model: nn.Module,
     path: str | Path,
@@ -571,10 +590,13 @@ def rollout_skill(
     max_lead: int = 40,
     every: int = 4,
     window: int = 2,
+    period: str = "val",
 ) -> dict[str, Any]:
     """Score ``model`` on the validation period of the NetCDF ``path``: forecasts started every ``every``
-    records, rolled out ``max_lead`` steps; latitude-weighted RMSE in physical units for the model,
-    persistence and the harmonic climatology of the training period, each (lead, variable)."""
+    records, rolled out ``max_lead`` steps; latitude-weighted RMSE in physical units (``model``, ``persistence``,
+    ``climatology``) and anomaly correlation against the harmonic climatology of the training period
+    (``model_acc``, ...), each (lead, variable). ``period = "train"`` starts the forecasts in the training period
+    instead (to fit post-processing such as ``fit_damping`` on data the scores never see)."""
     from caldera.data import open_reader
 
     reader = open_reader(path, "netcdf", [*STATE, *FORCING])
@@ -582,10 +604,13 @@ def rollout_skill(
     n_train = n - int(n * val_fraction)
     data = reader.read(np.arange(n))
     time = _times(path, n)
-    starts = np.arange(n_train + window - 1, n - max_lead, every)
+    if period not in ("val", "train"):
+        raise ValueError(f"period = {period!r}: choose 'val' (scores) or 'train' (fitting post-processing)")
+    first, end = (n_train + window - 1, n) if period == "val" else (window - 1, n_train)
+    starts = np.arange(first, end - max_lead, every)
     if starts.size == 0:
         raise ValueError(
-            f"validation period of {path} ({n - n_train} records) is shorter than max_lead={max_lead}"
+            f"{period} period of {path} ({end - first} records) is shorter than max_lead={max_lead}"
         )
     phys = np.stack([data[v] for v in STATE], axis=1)  # (t, c, lat, lon)
     mean = np.array([stats[v].mean for v in STATE], np.float32)[:, None, None]
@@ -597,17 +622,89 @@ def rollout_skill(
     forcing = f_norm[starts[:, None] + np.arange(1 - window, max_lead)[None, :]]
     pred = rollout(model, (phys[past] - mean) / std, forcing, max_lead) * std + mean
     truth = phys[idx]
-    clim = harmonic_climatology(time[:n_train], phys[:n_train], time)
+    clim = harmonic_climatology(time[:n_train], phys[:n_train], time)[idx]
+    persist = np.broadcast_to(phys[starts][:, None], truth.shape)
     return {
         "lead_hours": leads * float(np.median(np.diff(time))) * 24,
         "variables": list(STATE),
         "model": rmse_by_lead(pred, truth),
-        "persistence": rmse_by_lead(np.broadcast_to(phys[starts][:, None], truth.shape), truth),
-        "climatology": rmse_by_lead(clim[idx], truth),
+        "persistence": rmse_by_lead(persist, truth),
+        "climatology": rmse_by_lead(clim, truth),
+        "model_acc": acc_by_lead(pred, truth, clim),
+        "persistence_acc": acc_by_lead(persist, truth, clim),
+        "climatology_acc": acc_by_lead(clim, truth, clim),
         "starts": starts,
         "forecast": pred,
         "truth": truth,
+        "clim": clim,
+        "persist": persist,
     }
+
+
+def fit_damping(skill: dict[str, Any], forecast: str = "forecast") -> np.ndarray:
+    """Per lead and variable, the factor in [0, 1] by which to shrink the forecast's anomaly (against the
+    climatology) to minimise its latitude-weighted squared error: the regression of the true anomaly on the
+    forecast's over ``skill``'s forecasts (fit on the training period); ``forecast = "persist"``: of persistence
+    (damped persistence, the baseline of a damped forecast). A deterministic forecast keeps the full amplitude of
+    anomalies it can no longer place; the RMSE-optimal one fades them as skill is lost."""
+    w = lat_weights(skill["truth"].shape[-2])[:, None]
+    fa = (skill[forecast] - skill["clim"]).astype(np.float64)
+    ta = (skill["truth"] - skill["clim"]).astype(np.float64)
+    num, den = (w * fa * ta).sum(axis=(0, -2, -1)), (w * fa**2).sum(axis=(0, -2, -1))
+    return np.clip(np.divide(num, den, out=np.ones_like(num), where=den > 0), 0.0, 1.0)
+
+
+def damped(skill: dict[str, Any], factor: np.ndarray, forecast: str = "forecast") -> np.ndarray:
+    """Forecasts of ``skill`` with their anomalies shrunk by ``factor`` (lead, variable) from ``fit_damping``."""
+    return skill["clim"] + factor[None, :, :, None, None] * (skill[forecast] - skill["clim"])
+
+
+def last_lead_better(lead_hours: np.ndarray, better: np.ndarray) -> float | None:
+    """The last lead (h) of the unbroken run of leads, from the first, at which ``better`` holds (None: not even
+    at the first)."""
+    worse = np.flatnonzero(~better)
+    end = worse[0] if worse.size else len(better)
+    return float(lead_hours[end - 1]) if end else None
+
+
+def skill_over_runs(skills: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sd over runs (training seeds) of each score of ``rollout_skill`` (``name``, ``name_sd``, and
+    ``name_runs`` stacked); in ``crossings``, per variable, the lead up to which the model beats each baseline
+    (its mean; its mean + sd; each run) and up to which its mean ACC stays >= ``USEFUL_ACC``."""
+    lead = skills[0]["lead_hours"]
+    out: dict[str, Any] = {"runs": len(skills), "starts": len(skills[0]["starts"])}
+    out.update(lead_hours=lead.tolist(), variables=skills[0]["variables"])
+    names = ["model", "persistence", "climatology", "model_acc", "persistence_acc", "climatology_acc"]
+    names += ["damped", "damped_persistence"] if "damped" in skills[0] else []
+    for name in names:
+        runs = np.stack([s[name] for s in skills])
+        out[name] = runs.mean(axis=0)
+        out[name + "_sd"] = runs.std(axis=0, ddof=1) if len(skills) > 1 else np.zeros_like(runs[0])
+        out[name + "_runs"] = runs
+    if "damping" in skills[0]:
+        out["damping"] = np.stack([s["damping"] for s in skills]).mean(axis=0)
+    cross = {}
+    for i, var in enumerate(out["variables"]):
+        row = {}
+        for model in ("model", "damped")[: 1 + ("damped" in out)]:
+            for base in (
+                "persistence",
+                "climatology",
+                *(["damped_persistence"] if model == "damped" else []),
+            ):
+                mean, sd, ref = out[model][:, i], out[model + "_sd"][:, i], out[base][:, i]
+                row[f"{model}_beats_{base}_until_h"] = last_lead_better(lead, mean < ref)
+                row[f"{model}_beats_{base}_until_h_mean_plus_sd"] = last_lead_better(lead, mean + sd < ref)
+                row[f"{model}_beats_{base}_until_h_each_run"] = [
+                    last_lead_better(lead, r[:, i] < ref) for r in out[model + "_runs"]
+                ]
+        row["model_acc_useful_until_h"] = last_lead_better(lead, out["model_acc"][:, i] >= USEFUL_ACC)
+        row["persistence_acc_useful_until_h"] = last_lead_better(
+            lead, out["persistence_acc"][:, i] >= USEFUL_ACC
+        )
+        cross[var] = row
+    out["crossings"] = cross
+    return out
 
 
 def _times(path: str | Path, n: int) -> np.ndarray:

@@ -428,7 +428,8 @@ def matched_filter(record: np.ndarray, masses: np.ndarray, segment: int = 1 << 1
     n = len(record)
     resp2 = response(segment) ** 2
     shapes = [chirp(m, 1.0) for m in masses]  # unit optimal SNR: unit whitened norm
-    templates = np.stack([np.conj(np.fft.rfft(x, segment)) / resp2 for x, _ in shapes])
+    # single precision: the SNR needs 3 digits, and the FFTs run twice as fast
+    templates = np.stack([np.conj(np.fft.rfft(x, segment)) / resp2 for x, _ in shapes]).astype(np.complex64)
     ends = np.array([i0 for _, i0 in shapes])  # the merger's index in each template
     # The inverse-PSD weighting spreads a template this far: only lags clear of wrap-around are kept.
     margin = 2 * COLOUR_TAPS
@@ -442,18 +443,18 @@ def matched_filter(record: np.ndarray, masses: np.ndarray, segment: int = 1 << 1
     width = valid + int(ends.max())
     for start in range(0, n, valid):
         # lag k of segment [start - margin, ...): the template starts at start - margin + k; lags margin.. are valid
-        d = np.zeros(segment)
+        d = np.zeros(segment, dtype=np.float32)
         lo = start - margin
         part = record[max(lo, 0) : lo + segment]
         d[max(-lo, 0) : max(-lo, 0) + len(part)] = part
         spec = sfft.rfft(d, workers=workers)
         # analytic correlation: positive frequencies doubled, negative zero -> |z| = sqrt(c_0^2 + c_90^2)
-        full = np.zeros((len(masses), segment), dtype=np.complex128)
+        full = np.zeros((len(masses), segment), dtype=np.complex64)
         full[:, : segment // 2 + 1] = templates * spec
         full[:, 1 : segment // 2] *= 2.0
         z = np.abs(sfft.ifft(full, axis=1, workers=workers))[:, margin : margin + valid]
         # column c: merger at sample start + c (template r starts at start + c - ends[r])
-        snr = np.zeros(width)
+        snr = np.zeros(width, dtype=np.float32)
         for r in range(len(masses)):
             np.maximum(snr[ends[r] : ends[r] + valid], z[r], out=snr[ends[r] : ends[r] + valid])
         b0, m = start // pool, width // pool

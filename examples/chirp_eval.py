@@ -4,7 +4,7 @@ efficiency curve.
 
     python examples/chirp_eval.py --write-record month.npy --days 30          # the record, its catalogue
     caldera train examples/chirp.toml ...                                      # the four members (see chirp.toml)
-    mpiexec -n 2 caldera predict runs/chirp-w8-s0 runs/chirp-w8-s1 runs/chirp-w16-s0 runs/chirp-w16-s1 \\
+    mpiexec -n 2 caldera predict runs/chirp-w8-s0 runs/chirp-w8-s1 runs/chirp-w12-s0 runs/chirp-w12-s1 \\
         --set data.args.record=month.npy --split all --out month.scores.npy   # the ensemble's scan
     python examples/chirp_eval.py --record month.npy --scores month.scores.npy --timing month.scores.json \\
         --out results/chirp                                                    # this script: tables, figure

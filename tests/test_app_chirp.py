@@ -10,6 +10,7 @@ import torch
 from scipy import signal
 
 from caldera.config import load_config
+from caldera.data.formats import DataError
 from caldera.errors import ConfigError
 from caldera.models.chirp import ChirpNet
 from caldera.predict import predict
@@ -19,7 +20,7 @@ from caldera.train.rundir import RunDir
 from tests.conftest import ROOT, run_ranks
 
 HOP = 2048  # samples per chunk: a 300 s record is 38 chunks, so boundaries are everywhere
-BRIEF = ["data.args.n=3000", "data.args.snr=[8.0, 20.0]", "model.args.width=4", "optim.epochs=2",
+BRIEF = ["data.args.n=2000", "data.args.snr=[8.0, 20.0]", "model.args.width=4", "optim.epochs=2",
          "train.progress=false", "train.plot=false"]  # fmt: skip
 
 
@@ -53,6 +54,8 @@ def test_noise_has_its_psd_and_the_matched_filter_finds_each_chirp_at_its_snr_an
     assert result["found"] == len(inj) and result["false_alarms"] == 0 and result["threshold"] < 7.0
     with pytest.raises(ConfigError, match="at least 120 samples"):
         ChirpNet(window=100)
+    with pytest.raises(DataError, match="no such record"):  # `caldera predict`: one line, exit 2
+        chirp.dataset(record=str(tmp_path / "missing.npy"))
 
 
 @pytest.fixture(scope="module")

@@ -248,7 +248,7 @@ def open_record(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file() or not meta_path(path).is_file():
         raise DataError(f"[data] args.record = '{path}': no such record (write one with "
-                        "`python examples/chirp_eval.py record PATH --days D`)")  # fmt: skip
+                        "`python examples/chirp_eval.py --write-record PATH --days D`)")  # fmt: skip
     meta = json.loads(meta_path(path).read_text())
     if meta.get("sample_rate_hz") != FS:
         raise DataError(

@@ -98,10 +98,14 @@ def test_ensemble_scan_on_two_ranks_finds_the_chirps_and_equals_one_process_and_
     whitened = signal.oaconvolve(np.load(rec).astype(np.float64), chirp.whiten_filter(), mode="valid")
     k = len(stat)
     x = torch.from_numpy(whitened[: chirp.WINDOW - 1 + 16 * k].astype(np.float32))[None, None]
+    nets = [load_run_model(RunDir(r), load_config(RunDir(r).read_config())).eval() for r in runs]
     with torch.no_grad():
-        logits = torch.stack([load_run_model(RunDir(r), load_config(RunDir(r).read_config()))(x)[0]
-                              for r in runs]).mean(0).numpy()  # fmt: skip
+        logits = torch.stack([net(x)[0] for net in nets]).mean(0).numpy()
+        # ... and each window alone (the classifier as trained) gives its position's logits: around a boundary
+        alone = torch.stack([net(x[..., p * 16 : p * 16 + chirp.WINDOW]) for p in (126, 127, 128, 129)
+                             for net in nets]).reshape(4, 2, 2).mean(1).numpy()  # fmt: skip
     np.testing.assert_allclose(stat, logits[1] - logits[0], atol=1e-4)
+    np.testing.assert_allclose(alone[:, 1] - alone[:, 0], stat[126:130], atol=1e-4)
     # Every injection found near its merger time, nothing else as loud as the weakest of them.
     inj = chirp.read_catalogue(rec)
     result = chirp.evaluate(*chirp.triggers(t, stat, 0.0), inj, samples / chirp.FS, far_per_day=0.0)

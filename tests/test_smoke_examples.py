@@ -33,6 +33,7 @@ COVERED = {
 CHAINS = {
     "climate": ["climate_forecast.toml", "climate_finetune.toml", "climate_rollout.py"],
     "bragg": ["bragg.toml", "bragg_eval.py"],
+    "chirp": ["chirp.toml", "chirp_eval.py"],
     "imaging": ["imaging_denoise.toml", "imaging_denoise.py"],
     "imaging_gpu": ["imaging_denoise_gpu.toml"],
     "focus": ["focus.toml", "focus_eval.py"],
@@ -78,7 +79,7 @@ def test_example_runs_in_smoke_mode(chain, tmp_path):
                 "imaging_gpu": {"imaging-denoise-gpu"}, "focus": {"focus"},
                 "materials": {"materials-potential"}, "materials_active": {"materials-active"}, "linalg": set(),
                 "export": {"heat-surrogate"}, "heat_long": {"heat-surrogate-long"},
-                "bragg": {"bragg"}}  # fmt: skip
+                "bragg": {"bragg"}, "chirp": {"chirp"}}  # fmt: skip
     assert runs == expected[chain], runs
     for run in runs:
         assert any((tmp_path / "runs" / run).glob("*.json")), sorted((tmp_path / "runs" / run).iterdir())

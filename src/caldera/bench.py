@@ -97,6 +97,10 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("focus", "focus.toml", "val_mae", "min", 0.9,
              "docs/focus.md: the CNN ends at 0.66 px; 0.9 px is the calibrated multi-scale gradient energy's MAE",
              quick_target=1.6, quick_overrides=("data.args.n=320", "model.args.channels=4", "optim.epochs=12")),
+    Workload("chirp", "chirp.toml", "val_accuracy", "max", 0.95,
+             "docs/chirp.md: the width-8 member ends its 8 epochs at 0.9625 on windows of SNR 5-20 (half noise)",
+             quick_target=0.8, quick_overrides=("data.args.n=1500", "model.args.width=4", "optim.warmup_steps=0",
+                                                "optim.epochs=12")),
 )}  # fmt: skip
 
 

@@ -16,6 +16,7 @@ SOURCES = Builtins({
     "scientific": "caldera.data.scientific:dataset", "atoms": "caldera.sims.atoms:dataset",
     "phantoms": "caldera.sims.phantoms:dataset", "climate": "caldera.sims.climate:dataset",
     "bragg": "caldera.sims.bragg:dataset", "focus": "caldera.sims.focus:dataset",
+    "chirp": "caldera.sims.chirp:dataset",
 })  # fmt: skip
 
 # [model] name
@@ -24,7 +25,7 @@ MODELS = Builtins({
     "neural_potential": "caldera.models.potential:NeuralPotential", "climate_net": "caldera.models.climate:ClimateNet",
     "transformer": "caldera.models.transformer:Transformer", "bragg": "caldera.models.bragg:BraggNN",
     "denoise_unet": "caldera.models.imaging:DenoiseUNet",
-    "focus": "caldera.models.focus:FocusNet",
+    "focus": "caldera.models.focus:FocusNet", "chirp": "caldera.models.chirp:ChirpNet",
 })  # fmt: skip
 
 # [train] loss. Named here, not by import path, so that a run directory that uses them needs no --trust-code

@@ -1,0 +1,173 @@
+"""Search a long record for chirps with a CNN ensemble (through `caldera predict`) and with a matched-filter template
+bank, and compare: hours of data per second of wall time, detections by SNR at one false alarm per day, the
+efficiency curve.
+
+    python examples/chirp_eval.py --write-record month.npy --days 30          # the record, its catalogue
+    caldera train examples/chirp.toml ...                                      # the four members (see chirp.toml)
+    mpiexec -n 2 caldera predict runs/chirp-w8-s0 runs/chirp-w8-s1 runs/chirp-w12-s0 runs/chirp-w12-s1 \\
+        --set data.args.record=month.npy --split all --out month.scores.npy   # the ensemble's scan
+    python examples/chirp_eval.py --record month.npy --scores month.scores.npy --timing month.scores.json \\
+        --out results/chirp                                                    # this script: tables, figure
+Without --scores it runs the scan itself (in this process) with the run directories it is given.
+Smoke run (seconds, after chirp.toml's smoke run): python examples/chirp_eval.py runs/chirp --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from caldera.io import atomic_write_text
+from caldera.predict import predict
+from caldera.sims import chirp
+from caldera.train.output import pyplot, save_figure
+
+HOP = 16384  # record samples per scanned chunk (64 s), the data source's default
+FAR_PER_DAY = 1.0  # both searches are compared at the threshold that gives this many false alarms per day
+# The matched filter's bank: evenly spaced in chirp duration over the injected masses (match >= 0.96).
+TEMPLATES = 32
+SMOKE = {"hours": 0.2, "every": 30.0, "hop": 4096, "templates": 8}
+
+
+def search_cnn(runs: list[str], record: Path, scores: Path, hop: int) -> dict:
+    """The ensemble's scan of ``record`` through caldera.predict (this process, one rank): its timing report."""
+    predict(runs, "all", [f"data.args.record={record}", f"data.args.hop={hop}"], out=scores, score=False,
+            progress=False)  # fmt: skip
+    return json.loads(scores.with_suffix(".json").read_text())
+
+
+def search_matched_filter(record_path: Path, templates: int, cache: Path) -> dict:
+    """The bank's SNR series over the record (one process, one core) and its speed; the series is kept in
+    ``cache`` (a month takes tens of minutes) and read back when it was made from this same record."""
+    meta = chirp.meta_path(record_path).read_text()
+    if cache.is_file():
+        with np.load(cache) as f:
+            if "meta" in f.files and str(f["meta"]) == meta:
+                return {"t": f["t"], "snr": f["snr"], "hours_per_s": float(f["hours_per_s"]),
+                        "templates": templates}  # fmt: skip
+    record = chirp.open_record(record_path)
+    started, cpu = time.perf_counter(), time.process_time()
+    t, snr = chirp.matched_filter(record, chirp.bank(templates))
+    rate = len(record) / chirp.FS / 3600 / (time.perf_counter() - started)
+    # CPU seconds too: on a shared machine the wall clock measures the other jobs as much as this one
+    print(
+        f"matched filter: {time.process_time() - cpu:.1f} s of CPU, {time.perf_counter() - started:.1f} s wall"
+    )
+    tmp = cache.with_name(f".{cache.name}.partial.npz")
+    np.savez(tmp, t=t, snr=snr, hours_per_s=rate, meta=meta)
+    os.replace(tmp, cache)
+    return {"t": t, "snr": snr, "hours_per_s": rate, "templates": templates}
+
+
+def hours_per_s(report: dict, hop: int) -> float:
+    """Hours of data per second from `caldera predict`'s report (chunks of ``hop`` samples per second)."""
+    return report["samples_per_s"] * hop / chirp.FS / 3600.0
+
+
+def plot_efficiency(results: dict, path: Path) -> Path:
+    """Fraction of injections found against their SNR, both searches at the same false-alarm rate."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, label, color in (("matched_filter", f"matched filter, {results['matched_filter']['templates']} "
+                                 "templates", "tab:orange"), ("cnn_ensemble", "CNN ensemble, 4 nets", "tab:blue")):  # fmt: skip
+        rows = results[name]["by_snr"]
+        x = [np.mean(r["snr"]) for r in rows]
+        ax.plot(x, [r["efficiency"] for r in rows], "o-", color=color, label=label)
+    ax.set(xlabel="injected optimal SNR", ylabel="fraction found", ylim=(-0.02, 1.02),
+           title=f"chirps found at {FAR_PER_DAY:g} false alarm per day ({results['days']:.3g} days of data)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def table(results: dict) -> str:
+    """Markdown: detections by SNR bin for both searches."""
+    mf, nn = results["matched_filter"], results["cnn_ensemble"]
+    lines = ["| SNR | injected | matched filter found | CNN ensemble found |", "| --- | --- | --- | --- |"]
+    for a, b in zip(mf["by_snr"], nn["by_snr"]):
+        if a["injected"]:  # bins without injections (a short record) are left out
+            lines.append(f"| {a['snr'][0]:g}-{a['snr'][1]:g} | {a['injected']} | {a['found']} "
+                         f"({a['efficiency']:.0%}) | {b['found']} ({b['efficiency']:.0%}) |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Write a record, or evaluate both searches on one."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="*", help="run directories of the ensemble (when --scores is not given)")
+    p.add_argument("--record", type=Path, help="the record (.npy written by --write-record)")
+    p.add_argument("--write-record", type=Path, metavar="PATH", help="write a record here and stop")
+    p.add_argument("--days", type=float, default=30.0, help="length of the record written")
+    p.add_argument("--every", type=float, default=200.0, help="seconds between injections (jittered)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scores", type=Path, help="`caldera predict`'s scan of the record (.npy)")
+    p.add_argument(
+        "--timing", type=Path, nargs="*", default=[], help="`caldera predict` reports (.json) to tabulate"
+    )
+    p.add_argument("--hop", type=int, default=HOP, help="the chunk hop the scan used (data.args.hop)")
+    p.add_argument("--templates", type=int, default=TEMPLATES)
+    p.add_argument("--out", type=Path, help="directory for evaluation.json and chirp_efficiency.png")
+    p.add_argument(
+        "--smoke", action="store_true", help="seconds: a 12-minute record (the test suite runs this)"
+    )
+    args = p.parse_args()
+    if args.write_record:
+        started = time.perf_counter()
+        inj = chirp.write_record(args.write_record, args.days * 86400, args.every, seed=args.seed)
+        print(f"wrote {args.write_record}: {args.days:g} days, {len(inj)} injections, "
+              f"{time.perf_counter() - started:.1f} s")  # fmt: skip
+        return
+    hop, templates = args.hop, args.templates
+    if args.smoke:
+        run = Path(args.runs[0] if args.runs else "runs/chirp")
+        args.record, args.out = run / "smoke_record.npy", args.out or run
+        hop, templates = SMOKE["hop"], SMOKE["templates"]
+        chirp.write_record(args.record, SMOKE["hours"] * 3600, SMOKE["every"], snr=(8.0, 24.0), seed=1)
+        args.runs = [str(run), str(run)]  # a two-member ensemble (the same run twice): the ensemble path runs
+    if args.record is None:
+        p.error("give --record (and --scores or the ensemble's run directories), or --write-record")
+    out = args.out or args.record.parent
+    out.mkdir(parents=True, exist_ok=True)
+    record = chirp.open_record(args.record)
+    inj = chirp.read_catalogue(args.record)
+    seconds = len(record) / chirp.FS
+    mf = search_matched_filter(args.record, templates, out / f"{args.record.stem}.mf{templates}.npz")
+    mf.update(chirp.evaluate(*chirp.triggers(mf.pop("t"), mf.pop("snr"), 5.0), inj, seconds, FAR_PER_DAY))
+    print(f"{seconds / 86400:.3g} days, {len(inj)} injections; thresholds at {FAR_PER_DAY:g} false alarm/day")
+    print(f"matched filter ({templates} templates, 1 process): {mf['hours_per_s']:.3g} h of data/s, threshold SNR "
+          f"{mf['threshold']:.2f}, {mf['found']}/{len(inj)} found, {mf['false_alarms_per_day']:.2f} false alarms/day")  # fmt: skip
+    if args.scores is None and not args.runs:
+        return  # the matched filter alone (its series is kept for the comparison)
+    reports = [json.loads(t.read_text()) for t in args.timing]
+    if args.scores is None:
+        args.scores = out / f"{args.record.stem}.scores.npy"
+        reports.append(search_cnn(args.runs, args.record, args.scores, hop))
+    t, stat = chirp.scan_series(np.load(args.scores, mmap_mode="r"), len(record), hop)
+    nn = chirp.evaluate(*chirp.triggers(t, stat, 0.0), inj, seconds, FAR_PER_DAY)
+    nn["hours_per_s"] = max(hours_per_s(r, hop) for r in reports) if reports else float("nan")
+    nn["scans"] = [{"ranks": r["ranks"], "models": r.get("models", 1), "hours_per_s": hours_per_s(r, hop)}
+                   for r in reports]  # fmt: skip
+    results = {"record": str(args.record), "days": seconds / 86400, "injections": len(inj),
+               "far_per_day": FAR_PER_DAY, "matched_filter": mf, "cnn_ensemble": nn}  # fmt: skip
+    for r in (mf, nn):
+        r.pop("found_mask")
+    atomic_write_text(out / "evaluation.json", json.dumps(results, indent=2))
+    plot_efficiency(results, out / "chirp_efficiency.png")
+    for s in nn["scans"]:
+        print(
+            f"CNN ensemble ({s['models']} models, {s['ranks']} rank(s)): {s['hours_per_s']:.3g} h of data/s"
+        )
+    print(f"CNN ensemble: threshold {nn['threshold']:.2f}, {nn['found']}/{len(inj)} found, "
+          f"{nn['false_alarms_per_day']:.2f} false alarms/day")  # fmt: skip
+    print(table(results))
+    print(f"wrote {out / 'evaluation.json'}, {out / 'chirp_efficiency.png'}")
+
+
+if __name__ == "__main__":
+    main()

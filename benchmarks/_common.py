@@ -32,6 +32,18 @@ def bench_parser(doc: str | None, worker_fields: tuple[str, ...], **defaults: in
     return p
 
 
+def parse(p: argparse.ArgumentParser, smoke: dict, worker: Callable[..., None]) -> argparse.Namespace | None:
+    """The driver's options (``smoke`` applied under ``--smoke``), or None after running ``worker(MODE, *sizes)`` in a rank."""
+    args = p.parse_args()
+    if args.smoke:
+        vars(args).update(smoke)
+    if args.worker:
+        mode, *sizes = args.worker
+        worker(mode, *map(int, sizes))
+        return None
+    return args
+
+
 def report_rate(
     one_step: Callable[[], None], samples_per_step: int, steps: int, rank: int, warmup: int = 3
 ) -> None:

@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from _common import bench_parser, measured_run, report_rate
+from _common import bench_parser, measured_run, parse, report_rate
 
 HERE = Path(__file__).resolve()
 TOKENS, FEATURES = 32, 16
@@ -112,12 +112,8 @@ def main() -> None:
     p = bench_parser(
         __doc__, ("MODE", "DIM", "LAYERS", "BATCH", "STEPS"), steps=10, dim=256, layers=2, batch=32
     )
-    args = p.parse_args()
-    if args.smoke:
-        vars(args).update(SMOKE)
-    if args.worker:
-        mode, *sizes = args.worker
-        worker(mode, *map(int, sizes))
+    args = parse(p, SMOKE, worker)
+    if args is None:  # this process was a rank
         return
     from caldera.launch import build_command
 

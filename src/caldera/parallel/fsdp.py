@@ -404,7 +404,8 @@ def _file(rank: int) -> str:
     return f"zero3-{rank:05d}.pt"
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
+def load_mapped(path: Path) -> dict[str, torch.Tensor]:
+    """A shard file of shard-wise weights, memory-mapped (nothing read until used; tensors only, no code runs)."""
     return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
@@ -439,7 +440,7 @@ class ZeroWeights(Mapping[str, torch.Tensor]):
 
     def _open(self, name: str) -> dict[str, torch.Tensor]:
         try:
-            return _load(self.directory / name)
+            return load_mapped(self.directory / name)
         except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
             why = "missing" if isinstance(exc, FileNotFoundError) else f"not readable ({exc})"
             raise ConfigError(f"{self.directory / name}: {why}; the ZeRO-3 weights need every rank's file: copy "

@@ -224,10 +224,6 @@ def read_layout(directory: Path) -> dict[str, Any]:
     return layout
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-
-
 def shards_reader(directory: Path, rank: int, tp: int) -> Callable[[str, int | None], torch.Tensor]:
     """``materialize_shard``'s ``read`` over shard-wise weights, memory-mapped: for the tp they were written
     with, a rank reads its own file only; for another tp, each split tensor is joined from the files (one tensor
@@ -236,12 +232,12 @@ def shards_reader(directory: Path, rank: int, tp: int) -> Callable[[str, int | N
     if layout["kind"] == fsdp.KIND:
         return state_reader(fsdp.ZeroWeights(directory, layout), rank, tp, str(directory))
     size, cut = layout["size"], {p["name"]: p["dim"] for p in layout["params"]}
-    shared = _load(directory / SHARED)
+    shared = fsdp.load_mapped(directory / SHARED)
     files: dict[int, dict[str, torch.Tensor]] = {}
 
     def part(r: int) -> dict[str, torch.Tensor]:
         if r not in files:
-            files[r] = _load(directory / _shard_file(r))
+            files[r] = fsdp.load_mapped(directory / _shard_file(r))
         return files[r]
 
     def read(name: str, dim: int | None) -> torch.Tensor:
@@ -269,8 +265,8 @@ def read_sharded_weights(directory: Path) -> dict[str, torch.Tensor]:
     layout = read_layout(directory)
     if layout["kind"] == fsdp.KIND:
         return fsdp.ZeroWeights(directory, layout).state_dict()
-    state = dict(_load(directory / SHARED))
-    parts = [_load(directory / _shard_file(r)) for r in range(layout["size"])]
+    state = dict(fsdp.load_mapped(directory / SHARED))
+    parts = [fsdp.load_mapped(directory / _shard_file(r)) for r in range(layout["size"])]
     for p in layout["params"]:
         state[p["name"]] = torch.cat([part[p["name"]] for part in parts], p["dim"]).clone()
     return state

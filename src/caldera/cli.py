@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from caldera.checkpoint import REQUEUE_EXIT_CODE, Preempted
+from caldera.comm.torchdist import exit_process
 from caldera.durations import check_time_limit
 from caldera.errors import CheckpointError, ConfigError, DataError
 from caldera.log import level_from_env
@@ -203,6 +204,12 @@ def _parser() -> argparse.ArgumentParser:
         help="-- command to run on every rank; a caldera command may drop the caldera: launch -n 2 train run.toml",
     )
     return parser
+
+
+def run() -> None:
+    """The ``caldera`` command as a process: ``main``, then exit with its code (``exit_process`` says why not
+    ``sys.exit`` alone)."""
+    exit_process(main())
 
 
 def main(argv: list[str] | None = None) -> int:

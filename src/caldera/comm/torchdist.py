@@ -22,7 +22,7 @@ import os
 import socket
 import sys
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -210,7 +210,7 @@ def init_group(device: torch.device, timeout: float | None = None) -> None:
     """Create the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device), init_method="env://", **_timeout(timeout))
-        atexit.register(_destroy)
+        _joined_group()
 
 
 def group_from(comm: Communicator, device: torch.device, local_rank: int, local_size: int,
@@ -238,15 +238,40 @@ def group_from(comm: Communicator, device: torch.device, local_rank: int, local_
                       LOCAL_WORLD_SIZE=str(local_size), MASTER_ADDR=host, MASTER_PORT=str(port))  # fmt: skip
     dist.init_process_group(backend_for(device), store=store, rank=comm.rank, world_size=comm.size,
                             **_timeout(timeout))  # fmt: skip
+    _joined_group()
+
+
+_joined = (
+    False  # whether this process made a process group (exit_process then skips the interpreter's teardown)
+)
+
+
+def _joined_group() -> None:
+    global _joined
+    _joined = True
     atexit.register(_destroy)
 
 
 def _destroy() -> None:
-    """Tear the default group down before the interpreter does: a gloo group left to the interpreter's teardown
-    sometimes ends its process with std::terminate ("terminate called without an active exception", exit -6) after
-    the job's work is done. Local for gloo, no collective; registered after mpi4py's MPI_Finalize, so it runs before."""
+    """Tear the default group down before the interpreter does. Local for gloo, no collective; registered after
+    mpi4py's MPI_Finalize, so it runs before it."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code``. After a process group was made: the exit handlers run (files closed, the
+    group destroyed, MPI finalized), then the process ends without the interpreter's teardown.
+
+    Why: gloo's threads can still hold tensors then, and freeing one in a dying interpreter aborts the process
+    ("terminate called without an active exception", exit -6) after all its work is done: about one torchrun
+    job in twenty on a loaded machine, even with the group destroyed first (pytorch/pytorch#179291)."""
+    if not _joined:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _timeout(seconds: float | None) -> dict[str, timedelta]:

@@ -1,8 +1,9 @@
 """Roll trained climate forecasters out autoregressively over the validation period and score them, over seeds.
 
     caldera train examples/climate_forecast.toml      (and the same with --set run.seed=1 ... for more seeds)
-    python examples/climate_rollout.py RUN_DIR [RUN_DIR ...] [--out DIR] [--days 10] [--every 4] [--damp] [--smoke]
-Smoke run (seconds, after climate_forecast.toml's smoke run): python examples/climate_rollout.py runs/climate-forecast --damp --smoke
+    python examples/climate_rollout.py RUN_DIR [RUN_DIR ...] [--out DIR] [--days 10] [--every 4] [--damp]
+                                       [--perfect-model M] [--smoke]
+Smoke run (seconds, after climate_forecast.toml's smoke run): python examples/climate_rollout.py runs/climate-forecast --damp --perfect-model 2 --smoke
 
 Forecasts start every ``--every`` records (6 h each) of the validation period (the last ``val_fraction`` of the
 file, never trained on) and run ``--days`` days, feeding each prediction back in with the known insolation. Scores,
@@ -11,6 +12,9 @@ coefficient (ACC: anomalies against the harmonic climatology, cos(latitude)-weig
 and climatology. With several run directories (training seeds) the model's scores are the mean and standard
 deviation over them. ``--damp`` also scores each model's forecasts with their anomalies shrunk per lead by a
 factor fitted on forecasts started in the training period (``fit_damping``; the ACC does not change).
+References: with several runs, the mean of their forecasts (a seed ensemble); ``--perfect-model M``, the
+simulator's own forecasts from the exact state with M draws of the noise to come (``perfect_model_forecasts``):
+one member is the best sharp forecast, the members' mean approaches the best forecast in RMSE.
 Writes to ``--out`` (default: the run directory, when there is one): ``rollout.json``, ``climate_table.md``
 (the tables of docs/climate.md), ``climate_skill.png`` (RMSE and ACC vs lead, mean with a +-1 sd band) and
 ``climate_maps.png`` (truth, forecast and error of T at a few leads, first run).
@@ -28,7 +32,17 @@ import torch
 from caldera.config import load_config
 from caldera.data.normalize import STATS_FILE, load_stats
 from caldera.io import atomic_write_text
-from caldera.sims.climate import USEFUL_ACC, damped, fit_damping, rmse_by_lead, rollout_skill, skill_over_runs
+from caldera.sims.climate import (
+    USEFUL_ACC,
+    acc_by_lead,
+    damped,
+    fit_damping,
+    last_lead_better,
+    perfect_model_skill,
+    rmse_by_lead,
+    rollout_skill,
+    skill_over_runs,
+)
 from caldera.train.output import pyplot, save_figure
 from caldera.train.run import load_run_model
 from caldera.train.rundir import RunDir
@@ -71,6 +85,23 @@ def score(run_dir: Path, steps: int, every: int, damp_every: int | None) -> dict
     return skill
 
 
+def references(skills: list[dict], path: Path, members: int) -> dict[str, np.ndarray]:
+    """Scores that bound and extend the runs': the runs' mean forecast (a seed ensemble, with several runs) and
+    the simulator's own forecasts from the exact state (``members`` > 0: one member and their mean)."""
+    first, out = skills[0], {}
+    if len(skills) > 1:
+        mean = np.mean([s["forecast"] for s in skills], axis=0)
+        out.update(ensemble=rmse_by_lead(mean, first["truth"]), ensemble_acc=acc_by_lead(mean, first["truth"],
+                                                                                         first["clim"]))  # fmt: skip
+    if members:
+        out.update(perfect_model_skill(path, first, members))
+    return out
+
+
+REFERENCE_NAMES = {"ensemble": "mean of the runs' forecasts", "perfect": "perfect model, one member",
+                   "perfect_mean": "perfect model, mean of the members"}  # fmt: skip
+
+
 def table(agg: dict) -> str:
     """Markdown tables of RMSE and ACC per lead for each variable (model: mean +- sd over runs)."""
     lead, runs = np.asarray(agg["lead_hours"]), agg["runs"]
@@ -80,10 +111,11 @@ def table(agg: dict) -> str:
     tables = [("RMSE", ["model", "persistence", "climatology"])]
     tables += [("RMSE", ["damped", "damped_persistence", "climatology"])] if damp else []
     tables += [("ACC", ["model_acc", "persistence_acc", "climatology_acc"])]
+    tables += [("Activity (RMS of the forecast's anomalies / the truth's)", ["model_activity"])]
     lines = []
     for metric, names in tables:
-        head = " / ".join(n.removesuffix("_acc").replace("_", " ") for n in names)
-        lines += [f"{metric}: {head} ({names[0].removesuffix('_acc')}: mean ± sd over {runs} run(s))", ""]
+        head = " / ".join(n.removesuffix("_acc").removesuffix("_activity").replace("_", " ") for n in names)
+        lines += [f"{metric}: {head} (model: mean ± sd over {runs} run(s))", ""]
         lines += ["| lead | " + " | ".join(f"{v} ({UNITS.get(v, '')})" if metric == "RMSE" else v
                                             for v in agg["variables"]) + " |"]  # fmt: skip
         lines += ["| --- |" + " --- |" * len(agg["variables"])]
@@ -96,6 +128,24 @@ def table(agg: dict) -> str:
                 cells.append(" / ".join(vals))
             label = f"{h:g} h" if h < 24 else f"{h / 24:g} d"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    refs = [n for n in REFERENCE_NAMES if n in agg.get("references", {})]
+    if refs:
+        ref = agg["references"]
+        lines += [f"References, RMSE (ACC): {' / '.join(REFERENCE_NAMES[n] for n in refs)} / climatology", ""]
+        lines += ["| lead | " + " | ".join(f"{v} ({UNITS.get(v, '')})" for v in agg["variables"]) + " |"]
+        lines += ["| --- |" + " --- |" * len(agg["variables"])]
+        for k in rows:
+            h = lead[k]
+            cells = [" / ".join([*(f"{ref[n][k, i]:.2f} ({ref[n + '_acc'][k, i]:.2f})" for n in refs),
+                                 f"{agg['climatology'][k, i]:.2f}"]) for i in range(len(agg["variables"]))]  # fmt: skip
+            label = f"{h:g} h" if h < 24 else f"{h / 24:g} d"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for n in refs:
+            until = [f"{var} {last_lead_better(lead, ref[n][:, i] < agg['climatology'][:, i])} h"
+                     for i, var in enumerate(agg["variables"])]  # fmt: skip
+            lines.append(f"- {REFERENCE_NAMES[n]}: beats climatology to {', '.join(until)}")
         lines.append("")
     for var, row in agg["crossings"].items():
         line = (f"{var}: beats climatology to {row['model_beats_climatology_until_h']} h (mean; mean + sd: "
@@ -133,6 +183,9 @@ def plot_skill(agg: dict, path: Path) -> Path:
             if row == 0 and "damped" in agg:
                 ax.plot(days, agg["damped_persistence"][:, i], "C1-.", lw=1, label="damped persistence")
             ax.plot(days, agg["climatology" + suffix][:, i], "C2:", lw=2, label="climatology")
+            for (name, label), style in zip(REFERENCE_NAMES.items(), ("C4-", "k--", "k-")):
+                if name + suffix in agg.get("references", {}):
+                    ax.plot(days, agg["references"][name + suffix][:, i], style, lw=1, label=label)
             if row == 1:
                 ax.axhline(USEFUL_ACC, color="0.4", lw=1)
             ax.set(xlabel="lead time (days)", ylabel=ylabel, title=var)
@@ -180,6 +233,8 @@ def main() -> None:
     parser.add_argument(
         "--damp-every", type=int, default=16, help="training-period forecasts to fit --damp on"
     )
+    parser.add_argument("--perfect-model", type=int, default=0, metavar="M",
+                        help="also score the simulator's own M-member forecasts from the exact state (the bound)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
     args = parser.parse_args()
     if args.smoke:
@@ -190,7 +245,13 @@ def main() -> None:
     steps = round(args.days * 4)  # the file holds a record every 6 h
     skills = [score(d, steps, args.every, args.damp_every if args.damp else None) for d in args.run_dirs]
     agg = skill_over_runs(skills)
-    report = {k: v.round(4).tolist() if isinstance(v, np.ndarray) else v for k, v in agg.items()}
+    agg["references"] = references(skills, load_run(args.run_dirs[0])[1], args.perfect_model)
+    report = {
+        k: v.round(4).tolist() if isinstance(v, np.ndarray) else v
+        for k, v in agg.items()
+        if k != "references"
+    }
+    report["references"] = {k: v.round(4).tolist() for k, v in agg["references"].items()}
     report["run_dirs"] = [str(d) for d in args.run_dirs]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "rollout.json", json.dumps(report, indent=1))

@@ -261,3 +261,38 @@ def test_anomaly_correlation_damping_and_scores_over_seeds():
     assert row["model_beats_persistence_until_h"] == 6.0 and row["model_beats_climatology_until_h"] == 12.0
     assert row["model_beats_climatology_until_h_each_run"] == [18.0, 12.0]
     assert row["model_acc_useful_until_h"] == 12.0 and row["persistence_acc_useful_until_h"] is None
+
+
+def test_weighted_loss_counts_each_variable_by_its_weight_in_every_rollout_step(simulated):
+    small_file, fields = simulated
+    target = torch.randn(4, 6, 8, 16)  # two steps of (T, u, v)
+    pred = target.clone()
+    pred[:, 3] += 1.0  # T of the second step off by 1 everywhere
+    pred[:, 5] += 2.0  # v of the second step off by 2
+    lat_w = torch.as_tensor(c.lat_weights(8)).mean()  # the weights have mean 1
+    assert c.weighted_mse(pred, target).item() == pytest.approx((1 + 4) / 6 * lat_w.item())
+    assert c.weighted_mse(pred, target, [3.0, 1.0, 0.0]).item() == pytest.approx(3 / 6)
+    with pytest.raises(ValueError, match="one weight per variable"):
+        c.weighted_mse(pred, target, [1.0, 1.0, 1.0, 1.0])
+    stats = {v: type("S", (), {"std": float(fields[v].std())}) for v in c.STATE}
+    weights = c.increment_weights(small_file, stats)
+    # Against its range, T changes least in 6 h: it gets the largest weight; the weights have mean 1.
+    assert np.mean(weights) == pytest.approx(1, abs=1e-3) and weights[0] == max(weights)
+
+
+def test_perfect_model_forecasts_start_from_the_true_state_and_fan_out():
+    fields = c.simulate(8, 16, days=40, seed=3)
+    truth = np.stack([fields[v] for v in c.STATE], axis=1)
+    starts = np.arange(20, 120, 10)
+    runs = c.perfect_model_forecasts(starts, 24, 4, nlat=8, nlon=16, days=40, seed=3)
+    assert runs.shape == (4, len(starts), 24, 3, 8, 16)
+
+    def rmse(a: np.ndarray, lead: int) -> float:
+        return float(np.sqrt(((a - truth[starts + lead]) ** 2).mean()))
+
+    persistence = truth[starts]
+    # 6 h on: only 6 h of unknown noise, far closer than persistence; 6 days on: the members have fanned out,
+    # and their mean is closer to the truth than any one of them.
+    assert rmse(runs[0, :, 0], 1) < 0.5 * rmse(persistence, 1)
+    assert np.abs(runs[0, :, -1] - runs[1, :, -1]).max() > 1.0
+    assert rmse(runs[:, :, -1].mean(0), 24) < min(rmse(r[:, -1], 24) for r in runs)

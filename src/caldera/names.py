@@ -33,6 +33,7 @@ MODELS = Builtins({
 LOSSES = Builtins({
     "mse": "torch.nn:MSELoss", "l1": "torch.nn:L1Loss", "cross_entropy": "torch.nn:CrossEntropyLoss",
     "huber": "torch.nn:HuberLoss", "energy_force": "caldera.models.potential:energy_force_loss",
+    "climate_mse": "caldera.sims.climate:weighted_mse",
 })  # fmt: skip
 
 # [optim] name: torch.optim's optimizers by their lower-case names (``sgd`` also takes [optim] momentum).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,9 +298,54 @@ def simulate(
 ) -> dict[str, np.ndarray]:
     """Run the toy atmosphere; return ``time`` (days) and ``T`` (K), ``u``, ``v`` (m/s), ``insolation``
     (W m-2), each (time, nlat, nlon) in float32, sampled every ``dt_hours`` after a spin-up."""
+    grid = Grid(nlat, nlon)
+    n_out = round(days / (dt_hours / 24.0))
+    out = {k: np.empty((n_out, nlat, nlon), np.float32) for k in (*STATE, *FORCING)}
+    for i, atmosphere in enumerate(_records(grid, days, dt_hours, seed, spinup_days, kappa, relax_days)):
+        out["T"][i], out["u"][i], out["v"][i] = atmosphere.state()
+        out["insolation"][i] = insolation(grid, atmosphere.t)
+    out["time"] = np.arange(n_out) * (dt_hours / 24.0)
+    return out
+
+
+@dataclass
+class Atmosphere:
+    """The whole state of the toy atmosphere at time ``t`` (days): the tracer and the wind's hidden parameters
+    (amplitude and phase-speed rates) that the file's u and v only show indirectly."""
+
+    grid: Grid
+    T: np.ndarray
+    wind: Wind
+    t: float
+    kappa: float
+    relax_days: float
+
+    def psi(self) -> np.ndarray:
+        """The stream function at the cell corners now."""
+        return self.wind.streamfunction(self.grid.lat_edges, self.grid.lon - self.grid.dlon / 2, self.t)
+
+    def state(self) -> np.ndarray:
+        """(T, u, v) now, (3, nlat, nlon), as the file stores them."""
+        u, v = cell_wind(self.grid, *face_fluxes(self.grid, self.psi()))
+        return np.stack([self.T, u, v])
+
+    def advance(self, rng: np.random.Generator, dt_days: float) -> None:
+        """Advance by ``dt_days``: transport and relaxation in the current wind, then the wind's random step."""
+        self.T = _advance(self.grid, self.T, self.psi(), self.t, dt_days, self.kappa, self.relax_days)
+        self.wind.step(rng, dt_days)
+        self.t += dt_days
+
+    def copy(self) -> Atmosphere:
+        """An independent copy (to branch forecasts from)."""
+        wind = Wind(**{k: np.copy(v) if isinstance(v, np.ndarray) else v for k, v in vars(self.wind).items()})
+        return Atmosphere(self.grid, self.T.copy(), wind, self.t, self.kappa, self.relax_days)
+
+
+def _records(grid: Grid, days: float, dt_hours: float, seed: int, spinup_days: float, kappa: float,
+             relax_days: float) -> Iterator[Atmosphere]:  # fmt: skip
+    """The atmosphere at each output record after the spin-up (the same object, advanced between records)."""
     if days <= 0 or dt_hours <= 0 or spinup_days < 0:
         raise ValueError(f"days={days}, dt_hours={dt_hours}, spinup_days={spinup_days}: use positive values")
-    grid = Grid(nlat, nlon)
     rng = np.random.default_rng(seed)
     wind = Wind.random(rng)
     dt_days = dt_hours / 24.0
@@ -307,18 +353,39 @@ def simulate(
     t = -n_spin * dt_days
     # Start from the daily-mean equilibrium: the spin-up removes what remains of the start.
     T = np.mean([equilibrium_temperature(grid, t + h / 24) for h in range(24)], axis=0)
-    out = {k: np.empty((n_out, nlat, nlon), np.float32) for k in (*STATE, *FORCING)}
+    atmosphere = Atmosphere(grid, T, wind, t, kappa, relax_days)
     for k in range(n_spin + n_out):
-        psi = wind.streamfunction(grid.lat_edges, grid.lon - grid.dlon / 2, t)
         if k >= n_spin:
-            i = k - n_spin
-            fx, fy = face_fluxes(grid, psi)
-            out["u"][i], out["v"][i] = cell_wind(grid, fx, fy)
-            out["T"][i], out["insolation"][i] = T, insolation(grid, t)
-        T = _advance(grid, T, psi, t, dt_days, kappa, relax_days)
-        wind.step(rng, dt_days)
-        t += dt_days
-    out["time"] = np.arange(n_out) * dt_days
+            yield atmosphere
+        atmosphere.advance(rng, dt_days)
+
+
+def perfect_model_forecasts(
+    starts: np.ndarray,
+    steps: int,
+    members: int,
+    nlat: int = 32,
+    nlon: int = 64,
+    days: float = 730.0,
+    seed: int = 0,
+    dt_hours: float = 6.0,
+) -> np.ndarray:
+    """Forecasts by the simulator itself from the exact state at records ``starts`` of ``simulate``'s run with
+    these settings, each member with its own future noise: (members, starts, steps, 3, nlat, nlon) of T, u, v.
+
+    The best any forecast can do: it knows even the wind's hidden rates, and only the noise to come is unknown.
+    One member is a perfect sharp (deterministic) forecast; the members' mean approaches the best RMSE forecast
+    (the expected future) as ``members`` grows."""
+    grid, wanted = Grid(nlat, nlon), {int(s): j for j, s in enumerate(starts)}
+    out = np.empty((members, len(starts), steps, len(STATE), nlat, nlon), np.float32)
+    for i, atmosphere in enumerate(_records(grid, days, dt_hours, seed, 60.0, 5e4, 12.0)):
+        if i not in wanted:
+            continue
+        for m in range(members):
+            branch, rng = atmosphere.copy(), np.random.default_rng([seed, i, m, 1])  # noise unlike the run's
+            for k in range(steps):
+                branch.advance(rng, dt_hours / 24.0)
+                out[m, wanted[i], k] = branch.state()
     return out
 
 
@@ -519,6 +586,35 @@ def lat_weighted_rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return mse.sqrt().mean()
 
 
+def weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, weights: list[float] | None = None
+) -> torch.Tensor:
+    """Latitude-weighted MSE with one weight per variable (GraphCast's loss); (n, k * variables, lat, lon) for
+    k-step rollouts. ``increment_weights`` gives the weights that count each variable's 6-hour change alike."""
+    w = torch.as_tensor(lat_weights(pred.shape[-2]), dtype=pred.dtype, device=pred.device)[:, None]
+    se = ((pred - target) ** 2 * w).mean(dim=(0, -2, -1))  # per channel
+    if weights is None:
+        return se.mean()
+    per_var = torch.as_tensor(weights, dtype=pred.dtype, device=pred.device)
+    if pred.shape[1] % len(per_var):
+        raise ValueError(f"{pred.shape[1]} channels, {len(per_var)} weights: give one weight per variable")
+    return (se.unflatten(0, (-1, len(per_var))) * per_var).mean()
+
+
+def increment_weights(path: str | Path, stats: dict[str, Any], records: int | None = None) -> list[float]:
+    """Per variable, 1 / variance of its normalised 6-hour change over the first ``records`` records, scaled to
+    mean 1: the weights of ``weighted_mse`` under which each variable's change counts alike. Normalised by its
+    whole range, T changes 6x less in 6 h than v does: plain MSE spends the model on v's unpredictable gusts."""
+    from caldera.data import open_reader
+
+    reader = open_reader(path, "netcdf", list(STATE))
+    data = reader.read(np.arange(records or len(reader)))
+    inv = np.array(
+        [1 / (np.diff(data[v].astype(np.float64), axis=0).std() / stats[v].std) ** 2 for v in STATE]
+    )
+    return (inv / inv.mean()).round(3).tolist()
+
+
 # -- autoregressive rollout and skill -----------------------------------------------------------------------------
 
 
@@ -582,6 +678,14 @@ def acc_by_lead(forecast: np.ndarray, truth: np.ndarray, clim: np.ndarray) -> np
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0).mean(axis=0)
 
 
+def activity_by_lead(forecast: np.ndarray, truth: np.ndarray, clim: np.ndarray) -> np.ndarray:
+    """Forecast activity per lead and variable: the cos(latitude)-weighted RMS of the forecast's anomalies over
+    the truth's, pooled over starts. 1: as lively as the weather; below 1: smoothed towards climatology."""
+    w = lat_weights(truth.shape[-2])[:, None]
+    fa, ta = (forecast - clim).astype(np.float64), (truth - clim).astype(np.float64)
+    return np.sqrt((w * fa**2).sum(axis=(0, -2, -1)) / (w * ta**2).sum(axis=(0, -2, -1)))
+
+
 def rollout_skill(
     model: nn.Module,
     path: str | Path,
@@ -595,7 +699,7 @@ def rollout_skill(
     """Score ``model`` on the validation period of the NetCDF ``path``: forecasts started every ``every``
     records, rolled out ``max_lead`` steps; latitude-weighted RMSE in physical units (``model``, ``persistence``,
     ``climatology``) and anomaly correlation against the harmonic climatology of the training period
-    (``model_acc``, ...), each (lead, variable). ``period = "train"`` starts the forecasts in the training period
+    (``model_acc``, ...) and the model's activity (``model_activity``), each (lead, variable). ``period = "train"`` starts the forecasts in the training period
     instead (to fit post-processing such as ``fit_damping`` on data the scores never see)."""
     from caldera.data import open_reader
 
@@ -631,6 +735,7 @@ def rollout_skill(
         "persistence": rmse_by_lead(persist, truth),
         "climatology": rmse_by_lead(clim, truth),
         "model_acc": acc_by_lead(pred, truth, clim),
+        "model_activity": activity_by_lead(pred, truth, clim),
         "persistence_acc": acc_by_lead(persist, truth, clim),
         "climatology_acc": acc_by_lead(clim, truth, clim),
         "starts": starts,
@@ -639,6 +744,22 @@ def rollout_skill(
         "clim": clim,
         "persist": persist,
     }
+
+
+def perfect_model_skill(path: str | Path, skill: dict[str, Any], members: int = 8) -> dict[str, np.ndarray]:
+    """Scores of ``perfect_model_forecasts`` from the same starts as ``skill`` (``rollout_skill`` on the file
+    ``path``, which names the simulation's settings): ``perfect`` (one member, a perfect sharp forecast) and
+    ``perfect_mean`` (the ``members``' mean), RMSE and ``_acc`` per lead and variable."""
+    netCDF4 = require("netCDF4", "NetCDF")
+
+    with netCDF4.Dataset(path) as nc:
+        made = {k: np.asarray(nc.getncattr(f"caldera_{k}")).item() for k in ("days", "nlat", "nlon", "seed")}
+    steps = skill["truth"].shape[1]
+    runs = perfect_model_forecasts(skill["starts"], steps, members, made["nlat"], made["nlon"], made["days"],
+                                   int(made["seed"]))  # fmt: skip
+    truth, clim, mean = skill["truth"], skill["clim"], runs.mean(axis=0)
+    return {"perfect": rmse_by_lead(runs[0], truth), "perfect_acc": acc_by_lead(runs[0], truth, clim),
+            "perfect_mean": rmse_by_lead(mean, truth), "perfect_mean_acc": acc_by_lead(mean, truth, clim)}  # fmt: skip
 
 
 def fit_damping(skill: dict[str, Any], forecast: str = "forecast") -> np.ndarray:
@@ -675,6 +796,7 @@ def skill_over_runs(skills: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": len(skills), "starts": len(skills[0]["starts"])}
     out.update(lead_hours=lead.tolist(), variables=skills[0]["variables"])
     names = ["model", "persistence", "climatology", "model_acc", "persistence_acc", "climatology_acc"]
+    names += ["model_activity"]
     names += ["damped", "damped_persistence"] if "damped" in skills[0] else []
     for name in names:
         runs = np.stack([s[name] for s in skills])

@@ -238,6 +238,10 @@ def test_anomaly_correlation_damping_and_scores_over_seeds():
     np.testing.assert_allclose(c.acc_by_lead(truth, truth, clim), 1.0, atol=1e-12)  # a perfect forecast
     np.testing.assert_array_equal(c.acc_by_lead(clim, truth, clim), 0.0)  # climatology: no anomaly, no skill
     np.testing.assert_allclose(c.acc_by_lead(clim - 3 * anomaly, truth, clim), -1.0, atol=1e-12)
+    # Activity: the truth's own is 1, climatology's 0, three times the anomaly's 3.
+    np.testing.assert_allclose(c.activity_by_lead(truth, truth, clim), 1.0, atol=1e-12)
+    np.testing.assert_allclose(c.activity_by_lead(clim - 3 * anomaly, truth, clim), 3.0, atol=1e-12)
+    np.testing.assert_array_equal(c.activity_by_lead(clim, truth, clim), 0.0)
     # An independent anomaly correlates ~0; half signal, half independent noise of equal size: 1/sqrt(2).
     noise = rng.normal(0, 2, clim.shape)
     assert np.abs(c.acc_by_lead(clim + noise, truth, clim)).max() < 0.15

@@ -796,7 +796,7 @@ def skill_over_runs(skills: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": len(skills), "starts": len(skills[0]["starts"])}
     out.update(lead_hours=lead.tolist(), variables=skills[0]["variables"])
     names = ["model", "persistence", "climatology", "model_acc", "persistence_acc", "climatology_acc"]
-    names += ["model_activity"]
+    names += ["model_activity"] if "model_activity" in skills[0] else []
     names += ["damped", "damped_persistence"] if "damped" in skills[0] else []
     for name in names:
         runs = np.stack([s[name] for s in skills])

@@ -168,7 +168,7 @@ def plot_skill(agg: dict, path: Path) -> Path:
     """RMSE (top) and ACC (bottom) vs lead, one column per variable; the model as mean with a +-1 sd band."""
     plt = pyplot()
     nv = len(agg["variables"])
-    fig, axes = plt.subplots(2, nv, figsize=(4.6 * nv, 7.2), squeeze=False)
+    fig, axes = plt.subplots(2, nv, figsize=(4.6 * nv, 7.8), squeeze=False)
     days = np.asarray(agg["lead_hours"]) / 24
     runs = f" ({agg['runs']} seeds)" if agg["runs"] > 1 else ""
     for i, var in enumerate(agg["variables"]):
@@ -190,8 +190,8 @@ def plot_skill(agg: dict, path: Path) -> Path:
                 ax.axhline(USEFUL_ACC, color="0.4", lw=1)
             ax.set(xlabel="lead time (days)", ylabel=ylabel, title=var)
             ax.grid(alpha=0.3)
-        axes[0, i].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the panels
     return save_figure(fig, path)
 
 

@@ -10,6 +10,7 @@ import torch
 
 from caldera.config import load_config
 from caldera.data import open_reader
+from caldera.errors import ConfigError
 from caldera.sims import climate as c
 from caldera.train.trainer import Trainer
 
@@ -276,8 +277,9 @@ def test_weighted_loss_counts_each_variable_by_its_weight_in_every_rollout_step(
     lat_w = torch.as_tensor(c.lat_weights(8)).mean()  # the weights have mean 1
     assert c.weighted_mse(pred, target).item() == pytest.approx((1 + 4) / 6 * lat_w.item())
     assert c.weighted_mse(pred, target, [3.0, 1.0, 0.0]).item() == pytest.approx(3 / 6)
-    with pytest.raises(ValueError, match="one weight per variable"):
-        c.weighted_mse(pred, target, [1.0, 1.0, 1.0, 1.0])
+    for wrong in ([1.0, 1.0, 1.0, 1.0], [1.0, -1.0, 1.0], []):
+        with pytest.raises(ConfigError, match="give one weight >= 0 per predicted variable"):
+            c.weighted_mse(pred, target, wrong)
     stats = {v: type("S", (), {"std": float(fields[v].std())}) for v in c.STATE}
     weights = c.increment_weights(small_file, stats)
     # Against its range, T changes least in 6 h: it gets the largest weight; the weights have mean 1.

@@ -31,6 +31,7 @@ from torch import nn
 from caldera.comm.base import Communicator
 from caldera.data.formats import require
 from caldera.data.scientific import BatchReads
+from caldera.errors import ConfigError
 from caldera.log import get_logger
 from caldera.models.climate import ClimateNet as ClimateNet
 from caldera.sims import write_once  # re-exported: the model of this application
@@ -596,8 +597,12 @@ def weighted_mse(
     if weights is None:
         return se.mean()
     per_var = torch.as_tensor(weights, dtype=pred.dtype, device=pred.device)
-    if pred.shape[1] % len(per_var):
-        raise ValueError(f"{pred.shape[1]} channels, {len(per_var)} weights: give one weight per variable")
+    if per_var.ndim != 1 or len(per_var) == 0 or pred.shape[1] % len(per_var) or (per_var < 0).any():
+        # ConfigError: the first step stops with this one line (exit 2), not a traceback from inside training.
+        raise ConfigError(
+            f"[train] loss_args weights = {list(weights)} for {pred.shape[1]} output channels: give one weight "
+            f">= 0 per predicted variable, e.g. weights = [2.35, 0.579, 0.071] for T, u, v"
+        )
     return (se.unflatten(0, (-1, len(per_var))) * per_var).mean()
 
 

@@ -1,21 +1,27 @@
-"""Score a trained focus network and the two classical focus measures on real photographs blurred by known amounts.
+"""Score trained focus networks and the two classical focus measures on real photographs blurred by known amounts;
+with several runs (one per training seed), the networks' mean and spread over them.
 
-    caldera train examples/focus.toml          # trains, writes runs/focus/
-    python examples/focus_eval.py               # this script: focus_evaluation.json and focus_eval.png there
+    caldera train examples/focus.toml          # seed 0: trains, writes runs/focus/
+    caldera train examples/focus.toml --set run.seed=1 --set run.dir=runs/focus-s1   # etc.
+    python examples/focus_eval.py runs/focus runs/focus-s1 runs/focus-s2 --out runs/focus-seeds
 Smoke run (seconds, after focus.toml's smoke run): python examples/focus_eval.py runs/focus --smoke
 
 The photographs are the ones shipped inside the scikit-image wheel (no download; pip install scikit-image). Each
 is cropped to at most 512x512, blurred with the training set's pillbox at each true radius, exposed at one dose,
 cut into 64x64 tiles, and scored by the mean of its tiles' estimates. The classical measures (variance of the
-Laplacian; Sobel gradient energy at three scales) are calibrated on the run's own training patches.
+Laplacian; Sobel gradient energy at three scales) are calibrated on the runs' own training patches: the data
+(``data.args``) must be the same for every run, so they do not depend on the training seed. Writes
+focus_evaluation.json, focus_table.md and focus_eval.png into --out (default: the first run directory).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,90 +77,155 @@ def cnn_estimate(model: torch.nn.Module, patches: np.ndarray, batch: int = 256) 
     )
 
 
-def estimators(model, calibrations):
-    """Method name -> function from patches (n, H, W) to defocus estimates (n,)."""
-    return {"cnn": lambda p: cnn_estimate(model, p), **{m: c.predict for m, c in calibrations.items()}}
+def real_tiles(images: dict[str, np.ndarray], radii, size: int) -> list[tuple[str, float, np.ndarray]]:
+    """(image name, true radius, its 64x64 tiles) for every image blurred at every radius and exposed."""
+    return [(name, float(r), tiles(expose(defocus(img, r), DOSE, seed=[i, j]), size))
+            for i, (name, img) in enumerate(images.items()) for j, r in enumerate(radii)]  # fmt: skip
 
 
-def evaluate_real(estimate, images: dict[str, np.ndarray], radii, size: int) -> dict:
-    """Per method: the estimate of every (image, radius), MAE and accuracy, and images/s (estimation only)."""
-    rows = []
-    for i, (name, img) in enumerate(images.items()):
-        for j, r in enumerate(radii):
-            rows.append((name, float(r), tiles(expose(defocus(img, r), DOSE, seed=[i, j]), size)))
-    out = {"truth": [r for _, r, _ in rows], "image": [n for n, _, _ in rows]}
-    for method, fn in estimate.items():
-        fn(rows[0][2])  # warm up (first-call allocations, torch's thread pool)
-        start = time.perf_counter()
-        est = [float(fn(t).mean()) for _, _, t in rows]
-        seconds = time.perf_counter() - start
-        pixels = sum(t.size for _, _, t in rows)
-        out[method] = {"estimate": est, **scores(est, out["truth"]), "images_per_s": len(rows) / seconds,
-                       "megapixels_per_s": pixels / seconds / 1e6}  # fmt: skip
-    return out
+def evaluate_real(fn, rows: list[tuple[str, float, np.ndarray]]) -> dict[str, Any]:
+    """One method's estimate of every (image, radius), its MAE and accuracy, and images/s (estimation only)."""
+    fn(rows[0][2])  # warm up (first-call allocations, torch's thread pool)
+    start = time.perf_counter()
+    est = [float(fn(t).mean()) for _, _, t in rows]
+    seconds = time.perf_counter() - start
+    pixels = sum(t.size for _, _, t in rows)
+    return {"estimate": est, **scores(est, [r for _, r, _ in rows]), "images_per_s": len(rows) / seconds,
+            "megapixels_per_s": pixels / seconds / 1e6}  # fmt: skip
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value) and the values themselves."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "sd": sd, "values": values}
+
+
+def per_image_mae(result: dict[str, Any], estimate: list[float]) -> dict[str, float]:
+    """MAE (px) over the radii of each photograph."""
+    truth, names = np.array(result["truth"]), np.array(result["image"])
+    err = np.abs(np.array(estimate) - truth)
+    return {name: float(err[names == name].mean()) for name in dict.fromkeys(result["image"])}
 
 
 def plot(result: dict, path: Path) -> Path:
-    """Estimated against true defocus, one panel per method: every image (dots) and the mean over images."""
+    """Estimated against true defocus, one panel per method: every image (dots; the first run's for the CNN) and
+    the mean over images (one line per run for the CNN)."""
     plt = pyplot()
     truth = np.array(result["truth"])
     radii = np.unique(truth)
     fig, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 4.6), sharey=True)
     for ax, method in zip(axes, METHODS):
-        r = result[method]
-        est = np.array(r["estimate"])
+        runs = result["cnn_runs"] if method == "cnn" else [result[method]]
+        est = np.array(runs[0]["estimate"])
         ax.scatter(truth + np.random.default_rng(0).uniform(-0.1, 0.1, len(truth)), est, s=8, alpha=0.5)
-        ax.plot(radii, [est[truth == t].mean() for t in radii], "k-o", ms=3, label="mean over images")
+        for k, run in enumerate(runs):
+            e = np.array(run["estimate"])
+            ax.plot(radii, [e[truth == t].mean() for t in radii], "-o", color="k", alpha=1.0 if k == 0 else 0.5,
+                    ms=3, lw=1, label="mean over images" + (" (one line per seed)" if len(runs) > 1 else ""))  # fmt: skip
         ax.plot([0, radii.max()], [0, radii.max()], color="grey", ls="--", lw=1, label="ideal")
         ax.axhline(THRESHOLD, color="r", ls=":", lw=1)
         ax.axvline(THRESHOLD, color="r", ls=":", lw=1, label=f"in/out threshold {THRESHOLD:g} px")
-        ax.set(title=f"{LABELS[method]}\nMAE {r['mae_px']:.2f} px, accuracy {r['accuracy']:.0%}",
-               xlabel="true defocus radius (px)")  # fmt: skip
+        if len(runs) > 1:
+            s = result["cnn"]
+            title = (f"MAE {s['mae_px']['mean']:.2f} ± {s['mae_px']['sd']:.2f} px, accuracy "
+                     f"{s['accuracy']['mean']:.0%} ± {s['accuracy']['sd']:.0%} ({len(runs)} seeds)")  # fmt: skip
+        else:
+            title = f"MAE {runs[0]['mae_px']:.2f} px, accuracy {runs[0]['accuracy']:.0%}"
+        ax.set(title=f"{LABELS[method]}\n{title}", xlabel="true defocus radius (px)")
     axes[0].set_ylabel("estimated defocus radius (px)")
-    axes[0].legend(loc="upper left", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    keep = dict(zip(labels, handles))  # one legend entry per label (the CNN has a line per seed)
+    axes[0].legend(keep.values(), keep.keys(), loc="upper left", fontsize=8)
     fig.suptitle(f"{len(set(result['image']))} scikit-image photographs, pillbox blur, dose {DOSE:g}")
     fig.tight_layout()
     return save_figure(fig, path)
 
 
+def table(result: dict[str, Any]) -> str:
+    """Markdown: the methods on real photographs and synthetic validation patches (the CNN: mean ± sd over the
+    seeds and each seed's value), then the MAE per photograph."""
+    real, synth = result["real"], result["synthetic_val"]
+    n = len(real["cnn_runs"])
+    out = [f"| method | real photographs: MAE (px) | accuracy (in/out at {THRESHOLD:g} px) | images/s | "
+           "synthetic validation: MAE (px) | accuracy |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    c, cs = real["cnn"], synth["cnn"]
+    out.append(f"| {LABELS['cnn']}, mean ± sd over {n} seed{'s' * (n > 1)} | **{c['mae_px']['mean']:.2f}** ± "
+               f"{c['mae_px']['sd']:.2f} | **{c['accuracy']['mean']:.1%}** ± {c['accuracy']['sd']:.1%} | "
+               f"{c['images_per_s']['mean']:.1f} | **{cs['mae_px']['mean']:.2f}** ± {cs['mae_px']['sd']:.2f} | "
+               f"**{cs['accuracy']['mean']:.1%}** ± {cs['accuracy']['sd']:.1%} |")  # fmt: skip
+    if n > 1:
+        out.append(f"| {LABELS['cnn']}, per seed | {', '.join(f'{v:.2f}' for v in c['mae_px']['values'])} | "
+                   f"{', '.join(f'{v:.1%}' for v in c['accuracy']['values'])} | "
+                   f"{', '.join(f'{v:.1f}' for v in c['images_per_s']['values'])} | "
+                   f"{', '.join(f'{v:.2f}' for v in cs['mae_px']['values'])} | "
+                   f"{', '.join(f'{v:.1%}' for v in cs['accuracy']['values'])} |")  # fmt: skip
+    for m in METHODS[1:]:
+        out.append(f"| {LABELS[m]} (does not depend on the seed) | {real[m]['mae_px']:.2f} | "
+                   f"{real[m]['accuracy']:.1%} | {real[m]['images_per_s']:.0f} | {synth[m]['mae_px']:.2f} | "
+                   f"{synth[m]['accuracy']:.1%} |")  # fmt: skip
+    out += ["", f"MAE per photograph (px): CNN (mean ± sd over {n} seed{'s' * (n > 1)}) / gradient energy / "
+                "variance of the Laplacian", "", "| image | CNN | gradient energy | Laplacian |",
+            "| --- | --- | --- | --- |"]  # fmt: skip
+    for name, cnn in real["per_image_mae"]["cnn"].items():
+        out.append(f"| {name} | {cnn['mean']:.2f} ± {cnn['sd']:.2f} | {real['per_image_mae']['gradient'][name]:.2f}"
+                   f" | {real['per_image_mae']['laplacian'][name]:.2f} |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
-    """Evaluate the run directory given on the command line."""
+    """Evaluate the run directories given on the command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", nargs="?", default="runs/focus")
+    p.add_argument("run_dirs", nargs="*", default=["runs/focus"], help="one per training seed")
+    p.add_argument("--out", type=Path, help="where the results go (default: the first run directory)")
     p.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
     args = p.parse_args()
     vars(args).update(SMOKE if args.smoke else {"images": GRAY + COLOUR, "radii": RADII, "crop": 512,
                                                 "calibration": CALIBRATION_PATCHES})  # fmt: skip
-    run_dir = Path(args.run_dir)
-    files = RunDir(run_dir)
-    cfg = load_config(files.read_config())  # refuses code the run directory names (docs/security.md)
-    model = load_run_model(files, cfg)
-    a = cfg.data.args
-    size, r_max = a.get("size", 64), a.get("r_max", 6.0)
-    dose = (a.get("dose_min", 50.0), a.get("dose_max", 500.0))
-    n = a.get("n", 4096)
-    n_val = int(n * cfg.data.val_fraction)
-    # Calibrate on the run's training patches; score on its held-out ones (the same seeded set the run saw).
-    x_cal, r_cal = generate(min(args.calibration, n - n_val), size, r_max, dose, cfg.run.seed)
+    out = args.out or Path(args.run_dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    models, data = [], None
+    for run_dir in map(Path, args.run_dirs):
+        files = RunDir(run_dir)
+        cfg = load_config(files.read_config())  # refuses code the run directory names (docs/security.md)
+        d = {**cfg.data.args, "val_fraction": cfg.data.val_fraction}
+        if data not in (None, d):
+            p.error(f"{run_dir}: data {d} differ from {args.run_dirs[0]}'s {data}; compare like runs")
+        data = d
+        models.append(load_run_model(files, cfg))
+    size, r_max = data.get("size", 64), data.get("r_max", 6.0)
+    dose = (data.get("dose_min", 50.0), data.get("dose_max", 500.0))
+    n, seed = data.get("n", 4096), data.get("seed", 0)
+    n_val = int(n * data["val_fraction"])
+    # Calibrate on the runs' training patches; score on their held-out ones (the same seeded set the runs saw:
+    # the data source's seed, not the training seed).
+    x_cal, r_cal = generate(min(args.calibration, n - n_val), size, r_max, dose, seed)
     calibrations = {m: Calibration.fit(m, x_cal, r_cal) for m in ("laplacian", "gradient")}
-    estimate = estimators(model, calibrations)
-    x_val, r_val = generate(n_val, size, r_max, dose, cfg.run.seed, start=n - n_val)
-    result = {
-        "synthetic_val": {"patches": n_val, **{m: scores(fn(x_val), r_val) for m, fn in estimate.items()}}
+    x_val, r_val = generate(n_val, size, r_max, dose, seed, start=n - n_val)
+    rows = real_tiles(photographs(args.images, args.crop), args.radii, size)
+    real = {"truth": [r for _, r, _ in rows], "image": [name for name, _, _ in rows]}
+    synth: dict[str, Any] = {"patches": n_val}
+    for m, c in calibrations.items():
+        real[m], synth[m] = evaluate_real(c.predict, rows), scores(c.predict(x_val), r_val)
+    real["cnn_runs"] = [evaluate_real(lambda t, m=model: cnn_estimate(m, t), rows) for model in models]
+    synth["cnn_runs"] = [scores(cnn_estimate(model, x_val), r_val) for model in models]
+    real["cnn"] = {
+        k: spread([r[k] for r in real["cnn_runs"]]) for k in ("mae_px", "accuracy", "images_per_s")
     }
-    result["real"] = evaluate_real(estimate, photographs(args.images, args.crop), args.radii, size)
+    synth["cnn"] = {k: spread([r[k] for r in synth["cnn_runs"]]) for k in ("mae_px", "accuracy")}
+    cnn_per_image = [per_image_mae(real, r["estimate"]) for r in real["cnn_runs"]]
+    real["per_image_mae"] = {"cnn": {name: spread([p[name] for p in cnn_per_image]) for name in cnn_per_image[0]},
+                             **{m: per_image_mae(real, real[m]["estimate"]) for m in calibrations}}  # fmt: skip
+    result = {"runs": args.run_dirs, "synthetic_val": synth, "real": real}
     result["settings"] = {"dose": DOSE, "threshold_px": THRESHOLD, "crop": args.crop, "tile": size,
                           "torch_threads": torch.get_num_threads(), "calibration_patches": len(x_cal)}  # fmt: skip
-    atomic_write_text(run_dir / "focus_evaluation.json", json.dumps(result, indent=2))
-    plot(result["real"], run_dir / "focus_eval.png")
-    s, real = result["synthetic_val"], result["real"]
+    atomic_write_text(out / "focus_evaluation.json", json.dumps(result, indent=2))
+    plot(real, out / "focus_eval.png")
+    text = table(result)
+    atomic_write_text(out / "focus_table.md", text)
     print(f"{len(real['truth'])} blurred photographs ({len(args.images)} images x {len(args.radii)} radii), "
-          f"synthetic validation {s['patches']} patches:")  # fmt: skip
-    for m in METHODS:
-        print(f"  {LABELS[m]:28s} real: MAE {real[m]['mae_px']:.2f} px, accuracy {real[m]['accuracy']:.1%}, "
-              f"{real[m]['images_per_s']:.1f} images/s | synthetic: MAE {s[m]['mae_px']:.2f} px, "
-              f"accuracy {s[m]['accuracy']:.1%}")  # fmt: skip
-    print(f"wrote {run_dir / 'focus_evaluation.json'}, focus_eval.png")
+          f"synthetic validation {n_val} patches:\n")  # fmt: skip
+    print(text)
+    print(f"wrote {out / 'focus_evaluation.json'}, focus_table.md, focus_eval.png")
 
 
 if __name__ == "__main__":

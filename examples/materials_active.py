@@ -1,6 +1,7 @@
 """On-the-fly (active) learning of an interatomic potential during molecular dynamics.
 
     python examples/materials_active.py                   # alone (~1-2 min on 2 cores)
+    python examples/materials_active.py --seeds 0 1 2     # three whole experiments: mean ± sd over them
     python examples/materials_active.py --smoke           # seconds: tiny sizes (the test suite runs this)
 Smoke run (seconds): python examples/materials_active.py --smoke
     mpiexec -n 2 python examples/materials_active.py      # each rank runs its own replicas; gradients over MPI
@@ -16,6 +17,10 @@ trusted configuration. The same MD is then run with the seed-only committee (no 
 
 The true force error along the trajectory is computed with the reference FOR EVALUATION ONLY: it is never given
 to the model and not counted as a reference call. Rank 0 writes RUN_DIR/active.png and RUN_DIR/active.json.
+A seed sets the committee's initial weights, its batch draws, the MD noise and the start clusters (the cold
+reference set stays the same); seed 0 is the run docs/materials.md reported before it had several. With several
+``--seeds``, each experiment writes into RUN_DIR/seed-S, and RUN_DIR/active_seeds.json and active_seeds.md hold
+every seed's numbers with their mean and sample standard deviation.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,18 +62,25 @@ Reference = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def build_committee(members: int, world: World, hidden: int = 32, lr: float = 3e-3, batch_size: int = 16,
-                    capacity: int = 4096) -> list[OnlineTrainer]:  # fmt: skip
-    """One OnlineTrainer per committee member; members differ by their initial weights (and batch draws)."""
+                    capacity: int = 4096, seed: int = 0) -> list[OnlineTrainer]:  # fmt: skip
+    """One OnlineTrainer per committee member; members differ by their initial weights (and batch draws), and
+    so do the committees of different ``seed``s."""
     committee = []
     for k in range(members):
-        torch.manual_seed(1000 + k)  # allreduce broadcasts rank 0's weights, so only the member index matters
+        # allreduce broadcasts rank 0's weights, so only the member index (and the seed) matters
+        torch.manual_seed(1000 * (seed + 1) + k)
         model = NeuralPotential(hidden=hidden, atom_energy=-3.0)
         committee.append(OnlineTrainer(
             model, torch.optim.Adam(model.parameters(), lr), energy_force_loss, capacity=capacity,
-            batch_size=batch_size, strategy="allreduce" if world.size > 1 else "single", world=world, seed=k,
-            verbose=False,
+            batch_size=batch_size, strategy="allreduce" if world.size > 1 else "single", world=world,
+            seed=1000 * seed + k, verbose=False,
         ))  # fmt: skip
     return committee
+
+
+def stream(seed: int, *key: int) -> np.random.Generator:
+    """The random stream ``key`` of an experiment; seed 0 keeps the streams of the runs before seeds existed."""
+    return np.random.default_rng([*key, seed] if seed else list(key))
 
 
 def seed_set(
@@ -284,8 +297,8 @@ def plot(active: dict[str, Any], seed_only: dict[str, Any], threshold: float,
     return save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Seed the committee, run on-the-fly learning MD, rerun the MD seed-only; write active.png/json."""
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Seed the committee, run on-the-fly learning MD, rerun the MD seed-only; write active.png/json (per seed)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--members", type=int, default=3, help="committee size")
     p.add_argument("--seed-configs", type=int, default=32, help="cold reference configurations to start from")
@@ -299,46 +312,87 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                    "reference")  # fmt: skip
     p.add_argument("--train-steps", type=int, default=8, help="optimizer steps per member after new labels")
     p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one whole experiment per seed")
     p.add_argument("--run-dir", type=Path, default=Path("runs/materials-active"))
     p.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
     args = p.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
     world = caldera.init(seed=0)
+    if len(args.seeds) == 1:
+        return experiment(args, world, args.seeds[0], args.run_dir)
+    runs = {s: experiment(args, world, s, args.run_dir / f"seed-{s}") for s in args.seeds}
+    summary = {key: spread([float(n[key]) for n in runs.values()]) for key, _, _ in SEED_ROWS}
+    if world.is_main:
+        text = seeds_table(summary, list(runs))
+        (args.run_dir / "active_seeds.json").write_text(
+            json.dumps({"seeds": list(runs), "per_seed": runs, "summary": summary}, indent=1)
+        )
+        (args.run_dir / "active_seeds.md").write_text(text)
+        print(text, flush=True)
+        print(f"wrote {args.run_dir / 'active_seeds.json'} and active_seeds.md", flush=True)
+    return {"per_seed": runs, "summary": summary}
+
+
+def experiment(args: argparse.Namespace, world: World, seed: int, run_dir: Path) -> dict[str, Any]:
+    """One whole on-the-fly experiment and its seed-only comparison under ``seed``; rank 0 writes its files."""
     log = (lambda s: print(s, flush=True)) if world.is_main else None
     start_time = time.perf_counter()
 
-    committee = build_committee(args.members, world, args.hidden)
+    committee = build_committee(args.members, world, args.hidden, seed=seed)
     x, y = seed_set(args.seed_configs)
     for m in committee:
         m.add(x[world.rank :: world.size], y[world.rank :: world.size])  # the ranks' shares make up the set
     seed_loss = train(committee, args.seed_steps)
     seed_only = [copy.deepcopy(m.model) for m in committee]
     if log:
-        log(
-            f"{args.members} members trained on {len(x)} cold configurations (T = 0.05): loss {seed_loss:.3g}"
-        )
+        log(f"seed {seed}: {args.members} members trained on {len(x)} cold configurations (T = 0.05): loss "
+            f"{seed_loss:.3g}")  # fmt: skip
 
     replicas = args.replicas * world.size
     temps = np.linspace(args.t_min, args.t_max, replicas)[world.rank :: world.size]
-    start = x[np.random.default_rng(7).integers(len(x), size=args.replicas)]  # cold seed configurations
+    start = x[stream(seed, 7).integers(len(x), size=args.replicas)]  # cold seed configurations
     md = dict(steps=args.steps, check_every=args.check_every, threshold=args.threshold)
-    active = run_md(committee, start, temps, rng=np.random.default_rng([3, world.rank]), log=log,
+    active = run_md(committee, start, temps, rng=stream(seed, 3, world.rank), log=log,
                     train_steps=args.train_steps, **md)  # fmt: skip
     for m, weights in zip(committee, seed_only):
         m.model.load_state_dict(weights.state_dict())
-    frozen = run_md(committee, start, temps, rng=np.random.default_rng([3, world.rank]), learn=False, **md)
+    frozen = run_md(committee, start, temps, rng=stream(seed, 3, world.rank), learn=False, **md)
     numbers = summarize(active, frozen, args.steps, replicas, time.perf_counter() - start_time, world.size)
     if world.is_main:
-        args.run_dir.mkdir(parents=True, exist_ok=True)
-        plot(active, frozen, args.threshold, replicas, args.run_dir / "active.png")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        plot(active, frozen, args.threshold, replicas, run_dir / "active.png")
         traces = {"active": active, "seed_only": frozen}
-        (args.run_dir / "active.json").write_text(
-            json.dumps({"summary": numbers, "traces": traces}, indent=1)
-        )
+        (run_dir / "active.json").write_text(json.dumps({"summary": numbers, "traces": traces}, indent=1))
         print(headline(numbers), flush=True)
-        print(f"wrote {args.run_dir / 'active.png'} and active.json", flush=True)
+        print(f"wrote {run_dir / 'active.png'} and active.json", flush=True)
     return numbers
+
+
+# The numbers reported over seeds, in table order: key, label, format.
+SEED_ROWS = [("reference_calls", "reference calls", "{:.0f}"),
+             ("cost_fraction", "share of the replica-steps that called the reference", "{:.2%}"),
+             ("force_mae_active_last_quarter", "force MAE along the trajectory, last quarter: on-the-fly", "{:.3f}"),
+             ("force_mae_seed_only_last_quarter", "the same, seed-only committee", "{:.3f}"),
+             ("restarts_active", "blow-ups restarted: on-the-fly", "{:.1f}"),
+             ("restarts_seed_only", "blow-ups restarted: seed-only", "{:.1f}"),
+             ("wall_s", "wall time (s)", "{:.0f}")]  # fmt: skip
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value) and the values themselves."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "sd": sd, "values": values}
+
+
+def seeds_table(summary: dict[str, dict[str, Any]], seeds: list[int]) -> str:
+    """Markdown: mean ± sd over the seeds and every seed's value, per number."""
+    out = [f"| over seeds {', '.join(map(str, seeds))} | mean ± sd | per seed |", "| --- | --- | --- |"]
+    for key, label, fmt in SEED_ROWS:
+        s = summary[key]
+        out.append(f"| {label} | **{fmt.format(s['mean'])}** ± {fmt.format(s['sd'])} | "
+                   f"{', '.join(fmt.format(v) for v in s['values'])} |")  # fmt: skip
+    return "\n".join(out) + "\n"
 
 
 def summarize(active: dict, frozen: dict, steps: int, replicas: int, seconds: float, ranks: int) -> dict:

@@ -2,6 +2,7 @@
 classical fit recovers noisy ones, a short training from the run file beats the centroid, and the bf16 and int8
 (ONNX Runtime) inference paths agree with fp32 within the accuracy docs/bragg.md reports."""
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,20 @@ def test_a_short_training_from_the_run_file_beats_the_centroid(short_run):
     assert np.median(nn_err) < np.median(centroid_err) and np.percentile(nn_err, 95) < np.percentile(
         centroid_err, 95
     ), (np.median(nn_err), np.median(centroid_err))
+    # bragg_eval.py over two "seeds" (here the same network twice, so no spread): the fit and the centroid are
+    # scored once, the networks per run and as mean ± sd.
+    spec = importlib.util.spec_from_file_location("bragg_eval", ROOT / "examples" / "bragg_eval.py")
+    bragg_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bragg_eval)
+    few = bragg.patches(40, seed=2024)
+    same = bragg_eval.compare([model, model], few)
+    assert same["network"]["median_px"]["sd"] == 0.0 and len(same["network_runs"]) == 2
+    assert same["network"]["median_px"]["mean"] == pytest.approx(np.median(nn_err[:40]), rel=1e-5)
+    assert same["fit"]["median_px"] < same["centroid"]["median_px"]
+    same["names"] = ["bragg", "bragg-s1"]
+    text = bragg_eval.table(same, [{"intensity": 100, **bragg_eval._public(same)}])
+    assert "| network, mean ± sd over 2 seeds | " in text and "| network, bragg-s1 | " in text
+    assert text.count("(does not depend on the seed)") == 2
 
 
 def test_bf16_and_int8_inference_agree_with_fp32(short_run):

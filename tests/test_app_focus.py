@@ -1,6 +1,7 @@
 """Focus detection: the defocus point spread is a normalised disk, the classical measure falls with defocus on a
 real photograph, and a short training from the run file estimates defocus better than the calibrated Laplacian."""
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +81,9 @@ def test_short_training_from_the_run_file_beats_the_calibrated_laplacian(tmp_pat
     cfg = load_config(files.read_config())
     model = load_run_model(files, cfg).eval()
     n_val = int(n * cfg.data.val_fraction)
-    x_val, r_val = generate(n_val, size, seed=cfg.run.seed, start=n - n_val)
-    x_train, r_train = generate(n - n_val, size, seed=cfg.run.seed)
+    seed = cfg.data.args.get("seed", 0)  # the data source's seed (the same for every training seed)
+    x_val, r_val = generate(n_val, size, seed=seed, start=n - n_val)
+    x_train, r_train = generate(n - n_val, size, seed=seed)
     with torch.no_grad():
         cnn = model(torch.from_numpy(x_val[:, None]))[:, 0].numpy()
     cnn_mae = np.abs(cnn - r_val).mean()
@@ -95,3 +97,30 @@ def test_short_training_from_the_run_file_beats_the_calibrated_laplacian(tmp_pat
     code = main(["train", str(RUN_FILE), "--set", f"run.dir={tmp_path / 'bad'}", "--set", "data.args.size=8"])
     err = capsys.readouterr().err
     assert code == 2 and "size >= 16" in err and "Traceback" not in err, err
+
+
+def test_eval_script_reports_the_cnn_over_seeds_and_the_classical_measures_once():
+    spec = importlib.util.spec_from_file_location("focus_eval", ROOT / "examples" / "focus_eval.py")
+    focus_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(focus_eval)
+    real = {"truth": [0.0, 4.0, 0.0, 4.0], "image": ["a", "a", "b", "b"]}
+    runs = [{"estimate": [0.0, 4.0, 1.0, 4.0], "mae_px": 0.25, "accuracy": 1.0, "images_per_s": 10.0},
+            {"estimate": [1.0, 4.0, 3.0, 4.0], "mae_px": 1.0, "accuracy": 0.75, "images_per_s": 12.0}]  # fmt: skip
+    assert focus_eval.per_image_mae(real, runs[1]["estimate"]) == {"a": 0.5, "b": 1.5}
+    classical = {"estimate": [2.0, 2.0, 2.0, 2.0], "mae_px": 2.0, "accuracy": 0.5, "images_per_s": 500.0}
+    real.update(cnn_runs=runs, laplacian=classical, gradient=classical)
+    real["cnn"] = {k: focus_eval.spread([r[k] for r in runs]) for k in ("mae_px", "accuracy", "images_per_s")}
+    per_image = [focus_eval.per_image_mae(real, r["estimate"]) for r in runs]
+    real["per_image_mae"] = {"cnn": {n: focus_eval.spread([p[n] for p in per_image]) for n in ("a", "b")},
+                             "laplacian": {"a": 2.0, "b": 2.0}, "gradient": {"a": 2.0, "b": 2.0}}  # fmt: skip
+    synth = {
+        "cnn": {k: real["cnn"][k] for k in ("mae_px", "accuracy")},
+        "laplacian": classical,
+        "gradient": classical,
+    }
+    text = focus_eval.table({"real": real, "synthetic_val": synth})
+    # mean ± sample sd of 0.25 and 1.0 (sd 0.53), each seed's value, and the classical rows once, without a spread.
+    assert "mean ± sd over 2 seeds | **0.62** ± 0.53 | **87.5%** ± 17.7% | 11.0 |" in text
+    assert "| CNN (FocusNet), per seed | 0.25, 1.00 | 100.0%, 75.0% | 10.0, 12.0 |" in text
+    assert "| variance of Laplacian (does not depend on the seed) | 2.00 | 50.0% | 500 |" in text
+    assert "| b | 1.00 ± 0.71 | 2.00 | 2.00 |" in text  # per-image MAE 0.5 and 1.5

@@ -189,3 +189,25 @@ def test_on_the_fly_learning_calls_the_reference_only_when_unsure_and_beats_the_
     # over the last quarter is under 0.6x the seed-only committee's (measured: 1.2 vs 3.4, 0.34x).
     errors = active_md.tail_mean(active["force_mae"]), active_md.tail_mean(frozen["force_mae"])
     assert errors[0] < 0.6 * errors[1], errors
+
+
+def test_md_scripts_report_the_mean_and_sd_over_seeds_and_every_seed():
+    md = _example("materials_md")
+    three = md.spread([0.1, 0.2, 0.3])
+    assert three["mean"] == pytest.approx(0.2) and three["sd"] == pytest.approx(0.1)
+    assert three["values"] == [0.1, 0.2, 0.3]
+    assert md.spread([0.5])["sd"] == 0.0  # one run: no spread, not an error
+    per_seed = [{key: 1.0 + i for key, _, _ in md.ROWS} for i in range(2)]
+    summary = {key: md.spread([s[key] for s in per_seed]) for key, _, _ in md.ROWS}
+    data = {"zero_force_mae": 3.378, "mean_energy_mae": 0.29}
+    text = md.table(summary, {"drift_per_atom_reference": 6.8e-5}, data)
+    assert "mean ± sd over 2 seeds" in text
+    assert "| **1.500** ± 0.707 | 1.000, 2.000 | 3.378 (zero force) |" in text
+    assert len(text.splitlines()) == 2 + len(md.ROWS)
+    # materials_active.py --seeds: seed 0 keeps the random streams of the runs before seeds; others differ.
+    active = _example("materials_active")
+    assert (active.stream(0, 3, 1).random(4) == np.random.default_rng([3, 1]).random(4)).all()
+    assert (active.stream(2, 3, 1).random(4) != np.random.default_rng([3, 1]).random(4)).all()
+    rows = active.seeds_table({key: active.spread([1.0, 3.0]) for key, _, _ in active.SEED_ROWS}, [0, 2])
+    assert "| over seeds 0, 2 | mean ± sd | per seed |" in rows
+    assert "| reference calls | **2** ± 1 | 1, 3 |" in rows

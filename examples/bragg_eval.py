@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from caldera.config import load_config
+from caldera.config import Config
+from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
 from caldera.sims import bragg
 from caldera.train.output import pyplot, save_figure
-from caldera.train.run import load_run_model
-from caldera.train.rundir import RunDir
+from caldera.train.run import load_runs
 
 SEED = 2024  # patches the run never saw (it trains on its seed and validates on seed + 1)
 INTENSITIES = (100, 200, 400, 800, 1600, 3000)  # peak heights in photons for the sweep
@@ -177,17 +177,17 @@ def main() -> None:
     s = SMOKE if args.smoke else FULL
     out = args.out or Path(args.run_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
-    models, data = [], None
-    for run_dir in map(Path, args.run_dirs):
-        files = RunDir(run_dir)
-        cfg = load_config(files.read_config())  # refuses code the run directory names (docs/security.md)
+
+    def patch_settings(cfg: Config) -> dict:
         a = cfg.data.args
-        d = {"size": a.get("size", bragg.SIZE), "intensity": a.get("intensity", bragg.INTENSITY),
-             "neighbours": a.get("neighbours", bragg.NEIGHBOURS), "slope": a.get("slope", bragg.SLOPE)}  # fmt: skip
-        if data not in (None, d):
-            p.error(f"{run_dir}: patches {d} differ from {args.run_dirs[0]}'s {data}; compare like runs")
-        data = d
-        models.append(load_run_model(files, cfg))
+        return {"size": a.get("size", bragg.SIZE), "intensity": a.get("intensity", bragg.INTENSITY),
+                "neighbours": a.get("neighbours", bragg.NEIGHBOURS), "slope": a.get("slope", bragg.SLOPE)}  # fmt: skip
+
+    try:
+        models, cfgs = load_runs(args.run_dirs, patch_settings)
+    except ConfigError as exc:
+        p.error(str(exc))
+    data = patch_settings(cfgs[0])
     size, neighbours, intensity, slope = data["size"], data["neighbours"], data["intensity"], data["slope"]
     result = compare(models, bragg.patches(s["patches"], size, intensity, neighbours, slope, seed=SEED))
     result["names"] = [Path(r).name for r in args.run_dirs]

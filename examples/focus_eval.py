@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from caldera.config import load_config
+from caldera.config import Config
+from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
 from caldera.sims.focus import THRESHOLD, Calibration, defocus, expose, generate, scores, tiles
 from caldera.train.output import pyplot, save_figure
-from caldera.train.run import load_run_model
-from caldera.train.rundir import RunDir
+from caldera.train.run import load_runs
 
 # Bundled in the scikit-image wheel (the others in skimage.data need pooch and a download).
 GRAY = ("camera", "coins", "moon", "text", "page", "brick", "grass", "gravel", "cell", "clock")
@@ -183,15 +183,15 @@ def main() -> None:
                                                 "calibration": CALIBRATION_PATCHES})  # fmt: skip
     out = args.out or Path(args.run_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
-    models, data = [], None
-    for run_dir in map(Path, args.run_dirs):
-        files = RunDir(run_dir)
-        cfg = load_config(files.read_config())  # refuses code the run directory names (docs/security.md)
-        d = {**cfg.data.args, "val_fraction": cfg.data.val_fraction}
-        if data not in (None, d):
-            p.error(f"{run_dir}: data {d} differ from {args.run_dirs[0]}'s {data}; compare like runs")
-        data = d
-        models.append(load_run_model(files, cfg))
+
+    def data_settings(cfg: Config) -> dict:
+        return {**cfg.data.args, "val_fraction": cfg.data.val_fraction}
+
+    try:
+        models, cfgs = load_runs(args.run_dirs, data_settings)
+    except ConfigError as exc:
+        p.error(str(exc))
+    data = data_settings(cfgs[0])
     size, r_max = data.get("size", 64), data.get("r_max", 6.0)
     dose = (data.get("dose_min", 50.0), data.get("dose_max", 500.0))
     n, seed = data.get("n", 4096), data.get("seed", 0)

@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from caldera.config import load_config
+from caldera.config import Config
+from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
 from caldera.sims.phantoms import gaussian_baseline, gaussian_blur, generate, psnr_np, with_level
 from caldera.sims.restoration import bm3d_gat, ssim, tune_bm3d
 from caldera.train.output import pyplot, save_figure
-from caldera.train.run import load_run_model
-from caldera.train.rundir import RunDir
+from caldera.train.run import load_runs
 
 SETTINGS = {"doses": [2.5, 5.0, 10.0, 20.0, 40.0, 80.0], "eval_images": 40, "eval_seed": 12345,
             "tune_images": 6, "bm3d_scales": [0.9, 1.0, 1.15, 1.3], "time_images": 4}  # fmt: skip
@@ -167,16 +167,18 @@ def main() -> None:
     s = SMOKE if args.smoke else SETTINGS
     out = args.out or Path(args.run_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
-    models, geometry = [], None
-    for run_dir in map(Path, args.run_dirs):
-        files = RunDir(run_dir)
-        cfg = load_config(files.read_config())  # refuses code the run directory names (docs/security.md)
+
+    def image_geometry(cfg: Config) -> dict:
         a = cfg.data.args
-        geo = {"size": a.get("size", 64), "blur": a.get("blur", 0.7), "stack_seed": a.get("seed", 0)}
-        if geometry not in (None, geo):
-            p.error(f"{run_dir}: images {geo} differ from {args.run_dirs[0]}'s {geometry}; compare like runs")
-        geometry = geo
-        models.append((load_run_model(files, cfg), a.get("dose_range") is not None))
+        return {"size": a.get("size", 64), "blur": a.get("blur", 0.7), "stack_seed": a.get("seed", 0)}
+
+    try:
+        nets, cfgs = load_runs(args.run_dirs, image_geometry)
+    except ConfigError as exc:
+        p.error(str(exc))
+    geometry = image_geometry(cfgs[0])
+    # A dose-conditioned network takes the dose as a second input channel.
+    models = [(net, cfg.data.args.get("dose_range") is not None) for net, cfg in zip(nets, cfgs)]
     rows = baselines(s, geometry, out)
     for row in rows:  # timed anew each call (not cached), on the first few evaluation images
         few, _ = generate(s["time_images"], geometry["size"], row["dose"], geometry["blur"], s["eval_seed"])

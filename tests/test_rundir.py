@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
+import pytest
 import torch
 
 from caldera.comm import LocalComm
 from caldera.config import Config, load_config
+from caldera.errors import ConfigError
 from caldera.train.evaluate import Scores
 from caldera.train.metrics import METRICS
 from caldera.train.progress import Bar, NullBar, progress_bar
-from caldera.train.run import load_run_model, train
+from caldera.train.run import load_run_model, load_runs, train
 from caldera.train.rundir import RunDir
 
 RUN_FILE = """
@@ -59,7 +62,6 @@ def test_a_trained_run_reads_back_through_rundir_and_scores_and_bars_are_shared(
     model = load_run_model(files, Config.model_validate(files.read_config()))
     saved = torch.load(files.weights, weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
-
     # Scores: sums weighted by samples give the mean over all samples, however the batches are cut.
     x, y = torch.randn(10, 64), torch.randint(0, 10, (10,))
     with torch.no_grad():
@@ -83,3 +85,16 @@ def test_a_trained_run_reads_back_through_rundir_and_scores_and_bars_are_shared(
         bar.update(advance=1, best="0.25")
     text = sink.getvalue()
     assert "trials" in text and "3/3" in text and "best 0.25" in text, text
+    # Runs scored side by side (seeds): loaded alike, refused with one line when their data differ or are missing.
+    other = tmp_path / "other"
+    shutil.copytree(files.path, other)
+    resolved = json.loads((other / "config.resolved.json").read_text())
+    resolved["data"]["batch_size"] = 64
+    (other / "config.resolved.json").write_text(json.dumps(resolved))
+    models, cfgs = load_runs([files.path, other], lambda c: c.data.source)
+    assert len(models) == 2 and cfgs[1].data.batch_size == 64
+    assert all(torch.equal(v, saved[k]) for k, v in models[1].state_dict().items())
+    with pytest.raises(ConfigError, match="other: 64 differ from .*run's 128; compare runs that differ only"):
+        load_runs([files.path, other], lambda c: c.data.batch_size)
+    with pytest.raises(ConfigError, match="missing config.resolved.json, model.pt: give finished run"):
+        load_runs([files.path, tmp_path / "nowhere"], lambda c: c.data.source)

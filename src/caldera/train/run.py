@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from caldera.checkpoint import Checkpointer
 from caldera.comm.base import Communicator
 from caldera.comm.local import LocalComm
-from caldera.config import Config
+from caldera.config import Config, load_config
 from caldera.data import split_dataset
 from caldera.data.sampler import ShardedBatches
 from caldera.durations import parse_duration
@@ -82,6 +82,28 @@ def build_model(cfg: Config, weights: bool = True, meta: bool = False) -> torch.
 def load_run_model(run_dir: RunDir, cfg: Config) -> torch.nn.Module:
     """The model of a finished run, built from its config and loaded with its model.pt (tensors only)."""
     return run_dir.load_weights(build_model(cfg, weights=False))
+
+
+def load_runs(
+    run_dirs: Sequence[str | Path], same: Callable[[Config], Any]
+) -> tuple[list[torch.nn.Module], list[Config]]:
+    """The trained models and configs of finished runs meant to differ only in their training seed (scored side by
+    side): ``same(cfg)``, e.g. the data settings, must agree for all of them, else one ConfigError names the run."""
+    models: list[torch.nn.Module] = []
+    cfgs: list[Config] = []
+    for run_dir in map(Path, run_dirs):
+        files = RunDir(run_dir)
+        if files.missing():
+            raise ConfigError(
+                f"{run_dir}: missing {', '.join(files.missing())}: give finished run directories"
+            )
+        cfg = load_config(files.read_config())  # refuses code the run directory names (docs/security.md)
+        if cfgs and same(cfg) != same(cfgs[0]):
+            raise ConfigError(f"{run_dir}: {same(cfg)} differ from {run_dirs[0]}'s {same(cfgs[0])}; compare runs "
+                              "that differ only in their seed")  # fmt: skip
+        models.append(load_run_model(files, cfg))
+        cfgs.append(cfg)
+    return models, cfgs
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:

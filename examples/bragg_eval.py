@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
 from caldera.sims import bragg
 from caldera.train.output import pyplot, save_figure
-from caldera.train.run import load_runs
+from caldera.train.run import load_runs, spread
 
 SEED = 2024  # patches the run never saw (it trains on its seed and validates on seed + 1)
 INTENSITIES = (100, 200, 400, 800, 1600, 3000)  # peak heights in photons for the sweep
@@ -69,12 +68,6 @@ def compare(models: list[torch.nn.Module], peaks: bragg.Peaks) -> dict[str, Any]
         out["network_runs"].append(scored(found, peaks, (time.perf_counter() - started) / len(peaks.counts)))
     out["network"] = spread_of(out["network_runs"])
     return out
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation (0 for one value) and the values themselves."""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "sd": sd, "values": values}
 
 
 def spread_of(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
 from caldera.sims.focus import THRESHOLD, Calibration, defocus, expose, generate, scores, tiles
 from caldera.train.output import pyplot, save_figure
-from caldera.train.run import load_runs
+from caldera.train.run import load_runs, spread
 
 # Bundled in the scikit-image wheel (the others in skimage.data need pooch and a download).
 GRAY = ("camera", "coins", "moon", "text", "page", "brick", "grass", "gravel", "cell", "clock")
@@ -92,12 +91,6 @@ def evaluate_real(fn, rows: list[tuple[str, float, np.ndarray]]) -> dict[str, An
     pixels = sum(t.size for _, _, t in rows)
     return {"estimate": est, **scores(est, [r for _, r, _ in rows]), "images_per_s": len(rows) / seconds,
             "megapixels_per_s": pixels / seconds / 1e6}  # fmt: skip
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation (0 for one value) and the values themselves."""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "sd": sd, "values": values}
 
 
 def per_image_mae(result: dict[str, Any], estimate: list[float]) -> dict[str, float]:

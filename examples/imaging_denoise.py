@@ -30,7 +30,7 @@ from caldera.io import atomic_write_text
 from caldera.sims.phantoms import gaussian_baseline, gaussian_blur, generate, psnr_np, with_level
 from caldera.sims.restoration import bm3d_gat, ssim, tune_bm3d
 from caldera.train.output import pyplot, save_figure
-from caldera.train.run import load_runs
+from caldera.train.run import load_runs, spread
 
 SETTINGS = {"doses": [2.5, 5.0, 10.0, 20.0, 40.0, 80.0], "eval_images": 40, "eval_seed": 12345,
             "tune_images": 6, "bm3d_scales": [0.9, 1.0, 1.15, 1.3], "time_images": 4}  # fmt: skip
@@ -79,12 +79,6 @@ def baselines(s: dict[str, Any], geometry: dict[str, Any], out: Path) -> list[di
               f"{scale:g} {rows[-1]['bm3d']['psnr']:.2f} dB", flush=True)  # fmt: skip
     atomic_write_text(cache, json.dumps({"settings": key, "doses": rows}, indent=2))
     return rows
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation (0 for one value) and the values themselves."""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "sd": sd, "values": values}
 
 
 def plot_examples(models: list, s: dict[str, Any], geometry: dict[str, Any], rows: list, path: Path) -> Path:

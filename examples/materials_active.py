@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +41,7 @@ from caldera.coupling import OnlineTrainer
 from caldera.models.potential import NeuralPotential, energy_force_loss
 from caldera.sims.atoms import committee_disagreement, lj_energy_forces, pack, sample
 from caldera.train.output import pyplot, save_figure
+from caldera.train.run import spread
 from caldera.world import World
 
 DT = 0.005  # LJ time units, as in caldera.sims.atoms
@@ -377,12 +377,6 @@ SEED_ROWS = [("reference_calls", "reference calls", "{:.0f}"),
              ("restarts_active", "blow-ups restarted: on-the-fly", "{:.1f}"),
              ("restarts_seed_only", "blow-ups restarted: seed-only", "{:.1f}"),
              ("wall_s", "wall time (s)", "{:.0f}")]  # fmt: skip
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation (0 for one value) and the values themselves."""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "sd": sd, "values": values}
 
 
 def seeds_table(summary: dict[str, dict[str, Any]], seeds: list[int]) -> str:

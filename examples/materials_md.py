@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from caldera.io import atomic_write_text
 from caldera.models.potential import energy_mae, force_mae
 from caldera.sims.atoms import baselines, langevin, lattice_cluster, lj_energy_forces
 from caldera.train.output import pyplot, save_figure
-from caldera.train.run import build_data, load_run_model
+from caldera.train.run import build_data, load_run_model, spread
 from caldera.train.rundir import RunDir
 
 DT = 0.005  # the time step the training data were made with (LJ time units)
@@ -81,12 +80,6 @@ def validation_scores(run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
     scores["energy_mae_percent"] = 100 * scores["energy_mae"] / base["mean_energy_mae"]
     data = {"args": dict(cfg.data.args), "val_fraction": cfg.data.val_fraction, "n_val": len(y), **base}
     return scores, data
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation (0 for one value) and the values themselves."""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "sd": sd, "values": values}
 
 
 def table(summary: dict[str, dict[str, Any]], reference: dict[str, float], data: dict[str, Any]) -> str:

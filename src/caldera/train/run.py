@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import re
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,12 @@ def load_runs(
         models.append(load_run_model(files, cfg))
         cfgs.append(cfg)
     return models, cfgs
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """One score over runs (seeds): its mean, sample standard deviation (0 for one value) and the values."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "sd": sd, "values": values}
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:

@@ -21,6 +21,7 @@ import operator
 import os
 import socket
 import sys
+import threading
 from datetime import timedelta
 from typing import Any, NoReturn
 
@@ -268,6 +269,10 @@ def exit_process(code: int) -> NoReturn:
     job in twenty on a loaded machine, even with the group destroyed first (pytorch/pytorch#179291)."""
     if not _joined:
         sys.exit(code)
+    # As the interpreter would, the other non-daemon threads (a file writer) finish first.
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -226,8 +226,9 @@ def test_async_shared_from_a_script_without_the_main_guard_is_one_line(tmp_path)
 
 @pytest.mark.mpi
 def test_torchrun_refuses_a_strategy_that_needs_mpi_in_one_line(tmp_path):
-    """torchrun from the torch wheel starts 2 processes; async-ps calls MPI itself: each process stops with one
-    line naming the launch to use (exit code 2), before anything is written."""
+    """torchrun from the torch wheel starts 2 processes; async-ps calls MPI itself: the job stops with one line
+    naming the launch to use (exit code 2), before anything is written. Each process refuses alike, but the first
+    to exit makes torchrun's agent stop the other, which may not have printed its line yet."""
     torchrun = Path(sys.executable).parent / "torchrun"  # the console entry, as users type it
     (tmp_path / "same.toml").write_text(SAME_RUN)
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "caldera", "train", "same.toml",
@@ -238,7 +239,7 @@ def test_torchrun_refuses_a_strategy_that_needs_mpi_in_one_line(tmp_path):
     refusals = [
         line for line in proc.stderr.splitlines() if line.startswith("caldera: error: strategy 'async-ps'")
     ]
-    assert len(refusals) == 2 and "caldera launch -n 2" in refusals[0], proc.stderr[-2000:]
+    assert 1 <= len(refusals) <= 2 and all("caldera launch -n 2" in r for r in refusals), proc.stderr[-2000:]
     assert "exitcode  : 2" in proc.stderr  # torchrun's report: the process's own exit code
     assert not (tmp_path / "run").exists()
 

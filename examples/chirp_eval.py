@@ -88,7 +88,24 @@ def summary(scored: list[dict]) -> dict:
             for rows in zip(*(r["by_snr"] for r in scored))]  # fmt: skip
     return {"scans": len(scored), "injected": first["injected"], "found": spread([r["found"] for r in scored]),
             "efficiency": spread([r["found"] / r["injected"] for r in scored]),
-            "threshold": spread([r["threshold"] for r in scored]), "by_snr": bins}  # fmt: skip
+            "threshold": spread([r["threshold"] for r in scored]), "by_snr": bins,
+            "snr50": spread([r["snr50"] for r in scored])}  # fmt: skip
+
+
+def snr50(by_snr: list[dict]) -> float:
+    """The SNR at which half the injections are found: linear between the bins' centres where the efficiency
+    first reaches 50 % (NaN if it never does)."""
+    rows = [r for r in by_snr if r["injected"]]
+    for a, b in zip(rows, rows[1:]):
+        if b["efficiency"] >= 0.5 > a["efficiency"]:
+            x0, x1 = np.mean(a["snr"]), np.mean(b["snr"])
+            return float(x0 + (x1 - x0) * (0.5 - a["efficiency"]) / (b["efficiency"] - a["efficiency"]))
+    return float("nan")
+
+
+def label(path: str | Path) -> str:
+    """A scan's short name: ``month-w8-s0.scores.npy`` -> ``month-w8-s0``."""
+    return Path(path).name.removesuffix(".npy").removesuffix(".scores")
 
 
 def ensemble_scan(paths: list[Path]) -> np.ndarray:
@@ -114,9 +131,10 @@ def plot_efficiency(results: dict, path: Path) -> Path:
     their mean, the bars their sd)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    lines = [("matched_filter", f"matched filter, {results['matched_filter']['templates']} templates", "tab:orange"),
-             ("cnn_ensemble", "CNN ensemble, 4 nets", "tab:blue"), ("cnn_single", "one CNN", "tab:gray")]  # fmt: skip
-    for name, label, color in lines:
+    lines = [("matched_filter", f"matched filter, {results['matched_filter']['templates']} templates", "tab:orange",
+              ""), ("cnn_ensemble", "CNN ensemble, 4 nets", "tab:blue", "ensembles"),
+             ("cnn_single", "one CNN", "tab:gray", "nets")]  # fmt: skip
+    for name, label, color, noun in lines:
         if name not in results:
             continue
         rows = [r for r in results[name]["by_snr"] if r["injected"]]
@@ -124,7 +142,7 @@ def plot_efficiency(results: dict, path: Path) -> Path:
         n = results[name].get("scans", 1)
         sd = [r["efficiency"]["sd"] for r in rows] if n > 1 else None
         ax.errorbar(x, [value(r["efficiency"]) for r in rows], sd, fmt="o-", color=color, capsize=3,
-                    label=label + (f" (mean ± sd, {n})" if n > 1 else ""))  # fmt: skip
+                    label=label + (f" (mean ± sd of {n} {noun})" if n > 1 else ""))  # fmt: skip
     ax.set(xlabel="injected optimal SNR", ylabel="fraction found", ylim=(-0.02, 1.02),
            title=f"chirps found at {FAR_PER_DAY:g} false alarm per day ({results['days']:.3g} days of data)")  # fmt: skip
     ax.grid(alpha=0.3)
@@ -166,12 +184,12 @@ def table(results: dict) -> str:
 
 def scans_table(results: dict) -> str:
     """Markdown: every scan scored alone at the same false-alarm rate (and every ensemble made of them)."""
-    lines = ["| scan | threshold | found | SNR 6-8 / 8-10 found |", "| --- | --- | --- | --- |"]
+    lines = ["| scan | threshold | found | SNR 6-8 / 8-10 found | 50 % found at SNR |", "|---" * 5 + "|"]
     for r in results.get("cnn_scans", []) + results.get("cnn_ensembles", []):
-        name = r.get("name") or "mean of " + ", ".join(Path(m).stem for m in r["members"])
+        name = r.get("name") or "ensemble: mean of " + ", ".join(map(label, r["members"]))
         mid = [b["found"] for b in r["by_snr"] if b["snr"][0] in (6.0, 8.0)]
         lines.append(f"| {name} | {r['threshold']:.2f} | {r['found']} ({r['found'] / r['injected']:.1%}) | "
-                     + " / ".join(map(str, mid)) + " |")  # fmt: skip
+                     + " / ".join(map(str, mid)) + f" | {r['snr50']:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -220,9 +238,11 @@ def main() -> None:
     seconds = len(record) / chirp.FS
     mf = search_matched_filter(args.record, templates, out / f"{args.record.stem}.mf{templates}.npz")
     mf.update(chirp.evaluate(*chirp.triggers(mf.pop("t"), mf.pop("snr"), 5.0), inj, seconds, FAR_PER_DAY))
+    mf["snr50"] = snr50(mf["by_snr"])
     print(f"{seconds / 86400:.3g} days, {len(inj)} injections; thresholds at {FAR_PER_DAY:g} false alarm/day")
     print(f"matched filter ({templates} templates, 1 process): {mf['hours_per_s']:.3g} h of data/s, threshold SNR "
-          f"{mf['threshold']:.2f}, {mf['found']}/{len(inj)} found, {mf['false_alarms_per_day']:.2f} false alarms/day")  # fmt: skip
+          f"{mf['threshold']:.2f}, {mf['found']}/{len(inj)} found, {mf['false_alarms_per_day']:.2f} false alarms/day, "
+          f"50 % found at SNR {mf['snr50']:.2f}")  # fmt: skip
     if args.scores is None and not args.runs:
         return  # the matched filter alone (its series is kept for the comparison)
     if args.ensemble < 0 or (args.ensemble and len(args.scores or ()) % args.ensemble):
@@ -237,9 +257,10 @@ def main() -> None:
         t, stat = chirp.scan_series(pred, len(record), hop)
         result = chirp.evaluate(*chirp.triggers(t, stat, 0.0), inj, seconds, FAR_PER_DAY)
         result.pop("found_mask")
+        result["snr50"] = snr50(result["by_snr"])
         return result
 
-    scans = [{"name": s.stem, **scored(np.load(s, mmap_mode="r"))} for s in args.scores]
+    scans = [{"name": label(s), **scored(np.load(s, mmap_mode="r"))} for s in args.scores]
     results = {"record": str(args.record), "days": seconds / 86400, "injections": len(inj),
                "far_per_day": FAR_PER_DAY, "matched_filter": mf}  # fmt: skip
     mf.pop("found_mask")
@@ -265,13 +286,15 @@ def main() -> None:
         )
     for r in scans + results.get("cnn_ensembles", []):
         print(f"CNN {r.get('name') or 'ensemble of ' + str(len(r['members']))}: threshold {r['threshold']:.2f}, "
-              f"{r['found']}/{len(inj)} found, {r['false_alarms_per_day']:.2f} false alarms/day")  # fmt: skip
+              f"{r['found']}/{len(inj)} found, {r['false_alarms_per_day']:.2f} false alarms/day, 50 % found at SNR "
+              f"{r['snr50']:.2f}")  # fmt: skip
     for key, what in (("cnn_single", "single networks"), ("cnn_ensemble", "ensembles")):
         if results.get(key, {}).get("scans", 1) > 1:
-            f = results[key]["found"]
-            print(f"{what} ({len(f['values'])}): {f['mean']:.1f} ± {f['sd']:.1f} found "
-                  f"({results[key]['efficiency']['mean']:.2%} ± {results[key]['efficiency']['sd']:.2%}; each: "
-                  + ", ".join(map(str, f["values"])) + ")")  # fmt: skip
+            f, eff, half = (results[key][k] for k in ("found", "efficiency", "snr50"))
+            print(f"{what} ({len(f['values'])}): {f['mean']:.1f} ± {f['sd']:.1f} found ({eff['mean']:.2%} ± "
+                  f"{eff['sd']:.2%}; each: " + ", ".join(map(str, f["values"])) + f"), 50 % found at SNR "
+                  f"{half['mean']:.2f} ± {half['sd']:.2f} (each: " + ", ".join(f"{v:.2f}" for v in half["values"])
+                  + ")")  # fmt: skip
     print(table(results))
     if "cnn_scans" in results:
         print(scans_table(results))

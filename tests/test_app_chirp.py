@@ -125,6 +125,7 @@ def test_ensemble_scan_on_two_ranks_finds_the_chirps_and_equals_one_process_and_
     for path in alone:
         t, stat = chirp.scan_series(np.load(path), samples, HOP)
         scored.append(chirp.evaluate(*chirp.triggers(t, stat, 0.0), inj, samples / chirp.FS, far_per_day=0.0))
+        scored[-1]["snr50"] = chirp_eval.snr50(scored[-1]["by_snr"])
     both = chirp_eval.summary(scored)
     counts = [r["found"] for r in scored]
     assert both["found"]["values"] == counts
@@ -133,6 +134,9 @@ def test_ensemble_scan_on_two_ranks_finds_the_chirps_and_equals_one_process_and_
     assert both["scans"] == 2 and both["by_snr"][5]["found"]["values"] == [
         r["by_snr"][5]["found"] for r in scored
     ]
+    # Half found between two bins' centres (SNR 5 and 7 here): where the line between them crosses 50 %.
+    rows = [{"snr": [lo, lo + 2.0], "injected": 4, "efficiency": e} for lo, e in ((4.0, 0.25), (6.0, 0.75))]
+    assert chirp_eval.snr50(rows) == 6.0 and np.isnan(chirp_eval.snr50(rows[:1]))
     results = {"injections": len(inj), "matched_filter": result, "cnn_ensemble": result, "cnn_single": both}
     assert f"| all | {len(inj)} | " in chirp_eval.table(results) and "one CNN, mean ± sd of 2 found" in (
         chirp_eval.table(results)

@@ -39,12 +39,13 @@ def main() -> None:
         "--max-pending", type=int, default=2, help="leaps a simulation rank may run ahead of training"
     )
     p.add_argument("--run-dir", default="runs/heat-coupled")
+    p.add_argument("--seed", type=int, default=0, help="initial weights, plates and batches")
     p.add_argument("--smoke", action="store_true", help="seconds: tiny sizes (the test suite runs this)")
     args = p.parse_args()
     if args.smoke:
         vars(args).update(SMOKE)
     link = connect(args.role, max_pending=args.max_pending)  # first, before anything else that uses MPI
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = UNetSmall(in_channels=2, out_channels=1, channels=16)
     if args.role == "simulation":
         simulate(link, model, args)
@@ -55,7 +56,8 @@ def main() -> None:
 def simulate(link, model: torch.nn.Module, args: argparse.Namespace) -> None:
     """Advance plates, send every leap to the trainer, use the newest surrogate; report from simulation rank 0."""
     rank = link.comm.Get_rank()
-    rng = np.random.default_rng([1, rank])
+    # seed 0 keeps the plates of the runs measured before there was a --seed
+    rng = np.random.default_rng([1, rank, args.seed] if args.seed else [1, rank])
     t, k = heat.initial_conditions(rng, args.plates, args.grid)
     surrogate = Surrogate(model)
     solver_s = 0.0
@@ -85,7 +87,8 @@ def train(link, model: torch.nn.Module, args: argparse.Namespace) -> None:
     world = link.world  # the trainer ranks only
     online = OnlineTrainer(model, torch.optim.Adam(model.parameters(), lr=2e-3), torch.nn.MSELoss(),
                            metrics={"rel_l2": rel_l2}, capacity=1024, batch_size=32, world=world,
-                           strategy="allreduce" if world.size > 1 else "single", run_dir=args.run_dir)  # fmt: skip
+                           strategy="allreduce" if world.size > 1 else "single", run_dir=args.run_dir,
+                           seed=args.seed)  # fmt: skip
     while link.active():
         got = link.receive()
         if got is not None:

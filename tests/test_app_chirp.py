@@ -2,7 +2,9 @@
 their SNR and time, and a briefly trained CNN ensemble scanning the record through `caldera predict` on two ranks
 finds them too, with the same scores as one process and as the unchunked record (no loss at chunk boundaries)."""
 
+import importlib.util
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -110,3 +112,32 @@ def test_ensemble_scan_on_two_ranks_finds_the_chirps_and_equals_one_process_and_
     inj = chirp.read_catalogue(rec)
     result = chirp.evaluate(*chirp.triggers(t, stat, 0.0), inj, samples / chirp.FS, far_per_day=0.0)
     assert result["found"] == len(inj) and result["false_alarms"] == 0, result
+    # chirp_eval.py's seeds: each member scanned alone (`caldera predict RUN`), their mean is the ensemble's scan,
+    # and several scans scored alone give mean ± sd with every scan's count.
+    spec = importlib.util.spec_from_file_location("chirp_eval", ROOT / "examples" / "chirp_eval.py")
+    chirp_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chirp_eval)
+    alone = [tmp / f"member{i}.npy" for i in range(len(runs))]
+    for run, out in zip(runs, alone):
+        predict([run], "all", overrides, out=out, progress=False)
+    np.testing.assert_allclose(chirp_eval.ensemble_scan(alone), one, atol=1e-5)
+    scored = []
+    for path in alone:
+        t, stat = chirp.scan_series(np.load(path), samples, HOP)
+        scored.append(chirp.evaluate(*chirp.triggers(t, stat, 0.0), inj, samples / chirp.FS, far_per_day=0.0))
+        scored[-1]["snr50"] = chirp_eval.snr50(scored[-1]["by_snr"])
+    both = chirp_eval.summary(scored)
+    counts = [r["found"] for r in scored]
+    assert both["found"]["values"] == counts
+    assert both["found"]["mean"] == pytest.approx(statistics.fmean(counts))
+    assert both["found"]["sd"] == pytest.approx(statistics.stdev(counts))
+    assert both["scans"] == 2 and both["by_snr"][5]["found"]["values"] == [
+        r["by_snr"][5]["found"] for r in scored
+    ]
+    # Half found between two bins' centres (SNR 5 and 7 here): where the line between them crosses 50 %.
+    rows = [{"snr": [lo, lo + 2.0], "injected": 4, "efficiency": e} for lo, e in ((4.0, 0.25), (6.0, 0.75))]
+    assert chirp_eval.snr50(rows) == 6.0 and np.isnan(chirp_eval.snr50(rows[:1]))
+    results = {"injections": len(inj), "matched_filter": result, "cnn_ensemble": result, "cnn_single": both}
+    assert f"| all | {len(inj)} | " in chirp_eval.table(results) and "one CNN, mean ± sd of 2 found" in (
+        chirp_eval.table(results)
+    )

@@ -30,6 +30,7 @@ from caldera.io import atomic_write_text
 from caldera.predict import predict
 from caldera.sims import chirp
 from caldera.train.output import pyplot, save_figure
+from caldera.train.run import spread
 
 HOP = 16384  # record samples per scanned chunk (64 s), the data source's default
 FAR_PER_DAY = 1.0  # both searches are compared at the threshold that gives this many false alarms per day
@@ -71,12 +72,6 @@ def search_matched_filter(record_path: Path, templates: int, cache: Path) -> dic
 def hours_per_s(report: dict, hop: int) -> float:
     """Hours of data per second from `caldera predict`'s report (chunks of ``hop`` samples per second)."""
     return report["samples_per_s"] * hop / chirp.FS / 3600.0
-
-
-def spread(values: list[float]) -> dict:
-    """Mean, sample standard deviation (0 for one value) and the values themselves (NaN for an empty SNR bin)."""
-    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return {"mean": float(np.mean(values)), "sd": sd, "values": values}
 
 
 def summary(scored: list[dict]) -> dict:

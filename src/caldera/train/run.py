@@ -8,12 +8,12 @@ import inspect
 import json
 import math
 import re
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -108,9 +108,10 @@ def load_runs(
 
 
 def spread(values: list[float]) -> dict[str, Any]:
-    """One score over runs (seeds): its mean, sample standard deviation (0 for one value) and the values."""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "sd": sd, "values": values}
+    """One score over runs (seeds): its mean, sample standard deviation (0 for one value) and the values; NaN
+    where a value is (a score a run could not give)."""
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(np.mean(values)), "sd": sd, "values": values}
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:

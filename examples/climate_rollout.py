@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from caldera.config import load_config
+from caldera.config import Config
 from caldera.data.normalize import STATS_FILE, load_stats
+from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
 from caldera.sims.climate import (
     USEFUL_ACC,
@@ -44,8 +46,7 @@ from caldera.sims.climate import (
     skill_over_runs,
 )
 from caldera.train.output import pyplot, save_figure
-from caldera.train.run import load_run_model
-from caldera.train.rundir import RunDir
+from caldera.train.run import load_runs
 
 # --smoke: a few short forecasts (of a run trained with the smoke line in climate_forecast.toml).
 SMOKE = {"days": 0.5, "every": 40, "damp_every": 40}
@@ -53,26 +54,46 @@ TABLE_DAYS = (0.25, 1, 2, 3, 5, 7, 10)
 UNITS = {"T": "K", "u": "m/s", "v": "m/s"}
 
 
-def load_run(run_dir: Path) -> tuple[torch.nn.Module, Path, float, int, dict]:
-    """A finished run's trained model, NetCDF file, validation fraction, input window and normalisation
-    statistics."""
-    files = RunDir(run_dir)
-    missing = [*files.missing(), *([STATS_FILE] if not (run_dir / STATS_FILE).exists() else [])]
-    if missing:
-        raise SystemExit(
-            f"{run_dir}: missing {', '.join(missing)}; train first: caldera train examples/climate_forecast.toml"
-        )
-    cfg = load_config(files.read_config())  # refuses code the run directory names (docs/security.md)
-    model = load_run_model(files, cfg)
-    path = Path(cfg.data.args.get("path", "climate.nc"))
-    stats, _ = load_stats(run_dir / STATS_FILE)
-    window = int(cfg.data.args.get("window", 2))
-    return model, path if path.is_absolute() else run_dir / path, cfg.data.val_fraction, window, stats
+class Run(NamedTuple):
+    """A finished run's trained model, NetCDF file, validation fraction, input window and normalisation statistics."""
+
+    model: torch.nn.Module
+    path: Path
+    val_fraction: float
+    window: int
+    stats: dict
 
 
-def score(run_dir: Path, steps: int, every: int, damp_every: int | None) -> dict:
+def _same_atmosphere(cfg: Config) -> tuple:
+    """What runs scored together must share: the simulation's settings (which make the file's content, wherever
+    the file lies), the validation split and the input window."""
+    a = cfg.data.args
+    return (
+        {k: a.get(k) for k in ("days", "nlat", "nlon", "seed")},
+        cfg.data.val_fraction,
+        a.get("window", 2),
+    )
+
+
+def load_climate_runs(run_dirs: list[Path]) -> list[Run]:
+    """The runs (one per training seed), refused in one line (ConfigError) if unfinished or of different data."""
+    models, cfgs = load_runs(run_dirs, _same_atmosphere)
+    runs = []
+    for run_dir, model, cfg in zip(run_dirs, models, cfgs):
+        if not (run_dir / STATS_FILE).exists():
+            raise ConfigError(
+                f"{run_dir}: missing {STATS_FILE}; train first: caldera train examples/climate_forecast.toml"
+            )
+        path = Path(cfg.data.args.get("path", "climate.nc"))
+        stats, _ = load_stats(run_dir / STATS_FILE)
+        runs.append(Run(model, path if path.is_absolute() else run_dir / path, cfg.data.val_fraction,
+                        int(cfg.data.args.get("window", 2)), stats))  # fmt: skip
+    return runs
+
+
+def score(run: Run, steps: int, every: int, damp_every: int | None) -> dict:
     """One run's scores (lead, variable) and, for the maps, its forecasts."""
-    model, path, val_fraction, window, stats = load_run(run_dir)
+    model, path, val_fraction, window, stats = run
     skill = rollout_skill(model, path, stats, val_fraction, max_lead=steps, every=every, window=window)
     if damp_every:
         fit = rollout_skill(model, path, stats, val_fraction, max_lead=steps, every=damp_every, window=window,
@@ -243,9 +264,13 @@ def main() -> None:
         parser.error("several run directories: give --out DIR for the combined results")
     out = args.out or args.run_dirs[0]
     steps = round(args.days * 4)  # the file holds a record every 6 h
-    skills = [score(d, steps, args.every, args.damp_every if args.damp else None) for d in args.run_dirs]
+    try:
+        runs = load_climate_runs(args.run_dirs)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    skills = [score(run, steps, args.every, args.damp_every if args.damp else None) for run in runs]
     agg = skill_over_runs(skills)
-    agg["references"] = references(skills, load_run(args.run_dirs[0])[1], args.perfect_model)
+    agg["references"] = references(skills, runs[0].path, args.perfect_model)
     report = {
         k: v.round(4).tolist() if isinstance(v, np.ndarray) else v
         for k, v in agg.items()

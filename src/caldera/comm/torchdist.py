@@ -242,9 +242,8 @@ def group_from(comm: Communicator, device: torch.device, local_rank: int, local_
     _joined_group()
 
 
-_joined = (
-    False  # whether this process made a process group (exit_process then skips the interpreter's teardown)
-)
+# Whether this process made a process group: exit_process then skips the interpreter's teardown.
+_joined = False
 
 
 def _joined_group() -> None:

@@ -43,6 +43,9 @@ DAY = 86400.0  # s
 YEAR = 365.0  # days
 SOLAR_CONSTANT = 1361.0  # W m-2
 OBLIQUITY = math.radians(23.44)
+# The simulation's physics, as the training files are made (``dataset`` passes only days, grid and seed), so that
+# ``perfect_model_forecasts`` runs the same atmosphere the file holds.
+SPINUP_DAYS, KAPPA, RELAX_DAYS = 60.0, 5e4, 12.0  # days; diffusivity in m^2/s; relaxation time in days
 USEFUL_ACC = 0.6  # the anomaly correlation above which forecast centres call a forecast useful
 STATE = ("T", "u", "v")  # predicted variables, in channel order
 FORCING = ("insolation",)  # known in advance at every time (computed from the calendar, as GraphCast does)
@@ -293,9 +296,9 @@ def simulate(
     days: float = 730.0,
     dt_hours: float = 6.0,
     seed: int = 0,
-    spinup_days: float = 60.0,
-    kappa: float = 5e4,
-    relax_days: float = 12.0,
+    spinup_days: float = SPINUP_DAYS,
+    kappa: float = KAPPA,
+    relax_days: float = RELAX_DAYS,
 ) -> dict[str, np.ndarray]:
     """Run the toy atmosphere; return ``time`` (days) and ``T`` (K), ``u``, ``v`` (m/s), ``insolation``
     (W m-2), each (time, nlat, nlon) in float32, sampled every ``dt_hours`` after a spin-up."""
@@ -378,8 +381,11 @@ def perfect_model_forecasts(
     One member is a perfect sharp (deterministic) forecast; the members' mean approaches the best RMSE forecast
     (the expected future) as ``members`` grows."""
     grid, wanted = Grid(nlat, nlon), {int(s): j for j, s in enumerate(starts)}
+    last = max(wanted)
     out = np.empty((members, len(starts), steps, len(STATE), nlat, nlon), np.float32)
-    for i, atmosphere in enumerate(_records(grid, days, dt_hours, seed, 60.0, 5e4, 12.0)):
+    for i, atmosphere in enumerate(_records(grid, days, dt_hours, seed, SPINUP_DAYS, KAPPA, RELAX_DAYS)):
+        if i > last:
+            break  # the rest of the run holds no start
         if i not in wanted:
             continue
         for m in range(members):
@@ -704,8 +710,9 @@ def rollout_skill(
     """Score ``model`` on the validation period of the NetCDF ``path``: forecasts started every ``every``
     records, rolled out ``max_lead`` steps; latitude-weighted RMSE in physical units (``model``, ``persistence``,
     ``climatology``) and anomaly correlation against the harmonic climatology of the training period
-    (``model_acc``, ...) and the model's activity (``model_activity``), each (lead, variable). ``period = "train"`` starts the forecasts in the training period
-    instead (to fit post-processing such as ``fit_damping`` on data the scores never see)."""
+    (``model_acc``, ...) and the model's activity (``model_activity``), each (lead, variable).
+    ``period = "train"`` starts the forecasts in the training period instead (to fit post-processing such as
+    ``fit_damping`` on data the scores never see)."""
     from caldera.data import open_reader
 
     reader = open_reader(path, "netcdf", [*STATE, *FORCING])

@@ -28,14 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from caldera.config import load_config
+from caldera.config import Config
 from caldera.coupling import Surrogate
+from caldera.errors import ConfigError
 from caldera.io import atomic_write_text
 from caldera.models.potential import energy_mae, force_mae
 from caldera.sims.atoms import baselines, langevin, lattice_cluster, lj_energy_forces
 from caldera.train.output import pyplot, save_figure
-from caldera.train.run import build_data, load_run_model, spread
-from caldera.train.rundir import RunDir
+from caldera.train.run import build_data, load_runs, spread
 
 DT = 0.005  # the time step the training data were made with (LJ time units)
 # --smoke: two replicas, a short preparation and a few steps.
@@ -52,10 +52,10 @@ ROWS = [("force_mae", "force MAE on the validation replicas (ε/σ per component
          "{:.4f}")]  # fmt: skip
 
 
-def load_potential(run_dir: Path) -> EnergyForces:
-    """Return the trained model as a NumPy energy/force function (float64)."""
+def as_potential(model: torch.nn.Module) -> EnergyForces:
+    """Return the trained model as a NumPy energy/force function (float64; the model is cast in place)."""
     # The surrogate a simulation would call: NumPy in, NumPy out, in the precision the integrator runs in.
-    surrogate = Surrogate.from_run(run_dir, dtype=torch.float64)
+    surrogate = Surrogate(model, dtype=torch.float64)
 
     def energy_forces(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = surrogate(pos)  # [energy, forces]: the model's forward turns gradients on for the forces itself
@@ -64,14 +64,12 @@ def load_potential(run_dir: Path) -> EnergyForces:
     return energy_forces
 
 
-def validation_scores(run_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+def validation_scores(model: torch.nn.Module, cfg: Config) -> tuple[dict[str, float], dict[str, Any]]:
     """The run's errors on its validation replicas (rebuilt from its run file), the trivial predictors' errors,
-    and the data settings (runs compared side by side must share them)."""
-    files = RunDir(run_dir)
-    cfg = load_config(files.read_config())  # refuses code the run directory names (docs/security.md)
+    and the data settings."""
     _, val = build_data(cfg)
     x, y = val.tensors
-    model = load_run_model(files, cfg).eval()
+    model.eval()
     with torch.no_grad():  # the model turns gradients on for its forces itself
         pred = torch.cat([model(chunk) for chunk in x.split(256)])
     base = baselines(y)
@@ -172,21 +170,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
-    for run_dir in args.run_dirs:
-        if not (run_dir / "model.pt").exists():
-            p.error(f"{run_dir / 'model.pt'} not found: train first with "
-                    "`caldera train examples/materials_potential.toml` and pass its run directory")  # fmt: skip
+    try:  # runs compared side by side must share their data settings
+        models, cfgs = load_runs(args.run_dirs, lambda cfg: dict(cfg.data.args))
+    except ConfigError as exc:
+        p.error(
+            f"{exc} (train with `caldera train examples/materials_potential.toml` and pass its run directory)"
+        )
     out = args.out or args.run_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     scores, data = [], None
-    for run_dir in args.run_dirs:
-        s, d = validation_scores(run_dir)
-        if data is not None and d["args"] != data["args"]:
-            p.error(
-                f"{run_dir}: data {d['args']} differ from {args.run_dirs[0]}'s {data['args']}; compare like runs"
-            )
+    for model, cfg in zip(models, cfgs):
+        s, data = validation_scores(model, cfg)
         scores.append(s)
-        data = d
     n_atoms = data["args"].get("atoms", 13)
     rng = np.random.default_rng(args.seed)
     start = np.repeat(lattice_cluster(n_atoms)[None], args.replicas, axis=0)
@@ -196,8 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ref_hist = histogram(pair_distances(ref[1]))
     reference = {"drift_per_atom_reference": float(np.abs((ref[0][-1] - ref[0][0]) / n_atoms).mean())}
     drift, dists = {}, {}
-    for run_dir, s in zip(args.run_dirs, scores):
-        learned = load_potential(run_dir)
+    for run_dir, model, s in zip(args.run_dirs, models, scores):
+        learned = as_potential(model)
         traj = nve(pos, vel, learned, args.steps)
         s.update(md_scores(learned, traj, ref_hist, n_atoms))
         name = f"learned, {run_dir.name}" if len(args.run_dirs) > 1 else "learned"
